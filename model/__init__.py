@@ -1,0 +1,13 @@
+"""Starling's shared language model: Mistral, Mixtral and BLOOM architectures in one implementation."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from model.config import PRESETS, ModelConfig
+from model.transformer import CausalLM, CausalLMOutput
+
+AutoConfig.register(ModelConfig.model_type, ModelConfig)
+AutoModelForCausalLM.register(ModelConfig, CausalLM)
+
+from model.adapters import from_hf  # noqa: E402  (needs CausalLM registered first)
+
+__all__ = ["PRESETS", "CausalLM", "CausalLMOutput", "ModelConfig", "from_hf"]
