@@ -61,12 +61,13 @@ class Attention(nn.Module):
         """x: [batch, seq, hidden]; rope: (cos, sin) or None; key_padding: [batch, keys] of 1/0 or None;
         positions: [batch, seq] absolute positions of the queries."""
         batch, seq, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1
-        )
-        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Slices rather than split(): the fused rotary kernel rotates q and k in place, which
+        # autograd allows on single views but not on the outputs of a multi-view op.
+        qkv = self.qkv_proj(x).view(batch, seq, -1, self.head_dim)
+        q_end, k_end = self.num_heads, self.num_heads + self.num_kv_heads
+        q = qkv[:, :, :q_end].transpose(1, 2)
+        k = qkv[:, :, q_end:k_end].transpose(1, 2)
+        v = qkv[:, :, k_end:].transpose(1, 2)
         if rope is not None:
             q, k = kernels.rotary(q, k, *rope, mode=self.kernels_mode)
 

@@ -1,42 +1,84 @@
 """The model's single dispatch point for its fused operations.
 
-Each operation has a plain PyTorch reference (the CPU path and the test oracle) in its own
-module. `mode` is the config's `kernels` field: "torch" always takes the reference, "auto"
-takes a fused kernel where one exists for the tensor's device, "triton" insists on one.
+Each operation has a plain PyTorch reference (the CPU path and the test oracle) beside its
+Triton kernel, one module per operation. `mode` is the config's `kernels` field: "torch"
+always takes the reference; "auto" takes the Triton kernel for CUDA tensors of a supported
+dtype and the reference otherwise; "triton" insists on the kernel and raises a clear error
+where it cannot run (no triton package, CPU without TRITON_INTERPRET=1, unsupported dtype).
 """
 
 from __future__ import annotations
 
 import torch
 
-from model.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_reference
-from model.kernels.rms_norm import rms_norm_reference
-from model.kernels.rotary import rotary_reference
-from model.kernels.swiglu import swiglu_reference
+from model.kernels._triton import FLOAT_DTYPES, check_device, cuda_available
+from model.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_reference, linear_cross_entropy_triton
+from model.kernels.quantize import (
+    BLOCK_SIZE, dequantize_blockwise_reference, dequantize_blockwise_triton, packed_size,
+    quantize_blockwise_reference, quantize_blockwise_triton,
+)
+from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+from model.kernels.rotary import rotary_reference, rotary_triton
+from model.kernels.swiglu import swiglu_reference, swiglu_triton
 
-__all__ = ["IGNORE_INDEX", "linear_cross_entropy", "rms_norm", "rotary", "swiglu"]
+__all__ = [
+    "BLOCK_SIZE", "IGNORE_INDEX", "dequantize_blockwise", "linear_cross_entropy", "packed_size",
+    "quantize_blockwise", "rms_norm", "rotary", "swiglu",
+]
+
+_MODES = ("auto", "torch", "triton")
 
 
-def _fused(mode: str, x: torch.Tensor) -> bool:
-    if mode == "triton":
-        raise ValueError("kernels='triton': no Triton kernels are built into this version; use 'auto' or 'torch'")
-    return False
+def _fused(mode: str, *tensors: torch.Tensor, supported: bool = True) -> bool:
+    """Whether to run the Triton kernel on these tensors. `supported` is the operation's own
+    shape condition; floating tensors must also share a device and be fp32, fp16 or bf16."""
+    if mode not in _MODES:
+        raise ValueError(f"kernels mode must be one of {', '.join(_MODES)}; got {mode!r}")
+    if mode == "torch":
+        return False
+    device = tensors[0].device
+    supported = supported and all(
+        t.device == device and (t.dtype in FLOAT_DTYPES or not t.is_floating_point()) for t in tensors
+    )
+    if mode == "auto":
+        return supported and device.type == "cuda" and cuda_available()
+    check_device(device)
+    if not supported:
+        raise ValueError(
+            "kernels='triton': unsupported inputs "
+            + ", ".join(f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in tensors)
+        )
+    return True
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: str = "auto") -> torch.Tensor:
-    _fused(mode, x)
+    """RMSNorm over the last dimension (see model.kernels.rms_norm)."""
+    supported = weight.shape == x.shape[-1:] and x.shape[-1] <= 65536
+    if _fused(mode, x, weight, supported=supported):
+        return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, mode: str = "auto") -> torch.Tensor:
-    _fused(mode, gate)
+    """silu(gate) * up (see model.kernels.swiglu)."""
+    supported = gate.shape == up.shape and gate.dtype == up.dtype and gate.numel() > 0
+    if _fused(mode, gate, up, supported=supported):
+        return swiglu_triton(gate, up)
     return swiglu_reference(gate, up)
 
 
 def rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _fused(mode, q)
+    """Rotary embedding of q and k [batch, heads, seq, head_dim] (see model.kernels.rotary).
+    The fused path rotates q and k in place; use the returned tensors."""
+    supported = (
+        q.dim() == 4 and k.dim() == 4 and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:]
+        and cos.shape == sin.shape == (cos.shape[0], q.shape[2], q.shape[3]) and cos.shape[0] in (1, q.shape[0])
+        and q.stride(-1) == 1 and k.stride(-1) == 1 and not (cos.requires_grad or sin.requires_grad)
+    )
+    if _fused(mode, q, k, cos, sin, supported=supported):
+        return rotary_triton(q, k, cos, sin)
     return rotary_reference(q, k, cos, sin)
 
 
@@ -44,5 +86,29 @@ def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     ignore_index: int = IGNORE_INDEX, mode: str = "auto",
 ) -> torch.Tensor:
-    _fused(mode, hidden)
+    """Mean cross-entropy of hidden @ weight.T against labels (see model.kernels.cross_entropy);
+    the fused path never materialises the [tokens, vocab] logits."""
+    supported = (
+        hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
+        and labels.shape == hidden.shape[:1] and hidden.dtype == weight.dtype and hidden.shape[0] > 0
+    )
+    if _fused(mode, hidden, weight, labels, supported=supported):
+        return linear_cross_entropy_triton(hidden, weight, labels, ignore_index)
     return linear_cross_entropy_reference(hidden, weight, labels, ignore_index)
+
+
+def quantize_blockwise(x: torch.Tensor, block_size: int = BLOCK_SIZE, mode: str = "auto") -> torch.Tensor:
+    """x read flat, as packed 8-bit blockwise codes (layout in model.kernels.quantize)."""
+    if _fused(mode, x, supported=block_size > 0 and block_size & (block_size - 1) == 0):
+        return quantize_blockwise_triton(x, block_size)
+    return quantize_blockwise_reference(x, block_size)
+
+
+def dequantize_blockwise(
+    packed: torch.Tensor, numel: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32,
+    mode: str = "auto",
+) -> torch.Tensor:
+    """The flat tensor of numel values that quantize_blockwise packed."""
+    if _fused(mode, packed, supported=block_size > 0 and block_size & (block_size - 1) == 0 and dtype in FLOAT_DTYPES):
+        return dequantize_blockwise_triton(packed, numel, block_size, dtype)
+    return dequantize_blockwise_reference(packed, numel, block_size, dtype)
