@@ -1,16 +1,19 @@
-"""Triton runtime shared by the kernel modules: an optional import, a lazy `jit`, device checks.
+"""Triton runtime shared by the kernel modules: an optional import, device checks, tile sizes.
 
-Kernels are decorated lazily, on their first launch, because `triton.jit` reads
-TRITON_INTERPRET when it decorates: importing the model must not fix that choice.
+Triton reads TRITON_INTERPRET when it is imported (its own library functions are jitted
+then) and when a kernel is decorated: to run the kernels on CPU, set TRITON_INTERPRET=1
+before anything imports triton (bitsandbytes and torch._dynamo do).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 try:
     import triton
@@ -19,32 +22,24 @@ except ImportError:  # triton is optional: without it every operation takes its 
     triton = None
     tl = None
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+def _imported_interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sigmoid, InterpretedFunction) and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_INTERPRETING = triton is not None and _imported_interpreted()
+
+
+def jit(fn: Callable[..., None]) -> Callable[..., None]:
+    """triton.jit; without triton the function stays plain Python and is never launched."""
+    return fn if triton is None else triton.jit(fn)
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-class LazyKernel:
-    """A Triton kernel that `triton.jit` compiles on first launch: `kernel[grid](*args)`."""
-
-    def __init__(self, fn: Callable[..., None]) -> None:
-        self.fn = fn
-        functools.update_wrapper(self, fn)
-
-    @functools.cached_property
-    def compiled(self) -> Any:
-        return triton.jit(self.fn)
-
-    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., Any]:
-        return self.compiled[grid]
-
-
-def jit(fn: Callable[..., None]) -> LazyKernel:
-    """Decorator for kernels; they may not call other jitted functions."""
-    return LazyKernel(fn)
+    """True when triton was imported, and the kernels decorated, under its CPU interpreter."""
+    return _INTERPRETING
 
 
 def check_device(device: torch.device) -> None:
@@ -54,7 +49,7 @@ def check_device(device: torch.device) -> None:
     if device.type == "cpu" and not interpreting():
         raise RuntimeError(
             "kernels='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before the first kernel launch, or use kernels='auto'"
+            "before triton is first imported, or use kernels='auto'"
         )
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"kernels='triton' supports CUDA tensors (and CPU under the interpreter), not {device.type}")

@@ -2,7 +2,9 @@
 
 The values are cut into blocks of `block_size` (default 256; the last block may be short).
 Each block keeps its absolute maximum m as float32, and each value x becomes the signed code
-q = round_half_away(x * (127 / m)) in [-127, 127]; it decodes to q * (m / 127). A block of
+q = round_half_away(x * ((1 / m) * 127)) in [-127, 127]; it decodes to q * (m * (1 / 127)).
+Every step is one float32 operation (1 / 127 is the float32 constant), so any implementation
+gets the same bytes and values. A block of
 zeros has m = 0 and decodes to zeros; a NaN or infinite value makes m NaN, with codes 0,
 so the whole block decodes to NaN rather than to wrong finite numbers.
 
@@ -11,7 +13,7 @@ Byte layout of the packed uint8 tensor for n values in b = ceil(n / block_size) 
     bytes [4b, 4b + n)  the n codes, int8 two's complement
 That is 1 + 4 / block_size bytes per value (1.016 at 256) plus at most 4 bytes for the last block.
 The count n and block_size travel out of band. The Triton kernel and the reference produce the
-same bytes: both compute the scale with IEEE division and round the same way.
+same bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from model.kernels._triton import elements_per_program, jit, tl, triton
 
 BLOCK_SIZE = 256
 _LEVELS = 127.0
+_STEP = 1.0 / 127.0  # rounded to float32 where it multiplies
 
 
 def packed_size(numel: int, block_size: int = BLOCK_SIZE) -> int:
@@ -48,7 +51,7 @@ def quantize_blockwise_reference(x: torch.Tensor, block_size: int = BLOCK_SIZE) 
     absmax_out, codes_out = _split(packed, numel, block_size)
     padded = torch.nn.functional.pad(flat, (0, absmax_out.numel() * block_size - numel)).view(-1, block_size)
     absmax = padded.abs().amax(dim=1) + (padded * 0.0).sum(dim=1)  # NaN when the block is not finite
-    scale = torch.where(absmax > 0, _LEVELS / absmax, 0.0)
+    scale = torch.where(absmax > 0, absmax.reciprocal() * _LEVELS, 0.0)
     scaled = torch.where(scale[:, None] > 0, padded * scale[:, None], 0.0)
     codes = torch.floor(scaled.abs() + 0.5).copysign(scaled)
     absmax_out.copy_(absmax)
@@ -61,7 +64,7 @@ def dequantize_blockwise_reference(
 ) -> torch.Tensor:
     """Decodes numel values from a packed buffer into a flat tensor of dtype."""
     absmax, codes = _split(packed, numel, block_size)
-    step = (absmax / _LEVELS).repeat_interleave(block_size)[:numel]
+    step = (absmax * _STEP).repeat_interleave(block_size)[:numel]
     return (codes.to(torch.float32) * step).to(dtype)
 
 
@@ -75,8 +78,8 @@ def _quantize_kernel(
     mask = index < numel
     x = tl.load(x_ptr + index, mask=mask, other=0.0).to(tl.float32)
     absmax = tl.max(tl.abs(x), axis=1) + tl.sum(x * 0.0, axis=1)  # NaN when the block is not finite
-    divisor = tl.where(absmax > 0, absmax, 1.0)
-    scale = tl.where(absmax > 0, tl.fdiv(tl.full(absmax.shape, 127.0, tl.float32), divisor, ieee_rounding=True), 0.0)
+    inverse = tl.fdiv(tl.full(absmax.shape, 1.0, tl.float32), tl.where(absmax > 0, absmax, 1.0), ieee_rounding=True)
+    scale = tl.where(absmax > 0, inverse * 127.0, 0.0)
     scaled = tl.where(scale[:, None] > 0, x * scale[:, None], 0.0)
     magnitude = tl.floor(tl.abs(scaled) + 0.5)
     codes = tl.where(scaled < 0, -magnitude, magnitude)
@@ -93,7 +96,7 @@ def _dequantize_kernel(
     index = block[:, None].to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
     mask = index < numel
     absmax = tl.load(absmax_ptr + block, mask=block < blocks, other=0.0)
-    step = tl.fdiv(absmax, tl.full(absmax.shape, 127.0, tl.float32), ieee_rounding=True)
+    step = absmax * (1.0 / 127.0)
     codes = tl.load(codes_ptr + index, mask=mask, other=0).to(tl.float32)
     tl.store(out_ptr + index, (codes * step[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -2,14 +2,15 @@
 
 With halves x = [x1, x2] and the tables split the same way, the rotation is
 [x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2]; its backward pass is the transposed rotation.
-The fused kernel rotates a [batch, heads, seq, head_dim] tensor of any strides in place.
+The fused kernel rotates a [batch, heads, seq, head_dim] tensor of any strides in place,
+a tile of its (batch, head, position) rows per program.
 """
 
 from __future__ import annotations
 
 import torch
 
-from model.kernels._triton import elements_per_program, jit, tl, triton
+from model.kernels._triton import jit, rows_per_program, tl, triton
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -27,38 +28,39 @@ def rotary_reference(
 
 @jit
 def _rotate_kernel(
-    x_ptr, cos_ptr, sin_ptr, heads, seq, half,
+    x_ptr, cos_ptr, sin_ptr, rows, heads, seq, half,
     x_stride_b, x_stride_h, x_stride_s, table_stride_b, table_stride_s,
-    TRANSPOSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRANSPOSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Rotates x[b, :, s-tile, :] in place; TRANSPOSE applies the inverse rotation (the backward pass)."""
-    b = tl.program_id(0)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    """Rotates a tile of the (batch, head, position) rows of x in place; TRANSPOSE applies
+    the inverse rotation (the backward pass)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b, h, s = r // (heads * seq), (r // seq) % heads, r % seq
     d = tl.arange(0, BLOCK_D)
-    mask = (s[:, None] < seq) & (d[None, :] < half)
-    table = b * table_stride_b + s[:, None] * table_stride_s + d[None, :]
+    mask = (r[:, None] < rows) & (d[None, :] < half)
+    table = b[:, None] * table_stride_b + s[:, None] * table_stride_s + d[None, :]
     cos1 = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
     cos2 = tl.load(cos_ptr + table + half, mask=mask, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + table + half, mask=mask, other=0.0).to(tl.float32)
     if TRANSPOSE:
         sin1, sin2 = -sin2, -sin1
-    for h in range(heads):
-        first = x_ptr + b * x_stride_b + h * x_stride_h + s[:, None] * x_stride_s + d[None, :]
-        x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
-        tl.store(first, (x1 * cos1 - x2 * sin1).to(x_ptr.dtype.element_ty), mask=mask)
-        tl.store(first + half, (x2 * cos2 + x1 * sin2).to(x_ptr.dtype.element_ty), mask=mask)
+    first = x_ptr + b[:, None] * x_stride_b + h[:, None] * x_stride_h + s[:, None] * x_stride_s + d[None, :]
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
+    tl.store(first, (x1 * cos1 - x2 * sin1).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(first + half, (x2 * cos2 + x1 * sin2).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool) -> None:
     batch, heads, seq, head_dim = x.shape
     half = head_dim // 2
     block_d = triton.next_power_of_2(half)
-    block_s = max(1, min(triton.next_power_of_2(seq), elements_per_program() // block_d))
-    _rotate_kernel[(batch, triton.cdiv(seq, block_s))](
-        x, cos, sin, heads, seq, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-        TRANSPOSE=transpose, BLOCK_S=block_s, BLOCK_D=block_d,
+    rows = batch * heads * seq
+    block_r = rows_per_program(rows, block_d)
+    _rotate_kernel[(triton.cdiv(rows, block_r),)](
+        x, cos, sin, rows, heads, seq, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
+        TRANSPOSE=transpose, BLOCK_R=block_r, BLOCK_D=block_d,
     )
 
 
