@@ -1,0 +1,25 @@
+"""Wire formats for all-reduce: 8 bits for large gradient tensors, 16 bits for small ones and for state."""
+
+from __future__ import annotations
+
+from hivemind.compression import (
+    CompressionBase, Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization,
+)
+
+from peer.run_config import AveragingSection
+
+
+def gradient_compression(averaging: AveragingSection) -> CompressionBase:
+    """The codec for gradients named by the run config."""
+    if averaging.compression == "adaptive-8bit":
+        return SizeAdaptiveCompression(
+            threshold=averaging.compression_threshold, less=Float16Compression(), greater_equal=Uniform8BitQuantization()
+        )
+    if averaging.compression == "fp16":
+        return Float16Compression()
+    return NoCompression()
+
+
+def state_compression(averaging: AveragingSection) -> CompressionBase:
+    """Parameters and optimizer state travel in 16 bits unless compression is off."""
+    return NoCompression() if averaging.compression == "none" else Float16Compression()

@@ -1,0 +1,98 @@
+"""What a peer reports: signed records in the DHT (for the coordinator) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import hivemind
+from hivemind.utils import get_dht_time
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+# hivemind's schema validator works with pydantic's v1 API.
+from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictInt, StrictStr
+
+METRICS_EXPIRATION = 60.0  # seconds a published record stays in the DHT
+
+
+class PeerMetrics(BaseModel):
+    """One peer's latest figures, stored under {run_id}_metrics, subkey = its signed public key."""
+
+    peer_id: StrictStr
+    name: StrictStr
+    epoch: StrictInt
+    loss: StrictFloat
+    samples_per_second: StrictFloat
+    tokens_per_second: StrictFloat
+    samples_contributed: StrictInt
+    device: StrictStr
+    device_name: StrictStr
+    micro_batch: StrictInt
+    client_mode: StrictBool
+    auxiliary: StrictBool
+    version: StrictStr
+    time: StrictFloat
+
+
+class MetricsSchema(BaseModel):
+    metrics: Dict[BytesWithPublicKey, PeerMetrics]
+
+
+def record_validators(run_id: str) -> tuple[list, RSASignatureValidator]:
+    """DHT validators for the run's signed records, and the signer holding this peer's key."""
+    signer = RSASignatureValidator()
+    return [SchemaValidator(MetricsSchema, prefix=run_id), signer], signer
+
+
+def publish(dht: hivemind.DHT, run_id: str, signer: RSASignatureValidator, metrics: PeerMetrics):
+    """Store this peer's record, signed with its key, in the background; returns the pending future."""
+    return dht.store(
+        key=f"{run_id}_metrics",
+        subkey=signer.local_public_key,
+        value=metrics.dict(),
+        expiration_time=get_dht_time() + METRICS_EXPIRATION,
+        return_future=True,
+    )
+
+
+def read_all(dht: hivemind.DHT, run_id: str) -> list[PeerMetrics]:
+    """Every valid peer record currently in the DHT (the validators drop forged ones)."""
+    found = dht.get(f"{run_id}_metrics", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    return [PeerMetrics.parse_obj(entry.value) for entry in found.value.values()]
+
+
+@dataclass
+class PrometheusMetrics:
+    """The peer's starling_peer_* metrics in a registry of their own."""
+
+    registry: CollectorRegistry
+    samples: Counter
+    loss: Gauge
+    samples_per_second: Gauge
+    epoch: Gauge
+    rounds_succeeded: Counter
+    rounds_failed: Counter
+
+    @classmethod
+    def create(cls) -> "PrometheusMetrics":
+        registry = CollectorRegistry()
+        return cls(
+            registry=registry,
+            samples=Counter("starling_peer_samples", "Samples this peer contributed", registry=registry),
+            loss=Gauge("starling_peer_loss", "Training loss of the latest micro-batch", registry=registry),
+            samples_per_second=Gauge("starling_peer_samples_per_second", "This peer's throughput", registry=registry),
+            epoch=Gauge("starling_peer_epoch", "Global epoch this peer is on", registry=registry),
+            rounds_succeeded=Counter("starling_peer_averaging_rounds_succeeded",
+                                     "Epochs that ended with averaged gradients", registry=registry),
+            rounds_failed=Counter("starling_peer_averaging_rounds_failed",
+                                  "Epochs that ended without averaging with another peer", registry=registry),
+        )
+
+    def serve(self, port: int, host: str = "127.0.0.1"):
+        """Serve /metrics on host:port (loopback by default); returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)
+
+

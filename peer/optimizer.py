@@ -1,0 +1,87 @@
+"""The collaborative optimizer: hivemind.Optimizer over the run's inner optimizer and schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import hivemind
+import torch
+
+from peer.averager import CountingGradientAverager
+from peer.compression import gradient_compression, state_compression
+from peer.run_config import RunConfig, TrainingSection
+
+
+def inner_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    if name == "adamw":
+        return torch.optim.AdamW
+    import bitsandbytes as bnb  # only runs that ask for 8-bit optimizers need it
+
+    return {"adamw8bit": bnb.optim.AdamW8bit, "lamb8bit": bnb.optim.LAMB8bit}[name]
+
+
+def with_gradient_clipping(optimizer_class: type[torch.optim.Optimizer], max_norm: float) -> type[torch.optim.Optimizer]:
+    """A subclass whose step() first clips the (averaged) gradients to a global norm."""
+
+    class Clipped(optimizer_class):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return super().step(closure)
+
+    Clipped.__name__ = f"Clipped{optimizer_class.__name__}"
+    return Clipped
+
+
+def lr_multiplier(training: TrainingSection) -> Callable[[int], float]:
+    """Linear warm-up over warmup_epochs, then cosine decay to a tenth by total_epochs."""
+
+    def multiplier(epoch: int) -> float:
+        if epoch < training.warmup_epochs:
+            return (epoch + 1) / training.warmup_epochs
+        progress = min(1.0, (epoch - training.warmup_epochs) / max(1, training.total_epochs - training.warmup_epochs))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def make_inner_optimizer(params: Iterable, training: TrainingSection) -> torch.optim.Optimizer:
+    optimizer_class = with_gradient_clipping(inner_optimizer_class(training.optimizer), training.max_grad_norm)
+    return optimizer_class(params, lr=training.lr, betas=tuple(training.betas), weight_decay=training.weight_decay)
+
+
+def make_collaborative_optimizer(
+    model: torch.nn.Module,
+    dht: hivemind.DHT,
+    run: RunConfig,
+    batch_size_per_step: int | None,
+    auxiliary: bool = False,
+    verbose: bool = False,
+) -> hivemind.Optimizer:
+    """hivemind.Optimizer for this run: gradients accumulate toward target_batch_size, are averaged
+    with the run's compression, and every peer takes the same optimizer step each epoch."""
+    averaging = run.averaging
+    return hivemind.Optimizer(
+        dht=dht,
+        run_id=run.run_id,
+        params=model.parameters(),
+        optimizer=lambda params: make_inner_optimizer(params, run.training),
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(run.training)),
+        target_batch_size=run.training.target_batch_size,
+        batch_size_per_step=None if auxiliary else batch_size_per_step,
+        matchmaking_time=averaging.matchmaking_time,
+        averaging_timeout=averaging.averaging_timeout,
+        offload_optimizer=averaging.offload_optimizer,
+        delay_optimizer_step=averaging.delay_optimizer_step,
+        average_state_every=averaging.average_state_every,
+        grad_compression=gradient_compression(averaging),
+        grad_averager_factory=CountingGradientAverager,
+        state_averaging_compression=state_compression(averaging),
+        load_state_compression=state_compression(averaging),
+        # hivemind.Optimizer replaces any non-None client_mode with the DHT's own.
+        client_mode=dht.client_mode,
+        auxiliary=auxiliary,
+        tracker_opts=dict(min_refresh_period=0.2, max_refresh_period=2.0, default_refresh_period=1.0),
+        verbose=verbose,
+    )

@@ -1,0 +1,319 @@
+"""Peer: joins a run through the DHT and contributes gradients until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import hivemind
+import torch
+from hivemind.p2p import P2PDaemonError
+from hivemind.utils.multiaddr import Multiaddr
+from tqdm.auto import tqdm
+
+from model import CausalLM
+from model.data import load_corpus
+from peer import metrics
+from peer.averager import CountingGradientAverager
+from peer.device import device_name, largest_micro_batch, resolve_device
+from peer.optimizer import make_collaborative_optimizer
+from peer.run_config import RunConfig
+from peer.shards import ShardReader
+
+logger = logging.getLogger("starling.peer")
+
+VERSION = "0.1.0"
+METRICS_PUBLISH_PERIOD = 2.0  # seconds between two signed metrics records
+AUXILIARY_POLL_PERIOD = 0.2  # seconds between two averaging checks of an auxiliary peer
+SHUTDOWN_GRACE = 2.0  # seconds a helper process gets to finish before it is terminated
+
+
+class PeerError(RuntimeError):
+    """A peer cannot start: the message says what to check."""
+
+
+@dataclass
+class PeerOptions:
+    """What a volunteer may choose; the run itself comes from the run configuration."""
+
+    initial_peers: list[str] = field(default_factory=list)
+    config: str | None = None
+    device: str = "auto"
+    batch_size: int | str = "auto"
+    name: str | None = None
+    client_mode: bool = False
+    auxiliary: bool = False
+    identity: str | None = None
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] = field(default_factory=list)
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    data: str | None = None
+
+    def check(self) -> None:
+        """Raise ValueError naming the first option a volunteer got wrong."""
+        for option, addresses in (("initial_peers", self.initial_peers), ("host_maddrs", self.host_maddrs),
+                                  ("announce_maddrs", self.announce_maddrs)):
+            for address in addresses:
+                try:
+                    Multiaddr(address)
+                except Exception:
+                    raise ValueError(f"{option}: {address!r} is not a valid multiaddr") from None
+        for address in self.initial_peers:
+            if "/p2p/" not in address:
+                raise ValueError(f"initial_peers: {address!r} lacks the /p2p/<peer id> part")
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be 'auto' or a positive integer, got {self.batch_size!r}")
+        if self.client_mode and self.auxiliary:
+            raise ValueError("client_mode and auxiliary exclude each other: an auxiliary peer must be reachable")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be between 1 and 65535, got {self.metrics_port}")
+        if self.identity is not None and not Path(self.identity).parent.is_dir():
+            raise ValueError(f"identity: folder {str(Path(self.identity).parent)!r} does not exist")
+        if self.config is not None and not Path(self.config).is_file():
+            raise ValueError(f"config: {self.config!r} is not a file")
+
+
+@dataclass
+class PeerSummary:
+    """What this peer did, returned by Peer.run."""
+
+    peer_id: str
+    epoch: int
+    samples_contributed: int
+    samples_skipped: int
+    last_loss: float | None
+    seconds: float
+    rounds_succeeded: int
+    rounds_failed: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Peer:
+    """A training peer. `Peer(initial_peers=[...], **options).run(duration=None, max_epochs=None)`."""
+
+    def __init__(self, initial_peers: list[str] | tuple[str, ...] = (), **options) -> None:
+        self.options = PeerOptions(initial_peers=list(initial_peers), **options)
+        self.options.check()
+        self.device = resolve_device(self.options.device)
+        self.run_config = RunConfig.load(self.options.config) if self.options.config else RunConfig()
+        self.dht: hivemind.DHT | None = None
+        self.optimizer: hivemind.Optimizer | None = None
+        self.model: CausalLM | None = None
+        self.prometheus = metrics.PrometheusMetrics.create()
+        self._stop = threading.Event()
+        self._metrics_server = None
+        self._pending_publish = None
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    def _start_dht(self) -> None:
+        validators, self.signer = metrics.record_validators(self.run_config.run_id)
+        try:
+            self.dht = hivemind.DHT(
+                initial_peers=self.options.initial_peers,
+                host_maddrs=self.options.host_maddrs,
+                announce_maddrs=self.options.announce_maddrs or None,
+                client_mode=self.options.client_mode,
+                identity_path=self.options.identity,
+                record_validators=validators,
+                start=True,
+            )
+        except P2PDaemonError as error:
+            if "bootstrap" in str(error):
+                tried = ", ".join(self.options.initial_peers)
+                raise PeerError(
+                    f"none of the initial peers answered (tried {tried}); check that the coordinator is running "
+                    "and that these addresses are reachable from this machine"
+                ) from None
+            raise PeerError(f"the DHT could not start: {str(error).splitlines()[-1]}") from None
+        self.peer_id = str(self.dht.peer_id)
+        logger.info("joined the DHT as %s; others can join with --initial-peers %s", self.peer_id,
+                    " ".join(str(a) for a in self.dht.get_visible_maddrs()))
+
+    def _build_model(self) -> None:
+        run = self.run_config
+        torch.manual_seed(run.training.seed)  # every peer starts from the same weights
+        self.model = CausalLM(run.model_config()).to(self.device)
+        self.corpus = load_corpus(self.options.data or run.data.path, seq_len=run.data.seq_len, seed=run.training.seed)
+        self.reader = ShardReader(self.corpus, self.peer_id, run.data.num_shards)
+        if self.options.auxiliary:
+            self.micro_batch = 0
+        elif self.options.batch_size == "auto":
+            self.micro_batch = largest_micro_batch(self.model, run.data.seq_len, self.device)
+        else:
+            self.micro_batch = int(self.options.batch_size)
+
+    def _start_optimizer(self) -> None:
+        self.optimizer = make_collaborative_optimizer(
+            self.model, self.dht, self.run_config, self.micro_batch or None, auxiliary=self.options.auxiliary,
+        )
+        if self.optimizer.tracker.global_progress.num_peers > 1 or self.optimizer.tracker.global_epoch > 0:
+            self.load_state_from_peers()
+
+    def load_state_from_peers(self) -> None:
+        """Fetch the current parameters, optimizer state and epoch from other peers."""
+        with tqdm(total=1, desc="loading state from peers", unit="state", leave=False) as bar:
+            self.optimizer.load_state_from_peers()
+            bar.update(1)
+        logger.info("loaded state from peers: epoch %d", self.optimizer.local_epoch)
+
+    @property
+    def _grad_averager(self) -> CountingGradientAverager | None:
+        return getattr(self.optimizer, "grad_averager", None)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask a running peer to finish its current step and shut down."""
+        self._stop.set()
+
+    def run(self, duration: float | None = None, max_epochs: int | None = None) -> PeerSummary:
+        """Train until `duration` seconds pass, the run's epoch reaches `max_epochs`, stop() is
+        called, or the process is interrupted (Ctrl-C, SIGTERM). Returns what this peer did."""
+        started = time.perf_counter()
+        previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        self.samples_contributed = self.samples_skipped = 0
+        self.last_loss = None
+        try:
+            self._start_dht()
+            self._build_model()
+            self._start_optimizer()
+            if self.options.metrics_port is not None:
+                self._metrics_server, _ = self.prometheus.serve(self.options.metrics_port, self.options.metrics_host)
+            self._loop(started, duration, max_epochs)
+        except KeyboardInterrupt:
+            logger.info("interrupted: shutting down")
+        finally:
+            self._shutdown()
+            if previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, previous_sigterm)
+        return self.summary(started)
+
+    def _loop(self, started: float, duration: float | None, max_epochs: int | None) -> None:
+        opt = self.optimizer
+        last_publish = 0.0
+        window_started, window_samples = time.perf_counter(), 0
+        self.samples_per_second = 0.0
+        counted_rounds = (0, 0)
+        with tqdm(desc="training", unit="sample", dynamic_ncols=True) as bar:
+            while not self._stop.is_set():
+                if duration is not None and time.perf_counter() - started >= duration:
+                    break
+                if max_epochs is not None and opt.local_epoch >= max_epochs:
+                    break
+                epoch = opt.local_epoch
+                if self.options.auxiliary:
+                    opt.step()
+                    time.sleep(AUXILIARY_POLL_PERIOD)
+                else:
+                    window_samples += self._train_micro_batch(epoch)
+                    bar.update(self.micro_batch)
+                if opt.local_epoch != epoch:
+                    self._after_epoch()
+                now = time.perf_counter()
+                if now - window_started >= METRICS_PUBLISH_PERIOD:
+                    self.samples_per_second = window_samples / (now - window_started)
+                    window_started, window_samples = now, 0
+                if now - last_publish >= METRICS_PUBLISH_PERIOD:
+                    last_publish = now
+                    counted_rounds = self._report(counted_rounds)
+                    bar.set_postfix(epoch=opt.local_epoch, loss=self.last_loss, refresh=False)
+
+    def _train_micro_batch(self, epoch: int) -> int:
+        """Forward and backward on one micro-batch; contribute it if loss and gradients are finite."""
+        batch = self.reader.next_batch(epoch, self.micro_batch).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = self.model(batch, labels=batch).loss
+        loss.backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = bool(torch.isfinite(loss)) and bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        contributed = 0
+        if finite:
+            self.last_loss = loss.item()
+            self.optimizer.step(batch_size=self.micro_batch)
+            self.samples_contributed += self.micro_batch
+            self.prometheus.samples.inc(self.micro_batch)
+            self.prometheus.loss.set(self.last_loss)
+            contributed = self.micro_batch
+        else:
+            self.samples_skipped += self.micro_batch
+            logger.warning("non-finite loss or gradient at epoch %d: this micro-batch is not contributed", epoch)
+        self.optimizer.zero_grad()
+        return contributed
+
+    def _after_epoch(self) -> None:
+        """A collaborative step happened: reload state if our parameters went bad."""
+        if not all(bool(p.isfinite().all()) for p in self.model.parameters()):
+            logger.warning("parameters became non-finite: reloading state from peers")
+            self.load_state_from_peers()
+        self.prometheus.epoch.set(self.optimizer.local_epoch)
+
+    def _report(self, counted_rounds: tuple[int, int]) -> tuple[int, int]:
+        averager = self._grad_averager
+        rounds = (averager.rounds_succeeded, averager.rounds_failed) if isinstance(averager, CountingGradientAverager) else (0, 0)
+        self.prometheus.rounds_succeeded.inc(rounds[0] - counted_rounds[0])
+        self.prometheus.rounds_failed.inc(rounds[1] - counted_rounds[1])
+        self.prometheus.samples_per_second.set(self.samples_per_second)
+        seq_len = self.run_config.data.seq_len
+        self._pending_publish = metrics.publish(self.dht, self.run_config.run_id, self.signer, metrics.PeerMetrics(
+            peer_id=self.peer_id,
+            name=self.options.name or self.peer_id[-8:],
+            epoch=self.optimizer.local_epoch,
+            loss=float(self.last_loss if self.last_loss is not None else float("nan")),
+            samples_per_second=float(self.samples_per_second),
+            tokens_per_second=float(self.samples_per_second * seq_len),
+            samples_contributed=self.samples_contributed,
+            device=self.device.type,
+            device_name=device_name(self.device),
+            micro_batch=self.micro_batch,
+            client_mode=self.options.client_mode,
+            auxiliary=self.options.auxiliary,
+            version=VERSION,
+            time=time.time(),
+        ))
+        return rounds
+
+    # ---- shutdown ----------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Leave the averaging group, stop the DHT, and make sure no helper process outlives us."""
+        if self._pending_publish is not None:
+            try:
+                self._pending_publish.result(timeout=SHUTDOWN_GRACE)
+            except Exception:
+                pass  # the record simply expires
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+        if self.optimizer is not None:
+            self.optimizer.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
+        for child in multiprocessing.active_children():
+            child.join(timeout=SHUTDOWN_GRACE)
+            if child.is_alive():
+                child.terminate()
+
+    def summary(self, started: float) -> PeerSummary:
+        averager = self._grad_averager
+        return PeerSummary(
+            peer_id=getattr(self, "peer_id", ""),
+            epoch=self.optimizer.local_epoch if self.optimizer is not None else 0,
+            samples_contributed=self.samples_contributed,
+            samples_skipped=self.samples_skipped,
+            last_loss=self.last_loss,
+            seconds=time.perf_counter() - started,
+            rounds_succeeded=getattr(averager, "rounds_succeeded", 0),
+            rounds_failed=getattr(averager, "rounds_failed", 0),
+        )
+

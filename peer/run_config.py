@@ -1,0 +1,165 @@
+"""The run configuration: everything peers must agree on to train together.
+
+It is read from a TOML file (sections [model], [data], [training], [averaging]) and checked
+strictly: an unknown key, a value of the wrong type or an inconsistent model gives a
+RunConfigError that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model import ModelConfig
+
+OPTIMIZERS = ("adamw", "adamw8bit", "lamb8bit")
+COMPRESSIONS = ("adaptive-8bit", "fp16", "none")
+
+
+class RunConfigError(ValueError):
+    """A run configuration that cannot be trained; the message names the key."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "demo"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    kernels: str = "auto"
+
+
+@dataclass
+class DataSection:
+    path: str | None = None  # None: the bundled corpus
+    seq_len: int = 128
+    num_shards: int = 64
+
+
+@dataclass
+class TrainingSection:
+    target_batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    warmup_epochs: int = 10
+    total_epochs: int = 1000
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class AveragingSection:
+    matchmaking_time: float = 5.0
+    averaging_timeout: float = 60.0
+    compression: str = "adaptive-8bit"
+    # Tensors with at least this many values go over the wire in 8 bits, smaller ones in 16.
+    compression_threshold: int = 2**16
+    average_state_every: int = 1
+    offload_optimizer: bool = True
+    delay_optimizer_step: bool = False
+
+
+@dataclass
+class RunConfig:
+    run_id: str = "starling-demo"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    averaging: AveragingSection = field(default_factory=AveragingSection)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_preset(self.model.preset, kernels=self.model.kernels, **self.model.overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "run config") -> "RunConfig":
+        config = _build(cls, data, source, prefix="")
+        config.validate(source)
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunConfigError(f"{path}: no such file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise RunConfigError(f"{path}: not valid TOML ({error})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def validate(self, source: str = "run config") -> None:
+        checks = [
+            ("run_id", bool(self.run_id) and self.run_id.replace("-", "").replace("_", "").isalnum(),
+             "letters, digits, '-' and '_' only"),
+            ("data.seq_len", self.data.seq_len >= 2, "at least 2"),
+            ("data.num_shards", self.data.num_shards >= 1, "at least 1"),
+            ("training.target_batch_size", self.training.target_batch_size >= 1, "at least 1"),
+            ("training.optimizer", self.training.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            ("training.lr", self.training.lr > 0, "positive"),
+            ("training.betas", len(self.training.betas) == 2 and all(0 <= b < 1 for b in self.training.betas),
+             "two numbers in [0, 1)"),
+            ("training.total_epochs", self.training.total_epochs >= 1, "at least 1"),
+            ("training.warmup_epochs", 0 <= self.training.warmup_epochs, "non-negative"),
+            ("training.max_grad_norm", self.training.max_grad_norm > 0, "positive"),
+            ("averaging.matchmaking_time", self.averaging.matchmaking_time > 0, "positive"),
+            ("averaging.averaging_timeout", self.averaging.averaging_timeout > 0, "positive"),
+            ("averaging.compression", self.averaging.compression in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}"),
+            ("averaging.average_state_every", self.averaging.average_state_every >= 1, "at least 1"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise RunConfigError(f"{source}: {key} must be {expected}")
+        try:
+            self.model_config()
+        except (ValueError, TypeError) as error:
+            raise RunConfigError(f"{source}: [model] does not validate: {error}") from None
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether a TOML value fits a field's type annotation (ints are accepted for floats)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is Any:
+        return True
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise RunConfigError(f"{source}: unknown key '{prefix}{key}' (known: {', '.join(sorted(known))})")
+    values = {}
+    for key, value in data.items():
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            values[key] = _build(annotation, value, source, prefix=f"{prefix}{key}.")
+        elif not _matches(value, annotation):
+            expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            raise RunConfigError(f"{source}: {prefix}{key} must be {expected}, got {type(value).__name__} {value!r}")
+        else:
+            values[key] = float(value) if annotation is float else value
+    return cls(**values)

@@ -1,0 +1,56 @@
+"""One peer of the averaging test: contributes a known gradient until the first collaborative step.
+
+Run as a process: averaging_worker.py RUN_TOML INITIAL_PEER INDEX MICRO_BATCH OUT_FILE
+It waits until all three peers are in the run before it contributes.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import hivemind
+import torch
+from safetensors.torch import save_file
+
+from model import CausalLM
+from peer.optimizer import make_collaborative_optimizer
+from peer.run_config import RunConfig
+
+
+def known_gradient(param: torch.Tensor, index: int, position: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 * index + position)
+    return torch.randn(param.shape, generator=generator) * 1e-3 * (index + 1)
+
+
+def main() -> None:
+    run_toml, initial_peer, index, micro_batch, out_file = sys.argv[1:]
+    index, micro_batch = int(index), int(micro_batch)
+    run = RunConfig.load(run_toml)
+    torch.manual_seed(run.training.seed)
+    model = CausalLM(run.model_config())
+    dht = hivemind.DHT(initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    opt = make_collaborative_optimizer(model, dht, run, micro_batch)
+    barrier = Path(out_file).parent
+    (barrier / f"ready.{index}").touch()
+    while len(list(barrier.glob("ready.*"))) < 3:
+        time.sleep(0.1)
+    steps = 0
+    while opt.local_epoch == 0:
+        for position, param in enumerate(model.parameters()):
+            param.grad = known_gradient(param, index, position)
+        opt.step(batch_size=micro_batch)
+        steps += 1
+        time.sleep(0.1)
+    time.sleep(0.5)  # let the averaging round's completion callbacks run
+    with opt.grad_averager.get_tensors() as averaged:
+        tensors = {f"grad.{i}": t.clone() for i, t in enumerate(averaged)}
+    tensors.update({f"param.{i}": p.detach().clone() for i, p in enumerate(model.parameters())})
+    tensors["steps"] = torch.tensor(steps)
+    tensors["rounds_succeeded"] = torch.tensor(opt.grad_averager.rounds_succeeded)
+    save_file(tensors, out_file)
+    opt.shutdown()
+    dht.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Averaging is right: in one collaborative step every peer receives the sample-weighted average of
+all peers' gradients, within the codec's error, and takes the optimizer step on it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import hivemind
+import torch
+from hivemind.optim.state_averager import initialize_optimizer_state_
+from safetensors.torch import load_file
+
+from model import CausalLM
+from peer.optimizer import lr_multiplier, make_inner_optimizer
+from peer.run_config import RunConfig
+
+WORKER = Path(__file__).with_name("averaging_worker.py")
+MICRO_BATCHES = [4, 8, 12]
+# Relative error of the average per tensor: 8-bit codec for large tensors, fp16 for small ones.
+EIGHT_BIT_TOLERANCE, FP16_TOLERANCE = 0.03, 2e-3
+
+
+def test_three_peers_average_known_gradients(tmp_path, write_run_config):
+    run_toml = write_run_config(tmp_path, target_batch_size=240, matchmaking_time=3.0,
+                                average_state_every=100)  # no state averaging: parameters show the step alone
+    run = RunConfig.load(run_toml)
+    bootstrap = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    try:
+        address = str(bootstrap.get_visible_maddrs()[0])
+        outputs = [tmp_path / f"peer{i}.safetensors" for i in range(3)]
+        workers = [
+            subprocess.Popen([sys.executable, str(WORKER), str(run_toml), address, str(i), str(b), str(out)])
+            for i, (b, out) in enumerate(zip(MICRO_BATCHES, outputs))
+        ]
+        for worker in workers:
+            assert worker.wait(timeout=240) == 0
+    finally:
+        bootstrap.shutdown()
+    results = [load_file(out) for out in outputs]
+
+    torch.manual_seed(run.training.seed)
+    reference = CausalLM(run.model_config())
+    params = list(reference.parameters())
+    weights = [int(r["steps"]) * b for r, b in zip(results, MICRO_BATCHES)]
+    assert [int(r["rounds_succeeded"]) for r in results] == [1, 1, 1]
+
+    from averaging_worker import known_gradient  # noqa: E402  (the workers' own definition)
+
+    expected_grads = []
+    for position, param in enumerate(params):
+        total = sum(w * known_gradient(param, i, position) for i, w in enumerate(weights))
+        expected_grads.append(total / sum(weights))
+
+    # The optimizer step clips the averaged gradients in place, so the peers hold them clipped.
+    total_norm = torch.stack([g.norm() for g in expected_grads]).norm()
+    clip = min(1.0, run.training.max_grad_norm / (float(total_norm) + 1e-6))
+    expected_clipped = [g * clip for g in expected_grads]
+    threshold = run.averaging.compression_threshold
+    for result in results:
+        for position, expected in enumerate(expected_clipped):
+            averaged = result[f"grad.{position}"]
+            error = (averaged - expected).norm() / expected.norm()
+            tolerance = EIGHT_BIT_TOLERANCE if expected.numel() >= threshold else FP16_TOLERANCE
+            assert error < tolerance, f"parameter {position}: relative error {error:.4f} of the average"
+
+    # Each peer then took exactly the optimizer step on the average it received.
+    before = [p.detach().clone() for p in params]
+    for result in results:
+        for param, start in zip(params, before):
+            param.data.copy_(start)
+        optimizer = make_inner_optimizer(params, run.training)
+        for group in optimizer.param_groups:
+            group["lr"] *= lr_multiplier(run.training)(0)
+        initialize_optimizer_state_(optimizer)  # as hivemind does: a first step with zero gradients
+        for position, param in enumerate(params):
+            param.grad = result[f"grad.{position}"]
+        optimizer.step()
+        for position, param in enumerate(params):
+            torch.testing.assert_close(result[f"param.{position}"], param.detach(), atol=1e-6, rtol=1e-5)
