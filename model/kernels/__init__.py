@@ -15,7 +15,7 @@ from model.kernels._triton import FLOAT_DTYPES, check_device, cuda_available
 from model.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_reference, linear_cross_entropy_triton
 from model.kernels.quantize import (
     BLOCK_SIZE, dequantize_blockwise_reference, dequantize_blockwise_triton, packed_size,
-    quantize_blockwise_reference, quantize_blockwise_triton,
+    quantize_blockwise_reference, quantize_blockwise_triton, triton_supports,
 )
 from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from model.kernels.rotary import rotary_reference, rotary_triton
@@ -99,7 +99,7 @@ def linear_cross_entropy(
 
 def quantize_blockwise(x: torch.Tensor, block_size: int = BLOCK_SIZE, mode: str = "auto") -> torch.Tensor:
     """x read flat, as packed 8-bit blockwise codes (layout in model.kernels.quantize)."""
-    if _fused(mode, x, supported=block_size > 0 and block_size & (block_size - 1) == 0):
+    if _fused(mode, x, supported=triton_supports(block_size)):
         return quantize_blockwise_triton(x, block_size)
     return quantize_blockwise_reference(x, block_size)
 
@@ -109,6 +109,6 @@ def dequantize_blockwise(
     mode: str = "auto",
 ) -> torch.Tensor:
     """The flat tensor of numel values that quantize_blockwise packed."""
-    if _fused(mode, packed, supported=block_size > 0 and block_size & (block_size - 1) == 0 and dtype in FLOAT_DTYPES):
+    if _fused(mode, packed, supported=triton_supports(block_size) and dtype in FLOAT_DTYPES):
         return dequantize_blockwise_triton(packed, numel, block_size, dtype)
     return dequantize_blockwise_reference(packed, numel, block_size, dtype)

@@ -97,7 +97,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         grad_hidden, grad_weight, counted = ctx.saved_tensors
-        scale = grad_loss / counted
+        scale = grad_loss / counted.clamp(min=1)  # all ignored: NaN loss but zero gradients, like torch
         return (
             None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
             None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),

@@ -106,8 +106,13 @@ def _grid(blocks: int, block_size: int) -> tuple[int, int]:
     return triton.cdiv(blocks, per_program), per_program
 
 
+def triton_supports(block_size: int) -> bool:
+    """The kernels tile one block per row, so block_size must be a power of two."""
+    return block_size > 0 and block_size & (block_size - 1) == 0
+
+
 def _check_block_size(block_size: int) -> None:
-    if block_size <= 0 or block_size & (block_size - 1):
+    if not triton_supports(block_size):
         raise ValueError(f"the Triton codec needs a power-of-two block_size, got {block_size}")
 
 

@@ -6,6 +6,8 @@ projection, so strided) and saves only them: the backward pass recomputes silu.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -56,7 +58,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _launch(kernel, rows: int, cols: int, *args: object) -> None:
+def _launch(kernel: Any, rows: int, cols: int, *args: object) -> None:
+    """Launches a SwiGLU kernel over [rows, cols] tiles."""
     block_n = min(triton.next_power_of_2(cols), 1024)
     block_m = rows_per_program(rows, block_n)
     kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))](*args, BLOCK_M=block_m, BLOCK_N=block_n)

@@ -50,6 +50,15 @@ def test_custom_ignore_index_and_frozen_weight(assert_matches):
     assert_matches(h.grad, expected[1], torch.float32)
 
 
+def test_all_ignored_gives_nan_loss_and_zero_gradients_like_torch():
+    hidden, weight, labels = inputs(6, 8, 10, torch.float32)
+    labels[:] = kernels.IGNORE_INDEX
+    fused, reference = run("triton", hidden, weight, labels), run("torch", hidden, weight, labels)
+    assert fused[0].isnan() and reference[0].isnan()
+    for a, b in zip(fused[1:], reference[1:]):
+        torch.testing.assert_close(a, b)
+
+
 def test_out_of_range_label_raises():
     hidden, weight, labels = inputs(4, 8, 10, torch.float32)
     labels[1] = 10
