@@ -53,7 +53,7 @@ def _fused(mode: str, *tensors: torch.Tensor, supported: bool = True) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dimension (see model.kernels.rms_norm)."""
-    supported = weight.shape == x.shape[-1:] and x.shape[-1] <= 65536
+    supported = weight.shape == x.shape[-1:] and 0 < x.shape[-1] <= 65536 and x.numel() > 0
     if _fused(mode, x, weight, supported=supported):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
@@ -73,7 +73,7 @@ def rotary(
     """Rotary embedding of q and k [batch, heads, seq, head_dim] (see model.kernels.rotary).
     The fused path rotates q and k in place; use the returned tensors."""
     supported = (
-        q.dim() == 4 and k.dim() == 4 and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:]
+        q.dim() == 4 and k.dim() == 4 and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:] and q.numel() > 0
         and cos.shape == sin.shape == (cos.shape[0], q.shape[2], q.shape[3]) and cos.shape[0] in (1, q.shape[0])
         and q.stride(-1) == 1 and k.stride(-1) == 1 and not (cos.requires_grad or sin.requires_grad)
     )

@@ -3,8 +3,9 @@
 The fused version never holds the full [tokens, vocab] logits. It walks the tokens in chunks:
 a chunk's logits come from one matmul, a Triton kernel turns them in place into per-token
 losses and d(loss)/d(logits) (softmax minus one-hot, by an online logsumexp over vocab tiles),
-and two more matmuls add the chunk's share of the hidden-state and weight gradients. The
-gradients are thus ready after the forward pass; the backward pass only scales them.
+and two more matmuls add the chunk's share of the hidden-state and weight gradients (already
+divided by the count of tokens, in fp32 as torch does). The gradients are thus ready after the
+forward pass; the backward pass only multiplies them by the incoming gradient.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ def linear_cross_entropy_reference(
 
 @jit
 def _loss_and_grad_kernel(
-    logits_ptr, labels_ptr, loss_ptr, rows, vocab, ignore_index,
+    logits_ptr, labels_ptr, loss_ptr, scale_ptr, rows, vocab, ignore_index,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Per row: loss = logsumexp(logits) - logits[label]; logits <- softmax - onehot(label).
-    Rows whose label is ignore_index get loss 0 and a zero gradient."""
+    """Per row: loss = logsumexp(logits) - logits[label]; logits <- (softmax - onehot(label)) * scale,
+    scale being 1 / (counted tokens). Rows whose label is ignore_index get loss 0 and a zero gradient."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = row < rows
     label = tl.load(labels_ptr + row, mask=row_ok, other=ignore_index)
@@ -50,12 +51,13 @@ def _loss_and_grad_kernel(
         target += tl.sum(tl.where(col[None, :] == label[:, None], x, 0.0), axis=1)
     lse = running_max + tl.log(running_sum)
     tl.store(loss_ptr + row, tl.where(counted, lse - target, 0.0), mask=row_ok)
+    scale = tl.load(scale_ptr)
     for start in range(0, vocab, BLOCK_V):
         col = start + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (col[None, :] < vocab)
         x = tl.load(base + col[None, :], mask=col[None, :] < vocab, other=0.0).to(tl.float32)
         grad = tl.exp(x - lse[:, None]) - tl.where(col[None, :] == label[:, None], 1.0, 0.0)
-        grad = tl.where(counted[:, None], grad, 0.0)
+        grad = tl.where(counted[:, None], grad * scale, 0.0)
         tl.store(base + col[None, :], grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -76,6 +78,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk = _chunk_rows(tokens, width, vocab)
         block_m = max(1, min(chunk, elements_per_program() // block_v))
         losses = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+        counted = (labels != ignore_index).sum()
+        scale = 1.0 / counted.clamp(min=1).float()  # all ignored: NaN loss but zero gradients, like torch
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         grad_weight = torch.zeros_like(weight) if need_weight_grad else None
         for start in range(0, tokens, chunk):
@@ -83,24 +87,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden_chunk = hidden[start:stop]
             logits = hidden_chunk @ weight.t()
             _loss_and_grad_kernel[(triton.cdiv(stop - start, block_m),)](
-                logits, labels[start:stop], losses[start:stop], stop - start, vocab, ignore_index,
+                logits, labels[start:stop], losses[start:stop], scale, stop - start, vocab, ignore_index,
                 BLOCK_M=block_m, BLOCK_V=block_v,
             )
             if need_hidden_grad:
                 torch.mm(logits, weight, out=grad_hidden[start:stop])
             if need_weight_grad:
                 grad_weight.addmm_(logits.t(), hidden_chunk)
-        counted = (labels != ignore_index).sum()
-        ctx.save_for_backward(grad_hidden, grad_weight, counted)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return losses.sum() / counted
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        grad_hidden, grad_weight, counted = ctx.saved_tensors
-        scale = grad_loss / counted.clamp(min=1)  # all ignored: NaN loss but zero gradients, like torch
+        grad_hidden, grad_weight = ctx.saved_tensors
         return (
-            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-            None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
+            None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
             None, None,
         )
 
