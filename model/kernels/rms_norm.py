@@ -25,7 +25,7 @@ def _forward_kernel(
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
     mask = (row[:, None] < rows) & (col[None, :] < cols)
-    offsets = row[:, None] * cols + col[None, :]
+    offsets = row[:, None].to(tl.int64) * cols + col[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + col, mask=col < cols, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / cols + eps)
@@ -47,7 +47,7 @@ def _backward_kernel(
     for tile in range(pid, tl.cdiv(rows, BLOCK_M), programs):
         row = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (row[:, None] < rows) & (col[None, :] < cols)
-        offsets = row[:, None] * cols + col[None, :]
+        offsets = row[:, None].to(tl.int64) * cols + col[None, :]
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row, mask=row < rows, other=0.0)

@@ -23,7 +23,7 @@ def _forward_kernel(
     gate_ptr, up_ptr, out_ptr, rows, cols, gate_stride, up_stride,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (row[:, None] < rows) & (col[None, :] < cols)
     gate = tl.load(gate_ptr + row[:, None] * gate_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -37,7 +37,7 @@ def _backward_kernel(
     dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, rows, cols, gate_stride, up_stride,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (row[:, None] < rows) & (col[None, :] < cols)
     offsets = row[:, None] * cols + col[None, :]
