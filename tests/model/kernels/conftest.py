@@ -2,8 +2,9 @@
 
 TRITON_INTERPRET must be set before anything imports triton (bitsandbytes, torch._dynamo and
 the model all do). Pytest collects tests/model/kernels first of the suite, so this conftest
-sets it in time for `pytest` and for `pytest tests/model/kernels`. The variable is harmless
-to the other tests: the model takes Triton only on CUDA tensors under kernels="auto".
+sets it in time for `pytest` and for `pytest tests/model/kernels`. It stays set (triton
+imports more of itself at the first launch and checks it again); it is harmless to the other
+tests and their subprocesses: the model takes Triton only on CUDA tensors under kernels="auto".
 """
 
 import os
