@@ -1,5 +1,16 @@
-"""The peer daemon volunteers run, and its Python API: `from peer import Peer`."""
+"""The peer daemon volunteers run, and its Python API: `from peer import Peer`.
 
-from peer.peer import Peer, PeerError, PeerOptions, PeerSummary
+Names are imported on first use, so that `starling-peer --help` and argument errors answer at once.
+"""
 
-__all__ = ["Peer", "PeerError", "PeerOptions", "PeerSummary"]
+_PUBLIC = {"Peer", "PeerError", "PeerOptions", "PeerSummary"}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        from peer import peer
+
+        return getattr(peer, name)
+    raise AttributeError(f"module 'peer' has no attribute {name!r}")

@@ -20,7 +20,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name (use auto, cpu or cuda[:N])") from None
+        raise ValueError(f"--device {name}: not a device name (use auto, cpu or cuda[:N])") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: no CUDA GPU is available on this machine")

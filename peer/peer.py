@@ -30,6 +30,7 @@ logger = logging.getLogger("starling.peer")
 VERSION = "0.1.0"
 METRICS_PUBLISH_PERIOD = 2.0  # seconds between two signed metrics records
 AUXILIARY_POLL_PERIOD = 0.2  # seconds between two averaging checks of an auxiliary peer
+PROGRESS_FETCH_TIMEOUT = 10.0  # seconds to wait for the swarm's progress before training
 SHUTDOWN_GRACE = 2.0  # seconds a helper process gets to finish before it is terminated
 
 
@@ -91,6 +92,7 @@ class PeerSummary:
     seconds: float
     rounds_succeeded: int
     rounds_failed: int
+    state_loads: int
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -155,7 +157,9 @@ class Peer:
         self.optimizer = make_collaborative_optimizer(
             self.model, self.dht, self.run_config, self.micro_batch or None, auxiliary=self.options.auxiliary,
         )
-        if self.optimizer.tracker.global_progress.num_peers > 1 or self.optimizer.tracker.global_epoch > 0:
+        tracker = self.optimizer.tracker
+        tracker.fetched_global_progress_this_epoch.wait(timeout=PROGRESS_FETCH_TIMEOUT)
+        if tracker.global_epoch > self.optimizer.local_epoch:
             self.load_state_from_peers()
 
     def load_state_from_peers(self) -> None:
@@ -163,7 +167,18 @@ class Peer:
         with tqdm(total=1, desc="loading state from peers", unit="state", leave=False) as bar:
             self.optimizer.load_state_from_peers()
             bar.update(1)
+        self.state_loads += 1
         logger.info("loaded state from peers: epoch %d", self.optimizer.local_epoch)
+
+    @property
+    def epoch(self) -> int:
+        """The run's epoch as this peer knows it. An auxiliary peer's own epoch only moves when it
+        takes part in a round, so it follows the swarm's progress."""
+        if self.optimizer is None:
+            return 0
+        if self.options.auxiliary:
+            return max(self.optimizer.local_epoch, self.optimizer.tracker.global_epoch)
+        return self.optimizer.local_epoch
 
     @property
     def _grad_averager(self) -> CountingGradientAverager | None:
@@ -182,7 +197,7 @@ class Peer:
         previous_sigterm = None
         if threading.current_thread() is threading.main_thread():
             previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        self.samples_contributed = self.samples_skipped = 0
+        self.samples_contributed = self.samples_skipped = self.state_loads = 0
         self.last_loss = None
         try:
             self._start_dht()
@@ -209,7 +224,7 @@ class Peer:
             while not self._stop.is_set():
                 if duration is not None and time.perf_counter() - started >= duration:
                     break
-                if max_epochs is not None and opt.local_epoch >= max_epochs:
+                if max_epochs is not None and self.epoch >= max_epochs:
                     break
                 epoch = opt.local_epoch
                 if self.options.auxiliary:
@@ -218,6 +233,8 @@ class Peer:
                 else:
                     window_samples += self._train_micro_batch(epoch)
                     bar.update(self.micro_batch)
+                if opt.local_epoch > epoch + 1:
+                    self.state_loads += 1  # hivemind caught up by loading state from peers
                 if opt.local_epoch != epoch:
                     self._after_epoch()
                 now = time.perf_counter()
@@ -257,6 +274,8 @@ class Peer:
             logger.warning("parameters became non-finite: reloading state from peers")
             self.load_state_from_peers()
         self.prometheus.epoch.set(self.optimizer.local_epoch)
+        logger.info("epoch %d: loss %.3f, %d samples contributed so far", self.optimizer.local_epoch,
+                    float("nan") if self.last_loss is None else self.last_loss, self.samples_contributed)
 
     def _report(self, counted_rounds: tuple[int, int]) -> tuple[int, int]:
         averager = self._grad_averager
@@ -308,12 +327,13 @@ class Peer:
         averager = self._grad_averager
         return PeerSummary(
             peer_id=getattr(self, "peer_id", ""),
-            epoch=self.optimizer.local_epoch if self.optimizer is not None else 0,
+            epoch=self.epoch,
             samples_contributed=self.samples_contributed,
             samples_skipped=self.samples_skipped,
             last_loss=self.last_loss,
             seconds=time.perf_counter() - started,
             rounds_succeeded=getattr(averager, "rounds_succeeded", 0),
             rounds_failed=getattr(averager, "rounds_failed", 0),
+            state_loads=self.state_loads,
         )
 

@@ -1,9 +1,14 @@
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))  # the worker scripts beside the tests
+WORKER = Path(__file__).with_name("peer_worker.py")
 
 RUN_TOML = """\
 run_id = "{run_id}"
@@ -36,3 +41,63 @@ def write_run_config():
         return path
 
     return write
+
+
+@pytest.fixture
+def bootstrap():
+    """A plain hivemind DHT node on loopback that peers join through; yields its multiaddr."""
+    import hivemind
+
+    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    yield str(dht.get_visible_maddrs()[0])
+    dht.shutdown()
+
+
+class WorkerPeer:
+    """A peer_worker.py process and the files it leaves."""
+
+    def __init__(self, folder: Path, spec: dict) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        spec = {**spec, "out": str(folder)}
+        (folder / "spec.json").write_text(json.dumps(spec))
+        self.log = open(folder / "log.txt", "w")
+        # One compute thread per peer: several peers share this machine's cores.
+        self.process = subprocess.Popen([sys.executable, str(WORKER), str(folder / "spec.json")],
+                                        stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def wait(self, timeout: float) -> dict:
+        code = self.process.wait(timeout=timeout)
+        self.log.close()
+        assert code == 0, (self.folder / "log.txt").read_text()[-3000:]
+        return json.loads((self.folder / "summary.json").read_text())
+
+    def log_text(self) -> str:
+        return (self.folder / "log.txt").read_text()
+
+    def params(self) -> dict:
+        return load_file(self.folder / "params.safetensors")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+
+
+@pytest.fixture
+def start_peer(tmp_path, bootstrap):
+    """start_peer(name, run_toml, duration=, max_epochs=, slow=, start_after=, **peer_options) -> WorkerPeer."""
+    started = []
+
+    def start(name: str, run_toml: Path, duration=None, max_epochs=None, slow=None, start_after=None,
+              **options) -> WorkerPeer:
+        options = {"initial_peers": [bootstrap], "config": str(run_toml), "batch_size": 4,
+                   "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "name": name, **options}
+        worker = WorkerPeer(tmp_path / name, dict(options=options, duration=duration, max_epochs=max_epochs,
+                                                        slow=slow, start_after=start_after and str(start_after)))
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()

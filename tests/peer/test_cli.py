@@ -1,0 +1,98 @@
+"""starling-peer from the command line: one-line errors with exit status 2, clean exit on SIGTERM."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWKwHFESqhcjt2RFErZXU4PfSNEH16HN3vQ4ULa5EbhRrW"
+
+
+def run_peer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peer.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("starling-peer: error:")]
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--batch-size", "zero"], "--batch-size"),
+    (["--initial-peers", "/ip4/127.0.0.1/tcp/abc"], "'/ip4/127.0.0.1/tcp/abc' is not a valid multiaddr"),
+    (["--initial-peers", "/ip4/127.0.0.1/tcp/31337"], "lacks the /p2p/<peer id> part"),
+    (["--device", "cuda:3"], "--device cuda:3"),
+    (["--device", "tpu"], "--device tpu"),
+    (["--config", "/nonexistent/run.toml"], "config: '/nonexistent/run.toml' is not a file"),
+    (["--client-mode", "--auxiliary"], "client_mode and auxiliary"),
+])
+def test_bad_input_gives_one_line_and_exit_2(args, culprit):
+    result = run_peer(*args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert culprit in result.stderr
+
+
+def test_unreachable_initial_peers_name_the_address(tmp_path):
+    result = run_peer("--initial-peers", UNREACHABLE, "--host-maddrs", "/ip4/127.0.0.1/tcp/0")
+    assert result.returncode == 2
+    (line,) = error_lines(result)
+    assert "none of the initial peers answered" in line and UNREACHABLE in line
+    assert "Traceback" not in result.stderr
+
+
+def test_environment_variables_set_options():
+    result = subprocess.run([sys.executable, "-m", "peer.cli"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "STARLING_DEVICE": "cuda:7"})
+    assert result.returncode == 2 and "--device cuda:7" in result.stderr
+
+
+def child_pids(pid: int) -> set[int]:
+    """All descendants of a process, from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_during_training_exits_0_within_10_s_and_leaves_no_process(tmp_path, write_run_config, bootstrap):
+    run_toml = write_run_config(tmp_path)
+    log = open(tmp_path / "peer.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "peer.cli", "--initial-peers", bootstrap, "--config", str(run_toml),
+         "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4"],
+        stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while "epoch 1:" not in (tmp_path / "peer.log").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "peer.log").read_text()[-2000:]
+        time.sleep(0.2)
+    children = child_pids(process.pid)
+    assert children, "a training peer runs helper processes (DHT, libp2p daemon)"
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+    assert time.monotonic() - sent < 10
+    deadline = time.monotonic() + 5  # torch's shared-memory manager leaves once its clients have gone
+    while [pid for pid in children if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)], "helper processes outlived the peer"

@@ -1,0 +1,39 @@
+"""Two peers reach the loss that one process reaches on the same global batch."""
+
+import torch
+
+from model import CausalLM
+from model.data import load_corpus
+from peer.run_config import RunConfig
+
+EPOCHS = 10
+TOLERANCE = 0.25  # nats, on a held-out batch; the two runs see different shards of the corpus
+
+
+def held_out_loss(run: RunConfig, params: dict) -> float:
+    model = CausalLM(run.model_config()).eval()
+    model.load_state_dict(params, strict=False)
+    batch = load_corpus(seq_len=run.data.seq_len, seed=123).sequences[-64:]
+    with torch.no_grad():
+        return model(batch, labels=batch).loss.item()
+
+
+def test_two_peers_match_one_process_on_the_same_global_batch(tmp_path, write_run_config, start_peer):
+    settings = dict(target_batch_size=32, lr=3e-3)
+    (tmp_path / "solo").mkdir()
+    (tmp_path / "swarm").mkdir()
+    solo_toml = write_run_config(tmp_path / "solo", run_id="equivalence-solo", **settings)
+    swarm_toml = write_run_config(tmp_path / "swarm", run_id="equivalence-swarm", **settings)
+    solo = start_peer("solo-peer", solo_toml, max_epochs=EPOCHS, batch_size=8)
+    swarm = [start_peer(f"swarm-peer{i}", swarm_toml, max_epochs=EPOCHS, batch_size=4) for i in range(2)]
+    solo.wait(timeout=400)
+    summaries = [peer.wait(timeout=400) for peer in swarm]
+    assert all(s["rounds_succeeded"] >= EPOCHS // 2 for s in summaries)
+
+    run = RunConfig.load(solo_toml)
+    torch.manual_seed(run.training.seed)
+    initial = held_out_loss(run, dict(CausalLM(run.model_config()).named_parameters()))
+    solo_loss = held_out_loss(run, solo.params())
+    swarm_loss = held_out_loss(run, swarm[0].params())
+    assert solo_loss < initial - 1.0, "the single process did not learn"
+    assert abs(swarm_loss - solo_loss) < TOLERANCE, f"swarm {swarm_loss:.3f} vs one process {solo_loss:.3f}"
