@@ -2,12 +2,15 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWKwHFESqhcjt2RFErZXU4PfSNEH16HN3vQ4ULa5EbhRrW"
 
@@ -75,17 +78,34 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_during_training_exits_0_within_10_s_and_leaves_no_process(tmp_path, write_run_config, bootstrap):
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_then_sigterm_exits_0_within_10_s_and_leaves_no_process(tmp_path, write_run_config, bootstrap):
     run_toml = write_run_config(tmp_path)
+    port = free_port()
     log = open(tmp_path / "peer.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "peer.cli", "--initial-peers", bootstrap, "--config", str(run_toml),
-         "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4"],
+         "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4", "--metrics-port", str(port)],
         stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while "epoch 1:" not in (tmp_path / "peer.log").read_text():
         assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "peer.log").read_text()[-2000:]
         time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while (metrics := scrape(port)).get("starling_peer_epoch", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the exported figures refresh every few seconds
+    assert metrics["starling_peer_epoch"] >= 1 and metrics["starling_peer_samples_total"] >= 64
+    assert 0 < metrics["starling_peer_loss"] < 12
     children = child_pids(process.pid)
     assert children, "a training peer runs helper processes (DHT, libp2p daemon)"
     sent = time.monotonic()
