@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import torch
 from hivemind.compression import (
-    BlockwiseQuantization, CompressionBase, Float16Compression, NoCompression, SizeAdaptiveCompression,
+    BlockwiseQuantization, CompressionBase, CompressionInfo, Float16Compression, NoCompression,
+    SizeAdaptiveCompression, deserialize_torch_tensor,
 )
 
 from peer.run_config import AveragingSection
+
+
+def warmed_up(compression: CompressionBase) -> CompressionBase:
+    """Run the codec once. bitsandbytes' first blockwise call spends about 2 s setting up; inside
+    an all-reduce that stalls the part streams past their timeout, and hivemind then averages
+    only the parts that arrived, without failing the round."""
+    probe = torch.linspace(-1, 1, 2**16)
+    deserialize_torch_tensor(compression.compress(probe, CompressionInfo.from_tensor(probe)))
+    return compression
 
 
 def gradient_compression(averaging: AveragingSection) -> CompressionBase:
@@ -17,9 +28,9 @@ def gradient_compression(averaging: AveragingSection) -> CompressionBase:
     blockwise one lost 0.5%, and with the uniform codec a two-peer run diverged.
     """
     if averaging.compression == "adaptive-8bit":
-        return SizeAdaptiveCompression(
+        return warmed_up(SizeAdaptiveCompression(
             threshold=averaging.compression_threshold, less=Float16Compression(), greater_equal=BlockwiseQuantization()
-        )
+        ))
     if averaging.compression == "fp16":
         return Float16Compression()
     return NoCompression()
