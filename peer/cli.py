@@ -58,6 +58,7 @@ def build_parser() -> OneLineParser:
     add("--batch-size", type=positive_int_or_auto, default=env_default("--batch-size", "auto"),
         help="micro-batch: auto finds the largest that fits the device")
     add("--name", default=env_default("--name"), help="your name on the leaderboard")
+    add("--token", default=env_default("--token"), help="access token for a moderated run (from its organiser)")
     add("--client-mode", action="store_true", default=env_default("--client-mode", False, bool),
         help="behind NAT or a firewall: make only outgoing connections")
     add("--auxiliary", action="store_true", default=env_default("--auxiliary", False, bool),
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             initial_peers=args.initial_peers, config=args.config, device=args.device, batch_size=args.batch_size,
             name=args.name, client_mode=args.client_mode, auxiliary=args.auxiliary, identity=args.identity,
             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host, data=args.data,
+            metrics_host=args.metrics_host, data=args.data, token=args.token,
         )
         summary = peer.run(duration=args.duration, max_epochs=args.max_epochs)
     except (PeerError, RunConfigError, ValueError, FileNotFoundError) as error:

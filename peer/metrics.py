@@ -39,10 +39,10 @@ class MetricsSchema(BaseModel):
     metrics: Dict[BytesWithPublicKey, PeerMetrics]
 
 
-def record_validators(run_id: str) -> tuple[list, RSASignatureValidator]:
-    """DHT validators for the run's signed records, and the signer holding this peer's key."""
-    signer = RSASignatureValidator()
-    return [SchemaValidator(MetricsSchema, prefix=run_id), signer], signer
+def schema_validator(run_id: str) -> SchemaValidator:
+    """The DHT validator that rejects metrics records not of this schema (add it beside the
+    RSASignatureValidator that checks their signatures)."""
+    return SchemaValidator(MetricsSchema, prefix=run_id)
 
 
 def publish(dht: hivemind.DHT, run_id: str, signer: RSASignatureValidator, metrics: PeerMetrics):

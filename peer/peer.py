@@ -12,13 +12,15 @@ from pathlib import Path
 
 import hivemind
 import torch
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2PDaemonError
 from hivemind.utils.multiaddr import Multiaddr
 from tqdm.auto import tqdm
 
 from model import CausalLM
 from model.data import load_corpus
-from peer import metrics
+from peer import metrics, run_record
+from peer.auth import RunAuthorizer, check_grant_for, parse_token
 from peer.averager import CountingGradientAverager
 from peer.device import device_name, largest_micro_batch, resolve_device
 from peer.optimizer import make_collaborative_optimizer
@@ -55,6 +57,7 @@ class PeerOptions:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     data: str | None = None
+    token: str | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the first option a volunteer got wrong."""
@@ -65,6 +68,8 @@ class PeerOptions:
                     Multiaddr(address)
                 except Exception:
                     raise ValueError(f"{option}: {address!r} is not a valid multiaddr") from None
+        if not self.initial_peers and self.config is None:
+            raise ValueError("initial_peers: give the addresses the coordinator printed (or --config for an offline run)")
         for address in self.initial_peers:
             if "/p2p/" not in address:
                 raise ValueError(f"initial_peers: {address!r} lacks the /p2p/<peer id> part")
@@ -105,7 +110,11 @@ class Peer:
         self.options = PeerOptions(initial_peers=list(initial_peers), **options)
         self.options.check()
         self.device = resolve_device(self.options.device)
-        self.run_config = RunConfig.load(self.options.config) if self.options.config else RunConfig()
+        # Offline runs read the run from a file; otherwise it comes from the coordinator through the DHT.
+        self.run_config = RunConfig.load(self.options.config) if self.options.config else None
+        self.grant = parse_token(self.options.token) if self.options.token else None
+        if self.grant is not None:
+            check_grant_for(self.grant, self.options.initial_peers)
         self.dht: hivemind.DHT | None = None
         self.optimizer: hivemind.Optimizer | None = None
         self.model: CausalLM | None = None
@@ -117,7 +126,7 @@ class Peer:
     # ---- set-up -----------------------------------------------------------------------------
 
     def _start_dht(self) -> None:
-        validators, self.signer = metrics.record_validators(self.run_config.run_id)
+        self.signer = RSASignatureValidator()
         try:
             self.dht = hivemind.DHT(
                 initial_peers=self.options.initial_peers,
@@ -125,7 +134,8 @@ class Peer:
                 announce_maddrs=self.options.announce_maddrs or None,
                 client_mode=self.options.client_mode,
                 identity_path=self.options.identity,
-                record_validators=validators,
+                record_validators=[self.signer],
+                authorizer=RunAuthorizer(self.grant) if self.grant else None,
                 start=True,
             )
         except P2PDaemonError as error:
@@ -139,6 +149,17 @@ class Peer:
         self.peer_id = str(self.dht.peer_id)
         logger.info("joined the DHT as %s; others can join with --initial-peers %s", self.peer_id,
                     " ".join(str(a) for a in self.dht.get_visible_maddrs()))
+
+    def _join_run(self) -> None:
+        """Read the run's configuration from the coordinator's signed record, unless given a file."""
+        if self.run_config is None:
+            try:
+                self.run_config, _ = run_record.fetch(self.dht, self.options.initial_peers)
+            except run_record.RunRecordMissing as error:
+                hint = "" if self.grant else " If the run is moderated, ask its organiser for a --token."
+                raise PeerError(f"{error}.{hint}") from None
+            logger.info("joined run %s", self.run_config.run_id)
+        self.dht.add_validators([metrics.schema_validator(self.run_config.run_id)])
 
     def _build_model(self) -> None:
         run = self.run_config
@@ -159,8 +180,16 @@ class Peer:
         )
         tracker = self.optimizer.tracker
         tracker.fetched_global_progress_this_epoch.wait(timeout=PROGRESS_FETCH_TIMEOUT)
-        if tracker.global_epoch > self.optimizer.local_epoch:
+        if tracker.global_epoch > self.optimizer.local_epoch or self._newer_state_offered():
             self.load_state_from_peers()
+
+    def _newer_state_offered(self) -> bool:
+        """Whether someone offers state of a later epoch than ours: a peer, or the coordinator with
+        the latest checkpoint when the whole swarm restarts."""
+        found = self.dht.get(f"{self.run_config.run_id}_state_averager.all_averagers", latest=True)
+        offers = found.value if found is not None and isinstance(found.value, dict) else {}
+        epoch = self.optimizer.local_epoch
+        return any(isinstance(o.value, (int, float)) and o.value > epoch for o in offers.values())
 
     def load_state_from_peers(self) -> None:
         """Fetch the current parameters, optimizer state and epoch from other peers."""
@@ -201,6 +230,7 @@ class Peer:
         self.last_loss = None
         try:
             self._start_dht()
+            self._join_run()
             self._build_model()
             self._start_optimizer()
             if self.options.metrics_port is not None:

@@ -1,8 +1,8 @@
 """The run configuration: everything peers must agree on to train together.
 
-It is read from a TOML file (sections [model], [data], [training], [averaging]) and checked
-strictly: an unknown key, a value of the wrong type or an inconsistent model gives a
-RunConfigError that names the key.
+It is read from a TOML file (sections [model], [data], [training], [averaging], [coordinator])
+and checked strictly: an unknown key, a value of the wrong type or an inconsistent model gives a
+RunConfigError that names the key. The coordinator publishes it in the DHT (peer/run_record.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from model import ModelConfig
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lamb8bit")
 COMPRESSIONS = ("adaptive-8bit", "fp16", "none")
+AUTH_MODES = ("open", "token")
 
 
 class RunConfigError(ValueError):
@@ -65,12 +66,20 @@ class AveragingSection:
 
 
 @dataclass
+class CoordinatorSection:
+    checkpoint_every: int = 10  # epochs between two checkpoints
+    keep_checkpoints: int = 3
+    auth: str = "open"  # "token": peers need an access token issued by the coordinator
+
+
+@dataclass
 class RunConfig:
     run_id: str = "starling-demo"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     averaging: AveragingSection = field(default_factory=AveragingSection)
+    coordinator: CoordinatorSection = field(default_factory=CoordinatorSection)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_preset(self.model.preset, kernels=self.model.kernels, **self.model.overrides)
@@ -113,6 +122,9 @@ class RunConfig:
             ("averaging.averaging_timeout", self.averaging.averaging_timeout > 0, "positive"),
             ("averaging.compression", self.averaging.compression in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}"),
             ("averaging.average_state_every", self.averaging.average_state_every >= 1, "at least 1"),
+            ("coordinator.checkpoint_every", self.coordinator.checkpoint_every >= 1, "at least 1"),
+            ("coordinator.keep_checkpoints", self.coordinator.keep_checkpoints >= 1, "at least 1"),
+            ("coordinator.auth", self.coordinator.auth in AUTH_MODES, f"one of {', '.join(AUTH_MODES)}"),
         ]
         for key, ok, expected in checks:
             if not ok:

@@ -1,0 +1,122 @@
+"""Checkpoints of the run: one folder per epoch, written atomically, the last K kept.
+
+A checkpoint folder `epoch-000012/` holds a transformers checkpoint (`config.json`,
+`model.safetensors`; loads with `CausalLM.from_pretrained` and `AutoModelForCausalLM.from_pretrained`)
+plus the collaborative training state needed to resume the run from it: the optimizer's tensors in
+`training_state.safetensors` and its metadata in `training_state.json`. Nothing is pickled.
+A folder is written under a temporary name and renamed when complete, so an interrupted write is
+never taken for the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import CausalLM, ModelConfig
+
+logger = logging.getLogger("starling.coordinator")
+
+FOLDER = re.compile(r"^epoch-(\d{6,})$")
+TRAINING_TENSORS = "training_state.safetensors"
+TRAINING_METADATA = "training_state.json"
+
+
+@dataclass
+class Checkpoint:
+    epoch: int
+    path: Path
+    time: float
+    size_bytes: int
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "path": str(self.path), "time": self.time, "size_bytes": self.size_bytes}
+
+
+@dataclass
+class TrainingState:
+    """What hivemind's state averagers exchange: parameters (in model.parameters() order), the
+    optimizer's flattened tensors, and the metadata that puts them back together."""
+
+    epoch: int
+    parameters: list[torch.Tensor]
+    optimizer_tensors: list[torch.Tensor]
+    optimizer_metadata: list
+
+
+class CheckpointStore:
+    """Checkpoint folders under `root`, keeping the newest `keep`."""
+
+    def __init__(self, root: str | Path, keep: int) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+
+    def all(self) -> list[Checkpoint]:
+        found = []
+        for path in self.root.iterdir():
+            match = FOLDER.match(path.name)
+            if match and path.is_dir():
+                size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+                found.append(Checkpoint(int(match.group(1)), path, path.stat().st_mtime, size))
+        return sorted(found, key=lambda c: c.epoch)
+
+    def latest(self) -> Checkpoint | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, state: TrainingState, config: ModelConfig) -> Checkpoint:
+        """Write `state` as the checkpoint of its epoch; returns it once it is complete on disk."""
+        final = self.root / f"epoch-{state.epoch:06d}"
+        partial = self.root / f".{final.name}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        with torch.device("meta"):
+            model = CausalLM(config)
+        names = [name for name, _ in model.named_parameters()]
+        if len(names) != len(state.parameters):
+            raise ValueError(f"the state has {len(state.parameters)} parameters, the run's model {len(names)}")
+        model.load_state_dict(dict(zip(names, state.parameters)), strict=False, assign=True)
+        model.tie_weights()
+        model.save_pretrained(partial, safe_serialization=True)
+        save_file({f"optimizer.{i}": t.contiguous() for i, t in enumerate(state.optimizer_tensors)},
+                  partial / TRAINING_TENSORS)
+        (partial / TRAINING_METADATA).write_text(json.dumps(
+            {"epoch": state.epoch, "optimizer_metadata": state.optimizer_metadata, "time": time.time()}))
+        for file in partial.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():  # a checkpoint of this epoch already exists: replace it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        self._prune()
+        return next(c for c in self.all() if c.path == final)
+
+    def _prune(self) -> None:
+        for old in self.all()[:-self.keep]:
+            shutil.rmtree(old.path, ignore_errors=True)
+            logger.info("removed old checkpoint %s", old.path)
+        for leftover in self.root.glob(".epoch-*.partial-*"):
+            if not leftover.name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    @staticmethod
+    def load(checkpoint: Checkpoint) -> TrainingState:
+        """The training state saved in a checkpoint (parameters in model.parameters() order)."""
+        model = CausalLM.from_pretrained(checkpoint.path)
+        tensors = load_file(checkpoint.path / TRAINING_TENSORS)
+        metadata = json.loads((checkpoint.path / TRAINING_METADATA).read_text())
+        return TrainingState(
+            epoch=int(metadata["epoch"]),
+            parameters=[p.detach() for p in model.parameters()],
+            optimizer_tensors=[tensors[f"optimizer.{i}"] for i in range(len(tensors))],
+            optimizer_metadata=metadata["optimizer_metadata"],
+        )

@@ -1,0 +1,254 @@
+"""The coordinator: the run's first peer, its publisher, monitor, checkpointer and dashboard.
+
+Training never depends on it: peers average among themselves, and the run record it publishes
+stays in their DHT storage for an hour. When it comes back it picks up its history from SQLite and
+its identity (hence its address) from the identity file in the state dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hivemind
+import torch
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import SchemaValidator
+from hivemind.optim.progress_tracker import TrainingProgressSchema
+from hivemind.p2p import P2PDaemonError
+from tqdm.auto import tqdm
+
+from coordinator.checkpoints import CheckpointStore
+from coordinator.history import History, Point
+from coordinator.prometheus import registry_for
+from coordinator.server import DashboardServer
+from coordinator.state_sharing import CheckpointAverager
+from coordinator.swarm import SwarmState, peer_kind, read_progress, summarize
+from model import CausalLM
+from peer import metrics, run_record
+from peer.identity import load_or_create_identity
+from peer.run_config import RunConfig
+
+logger = logging.getLogger("starling.coordinator")
+
+VERSION = "0.1.0"
+POLL_PERIOD = 1.0  # seconds between two reads of the swarm's records
+HISTORY_PERIOD = 5.0  # seconds between two points of the time series
+STATE_DOWNLOAD_TIMEOUT = 60.0
+
+
+class CoordinatorError(RuntimeError):
+    """The coordinator cannot start: the message says what to check."""
+
+
+@dataclass
+class CoordinatorOptions:
+    config: str
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/31337"])
+    announce_maddrs: list[str] = field(default_factory=list)
+    identity: str | None = None  # default: <state dir>/identity.key
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8080
+    checkpoint_dir: str | None = None  # default: <state dir>/checkpoints
+    state_dir: str | None = None  # default: runs/<run_id>
+
+
+class Coordinator:
+    """`Coordinator(CoordinatorOptions(config="run.toml")).run(duration=None)` until stopped."""
+
+    def __init__(self, options: CoordinatorOptions) -> None:
+        self.options = options
+        self.run_config = RunConfig.load(options.config)
+        self.state_dir = Path(options.state_dir or Path("runs") / self.run_config.run_id)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.identity_path = Path(options.identity or self.state_dir / "identity.key")
+        self.key = load_or_create_identity(self.identity_path)
+        self.checkpoints = CheckpointStore(options.checkpoint_dir or self.state_dir / "checkpoints",
+                                           keep=self.run_config.coordinator.keep_checkpoints)
+        self.history = History(self.state_dir / "history.sqlite3")
+        points = self.history.points(limit=1)
+        self.swarm = SwarmState(epoch=points[-1].epoch if points else 0,
+                                target_batch_size=self.run_config.training.target_batch_size)
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._checkpointing = threading.Lock()
+        self._last_report_time: dict[str, float] = {}
+        self.dht: hivemind.DHT | None = None
+        self.averager: CheckpointAverager | None = None
+        self.server: DashboardServer | None = None
+        with torch.device("meta"):
+            self._num_parameters = len(list(CausalLM(self.run_config.model_config()).parameters()))
+
+    # ---- start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        run_id = self.run_config.run_id
+        try:
+            self.server = DashboardServer(self.options.dashboard_host, self.options.dashboard_port, self.snapshot,
+                                          self._history_points, registry_for(self.snapshot))
+        except OSError as error:
+            raise CoordinatorError(f"cannot serve the dashboard on {self.options.dashboard_host}:"
+                                   f"{self.options.dashboard_port}: {error.strerror} (is another coordinator "
+                                   "running? choose another --dashboard-port)") from None
+        self.signer = RSASignatureValidator(self.key)
+        validators = [self.signer, SchemaValidator(metrics.MetricsSchema, prefix=run_id),
+                      SchemaValidator(TrainingProgressSchema, prefix=run_id)]
+        try:
+            self.dht = hivemind.DHT(host_maddrs=self.options.host_maddrs,
+                                    announce_maddrs=self.options.announce_maddrs or None,
+                                    identity_path=str(self.identity_path), record_validators=validators,
+                                    authorizer=self._authorizer(), start=True)
+        except P2PDaemonError as error:
+            self.server.stop()
+            raise CoordinatorError(f"the DHT could not listen on {' '.join(self.options.host_maddrs)}: "
+                                   f"{str(error).splitlines()[-1]} (is the port in use?)") from None
+        self.averager = CheckpointAverager(self.dht, run_id)
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            logger.info("serving checkpoint %s to peers that find no one else with state", latest.path)
+            self.averager.serve(CheckpointStore.load(latest))
+            self.swarm.epoch = max(self.swarm.epoch, latest.epoch)
+        self._publish()
+        self.server.start()
+        logger.info("run %s: coordinator %s, dashboard %s", run_id, self.dht.peer_id, self.server.url)
+        print(f"join this run with:\n  {self.join_command()}\ndashboard: {self.server.url}", flush=True)
+
+    def _authorizer(self):
+        if self.run_config.coordinator.auth != "token":
+            return None
+        from peer.auth import RunAuthorizer, issue_token, parse_token
+
+        grant = parse_token(issue_token(self.key, self.run_config.run_id, "coordinator", ttl_seconds=10 * 365 * 86400))
+        return RunAuthorizer(grant, local_private_key=self.key)
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return [str(address) for address in self.dht.get_visible_maddrs()]
+
+    def join_command(self) -> str:
+        command = "starling-peer --initial-peers " + " ".join(self.initial_peers)
+        return command + (" --token TOKEN" if self.run_config.coordinator.auth == "token" else "")
+
+    def _publish(self) -> None:
+        stored = run_record.publish(self.dht, self.signer, self.run_config,
+                                    {"peer_id": str(self.dht.peer_id), "version": VERSION})
+        self._published_at = time.monotonic()
+        if not stored:
+            logger.warning("the run record could not be stored in the DHT; retrying later")
+
+    # ---- run ---------------------------------------------------------------------------------
+
+    def run(self, duration: float | None = None) -> None:
+        """Start, then watch the swarm until `duration` passes, stop() is called, SIGINT or SIGTERM."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        started = time.monotonic()
+        try:
+            self.start()
+            last_point = 0.0
+            while not self._stop.wait(POLL_PERIOD):
+                if duration is not None and time.monotonic() - started >= duration:
+                    break
+                self.poll()
+                if time.monotonic() - last_point >= HISTORY_PERIOD:
+                    last_point = time.monotonic()
+                    self._add_point()
+                if time.monotonic() - self._published_at >= run_record.REPUBLISH_PERIOD:
+                    self._publish()
+                self._maybe_checkpoint()
+        except KeyboardInterrupt:
+            logger.info("interrupted: shutting down")
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def poll(self) -> None:
+        """Read the swarm's records and update the history and the current view."""
+        run, now = self.run_config, time.time()
+        progress = read_progress(self.dht, run.run_id)
+        reports = metrics.read_all(self.dht, run.run_id)
+        for report in reports:
+            if report.time > self._last_report_time.get(report.peer_id, 0.0):
+                self._last_report_time[report.peer_id] = report.time
+                self.history.record_sighting(report.peer_id, report.name, peer_kind(report), report.device_name,
+                                             report.samples_contributed, now)
+        previous_epoch = self.swarm.epoch
+        self.swarm = summarize(progress, reports, self.history.contributors(), run.training.target_batch_size,
+                               run.data.seq_len, self.swarm.epoch, now)
+        if self.swarm.epoch != previous_epoch:
+            logger.info("epoch %d: loss %s, %.1f samples/s, %d active peers", self.swarm.epoch,
+                        "n/a" if self.swarm.loss is None else f"{self.swarm.loss:.3f}",
+                        self.swarm.samples_per_second, self.swarm.active_peers["total"])
+
+    def _add_point(self) -> None:
+        s = self.swarm
+        self.history.add_point(Point(time.time(), s.epoch, s.loss, s.samples_per_second, s.tokens_per_second,
+                                     s.active_peers["total"]))
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.run_config.coordinator.checkpoint_every
+        latest = self.checkpoints.latest()
+        due = (latest.epoch // every + 1) * every if latest else every
+        if self.swarm.epoch >= due and self._checkpointing.acquire(blocking=False):
+            threading.Thread(target=self._checkpoint, name="checkpoint", daemon=True).start()
+
+    def _checkpoint(self) -> None:
+        try:
+            with tqdm(total=2, desc="checkpoint", unit="step", leave=False) as bar:
+                bar.set_postfix_str("downloading state")
+                state = self.averager.download(self._num_parameters, timeout=STATE_DOWNLOAD_TIMEOUT)
+                bar.update()
+                if state is None:
+                    logger.warning("checkpoint skipped: no peer sent its state")
+                    return
+                bar.set_postfix_str(f"writing epoch {state.epoch}")
+                started = time.perf_counter()
+                checkpoint = self.checkpoints.save(state, self.run_config.model_config())
+                bar.update()
+            self.averager.serve(state)
+            logger.info("checkpoint of epoch %d written to %s (%.1f MB in %.1f s)", checkpoint.epoch,
+                        checkpoint.path, checkpoint.size_bytes / 1e6, time.perf_counter() - started)
+        except Exception as error:  # a failed checkpoint must not stop the coordinator
+            logger.error("checkpoint failed: %s", error)
+        finally:
+            self._checkpointing.release()
+
+    # ---- views -------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """The run as served at /api/v1/state."""
+        s, checkpoint, board = self.swarm, self.checkpoints.latest(), self.history.leaderboard()
+        return {
+            "run_id": self.run_config.run_id, "version": VERSION, "time": time.time(),
+            "coordinator": {"peer_id": str(self.dht.peer_id) if self.dht else None, "started_at": self.started_at},
+            "initial_peers": self.initial_peers if self.dht else [],
+            "join_command": self.join_command() if self.dht else "",
+            "epoch": s.epoch, "target_batch_size": s.target_batch_size, "samples_this_epoch": s.samples_this_epoch,
+            "eta_seconds": s.eta_seconds, "loss": s.loss, "samples_per_second": s.samples_per_second,
+            "tokens_per_second": s.tokens_per_second, "samples_total": sum(entry["samples"] for entry in board),
+            "active_peers": s.active_peers, "peers": s.peers, "leaderboard": board,
+            "checkpoint": checkpoint.as_dict() if checkpoint else None,
+            "config": self.run_config.to_dict(),
+        }
+
+    def _history_points(self, since: float) -> list[dict]:
+        return [vars(point) for point in self.history.points(since=since)]
+
+    # ---- shutdown ----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.averager is not None:
+            self.averager.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
+        self.history.close()

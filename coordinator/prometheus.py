@@ -1,0 +1,61 @@
+"""The coordinator's Prometheus metrics (starling_*), computed from its latest view of the swarm."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from coordinator.swarm import KINDS
+
+TOP_CONTRIBUTORS = 10  # per-contributor series beyond these are summed into name="other"
+
+
+class SwarmCollector:
+    """A prometheus_client collector reading the coordinator's snapshot when scraped.
+
+    `snapshot()` returns the dict served as /api/v1/state.
+    """
+
+    def __init__(self, snapshot: Callable[[], dict]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self):
+        state = self._snapshot()
+        yield GaugeMetricFamily("starling_epoch", "Global epoch of the run", value=state["epoch"])
+        active = GaugeMetricFamily("starling_active_peers", "Peers reporting in the last seconds, by kind",
+                                   labels=["kind"])
+        for kind in KINDS:
+            active.add_metric([kind], state["active_peers"][kind])
+        yield active
+        yield CounterMetricFamily("starling_samples", "Samples contributed by all peers since the run began",
+                                  value=state["samples_total"])
+        yield GaugeMetricFamily("starling_samples_per_second", "Swarm throughput in samples per second",
+                                value=state["samples_per_second"])
+        yield GaugeMetricFamily("starling_tokens_per_second", "Swarm throughput in tokens per second",
+                                value=state["tokens_per_second"])
+        yield GaugeMetricFamily("starling_samples_this_epoch", "Samples accumulated toward the next epoch",
+                                value=state["samples_this_epoch"])
+        yield GaugeMetricFamily("starling_target_batch_size", "Samples per epoch",
+                                value=state["target_batch_size"])
+        if state["loss"] is not None:
+            yield GaugeMetricFamily("starling_loss", "Training loss, weighted by the peers' speed", value=state["loss"])
+        if state["checkpoint"] is not None:
+            yield GaugeMetricFamily("starling_checkpoint_epoch", "Epoch of the latest checkpoint",
+                                    value=state["checkpoint"]["epoch"])
+        contributed = CounterMetricFamily("starling_contributor_samples",
+                                          f"Samples contributed, top {TOP_CONTRIBUTORS} contributors and other",
+                                          labels=["name"])
+        board = state["leaderboard"]
+        for entry in board[:TOP_CONTRIBUTORS]:
+            contributed.add_metric([entry["name"]], entry["samples"])
+        if len(board) > TOP_CONTRIBUTORS:
+            contributed.add_metric(["other"], sum(entry["samples"] for entry in board[TOP_CONTRIBUTORS:]))
+        yield contributed
+
+
+def registry_for(snapshot: Callable[[], dict]) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(SwarmCollector(snapshot))
+    return registry

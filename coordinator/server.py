@@ -1,0 +1,96 @@
+"""The coordinator's read-only HTTP server: the dashboard, its JSON API and Prometheus /metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Callable
+from urllib.parse import parse_qs, urlparse
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+STATIC_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "/static/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+}
+
+
+def _json_safe(value):
+    """NaN and infinities are not JSON: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class DashboardServer:
+    """Serves `/`, `/api/v1/state`, `/api/v1/history?since=T`, `/metrics` and `/healthz` in a thread."""
+
+    def __init__(self, host: str, port: int, state: Callable[[], dict], history: Callable[[float], list[dict]],
+                 registry: CollectorRegistry) -> None:
+        handler = self._handler_class(state, history, registry)
+        self.httpd = ThreadingHTTPServer((host, port), handler)  # OSError if the port is taken
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="dashboard", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    @staticmethod
+    def _handler_class(state, history, registry):
+        static = resources.files("coordinator") / "static"
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # requests are not worth a log line each
+                pass
+
+            def _send(self, body: bytes, content_type: str, status: HTTPStatus = HTTPStatus.OK) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _send_json(self, value) -> None:
+                self._send(json.dumps(_json_safe(value)).encode(), "application/json")
+
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                if url.path in STATIC_FILES:
+                    name, content_type = STATIC_FILES[url.path]
+                    self._send((static / name).read_bytes(), content_type)
+                elif url.path == "/api/v1/state":
+                    self._send_json(state())
+                elif url.path == "/api/v1/history":
+                    try:
+                        since = float(parse_qs(url.query).get("since", ["0"])[0])
+                    except ValueError:
+                        self._send(b"since must be a number\n", "text/plain", HTTPStatus.BAD_REQUEST)
+                        return
+                    self._send_json({"points": history(since)})
+                elif url.path == "/metrics":
+                    self._send(generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif url.path == "/healthz":
+                    self._send(b"ok\n", "text/plain")
+                else:
+                    self._send(b"not found\n", "text/plain", HTTPStatus.NOT_FOUND)
+
+        return Handler

@@ -1,0 +1,73 @@
+"""The run record: the run configuration as the coordinator publishes it in the DHT, signed.
+
+The record lives under one well-known key; its subkey carries the publisher's RSA public key and
+hivemind's RSASignatureValidator checks the signature. A peer trusts a record only when that key
+is the key of a peer it bootstrapped from: the libp2p peer id in `/p2p/<id>` is the hash of that key,
+so nobody else in the DHT can publish a run in the coordinator's name.
+"""
+
+from __future__ import annotations
+
+import time
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPublicKey
+
+from peer.identity import peer_id_in_multiaddr, peer_id_of
+from peer.run_config import RunConfig, RunConfigError
+
+RUN_KEY = "starling_run"
+RECORD_FORMAT = 1  # bumped when peers of an older version could not follow the record
+RECORD_EXPIRATION = 3600.0  # seconds; peers keep serving the record while the coordinator is away
+REPUBLISH_PERIOD = 300.0
+
+
+class RunRecordMissing(LookupError):
+    """No trusted run record was found in the DHT."""
+
+
+def publish(dht: hivemind.DHT, signer: RSASignatureValidator, run: RunConfig, coordinator: dict) -> bool:
+    """Store the signed run record; `coordinator` says where to find the coordinator's services."""
+    value = {"format": RECORD_FORMAT, "config": run.to_dict(), "coordinator": coordinator, "published": time.time()}
+    return dht.store(RUN_KEY, subkey=signer.local_public_key, value=value,
+                     expiration_time=get_dht_time() + RECORD_EXPIRATION)
+
+
+def _publisher_peer_id(subkey: bytes) -> str | None:
+    keys = RSASignatureValidator._PUBLIC_KEY_RE.findall(subkey) if isinstance(subkey, bytes) else []
+    if len(keys) != 1:
+        return None
+    try:
+        return peer_id_of(RSAPublicKey.from_bytes(keys[0]))
+    except ValueError:
+        return None
+
+
+def fetch(dht: hivemind.DHT, initial_peers: list[str], timeout: float = 15.0) -> tuple[RunConfig, dict]:
+    """The run configuration published by one of the initial peers, and its coordinator info.
+
+    Raises RunRecordMissing when none is found within `timeout` seconds, and RunConfigError when the
+    record is one this peer cannot train (a newer format, or a configuration that does not validate).
+    """
+    trusted = {peer_id_in_multiaddr(address) for address in initial_peers}
+    deadline = time.monotonic() + timeout
+    while True:
+        found = dht.get(RUN_KEY, latest=True)
+        records = found.value if found is not None and isinstance(found.value, dict) else {}
+        for subkey, entry in records.items():
+            if _publisher_peer_id(subkey) not in trusted or not isinstance(entry.value, dict):
+                continue
+            record = entry.value
+            if record.get("format") != RECORD_FORMAT:
+                raise RunConfigError(f"the run uses record format {record.get('format')!r}, this peer reads "
+                                     f"format {RECORD_FORMAT}: install the Starling version the run asks for")
+            config = RunConfig.from_dict(record.get("config"), source="the run's published configuration")
+            return config, record.get("coordinator") or {}
+        if time.monotonic() >= deadline:
+            raise RunRecordMissing(
+                f"no run configuration signed by {', '.join(sorted(trusted))} was found in the DHT within "
+                f"{timeout:.0f} s; check that the coordinator is running (or pass --config run.toml)"
+            )
+        time.sleep(0.5)
