@@ -68,8 +68,6 @@ class PeerOptions:
                     Multiaddr(address)
                 except Exception:
                     raise ValueError(f"{option}: {address!r} is not a valid multiaddr") from None
-        if not self.initial_peers and self.config is None:
-            raise ValueError("initial_peers: give the addresses the coordinator printed (or --config for an offline run)")
         for address in self.initial_peers:
             if "/p2p/" not in address:
                 raise ValueError(f"initial_peers: {address!r} lacks the /p2p/<peer id> part")
@@ -110,6 +108,8 @@ class Peer:
         self.options = PeerOptions(initial_peers=list(initial_peers), **options)
         self.options.check()
         self.device = resolve_device(self.options.device)
+        if not self.options.initial_peers and self.options.config is None:
+            raise ValueError("initial_peers: give the addresses the coordinator printed (or --config for an offline run)")
         # Offline runs read the run from a file; otherwise it comes from the coordinator through the DHT.
         self.run_config = RunConfig.load(self.options.config) if self.options.config else None
         self.grant = parse_token(self.options.token) if self.options.token else None
