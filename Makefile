@@ -29,5 +29,6 @@ system-packages:
 test: $(STAMP) system-packages
 	$(PY) -m pytest
 
+# A coordinator and two peers training the demo model on this machine; Ctrl-C (or DURATION=seconds) stops them.
 demo: $(STAMP)
-	$(PY) -m model.train --preset demo --steps 300
+	$(PY) -m coordinator.demo

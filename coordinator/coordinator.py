@@ -7,7 +7,9 @@ its identity (hence its address) from the identity file in the state dir.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -27,7 +29,7 @@ from coordinator.history import History, Point
 from coordinator.prometheus import registry_for
 from coordinator.server import DashboardServer
 from coordinator.state_sharing import CheckpointAverager
-from coordinator.swarm import SwarmState, peer_kind, read_progress, summarize
+from coordinator.swarm import ONLINE_WITHIN, SwarmState, peer_kind, read_progress, summarize
 from model import CausalLM
 from peer import metrics, run_record
 from peer.identity import load_or_create_identity
@@ -39,6 +41,7 @@ VERSION = "0.1.0"
 POLL_PERIOD = 1.0  # seconds between two reads of the swarm's records
 HISTORY_PERIOD = 5.0  # seconds between two points of the time series
 STATE_DOWNLOAD_TIMEOUT = 60.0
+KNOWN_PEERS = "known_peers.json"  # addresses of peers last seen online, to rejoin the swarm after a restart
 
 
 class CoordinatorError(RuntimeError):
@@ -97,11 +100,15 @@ class Coordinator:
         self.signer = RSASignatureValidator(self.key)
         validators = [self.signer, SchemaValidator(metrics.MetricsSchema, prefix=run_id),
                       SchemaValidator(TrainingProgressSchema, prefix=run_id)]
+        known = self._known_peers()  # peers seen before a restart are its way back into the swarm
         try:
-            self.dht = hivemind.DHT(host_maddrs=self.options.host_maddrs,
-                                    announce_maddrs=self.options.announce_maddrs or None,
-                                    identity_path=str(self.identity_path), record_validators=validators,
-                                    authorizer=self._authorizer(), start=True)
+            try:
+                self.dht = self._start_dht(validators, known)
+            except P2PDaemonError as error:
+                if not known or "bootstrap" not in str(error):
+                    raise
+                logger.info("none of the %d peers seen before answered: starting a new swarm", len(known))
+                self.dht = self._start_dht(validators, [])
         except P2PDaemonError as error:
             self.server.stop()
             raise CoordinatorError(f"the DHT could not listen on {' '.join(self.options.host_maddrs)}: "
@@ -116,6 +123,25 @@ class Coordinator:
         self.server.start()
         logger.info("run %s: coordinator %s, dashboard %s", run_id, self.dht.peer_id, self.server.url)
         print(f"join this run with:\n  {self.join_command()}\ndashboard: {self.server.url}", flush=True)
+
+    def _start_dht(self, validators: list, initial_peers: list[str]) -> hivemind.DHT:
+        return hivemind.DHT(initial_peers=initial_peers, ensure_bootstrap_success=False,
+                            host_maddrs=self.options.host_maddrs, announce_maddrs=self.options.announce_maddrs or None,
+                            identity_path=str(self.identity_path), record_validators=validators,
+                            authorizer=self._authorizer(), start=True)
+
+    def _known_peers(self) -> list[str]:
+        try:
+            return json.loads((self.state_dir / KNOWN_PEERS).read_text())
+        except (FileNotFoundError, ValueError):
+            return []
+
+    def _remember_peers(self, reports: list[metrics.PeerMetrics]) -> None:
+        addresses = sorted({a for r in reports for a in r.addresses if "/p2p/" in a})
+        if addresses and addresses != self._known_peers():
+            temporary = self.state_dir / f".{KNOWN_PEERS}.tmp"
+            temporary.write_text(json.dumps(addresses))
+            os.replace(temporary, self.state_dir / KNOWN_PEERS)
 
     def _authorizer(self):
         if self.run_config.coordinator.auth != "token":
@@ -178,6 +204,7 @@ class Coordinator:
                 self._last_report_time[report.peer_id] = report.time
                 self.history.record_sighting(report.peer_id, report.name, peer_kind(report), report.device_name,
                                              report.samples_contributed, now)
+        self._remember_peers([r for r in reports if now - r.time <= ONLINE_WITHIN])
         previous_epoch = self.swarm.epoch
         self.swarm = summarize(progress, reports, self.history.contributors(), run.training.target_batch_size,
                                run.data.seq_len, self.swarm.epoch, now)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -32,6 +32,7 @@ class PeerMetrics(BaseModel):
     client_mode: StrictBool
     auxiliary: StrictBool
     version: StrictStr
+    addresses: List[StrictStr]  # where others can reach it (empty in client mode)
     time: StrictFloat
 
 

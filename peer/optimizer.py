@@ -77,8 +77,8 @@ def make_collaborative_optimizer(
         average_state_every=averaging.average_state_every,
         grad_compression=gradient_compression(averaging),
         grad_averager_factory=CountingGradientAverager,
-        state_averaging_compression=state_compression(averaging),
-        load_state_compression=state_compression(averaging),
+        state_averaging_compression=state_compression(),
+        load_state_compression=state_compression(),
         # hivemind.Optimizer replaces any non-None client_mode with the DHT's own.
         client_mode=dht.client_mode,
         auxiliary=auxiliary,

@@ -146,7 +146,14 @@ class Peer:
                     "and that these addresses are reachable from this machine"
                 ) from None
             raise PeerError(f"the DHT could not start: {str(error).splitlines()[-1]}") from None
+        except RuntimeError as error:
+            if "bootstrap failed" not in str(error):
+                raise
+            hint = "check that your --token is current" if self.grant else "if the run is moderated, pass --token"
+            raise PeerError(f"the initial peers ({', '.join(self.options.initial_peers)}) did not accept this peer: "
+                            f"{hint}") from None
         self.peer_id = str(self.dht.peer_id)
+        self._addresses = [str(a) for a in self.dht.get_visible_maddrs()]
         logger.info("joined the DHT as %s; others can join with --initial-peers %s", self.peer_id,
                     " ".join(str(a) for a in self.dht.get_visible_maddrs()))
 
@@ -328,6 +335,7 @@ class Peer:
             client_mode=self.options.client_mode,
             auxiliary=self.options.auxiliary,
             version=VERSION,
+            addresses=[] if self.options.client_mode else self._addresses,
             time=time.time(),
         ))
         return rounds

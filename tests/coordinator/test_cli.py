@@ -1,0 +1,73 @@
+"""starling-coordinator from the command line: bad input, ports in use, and access tokens for moderated runs."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from hivemind.utils.crypto import RSAPrivateKey
+
+from peer.auth import issue_token
+
+
+def run_coordinator(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("toml, culprit", [
+    ('run_id = "x"\n[training]\nbatch = 4\n', "unknown key 'training.batch'"),
+    ('[training]\ntarget_batch_size = "many"\n', "training.target_batch_size must be int"),
+    ('[model]\npreset = "tiny"\noverrides = { num_attention_heads = 3 }\n', "[model] does not validate"),
+    ('[coordinator]\nauth = "password"\n', "coordinator.auth must be one of open, token"),
+    ('run_id = "x"\n[model\n', "not valid TOML"),
+])
+def test_bad_run_config_exits_2_naming_the_key(tmp_path, toml, culprit):
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(toml)
+    result = run_coordinator("--config", str(run_toml), "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and culprit in result.stderr, result.stderr[-2000:]
+
+
+def test_dashboard_port_in_use_is_named(tmp_path, write_run_config):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_coordinator("--config", str(write_run_config(tmp_path)), "--state-dir", str(tmp_path / "state"),
+                                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--dashboard-port", str(port))
+    assert result.returncode == 2
+    assert f"cannot serve the dashboard on 127.0.0.1:{port}: Address already in use" in result.stderr
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["token", "issue", "--user", "alice", "--ttl", "soon"], "--ttl"),
+    (["token", "revoke"], "expected 'token issue'"),
+    (["--dashboard-port", "http"], "--dashboard-port"),
+])
+def test_bad_options_exit_2(tmp_path, write_run_config, args, culprit):
+    result = run_coordinator(*args, "--config", str(write_run_config(tmp_path)))
+    assert result.returncode == 2 and culprit in result.stderr, result.stderr[-2000:]
+
+
+def test_moderated_run_refuses_peers_without_a_valid_token(tmp_path, write_run_config, coordinator, launch_peer):
+    run_toml = write_run_config(tmp_path, auth="token")
+    coord = coordinator(run_toml)
+    issued = run_coordinator("token", "issue", "--user", "alice", "--ttl", "1h", "--config", str(run_toml),
+                             "--state-dir", str(coord.state_dir))
+    assert issued.returncode == 0, issued.stderr
+    token = issued.stdout.strip()
+    forged = issue_token(RSAPrivateKey(), coord.state()["run_id"], "mallory", ttl_seconds=3600)
+
+    no_token = launch_peer("nobody", initial_peers=[coord.address], max_epochs=1)
+    forger = launch_peer("mallory", initial_peers=[coord.address], max_epochs=1, token=forged)
+    member = launch_peer("alice", initial_peers=[coord.address], max_epochs=2, token=token)
+    assert member.wait(timeout=240)["samples_contributed"] > 0
+    assert no_token.process.wait(timeout=120) != 0
+    assert "did not accept this peer: if the run is moderated, pass --token" in no_token.log_text()
+    assert forger.process.wait(timeout=120) != 0
+    assert "token was not issued by the coordinator" in forger.log_text()
+    names = {peer["name"] for peer in coord.wait_for(lambda s: s["peers"], 30, "the member on the dashboard")["peers"]}
+    assert names == {"alice"}
