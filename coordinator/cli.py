@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from pathlib import Path
 
-from peer.cli import OneLineParser, env_default
+from peer.command_line import OneLineParser, env_default, setup_logging
 
 PROG = "starling-coordinator"
 TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -64,11 +63,9 @@ def build_token_parser() -> OneLineParser:
 
 
 def issue_token_command(argv: list[str]) -> int:
-    parser = build_token_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    args = build_token_parser().parse_or_exit_code(argv)
+    if isinstance(args, int):
+        return args
     from peer.auth import issue_token
     from peer.identity import load_or_create_identity
     from peer.run_config import RunConfig, RunConfigError
@@ -93,13 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: expected 'token issue', got {' '.join(argv[:2])!r}", file=sys.stderr)
             return 2
         return issue_token_command(argv[2:])
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    args = build_parser().parse_or_exit_code(argv)
+    if isinstance(args, int):
+        return args
+    setup_logging(args.log_level)
     from coordinator.coordinator import Coordinator, CoordinatorError, CoordinatorOptions
     from peer.run_config import RunConfigError
 

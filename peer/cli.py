@@ -12,27 +12,9 @@ import logging
 import os
 import sys
 
+from peer.command_line import OneLineParser, env_default, setup_logging
+
 PROG = "starling-peer"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Errors as one line on stderr and exit status 2, without the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def env_name(option: str) -> str:
-    return "STARLING_" + option.lstrip("-").replace("-", "_").upper()
-
-
-def env_default(option: str, default=None, kind=str, multiple: bool = False):
-    raw = os.environ.get(env_name(option))
-    if raw is None:
-        return default
-    if kind is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return raw.split() if multiple else raw
 
 
 def positive_int_or_auto(value: str):
@@ -80,13 +62,10 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    args = build_parser().parse_or_exit_code(argv)
+    if isinstance(args, int):
+        return args
+    setup_logging(args.log_level)
     from peer.peer import Peer, PeerError  # heavy imports after the arguments are known good
     from peer.run_config import RunConfigError
 

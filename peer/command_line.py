@@ -1,0 +1,40 @@
+"""Command-line plumbing shared by starling-peer and starling-coordinator: one-line errors with exit
+status 2, defaults from STARLING_<OPTION> environment variables, and one log format."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Errors as one line on stderr and exit status 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_or_exit_code(self, argv: list[str] | None) -> argparse.Namespace | int:
+        """The parsed arguments, or the exit status when parsing ended the command (--help, an error)."""
+        try:
+            return self.parse_args(argv)
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+
+
+def env_name(option: str) -> str:
+    return "STARLING_" + option.lstrip("-").replace("-", "_").upper()
+
+
+def env_default(option: str, default=None, kind=str, multiple: bool = False):
+    """The option's default as set in the environment (STARLING_<OPTION>), else `default`."""
+    raw = os.environ.get(env_name(option))
+    if raw is None:
+        return default
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return raw.split() if multiple else raw
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
