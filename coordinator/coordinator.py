@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 
 from coordinator.checkpoints import CheckpointStore
 from coordinator.history import History, Point
+from coordinator.initial_state import adopt_architecture, initial_state, load_pretrained
 from coordinator.prometheus import registry_for
 from coordinator.server import DashboardServer
 from coordinator.state_sharing import CheckpointAverager
 from coordinator.swarm import ONLINE_WITHIN, SwarmState, peer_kind, read_progress, summarize
-from model import CausalLM
+from model import CausalLM, ModelConfig
 from peer import metrics, run_record
 from peer.identity import load_or_create_identity
 from peer.run_config import RunConfig
@@ -72,6 +73,8 @@ class Coordinator:
         self.key = load_or_create_identity(self.identity_path)
         self.checkpoints = CheckpointStore(options.checkpoint_dir or self.state_dir / "checkpoints",
                                            keep=self.run_config.coordinator.keep_checkpoints)
+        if self.run_config.model.init_from:
+            self._start_from_pretrained(self.run_config.model.init_from)
         self.history = History(self.state_dir / "history.sqlite3")
         points = self.history.points(limit=1)
         self.swarm = SwarmState(epoch=points[-1].epoch if points else 0,
@@ -85,6 +88,19 @@ class Coordinator:
         self.server: DashboardServer | None = None
         with torch.device("meta"):
             self._num_parameters = len(list(CausalLM(self.run_config.model_config()).parameters()))
+
+    def _start_from_pretrained(self, path: str) -> None:
+        """Adopt the pretrained model's architecture; on the run's first start, make its weights the
+        checkpoint of epoch 0."""
+        latest = self.checkpoints.latest()
+        if latest is not None:  # the run went on from those weights: its checkpoints say the architecture
+            adopt_architecture(self.run_config, ModelConfig.from_pretrained(latest.path))
+            return
+        logger.info("converting %s", path)
+        pretrained = load_pretrained(path)
+        adopt_architecture(self.run_config, pretrained.config)
+        checkpoint = self.checkpoints.save(initial_state(pretrained, self.run_config), pretrained.config)
+        logger.info("the run starts from %s (saved as %s)", path, checkpoint.path)
 
     # ---- start -------------------------------------------------------------------------------
 

@@ -21,8 +21,9 @@ from coordinator.checkpoints import TrainingState
 class CheckpointAverager(hivemind.DecentralizedAverager):
     """Downloads training state from peers and serves the latest checkpoint's state to them.
 
-    Its sharing priority is just under the checkpoint's epoch, so a live peer at that epoch or later
-    is always preferred as a donor.
+    Its sharing priority is just above the checkpoint's epoch: a peer at a later epoch is preferred
+    as a donor, and peers starting a run from pretrained weights (a checkpoint of epoch 0) take them
+    rather than another newcomer's random ones.
     """
 
     def __init__(self, dht: hivemind.DHT, run_id: str, **kwargs) -> None:
@@ -42,7 +43,7 @@ class CheckpointAverager(hivemind.DecentralizedAverager):
         """Offer `state` to peers that ask for the run's state."""
         with self._served_lock:
             self._served = state
-        self.state_sharing_priority = state.epoch - 0.5
+        self.state_sharing_priority = state.epoch + 0.5
         self.allow_state_sharing = True
 
     def get_current_state(self):

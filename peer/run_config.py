@@ -31,6 +31,8 @@ class ModelSection:
     preset: str = "demo"
     overrides: dict[str, Any] = field(default_factory=dict)
     kernels: str = "auto"
+    # A transformers checkpoint directory on the coordinator's machine to start the run from.
+    init_from: str | None = None
 
 
 @dataclass
