@@ -122,6 +122,7 @@ class Peer:
         self._stop = threading.Event()
         self._metrics_server = None
         self._pending_publish = None
+        self._swarm_epoch = 0
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -213,7 +214,7 @@ class Peer:
         if self.optimizer is None:
             return 0
         if self.options.auxiliary:
-            return max(self.optimizer.local_epoch, self.optimizer.tracker.global_epoch)
+            return max(self._swarm_epoch, self.optimizer.local_epoch)
         return self.optimizer.local_epoch
 
     @property
@@ -266,6 +267,8 @@ class Peer:
                 epoch = opt.local_epoch
                 if self.options.auxiliary:
                     opt.step()
+                    # The swarm's epoch as last seen: it must not go back when the trainers leave first.
+                    self._swarm_epoch = max(self._swarm_epoch, opt.tracker.global_epoch)
                     time.sleep(AUXILIARY_POLL_PERIOD)
                 else:
                     window_samples += self._train_micro_batch(epoch)

@@ -56,6 +56,15 @@ def write_run_config():
     return write
 
 
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL a process started with start_new_session=True, and every process left in its session."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
 class WorkerPeer:
     """A peer_worker.py process and the files it leaves."""
 
@@ -67,7 +76,7 @@ class WorkerPeer:
         self.log = open(folder / "log.txt", "w")
         # One compute thread per peer: several peers share this machine's cores.
         self.process = subprocess.Popen([sys.executable, str(PEER_WORKER), str(folder / "spec.json")],
-                                        stdout=self.log, stderr=subprocess.STDOUT,
+                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     def wait(self, timeout: float) -> dict:
@@ -83,8 +92,8 @@ class WorkerPeer:
         return load_file(self.folder / "params.safetensors")
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
+        """SIGKILL to the worker and whatever of its session is left (hivemind's helper processes)."""
+        kill_session(self.process)
 
 
 @pytest.fixture
@@ -182,10 +191,9 @@ class CoordinatorProcess:
         return code
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.log.close()
+        if self.process is not None:
+            kill_session(self.process)
+            self.log.close()
 
 
 @pytest.fixture
