@@ -7,7 +7,7 @@ from model.data import load_corpus
 from peer.run_config import RunConfig
 
 EPOCHS = 10
-TOLERANCE = 0.25  # nats, on a held-out batch; the two runs see different shards of the corpus
+TOLERANCE = 0.1  # nats, on a held-out batch (measured: 0.02); the two runs see different shards of the corpus
 
 
 def held_out_loss(run: RunConfig, params: dict) -> float:
