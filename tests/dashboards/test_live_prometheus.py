@@ -1,0 +1,111 @@
+"""A real Prometheus scrapes a live coordinator and two peers; every dashboard query then returns data."""
+
+import json
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ALERTS = Path(__file__).parents[2] / "dashboards" / "prometheus" / "alerts.yml"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def poll(value, done, timeout: float):
+    """Call value() every second until done(result) or the timeout; returns the last result."""
+    deadline = time.monotonic() + timeout
+    result = value()
+    while not done(result) and time.monotonic() < deadline:
+        time.sleep(1)
+        result = value()
+    return result
+
+
+class PrometheusServer:
+    """A `prometheus` process on loopback scraping the given targets every second, with the shipped alerts."""
+
+    def __init__(self, binary: str, folder: Path, targets: dict[str, list[str]]) -> None:
+        self.folder = folder
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": hosts}]}
+                               for job, hosts in targets.items()],
+        }
+        (folder / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = open(folder / "prometheus.log", "w")
+        self.process = subprocess.Popen(
+            [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'tsdb'}",
+             f"--web.listen-address={self.url.removeprefix('http://')}"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def ready(self) -> bool:
+        assert self.process.poll() is None, (self.folder / "prometheus.log").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str):
+        """The "data" of a GET /api/v1/{path}."""
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as response:
+            return json.loads(response.read())["data"]
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def prometheus_server(prometheus, tmp_path):
+    """prometheus_server(targets by job) -> a ready PrometheusServer; killed at the end of the test."""
+    started = []
+
+    def start(targets: dict[str, list[str]]) -> PrometheusServer:
+        folder = tmp_path / "prometheus"
+        folder.mkdir()
+        started.append(PrometheusServer(prometheus, folder, targets))
+        assert poll(started[-1].ready, bool, 30), "Prometheus did not become ready"
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_every_dashboard_query_returns_samples_from_a_live_swarm(
+        tmp_path, write_run_config, coordinator, launch_peer, prometheus_server, queries):
+    coord = coordinator(write_run_config(tmp_path, target_batch_size=32, checkpoint_every=2))
+    peer_hosts = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    for name, host in zip(("alice", "bob"), peer_hosts):
+        launch_peer(name, initial_peers=[coord.address], metrics_port=int(host.split(":")[1]), duration=600)
+    coordinator_host = f"127.0.0.1:{coord.dashboard_port}"
+    server = prometheus_server({"starling-coordinator": [coordinator_host], "starling-peers": peer_hosts})
+
+    coord.wait_for(lambda s: s["epoch"] >= 2 and s["checkpoint"] is not None and len(s["peers"]) == 2, 300,
+                   "two epochs and a checkpoint")
+    health = poll(lambda: {t["labels"]["instance"]: t["health"] for t in server.api("targets")["activeTargets"]},
+                  lambda found: set(found.values()) == {"up"}, 30)
+    assert health == {host: "up" for host in [coordinator_host, *peer_hosts]}
+
+    empty = poll(lambda: [expr for expr in queries if not server.api("query", query=expr)["result"]],
+                 lambda found: not found, 60)
+    assert not empty, f"no samples for {empty}"
+
+    rules = poll(lambda: {rule["name"]: rule["health"] for group in server.api("rules")["groups"]
+                          for rule in group["rules"]},
+                 lambda found: set(found.values()) == {"ok"}, 30)
+    assert rules == {name: "ok" for name in ("StarlingCoordinatorDown", "StarlingNoActivePeers",
+                                             "StarlingEpochStalled", "StarlingAveragingFailing")}
