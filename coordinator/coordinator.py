@@ -33,7 +33,7 @@ from coordinator.state_sharing import CheckpointAverager
 from coordinator.swarm import ONLINE_WITHIN, SwarmState, peer_kind, read_progress, summarize
 from model import CausalLM, ModelConfig
 from peer import metrics, run_record
-from peer.identity import load_or_create_identity
+from peer.identity import check_multiaddrs, load_or_create_identity
 from peer.run_config import RunConfig
 
 logger = logging.getLogger("starling.coordinator")
@@ -66,6 +66,8 @@ class Coordinator:
 
     def __init__(self, options: CoordinatorOptions) -> None:
         self.options = options
+        check_multiaddrs("host_maddrs", options.host_maddrs)
+        check_multiaddrs("announce_maddrs", options.announce_maddrs)
         self.run_config = RunConfig.load(options.config)
         self.state_dir = Path(options.state_dir or Path("runs") / self.run_config.run_id)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -126,9 +128,8 @@ class Coordinator:
                 logger.info("none of the %d peers seen before answered: starting a new swarm", len(known))
                 self.dht = self._start_dht(validators, [])
         except P2PDaemonError as error:
-            self.server.stop()
             raise CoordinatorError(f"the DHT could not listen on {' '.join(self.options.host_maddrs)}: "
-                                   f"{str(error).splitlines()[-1]} (is the port in use?)") from None
+                                   f"{str(error).splitlines()[-1]}") from None
         self.averager = CheckpointAverager(self.dht, run_id)
         latest = self.checkpoints.latest()
         if latest is not None:

@@ -44,6 +44,8 @@ class SwarmCollector:
         if state["checkpoint"] is not None:
             yield GaugeMetricFamily("starling_checkpoint_epoch", "Epoch of the latest checkpoint",
                                     value=state["checkpoint"]["epoch"])
+            yield GaugeMetricFamily("starling_checkpoint_timestamp_seconds", "When the latest checkpoint was written",
+                                    value=state["checkpoint"]["time"])
         contributed = CounterMetricFamily("starling_contributor_samples",
                                           f"Samples contributed, top {TOP_CONTRIBUTORS} contributors and other",
                                           labels=["name"])

@@ -1,4 +1,5 @@
-"""Peer identities: the RSA key in a hivemind identity file, and the peer id it stands for.
+"""Peer identities: the RSA key in a hivemind identity file, the peer id it stands for, and the
+multiaddrs that carry peer ids.
 
 A libp2p peer id is the hash of its public key, so a record signed with the key of the peer a
 volunteer bootstrapped from (whose id is in the `/p2p/...` part of the address it was given) can be
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+from hivemind.utils.multiaddr import Multiaddr
 
 
 def _private_key_from_der(der: bytes) -> RSAPrivateKey:
@@ -60,3 +62,12 @@ def peer_id_of(public_key: RSAPublicKey) -> str:
 def peer_id_in_multiaddr(address: str) -> str:
     """The peer id in the `/p2p/<id>` part of a multiaddr."""
     return str(PeerID.from_base58(address.rsplit("/p2p/", 1)[1]))
+
+
+def check_multiaddrs(option: str, addresses: list[str]) -> None:
+    """Raise ValueError naming the option and the first address that is not a valid multiaddr."""
+    for address in addresses:
+        try:
+            Multiaddr(address)
+        except Exception:
+            raise ValueError(f"{option}: {address!r} is not a valid multiaddr") from None

@@ -80,7 +80,7 @@ class PrometheusMetrics:
     @classmethod
     def create(cls) -> "PrometheusMetrics":
         registry = CollectorRegistry()
-        return cls(
+        metrics = cls(
             registry=registry,
             samples=Counter("starling_peer_samples", "Samples this peer contributed", registry=registry),
             loss=Gauge("starling_peer_loss", "Training loss of the latest micro-batch", registry=registry),
@@ -91,6 +91,8 @@ class PrometheusMetrics:
             rounds_failed=Counter("starling_peer_averaging_rounds_failed",
                                   "Epochs that ended without averaging with another peer", registry=registry),
         )
+        metrics.loss.set(float("nan"))  # no loss until the first micro-batch
+        return metrics
 
     def serve(self, port: int, host: str = "127.0.0.1"):
         """Serve /metrics on host:port (loopback by default); returns (server, thread)."""

@@ -14,7 +14,6 @@ import hivemind
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2PDaemonError
-from hivemind.utils.multiaddr import Multiaddr
 from tqdm.auto import tqdm
 
 from model import CausalLM
@@ -23,6 +22,7 @@ from peer import metrics, run_record
 from peer.auth import RunAuthorizer, check_grant_for, parse_token
 from peer.averager import CountingGradientAverager
 from peer.device import device_name, largest_micro_batch, resolve_device
+from peer.identity import check_multiaddrs
 from peer.optimizer import make_collaborative_optimizer
 from peer.run_config import RunConfig
 from peer.shards import ShardReader
@@ -63,11 +63,7 @@ class PeerOptions:
         """Raise ValueError naming the first option a volunteer got wrong."""
         for option, addresses in (("initial_peers", self.initial_peers), ("host_maddrs", self.host_maddrs),
                                   ("announce_maddrs", self.announce_maddrs)):
-            for address in addresses:
-                try:
-                    Multiaddr(address)
-                except Exception:
-                    raise ValueError(f"{option}: {address!r} is not a valid multiaddr") from None
+            check_multiaddrs(option, addresses)
         for address in self.initial_peers:
             if "/p2p/" not in address:
                 raise ValueError(f"initial_peers: {address!r} lacks the /p2p/<peer id> part")

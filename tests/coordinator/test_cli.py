@@ -46,6 +46,7 @@ def test_dashboard_port_in_use_is_named(tmp_path, write_run_config):
     (["token", "issue", "--user", "alice", "--ttl", "soon"], "--ttl"),
     (["token", "revoke"], "expected 'token issue'"),
     (["--dashboard-port", "http"], "--dashboard-port"),
+    (["--host-maddrs", "/ip4/127.0.0.1/tcp/abc"], "host_maddrs: '/ip4/127.0.0.1/tcp/abc' is not a valid multiaddr"),
 ])
 def test_bad_options_exit_2(tmp_path, write_run_config, args, culprit):
     result = run_coordinator(*args, "--config", str(write_run_config(tmp_path)))
