@@ -25,6 +25,7 @@ from model.kernels._triton import elements_per_program, jit, tl, triton
 BLOCK_SIZE = 256
 _LEVELS = 127.0
 _STEP = 1.0 / 127.0  # rounded to float32 where it multiplies
+_CHUNK = 1 << 18  # values per step of the reference: 1 MiB of float32 scratch, cache-sized
 
 
 def packed_size(numel: int, block_size: int = BLOCK_SIZE) -> int:
@@ -43,29 +44,77 @@ def _split(packed: torch.Tensor, numel: int, block_size: int) -> tuple[torch.Ten
     return packed[: 4 * blocks].view(torch.float32), packed[4 * blocks:].view(torch.int8)
 
 
+def _quantize_rows(rows: torch.Tensor, absmax: torch.Tensor, codes: torch.Tensor, scaled: torch.Tensor,
+                   work: torch.Tensor) -> None:
+    """Quantises float32 rows [k, block_size] into absmax [k] and codes [k, block_size] (int8),
+    using the float32 scratch tensors scaled and work of the rows' shape (work may be rows)."""
+    torch.abs(rows, out=scaled)
+    torch.amax(scaled, dim=1, out=absmax)
+    absmax.add_(absmax * 0.0)  # NaN, not inf, when the block is not finite
+    scale = absmax.reciprocal().mul_(_LEVELS).masked_fill_(~(absmax > 0), 0.0)
+    torch.mul(rows, scale[:, None], out=scaled)
+    if absmax.isnan().any():
+        scaled.masked_fill_(absmax.isnan()[:, None], 0.0)
+    # round half away from zero: sign(s) * (|s| + 0.5) is exact in float32 (rounding is symmetric
+    # in the sign), and the conversion to int8 truncates, which is floor for |s| + 0.5 >= 0
+    torch.sign(scaled, out=work)
+    codes.copy_(scaled.add_(work, alpha=0.5))
+
+
 def quantize_blockwise_reference(x: torch.Tensor, block_size: int = BLOCK_SIZE) -> torch.Tensor:
-    """Packs x (any shape and float dtype, read flat) into the uint8 layout above."""
-    flat = x.reshape(-1).to(torch.float32)
+    """Packs x (any shape and float dtype, read flat) into the uint8 layout above.
+
+    Works through _CHUNK values at a time with reused float32 scratch, so that its few passes
+    run in cache; full blocks are read in place and codes written straight into the output."""
+    flat = x.reshape(-1)
     numel = flat.numel()
     packed = torch.empty(packed_size(numel, block_size), dtype=torch.uint8, device=x.device)
     absmax_out, codes_out = _split(packed, numel, block_size)
-    padded = torch.nn.functional.pad(flat, (0, absmax_out.numel() * block_size - numel)).view(-1, block_size)
-    absmax = padded.abs().amax(dim=1) + (padded * 0.0).sum(dim=1)  # NaN when the block is not finite
-    scale = torch.where(absmax > 0, absmax.reciprocal() * _LEVELS, 0.0)
-    scaled = torch.where(scale[:, None] > 0, padded * scale[:, None], 0.0)
-    codes = torch.floor(scaled.abs() + 0.5).copysign(scaled)
-    absmax_out.copy_(absmax)
-    codes_out.copy_(codes.view(-1)[:numel])
+    full = numel // block_size
+    rows_per_chunk = max(1, _CHUNK // block_size)
+    chunk_rows = min(full, rows_per_chunk) if full else 1
+    scaled = torch.empty(chunk_rows, block_size, dtype=torch.float32, device=x.device)
+    work = torch.empty_like(scaled)
+    for first in range(0, full, rows_per_chunk):
+        k = min(full - first, rows_per_chunk)
+        rows = flat[first * block_size:(first + k) * block_size].view(k, block_size)
+        if rows.dtype != torch.float32:
+            rows = work[:k].copy_(rows)
+        _quantize_rows(rows, absmax_out[first:first + k], codes_out[first * block_size:(first + k) * block_size]
+                       .view(k, block_size), scaled[:k], work[:k])
+    if numel > full * block_size:  # the short last block, zero-padded
+        tail = torch.zeros(1, block_size, dtype=torch.float32, device=x.device)
+        tail[0, :numel - full * block_size] = flat[full * block_size:]
+        codes = torch.empty(1, block_size, dtype=torch.int8, device=x.device)
+        _quantize_rows(tail, absmax_out[full:], codes, scaled[:1], work[:1])
+        codes_out[full * block_size:] = codes[0, :numel - full * block_size]
     return packed
 
 
 def dequantize_blockwise_reference(
     packed: torch.Tensor, numel: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Decodes numel values from a packed buffer into a flat tensor of dtype."""
+    """Decodes numel values from a packed buffer into a flat tensor of dtype (computed in float32)."""
     absmax, codes = _split(packed, numel, block_size)
-    step = (absmax * _STEP).repeat_interleave(block_size)[:numel]
-    return (codes.to(torch.float32) * step).to(dtype)
+    step = absmax * _STEP
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    blocks = step.numel()
+    rows_per_chunk = max(1, _CHUNK // block_size)
+    scratch = None if dtype == torch.float32 else torch.empty(
+        min(blocks, rows_per_chunk), block_size, dtype=torch.float32, device=packed.device
+    )
+    full = numel // block_size
+    for first in range(0, full, rows_per_chunk):
+        k = min(full - first, rows_per_chunk)
+        span = slice(first * block_size, (first + k) * block_size)
+        target = out[span].view(k, block_size)
+        values = target if scratch is None else scratch[:k]
+        values.copy_(codes[span].view(k, block_size)).mul_(step[first:first + k, None])
+        if scratch is not None:
+            target.copy_(values)
+    if numel > full * block_size:
+        out[full * block_size:] = (codes[full * block_size:].to(torch.float32) * step[full:]).to(dtype)
+    return out
 
 
 @jit

@@ -1,0 +1,133 @@
+"""Starling's 8-bit blockwise gradient codec for hivemind's all-reduce.
+
+`Blockwise8Bit` sends a tensor in the blockwise absmax int8 format of model.kernels.quantize
+(256-value blocks, one float32 absmax per block, then one int8 code per value): about 1.016
+bytes per value and a relative L2 error of about 0.007 on N(0,1) data. It encodes with the
+Triton kernel for CUDA tensors and with the PyTorch reference elsewhere, and decodes on CPU.
+Nothing in the encode or decode path uses numpy.
+
+Payload (runtime_pb2.Tensor.buffer): a 16-byte header, then the packed bytes of quantize_blockwise:
+    bytes [0, 4)    MAGIC, b"SB8\\x01" (format version 1)
+    bytes [4, 8)    block size, uint32 little-endian (never 0)
+    bytes [8, 16)   number of values, uint64 little-endian
+The message's size, dtype and requires_grad fields carry the shape, the dtype to decode to
+and the autograd flag, as for hivemind's own codecs.
+
+hivemind decodes a message through hivemind.compression.serialization._BASE_COMPRESSION_TYPES,
+keyed by the name of its closed runtime_pb2.CompressionType enum, so the codec travels as
+BLOCKWISE_8BIT. `register()` installs a decoder under that name which reads Starling payloads
+by their header and hands every other payload to the decoder that was there before (hivemind's
+bitsandbytes BlockwiseQuantization): a bitsandbytes payload starts with its absmax count as an
+int64, whose bytes [4, 8) are zero for any tensor of fewer than 2**44 values, where ours hold
+the block size. Encoding through the registry (serialize_torch_tensor with BLOCKWISE_8BIT) is
+left to the previous codec. Every process that may receive Starling payloads must call
+`register()` before it decodes; calling it again does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import warnings
+
+import torch
+from hivemind.compression import CompressionBase, CompressionInfo
+from hivemind.compression import serialization
+from hivemind.proto import runtime_pb2
+
+from model.kernels import BLOCK_SIZE, dequantize_blockwise, packed_size, quantize_blockwise
+
+MAGIC = b"SB8\x01"
+_HEADER = struct.Struct("<4sIQ")  # magic, block size, number of values
+_REGISTRY_NAME = runtime_pb2.CompressionType.Name(runtime_pb2.BLOCKWISE_8BIT)
+
+# Decoding reads the received bytes in place (torch.frombuffer on an immutable bytes object)
+# and never writes to them; torch warns about the read-only buffer once per process.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning, module=__name__)
+
+
+class Blockwise8Bit(CompressionBase):
+    """8-bit blockwise absmax quantisation (see the module docstring for the payload)."""
+
+    compression_type = runtime_pb2.BLOCKWISE_8BIT
+
+    def __init__(self, block_size: int = BLOCK_SIZE):
+        if not 0 < block_size < 2**32:
+            raise ValueError(f"block_size must be in [1, 2**32), got {block_size}")
+        self.block_size = block_size
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        """Encodes a floating tensor (any shape, fp32, fp16 or bf16); it is never modified."""
+        if not tensor.is_floating_point():
+            raise ValueError(f"{self.__class__.__name__} does not support {tensor.dtype} tensors")
+        values = tensor.detach()
+        packed = quantize_blockwise(values, self.block_size).cpu()
+        body = ctypes.string_at(packed.data_ptr(), packed.numel()) if packed.numel() else b""
+        return runtime_pb2.Tensor(
+            compression=self.compression_type,
+            buffer=_HEADER.pack(MAGIC, self.block_size, values.numel()) + body,
+            size=values.shape,
+            dtype=str(values.dtype).removeprefix("torch."),
+            requires_grad=tensor.requires_grad,
+        )
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        """Decodes a payload of this codec into a CPU tensor of the sent shape and dtype."""
+        return _decode(serialized_tensor.buffer, serialized_tensor)
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        return (8 + 32 / self.block_size) / torch.finfo(info.descriptor.dtype).bits
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(block_size={self.block_size})"
+
+
+def is_starling_payload(buffer: bytes) -> bool:
+    """Whether a BLOCKWISE_8BIT buffer holds this codec's format rather than bitsandbytes'."""
+    return len(buffer) >= _HEADER.size and buffer[:4] == MAGIC and buffer[4:8] != b"\x00\x00\x00\x00"
+
+
+def _decode(buffer: bytes, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+    if not is_starling_payload(buffer):
+        raise ValueError("not a Starling 8-bit blockwise payload (bad header)")
+    _, block_size, numel = _HEADER.unpack_from(buffer)
+    shape = torch.Size(serialized_tensor.size)
+    if shape.numel() != numel or len(buffer) != _HEADER.size + packed_size(numel, block_size):
+        raise ValueError(
+            f"payload of {len(buffer)} bytes for {numel} values (block size {block_size}) "
+            f"does not match the shape {tuple(shape)}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=getattr(torch, serialized_tensor.dtype))
+    packed = torch.frombuffer(buffer, dtype=torch.uint8, offset=_HEADER.size)
+    values = dequantize_blockwise(packed, numel, block_size, dtype=getattr(torch, serialized_tensor.dtype))
+    return values.view(shape).requires_grad_(serialized_tensor.requires_grad)
+
+
+class _Blockwise8BitDecoder(CompressionBase):
+    """hivemind's BLOCKWISE_8BIT registry entry after register(): decodes Starling payloads
+    itself and leaves everything else, encoding included, to the entry it replaced."""
+
+    compression_type = runtime_pb2.BLOCKWISE_8BIT
+
+    def __init__(self, previous: CompressionBase):
+        self.previous = previous
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        return self.previous.compress(tensor, info, allow_inplace)
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        buffer = serialized_tensor.buffer  # each read of the field copies it: read it once
+        if is_starling_payload(buffer):
+            return _decode(buffer, serialized_tensor)
+        return self.previous.extract(serialized_tensor)
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        return self.previous.estimate_compression_ratio(info)
+
+
+def register() -> None:
+    """Lets hivemind's deserialize_torch_tensor decode Starling payloads (idempotent)."""
+    previous = serialization._BASE_COMPRESSION_TYPES[_REGISTRY_NAME]
+    if not isinstance(previous, _Blockwise8BitDecoder):
+        serialization._BASE_COMPRESSION_TYPES[_REGISTRY_NAME] = _Blockwise8BitDecoder(previous)

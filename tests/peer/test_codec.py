@@ -1,0 +1,123 @@
+"""Starling's 8-bit blockwise codec through hivemind's own serialize/deserialize path."""
+
+import pytest
+import torch
+from hivemind.compression import (
+    BlockwiseQuantization, CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor,
+)
+from hivemind.compression import serialization
+from hivemind.proto import runtime_pb2
+
+from model.kernels import quantize_blockwise
+from peer.codec import MAGIC, Blockwise8Bit, is_starling_payload, register
+
+register()
+
+
+def round_trip(x: torch.Tensor, codec: Blockwise8Bit | None = None) -> tuple[torch.Tensor, runtime_pb2.Tensor]:
+    message = (codec or Blockwise8Bit()).compress(x, CompressionInfo.from_tensor(x))
+    received = runtime_pb2.Tensor.FromString(message.SerializeToString())
+    return deserialize_torch_tensor(received), message
+
+
+def relative_error(decoded: torch.Tensor, x: torch.Tensor) -> float:
+    return ((decoded.float() - x.float()).norm() / x.float().norm()).item()
+
+
+def test_register_is_idempotent_and_keeps_the_previous_decoder():
+    entry = serialization._BASE_COMPRESSION_TYPES["BLOCKWISE_8BIT"]
+    register()
+    assert serialization._BASE_COMPRESSION_TYPES["BLOCKWISE_8BIT"] is entry
+    assert isinstance(entry.previous, BlockwiseQuantization)
+
+
+def test_normal_data_error_and_bytes_per_value():
+    torch.manual_seed(0)
+    x = torch.randn(1 << 20)
+    decoded, message = round_trip(x)
+    assert message.compression == runtime_pb2.BLOCKWISE_8BIT and message.buffer[:4] == MAGIC
+    assert decoded.dtype == torch.float32 and decoded.shape == x.shape
+    assert relative_error(decoded, x) < 0.01
+    assert len(message.buffer) / x.numel() <= 1.04
+    # the payload is the packed format of model.kernels.quantize behind the header
+    assert torch.equal(torch.frombuffer(bytearray(message.buffer[16:]), dtype=torch.uint8), quantize_blockwise(x))
+
+
+@pytest.mark.parametrize("numel", [1, 255, 257, 1_000_003])
+def test_odd_sizes(numel):
+    torch.manual_seed(numel)
+    x = torch.randn(numel)
+    decoded, _ = round_trip(x)
+    assert decoded.shape == x.shape
+    absmax = torch.nn.functional.pad(x, (0, -numel % 256)).view(-1, 256).abs().amax(1)
+    step = absmax.repeat_interleave(256)[:numel] / 127
+    assert ((decoded - x).abs() <= step / 2 * (1 + 1e-6)).all()
+
+
+def test_shapes_zeros_and_empty():
+    x = torch.randn(3, 5, 7)
+    decoded, _ = round_trip(x)
+    assert decoded.shape == (3, 5, 7) and relative_error(decoded, x) < 0.01
+    zeros, _ = round_trip(torch.zeros(1000))
+    assert torch.equal(zeros, torch.zeros(1000))
+    empty, _ = round_trip(torch.zeros(0, 4))
+    assert empty.shape == (0, 4)
+
+
+def test_huge_values_stay_in_their_block():
+    torch.manual_seed(1)
+    x = torch.randn(4096)
+    x[300] = 1e6
+    x[3000] = -1e8
+    decoded, _ = round_trip(x)
+    polluted = torch.zeros(4096, dtype=torch.bool)
+    polluted[256:512] = polluted[2816:3072] = True
+    assert relative_error(decoded[~polluted], x[~polluted]) < 0.01
+    assert decoded[300] == pytest.approx(1e6, rel=1e-6) and decoded[3000] == pytest.approx(-1e8, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_comes_back_in_its_dtype(dtype):
+    torch.manual_seed(2)
+    x = torch.randn(10, 300).to(dtype)
+    decoded, message = round_trip(x)
+    assert decoded.dtype == dtype and decoded.shape == x.shape
+    assert relative_error(decoded, x) < 0.01
+    assert len(message.buffer) <= 16 + 1.04 * x.numel()
+
+
+def test_non_finite_value_poisons_only_its_block():
+    x = torch.randn(1000)
+    x[300] = float("inf")
+    x[900] = float("nan")
+    decoded, _ = round_trip(x)
+    assert decoded[256:512].isnan().all() and decoded[768:].isnan().all()
+    assert decoded[:256].isfinite().all() and decoded[512:768].isfinite().all()
+
+
+def test_requires_grad_survives():
+    x = torch.randn(600, requires_grad=True)
+    decoded, _ = round_trip(x)
+    assert decoded.requires_grad and not decoded.grad_fn
+
+
+def test_bitsandbytes_payloads_still_decode():
+    torch.manual_seed(3)
+    x = torch.randn(100_000)
+    message = BlockwiseQuantization().compress(x, CompressionInfo.from_tensor(x))
+    assert not is_starling_payload(message.buffer)
+    assert relative_error(deserialize_torch_tensor(message), x) < 0.02
+    via_registry = serialize_torch_tensor(x, runtime_pb2.BLOCKWISE_8BIT)  # senders keep hivemind's format
+    assert not is_starling_payload(via_registry.buffer)
+    assert relative_error(deserialize_torch_tensor(via_registry), x) < 0.02
+
+
+def test_compression_ratio_and_bad_payloads():
+    codec = Blockwise8Bit()
+    x = torch.randn(1000)
+    assert codec.estimate_compression_ratio(CompressionInfo.from_tensor(x)) == pytest.approx((1 + 4 / 256) / 4)
+    message = codec.compress(x, CompressionInfo.from_tensor(x))
+    with pytest.raises(ValueError, match="does not match"):
+        codec.extract(runtime_pb2.Tensor(buffer=message.buffer[:-1], size=[1000], dtype="float32"))
+    with pytest.raises(ValueError, match="does not support"):
+        codec.compress(torch.arange(10), CompressionInfo.from_tensor(torch.arange(10)))
