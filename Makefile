@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the test suite needs, installed when running as root and missing.
-DEBIAN_PACKAGES := prometheus
+DEBIAN_PACKAGES := prometheus chromium
 
 .PHONY: demo test setup system-packages
 
