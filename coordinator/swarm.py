@@ -17,7 +17,7 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress
 from coordinator.history import Contributor
 from peer.metrics import PeerMetrics
 
-ONLINE_WITHIN = 10.0  # seconds since a peer's last report for it to count as online
+ONLINE_WITHIN = 30.0  # seconds since a peer's last report for it to count as online (an averaging round can take 10+)
 STALE_WITHIN = 60.0  # ... and as stale; after that it is gone
 LISTED_FOR = 3600.0  # gone peers stay in the peer table this long
 KINDS = ("gpu", "cpu", "client", "auxiliary")

@@ -119,6 +119,8 @@ class Peer:
         self._metrics_server = None
         self._pending_publish = None
         self._swarm_epoch = 0
+        self._reported_rounds = (0, 0)
+        self.samples_per_second = 0.0
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -227,9 +229,10 @@ class Peer:
         """Train until `duration` seconds pass, the run's epoch reaches `max_epochs`, stop() is
         called, or the process is interrupted (Ctrl-C, SIGTERM). Returns what this peer did."""
         started = time.perf_counter()
-        previous_sigterm = None
+        previous_sigterm = previous_sigint = None
         if threading.current_thread() is threading.main_thread():
             previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+            previous_sigint = signal.getsignal(signal.SIGINT)
         self.samples_contributed = self.samples_skipped = self.state_loads = 0
         self.last_loss = None
         try:
@@ -237,6 +240,8 @@ class Peer:
             self._join_run()
             self._build_model()
             self._start_optimizer()
+            if previous_sigint is not None:  # hivemind's averagers ignore SIGINT: Ctrl-C must still stop us
+                signal.signal(signal.SIGINT, previous_sigint)
             if self.options.metrics_port is not None:
                 self._metrics_server, _ = self.prometheus.serve(self.options.metrics_port, self.options.metrics_host)
             self._loop(started, duration, max_epochs)
@@ -246,14 +251,13 @@ class Peer:
             self._shutdown()
             if previous_sigterm is not None:
                 signal.signal(signal.SIGTERM, previous_sigterm)
+                signal.signal(signal.SIGINT, previous_sigint)
         return self.summary(started)
 
     def _loop(self, started: float, duration: float | None, max_epochs: int | None) -> None:
         opt = self.optimizer
         last_publish = 0.0
         window_started, window_samples = time.perf_counter(), 0
-        self.samples_per_second = 0.0
-        counted_rounds = (0, 0)
         with tqdm(desc="training", unit="sample", dynamic_ncols=True) as bar:
             while not self._stop.is_set():
                 if duration is not None and time.perf_counter() - started >= duration:
@@ -279,7 +283,7 @@ class Peer:
                     window_started, window_samples = now, 0
                 if now - last_publish >= METRICS_PUBLISH_PERIOD:
                     last_publish = now
-                    counted_rounds = self._report(counted_rounds)
+                    self._report()
                     bar.set_postfix(epoch=opt.local_epoch, loss=self.last_loss, refresh=False)
 
     def _train_micro_batch(self, epoch: int) -> int:
@@ -313,11 +317,13 @@ class Peer:
         logger.info("epoch %d: loss %.3f, %d samples contributed so far", self.optimizer.local_epoch,
                     float("nan") if self.last_loss is None else self.last_loss, self.samples_contributed)
 
-    def _report(self, counted_rounds: tuple[int, int]) -> tuple[int, int]:
+    def _report(self) -> None:
+        """Update the Prometheus metrics and publish this peer's signed record."""
         averager = self._grad_averager
         rounds = (averager.rounds_succeeded, averager.rounds_failed) if isinstance(averager, CountingGradientAverager) else (0, 0)
-        self.prometheus.rounds_succeeded.inc(rounds[0] - counted_rounds[0])
-        self.prometheus.rounds_failed.inc(rounds[1] - counted_rounds[1])
+        self.prometheus.rounds_succeeded.inc(rounds[0] - self._reported_rounds[0])
+        self.prometheus.rounds_failed.inc(rounds[1] - self._reported_rounds[1])
+        self._reported_rounds = rounds
         self.prometheus.samples_per_second.set(self.samples_per_second)
         seq_len = self.run_config.data.seq_len
         self._pending_publish = metrics.publish(self.dht, self.run_config.run_id, self.signer, metrics.PeerMetrics(
@@ -337,12 +343,13 @@ class Peer:
             addresses=[] if self.options.client_mode else self._addresses,
             time=time.time(),
         ))
-        return rounds
 
     # ---- shutdown ----------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         """Leave the averaging group, stop the DHT, and make sure no helper process outlives us."""
+        if self.optimizer is not None and self.dht is not None:
+            self._report()  # the samples since the last report count too
         if self._pending_publish is not None:
             try:
                 self._pending_publish.result(timeout=SHUTDOWN_GRACE)

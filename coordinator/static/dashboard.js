@@ -138,8 +138,11 @@ function renderProgress(done, target, etaSeconds) {
   const fill = byId("epoch-progress");
   fill.style.width = `${(fraction * 100).toFixed(1)}%`;
   fill.parentElement.setAttribute("aria-valuenow", String(Math.round(fraction * 100)));
-  setText("epoch-samples", `${formatNumber(done)} / ${formatNumber(target)} samples`);
-  setText("eta", formatDuration(etaSeconds));
+  // Peers keep accumulating while the swarm averages, so the count may pass the target.
+  const averaging = isNum(done) && isNum(target) && target > 0 && done >= target;
+  setText("epoch-samples", averaging ? "target reached: averaging…"
+                                     : `${formatNumber(done)} / ${formatNumber(target)} samples`);
+  setText("eta", averaging ? "now" : formatDuration(etaSeconds));
 }
 
 function renderPeers(peers, now) {

@@ -91,8 +91,6 @@ def test_notebook_joins_a_live_run(tmp_path, write_run_config, coordinator, laun
     coord.wait_for(lambda s: notebook_samples(s) > 0, 30, "the notebook's samples on the coordinator")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="hivemind's averager sets SIGINT to SIG_IGN in the peer's process: the interrupt is lost")
 def test_interrupting_the_kernel_stops_the_peer_cleanly(tmp_path, write_run_config, coordinator):
     coord = coordinator(write_run_config(tmp_path, target_batch_size=32))
     duration = 60
