@@ -77,6 +77,7 @@ class Coordinator:
                                            keep=self.run_config.coordinator.keep_checkpoints)
         if self.run_config.model.init_from:
             self._start_from_pretrained(self.run_config.model.init_from)
+        self.latest_checkpoint = self.checkpoints.latest()  # kept here: the views ask for it on every request
         self.history = History(self.state_dir / "history.sqlite3")
         points = self.history.points(limit=1)
         self.swarm = SwarmState(epoch=points[-1].epoch if points else 0,
@@ -131,7 +132,7 @@ class Coordinator:
             raise CoordinatorError(f"the DHT could not listen on {' '.join(self.options.host_maddrs)}: "
                                    f"{str(error).splitlines()[-1]}") from None
         self.averager = CheckpointAverager(self.dht, run_id)
-        latest = self.checkpoints.latest()
+        latest = self.latest_checkpoint
         if latest is not None:
             logger.info("serving checkpoint %s to peers that find no one else with state", latest.path)
             self.averager.serve(CheckpointStore.load(latest))
@@ -239,7 +240,7 @@ class Coordinator:
 
     def _maybe_checkpoint(self) -> None:
         every = self.run_config.coordinator.checkpoint_every
-        latest = self.checkpoints.latest()
+        latest = self.latest_checkpoint
         due = (latest.epoch // every + 1) * every if latest else every
         if self.swarm.epoch >= due and self._checkpointing.acquire(blocking=False):
             threading.Thread(target=self._checkpoint, name="checkpoint", daemon=True).start()
@@ -256,6 +257,7 @@ class Coordinator:
                 bar.set_postfix_str(f"writing epoch {state.epoch}")
                 started = time.perf_counter()
                 checkpoint = self.checkpoints.save(state, self.run_config.model_config())
+                self.latest_checkpoint = checkpoint
                 bar.update()
             self.averager.serve(state)
             logger.info("checkpoint of epoch %d written to %s (%.1f MB in %.1f s)", checkpoint.epoch,
@@ -269,7 +271,7 @@ class Coordinator:
 
     def snapshot(self) -> dict:
         """The run as served at /api/v1/state."""
-        s, checkpoint, board = self.swarm, self.checkpoints.latest(), self.history.leaderboard()
+        s, checkpoint, board = self.swarm, self.latest_checkpoint, self.history.leaderboard()
         return {
             "run_id": self.run_config.run_id, "version": VERSION, "time": time.time(),
             "coordinator": {"peer_id": str(self.dht.peer_id) if self.dht else None, "started_at": self.started_at},
