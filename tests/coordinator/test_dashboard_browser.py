@@ -40,7 +40,7 @@ def save_screenshot(page: Page, path: Path) -> None:
 
 
 def test_dashboard_follows_a_live_run(tmp_path, write_run_config, coordinator, launch_peer, browser):
-    coord = coordinator(write_run_config(tmp_path, target_batch_size=32))
+    coord = coordinator(write_run_config(tmp_path, target_batch_size=32, checkpoint_every=2))
     for name in PEERS:
         launch_peer(name, initial_peers=[coord.address], duration=240)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -67,7 +67,7 @@ def test_dashboard_follows_a_live_run(tmp_path, write_run_config, coordinator, l
                            arg=epoch, timeout=60_000)
     expect(page.locator("#leaderboard-table tbody tr")).to_have_count(len(PEERS))
     assert figure(page, "#samples-per-second") > 0 and figure(page, "#loss") > 0
-    expect(page.locator("#checkpoint-epoch")).not_to_have_text("—", timeout=60_000)  # every 10 epochs
+    expect(page.locator("#checkpoint-epoch")).not_to_have_text("—", timeout=90_000)  # every 2 epochs
 
     save_screenshot(page, tmp_path / "dashboard.png")
     assert errors == []
