@@ -89,6 +89,7 @@ class PeerSummary:
     samples_skipped: int
     last_loss: float | None
     seconds: float
+    compute_seconds: float  # of `seconds`, those spent in forward and backward of micro-batches
     rounds_succeeded: int
     rounds_failed: int
     state_loads: int
@@ -234,6 +235,7 @@ class Peer:
             previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
             previous_sigint = signal.getsignal(signal.SIGINT)
         self.samples_contributed = self.samples_skipped = self.state_loads = 0
+        self.compute_seconds = 0.0
         self.last_loss = None
         try:
             self._start_dht()
@@ -288,10 +290,14 @@ class Peer:
 
     def _train_micro_batch(self, epoch: int) -> int:
         """Forward and backward on one micro-batch; contribute it if loss and gradients are finite."""
+        computing = time.perf_counter()
         batch = self.reader.next_batch(epoch, self.micro_batch).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             loss = self.model(batch, labels=batch).loss
         loss.backward()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the kernels are queued: wait for them to time them
+        self.compute_seconds += time.perf_counter() - computing
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         finite = bool(torch.isfinite(loss)) and bool(torch.stack([g.isfinite().all() for g in grads]).all())
         contributed = 0
@@ -376,6 +382,7 @@ class Peer:
             samples_skipped=self.samples_skipped,
             last_loss=self.last_loss,
             seconds=time.perf_counter() - started,
+            compute_seconds=self.compute_seconds,
             rounds_succeeded=getattr(averager, "rounds_succeeded", 0),
             rounds_failed=getattr(averager, "rounds_failed", 0),
             state_loads=self.state_loads,
