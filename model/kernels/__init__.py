@@ -97,11 +97,13 @@ def linear_cross_entropy(
     return linear_cross_entropy_reference(hidden, weight, labels, ignore_index)
 
 
-def quantize_blockwise(x: torch.Tensor, block_size: int = BLOCK_SIZE, mode: str = "auto") -> torch.Tensor:
-    """x read flat, as packed 8-bit blockwise codes (layout in model.kernels.quantize)."""
+def quantize_blockwise(x: torch.Tensor, block_size: int = BLOCK_SIZE, mode: str = "auto",
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """x read flat, as packed 8-bit blockwise codes (layout in model.kernels.quantize), written
+    into out (a contiguous uint8 tensor of packed_size bytes on x's device) when given."""
     if _fused(mode, x, supported=triton_supports(block_size)):
-        return quantize_blockwise_triton(x, block_size)
-    return quantize_blockwise_reference(x, block_size)
+        return quantize_blockwise_triton(x, block_size, out)
+    return quantize_blockwise_reference(x, block_size, out)
 
 
 def dequantize_blockwise(

@@ -61,14 +61,26 @@ def _quantize_rows(rows: torch.Tensor, absmax: torch.Tensor, codes: torch.Tensor
     codes.copy_(scaled.add_(work, alpha=0.5))
 
 
-def quantize_blockwise_reference(x: torch.Tensor, block_size: int = BLOCK_SIZE) -> torch.Tensor:
-    """Packs x (any shape and float dtype, read flat) into the uint8 layout above.
+def _output(x: torch.Tensor, block_size: int, out: torch.Tensor | None) -> torch.Tensor:
+    """The packed buffer to write: out when given (checked), else a new one."""
+    size = packed_size(x.numel(), block_size)
+    if out is None:
+        return torch.empty(size, dtype=torch.uint8, device=x.device)
+    if out.dtype != torch.uint8 or out.shape != (size,) or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous uint8 tensor of {size} bytes on {x.device}, "
+                         f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
+    return out
+
+
+def quantize_blockwise_reference(x: torch.Tensor, block_size: int = BLOCK_SIZE,
+                                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packs x (any shape and float dtype, read flat) into the uint8 layout above, in out if given.
 
     Works through _CHUNK values at a time with reused float32 scratch, so that its few passes
     run in cache; full blocks are read in place and codes written straight into the output."""
     flat = x.reshape(-1)
     numel = flat.numel()
-    packed = torch.empty(packed_size(numel, block_size), dtype=torch.uint8, device=x.device)
+    packed = _output(x, block_size, out)
     absmax_out, codes_out = _split(packed, numel, block_size)
     full = numel // block_size
     rows_per_chunk = max(1, _CHUNK // block_size)
@@ -165,12 +177,13 @@ def _check_block_size(block_size: int) -> None:
         raise ValueError(f"the Triton codec needs a power-of-two block_size, got {block_size}")
 
 
-def quantize_blockwise_triton(x: torch.Tensor, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+def quantize_blockwise_triton(x: torch.Tensor, block_size: int = BLOCK_SIZE,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
     """Same bytes as quantize_blockwise_reference, one pass over x."""
     _check_block_size(block_size)
     flat = x.reshape(-1).contiguous()
     numel = flat.numel()
-    packed = torch.empty(packed_size(numel, block_size), dtype=torch.uint8, device=x.device)
+    packed = _output(x, block_size, out)
     absmax, codes = _split(packed, numel, block_size)
     programs, per_program = _grid(absmax.numel(), block_size)
     if numel:

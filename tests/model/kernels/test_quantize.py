@@ -66,3 +66,15 @@ def test_kernels_handle_nan_like_reference():
 def test_wrong_buffer_is_rejected():
     with pytest.raises(ValueError, match="uint8"):
         kernels.dequantize_blockwise(torch.zeros(10, dtype=torch.uint8), 100, mode="torch")
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_out_receives_the_same_bytes(mode):
+    torch.manual_seed(0)
+    x = torch.randn(1000)
+    buffer = torch.full((16 + packed_size(1000),), 7, dtype=torch.uint8)
+    returned = kernels.quantize_blockwise(x, mode=mode, out=buffer[16:])
+    assert returned.data_ptr() == buffer[16:].data_ptr()
+    assert torch.equal(buffer[16:], quantize_blockwise_reference(x)) and (buffer[:16] == 7).all()
+    with pytest.raises(ValueError, match=f"{packed_size(1000)} bytes"):
+        kernels.quantize_blockwise(x, mode=mode, out=buffer)
