@@ -20,14 +20,15 @@ by their header and hands every other payload to the decoder that was there befo
 bitsandbytes BlockwiseQuantization): a bitsandbytes payload starts with its absmax count as an
 int64, whose bytes [4, 8) are zero for any tensor of fewer than 2**44 values, where ours hold
 the block size. Encoding through the registry (serialize_torch_tensor with BLOCKWISE_8BIT) is
-left to the previous codec. Every process that may receive Starling payloads must call
-`register()` before it decodes; calling it again does nothing.
+left to the previous codec. Creating or unpickling a Blockwise8Bit calls `register()`, so a
+process that averages with it decodes its payloads; calling it again does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import struct
+import threading
 import warnings
 
 import torch
@@ -40,6 +41,8 @@ from model.kernels import BLOCK_SIZE, dequantize_blockwise, packed_size, quantiz
 MAGIC = b"SB8\x01"
 _HEADER = struct.Struct("<4sIQ")  # magic, block size, number of values
 _REGISTRY_NAME = runtime_pb2.CompressionType.Name(runtime_pb2.BLOCKWISE_8BIT)
+_SCRATCH_LIMIT = 1 << 26  # bytes of payload assembled in a reused per-thread buffer
+_scratch = threading.local()
 
 # Decoding reads the received bytes in place (torch.frombuffer on an immutable bytes object)
 # and never writes to them; torch warns about the read-only buffer once per process.
@@ -55,17 +58,26 @@ class Blockwise8Bit(CompressionBase):
         if not 0 < block_size < 2**32:
             raise ValueError(f"block_size must be in [1, 2**32), got {block_size}")
         self.block_size = block_size
+        register()  # whoever sends these payloads receives them too
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        register()  # unpickled in another process, such as a spawned averager
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         """Encodes a floating tensor (any shape, fp32, fp16 or bf16); it is never modified."""
         if not tensor.is_floating_point():
             raise ValueError(f"{self.__class__.__name__} does not support {tensor.dtype} tensors")
         values = tensor.detach()
-        packed = quantize_blockwise(values, self.block_size).cpu()
-        body = ctypes.string_at(packed.data_ptr(), packed.numel()) if packed.numel() else b""
+        payload = _payload_buffer(_HEADER.size + packed_size(values.numel(), self.block_size))
+        ctypes.memmove(payload.data_ptr(), _HEADER.pack(MAGIC, self.block_size, values.numel()), _HEADER.size)
+        if values.device.type == "cpu":
+            quantize_blockwise(values, self.block_size, out=payload[_HEADER.size:])
+        else:
+            payload[_HEADER.size:].copy_(quantize_blockwise(values, self.block_size))
         return runtime_pb2.Tensor(
             compression=self.compression_type,
-            buffer=_HEADER.pack(MAGIC, self.block_size, values.numel()) + body,
+            buffer=ctypes.string_at(payload.data_ptr(), payload.numel()),
             size=values.shape,
             dtype=str(values.dtype).removeprefix("torch."),
             requires_grad=tensor.requires_grad,
@@ -80,6 +92,18 @@ class Blockwise8Bit(CompressionBase):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(block_size={self.block_size})"
+
+
+def _payload_buffer(size: int) -> torch.Tensor:
+    """A CPU uint8 tensor of size bytes to assemble a payload in. Up to _SCRATCH_LIMIT it is one
+    buffer per thread, reused across calls: a fresh allocation of several MB costs page faults
+    that took as long as quantising into it."""
+    if size > _SCRATCH_LIMIT:
+        return torch.empty(size, dtype=torch.uint8)
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _scratch.buffer = torch.empty(size, dtype=torch.uint8)
+    return buffer[:size]
 
 
 def is_starling_payload(buffer: bytes) -> bool:
