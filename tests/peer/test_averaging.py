@@ -16,8 +16,9 @@ from peer.run_config import RunConfig
 
 WORKER = Path(__file__).with_name("averaging_worker.py")
 MICRO_BATCHES = [4, 8, 12]
-# Relative error of the average per tensor: 8-bit codec for large tensors, fp16 for small ones.
-EIGHT_BIT_TOLERANCE, FP16_TOLERANCE = 0.03, 2e-3
+# Relative error of the average per tensor: 8-bit codec for large tensors (measured 0.011-0.015:
+# each value is quantised on its way to the reducer and again on its way back), fp16 for small ones.
+EIGHT_BIT_TOLERANCE, FP16_TOLERANCE = 0.02, 2e-3
 
 
 def test_three_peers_average_known_gradients(tmp_path, write_run_config):

@@ -1,5 +1,8 @@
 """Starling's 8-bit blockwise codec through hivemind's own serialize/deserialize path."""
 
+import multiprocessing
+import pickle
+
 import pytest
 import torch
 from hivemind.compression import (
@@ -121,3 +124,28 @@ def test_compression_ratio_and_bad_payloads():
         codec.extract(runtime_pb2.Tensor(buffer=message.buffer[:-1], size=[1000], dtype="float32"))
     with pytest.raises(ValueError, match="does not support"):
         codec.compress(torch.arange(10), CompressionInfo.from_tensor(torch.arange(10)))
+
+
+def test_each_message_keeps_its_own_bytes():
+    """Payloads are assembled in a reused buffer: a later compress must not change an earlier message."""
+    codec = Blockwise8Bit()
+    first, second = torch.randn(5000), torch.randn(300) * 100
+    message = codec.compress(first, CompressionInfo.from_tensor(first))
+    before = bytes(message.buffer)
+    codec.compress(second, CompressionInfo.from_tensor(second))
+    codec.compress(torch.randn(20_000), CompressionInfo.from_tensor(torch.randn(20_000)))
+    assert message.buffer == before
+    assert relative_error(deserialize_torch_tensor(message), first) < 0.01
+
+
+def decode_in_this_process(pickled_codec: bytes, payload: bytes) -> list[float]:
+    pickle.loads(pickled_codec)  # as a spawned averager process receives its codec
+    return deserialize_torch_tensor(runtime_pb2.Tensor.FromString(payload)).tolist()
+
+
+def test_a_process_that_unpickles_the_codec_decodes_its_payloads():
+    x = torch.randn(1000)
+    message = Blockwise8Bit().compress(x, CompressionInfo.from_tensor(x))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        decoded = pool.apply(decode_in_this_process, (pickle.dumps(Blockwise8Bit()), message.SerializeToString()))
+    assert relative_error(torch.tensor(decoded), x) < 0.01
