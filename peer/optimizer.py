@@ -72,6 +72,7 @@ def make_collaborative_optimizer(
         batch_size_per_step=None if auxiliary else batch_size_per_step,
         matchmaking_time=averaging.matchmaking_time,
         averaging_timeout=averaging.averaging_timeout,
+        next_chunk_timeout=averaging.part_timeout,
         offload_optimizer=averaging.offload_optimizer,
         delay_optimizer_step=averaging.delay_optimizer_step,
         average_state_every=averaging.average_state_every,

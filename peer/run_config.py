@@ -59,6 +59,9 @@ class TrainingSection:
 class AveragingSection:
     matchmaking_time: float = 5.0
     averaging_timeout: float = 60.0
+    # Seconds a group member may take to send its next part before the round goes on without it.
+    # hivemind's default (matchmaking_time) dropped peers of a loaded 2-core machine from rounds.
+    part_timeout: float = 10.0
     compression: str = "adaptive-8bit"
     # Tensors with at least this many values go over the wire in 8 bits, smaller ones in 16.
     compression_threshold: int = 2**16
@@ -122,6 +125,8 @@ class RunConfig:
             ("training.max_grad_norm", self.training.max_grad_norm > 0, "positive"),
             ("averaging.matchmaking_time", self.averaging.matchmaking_time > 0, "positive"),
             ("averaging.averaging_timeout", self.averaging.averaging_timeout > 0, "positive"),
+            ("averaging.part_timeout", 0 < self.averaging.part_timeout <= self.averaging.averaging_timeout,
+             "positive and at most averaging.averaging_timeout"),
             ("averaging.compression", self.averaging.compression in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}"),
             ("averaging.average_state_every", self.averaging.average_state_every >= 1, "at least 1"),
             ("coordinator.checkpoint_every", self.coordinator.checkpoint_every >= 1, "at least 1"),

@@ -35,6 +35,7 @@ lr = 1
     ("[training]\ntarget_batch_size = true\n", "training.target_batch_size must be int"),
     ("[training]\noptimizer = 'sgd'\n", "training.optimizer must be one of"),
     ("[averaging]\ncompression = 'zip'\n", "averaging.compression must be one of"),
+    ("[averaging]\naveraging_timeout = 20\npart_timeout = 30\n", "averaging.part_timeout must be positive and at most"),
     ("[model]\npreset = 'tiny'\noverrides = { num_key_value_heads = 3 }\n", "[model] does not validate"),
     ("[model]\npreset = 'gpt-5'\n", "unknown preset 'gpt-5'"),
     ("training = 3\n", "[training] must be a table"),
