@@ -8,6 +8,7 @@ RunConfigError that names the key. The coordinator publishes it in the DHT (peer
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -179,6 +180,8 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
         elif not _matches(value, annotation):
             expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
             raise RunConfigError(f"{source}: {prefix}{key} must be {expected}, got {type(value).__name__} {value!r}")
+        elif annotation is float and not math.isfinite(value):
+            raise RunConfigError(f"{source}: {prefix}{key} must be a finite number, got {value!r}")
         else:
             values[key] = float(value) if annotation is float else value
     return cls(**values)

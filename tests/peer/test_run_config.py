@@ -1,7 +1,12 @@
 """run.toml: strict loading with errors that name the key."""
 
-import pytest
+import dataclasses
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peer import run_config
 from peer.run_config import RunConfig, RunConfigError
 
 
@@ -36,6 +41,7 @@ lr = 1
     ("[training]\noptimizer = 'sgd'\n", "training.optimizer must be one of"),
     ("[averaging]\ncompression = 'zip'\n", "averaging.compression must be one of"),
     ("[averaging]\naveraging_timeout = 20\npart_timeout = 30\n", "averaging.part_timeout must be positive and at most"),
+    ("[training]\nlr = inf\n", "training.lr must be a finite number, got inf"),
     ("[model]\npreset = 'tiny'\noverrides = { num_key_value_heads = 3 }\n", "[model] does not validate"),
     ("[model]\npreset = 'gpt-5'\n", "unknown preset 'gpt-5'"),
     ("training = 3\n", "[training] must be a table"),
@@ -51,3 +57,46 @@ def test_bad_config_names_the_key(tmp_path, text, culprit):
 def test_missing_file(tmp_path):
     with pytest.raises(RunConfigError, match="no such file"):
         RunConfig.load(tmp_path / "absent.toml")
+
+
+def _known_keys() -> dict[str, list[str]]:
+    """Section name -> key names, from the dataclasses behind run.toml."""
+    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    return {name: [f.name for f in dataclasses.fields(getattr(run_config, kind))]
+            for name, kind in sections.items() if isinstance(kind, str) and hasattr(run_config, kind)}
+
+
+SECTIONS = _known_keys()
+values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
+              st.sampled_from(["tiny", "demo", "adamw", "adaptive-8bit", "open", "token", "fp16", "none"])),
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=10), children, max_size=3)),
+    max_leaves=6,
+)
+sections = st.dictionaries(
+    st.sampled_from(sorted(SECTIONS) + ["run_id", "extra"]),
+    st.one_of(values, st.dictionaries(st.sampled_from(sum(SECTIONS.values(), []) + ["bogus"]), values, max_size=4)),
+    max_size=4,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=sections)
+def test_any_document_loads_or_names_what_is_wrong(data):
+    try:
+        run = RunConfig.from_dict(data, source="fuzz.toml")
+    except RunConfigError as error:
+        assert str(error).startswith("fuzz.toml") and "\n" not in str(error)
+    else:
+        assert RunConfig.from_dict(run.to_dict()) == run
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.binary(max_size=200))
+def test_any_file_loads_or_names_what_is_wrong(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("fuzz") / "run.toml"
+    path.write_bytes(text)
+    try:
+        RunConfig.load(path)
+    except RunConfigError as error:
+        assert str(path) in str(error)
