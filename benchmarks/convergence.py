@@ -1,0 +1,178 @@
+"""Convergence: the loss of one process and of N Starling peers with each gradient codec, on the same global batch.
+
+    python benchmarks/convergence.py                  # demo model, 2 peers, target batch 64, 30 epochs, every codec
+    python benchmarks/convergence.py --compressions none adaptive-8bit --epochs 100
+    python benchmarks/convergence.py --preset tiny --target-batch 16 --epochs 3 --matchmaking-time 2   # a quick check
+
+Configurations, each a fresh run with the same run settings for --epochs epochs, so the same
+number of optimizer steps on the same global batch (--target-batch samples per step):
+(a) one process: a single peer with micro-batch N x --batch-size and N x --threads threads,
+    alone in its swarm (no averaging);
+(b) N Starling peers, one run per gradient codec (run config [averaging] compression).
+A swarm's epoch can hold more samples than the target: peers go on computing until they learn
+that the swarm reached it. So the table and the curves count the samples actually contributed.
+
+Data: the bundled plays but the last --held-out ones train; the held-out loss is the mean token
+loss of peer 0's final parameters on the first --eval-sequences sequences of the held-out plays
+(state is averaged every epoch, so the peers' parameters agree to about one Adam step). The
+curves are the training loss of each epoch (mean over that epoch's micro-batches of all peers)
+against the samples contributed before it, with the held-out loss as a star at the end.
+Prints a table and writes benchmarks/results/convergence-<device>.json and
+benchmarks/results/convergence.png (needs matplotlib: pip install -e '.[bench]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from benchmarks.measure import RESULTS, write_json  # noqa: E402
+from benchmarks.swarm_runs import RunSettings, SwarmOptions, add_swarm_arguments, run_swarm, swarm_options  # noqa: E402
+from model import CausalLM  # noqa: E402
+from model.data import bundled_corpus_files, load_corpus  # noqa: E402
+from peer.run_config import COMPRESSIONS, RunConfig  # noqa: E402
+
+EVAL_BATCH = 16  # sequences per forward pass of the held-out evaluation
+
+
+def split_corpus(folder: Path, held_out: int) -> tuple[Path, Path]:
+    """Folders of links to the bundled plays: all but the last `held_out` to train on, and those."""
+    files = bundled_corpus_files()
+    train, test = folder / "train", folder / "held-out"
+    for target, chosen in ((train, files[:-held_out]), (test, files[-held_out:])):
+        target.mkdir()
+        for file in chosen:
+            (target / file.name).symlink_to(file)
+    return train, test
+
+
+def held_out_loss(run: RunConfig, sequences: torch.Tensor, params: dict[str, torch.Tensor] | None) -> float:
+    """Mean token loss on `sequences` of the run's initial model, or of `params` when given."""
+    torch.manual_seed(run.training.seed)  # the initial weights every peer starts from
+    model = CausalLM(run.model_config()).eval()
+    if params is not None:
+        assert set(params) == {name for name, _ in model.named_parameters()}, "parameters do not match the model"
+        model.load_state_dict(params, strict=False)  # buffers are rebuilt, not saved
+    with torch.no_grad():
+        total = sum(model(chunk, labels=chunk).loss.item() * len(chunk) for chunk in sequences.split(EVAL_BATCH))
+    return total / len(sequences)
+
+
+def loss_curve(peers: list[dict]) -> list[dict]:
+    """Training loss per epoch (the mean over all peers' micro-batches of that epoch), against the
+    samples the whole swarm had contributed before that epoch."""
+    losses: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    before: dict[int, int] = defaultdict(int)
+    for peer in peers:
+        for record in peer["epochs"]:
+            before[record["epoch"]] += record["samples_contributed"]
+            if record["train_loss"] is not None:
+                losses[record["epoch"] - 1].append((record["train_loss"], record["micro_batches"]))
+    return [dict(epoch=epoch, samples=before[epoch],
+                 train_loss=sum(loss * n for loss, n in entries) / sum(n for _, n in entries))
+            for epoch, entries in sorted(losses.items())]
+
+
+def plot(configs: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(8, 5))
+    for config in configs:
+        curve = config["curve"]
+        (line,) = axes.plot([p["samples"] for p in curve], [p["train_loss"] for p in curve],
+                            label=f"{config['name']}, held-out {config['held_out_loss']:.3f}")
+        axes.plot([config["samples"]], [config["held_out_loss"]], marker="*", markersize=12, color=line.get_color())
+    axes.set_xlabel("samples contributed")
+    axes.set_ylabel("loss (lines: training, per epoch; stars: held-out, at the end)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_swarm_arguments(parser, peers=2)
+    parser.add_argument("--target-batch", type=int, default=64,
+                        help="samples per optimizer step, for every configuration")
+    parser.add_argument("--epochs", type=int, default=30, help="optimizer steps of every configuration")
+    parser.add_argument("--warmup-epochs", type=int, default=2, help="linear warm-up, then cosine decay over --epochs")
+    parser.add_argument("--compressions", nargs="+", default=list(COMPRESSIONS), choices=COMPRESSIONS,
+                        help="gradient codecs, one swarm each")
+    parser.add_argument("--held-out", type=int, default=2, help="bundled plays kept out of training")
+    parser.add_argument("--eval-sequences", type=int, default=128, help="held-out sequences the loss is measured on")
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="starling-convergence-"))
+    print(f"logs in {folder}", flush=True)
+    train, test = split_corpus(folder, args.held_out)
+    settings = RunSettings(preset=args.preset, seq_len=args.seq_len, target_batch_size=args.target_batch, lr=args.lr,
+                           warmup_epochs=args.warmup_epochs, total_epochs=args.epochs,
+                           matchmaking_time=args.matchmaking_time, data=str(train))
+    swarm = swarm_options(args)
+    solo = SwarmOptions(peers=1, batch_size=args.peers * args.batch_size, threads=args.peers * args.threads,
+                        device=args.device, timeout=args.timeout)
+    plans = [("one process", "none", solo)] + [(f"{args.peers} peers, {codec}", codec, swarm)
+                                                 for codec in args.compressions]
+
+    run_tomls = [replace(settings, compression=codec).write(folder / f"run-{index}.toml", run_id=f"convergence-{index}")
+                 for index, (_, codec, _) in enumerate(plans)]
+    run = RunConfig.load(run_tomls[0])  # the model and seed, the same in every configuration
+    sequences = load_corpus(test, seq_len=args.seq_len).sequences[: args.eval_sequences]
+    initial = held_out_loss(run, sequences, None)
+    configs = []
+    for index, ((name, codec, options), run_toml) in enumerate(zip(plans, run_tomls)):
+        result = run_swarm(folder / f"run-{index}", run_toml, options, max_epochs=args.epochs)
+        peers = result["peers"]
+        params = load_file(folder / f"run-{index}" / "peer-0" / "params.safetensors")
+        configs.append(dict(
+            name=name, compression=codec, peers=options.peers, micro_batch=options.batch_size,
+            samples=sum(peer["samples_contributed"] for peer in peers), epochs=min(peer["epoch"] for peer in peers),
+            held_out_loss=held_out_loss(run, sequences, params),
+            training_s=max(peer["training_ended"] for peer in peers) - min(peer["training_started"] for peer in peers),
+            rounds_succeeded=sum(peer["rounds_succeeded"] for peer in peers),
+            rounds_failed=sum(peer["rounds_failed"] for peer in peers),
+            curve=loss_curve(peers),
+        ))
+        print(f"{name}: held-out loss {configs[-1]['held_out_loss']:.4f}", flush=True)
+
+    device = torch.device(args.device).type
+    path = write_json(f"convergence-{device}.json", dict(
+        preset=args.preset, peers=args.peers, batch_size=args.batch_size, seq_len=args.seq_len, threads=args.threads,
+        device=args.device, target_batch_size=args.target_batch, epochs=args.epochs, lr=args.lr,
+        warmup_epochs=args.warmup_epochs, matchmaking_time=args.matchmaking_time,
+        held_out_plays=[p.name for p in sorted(test.iterdir())], eval_sequences=len(sequences),
+        initial_held_out_loss=initial, configs=configs,
+    ))
+    plot(configs, f"{args.preset}, target batch {args.target_batch}, {args.epochs} epochs ({device})",
+         RESULTS / "convergence.png")
+
+    baseline = configs[0]["held_out_loss"]
+    print(f"initial held-out loss {initial:.4f} on {len(sequences)} sequences")
+    print("| configuration | samples | epochs | held-out loss | vs one process | last epoch's training loss | "
+          "training s | rounds ok/failed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for config in configs:
+        last = config["curve"][-1]["train_loss"] if config["curve"] else float("nan")
+        print(f"| {config['name']} | {config['samples']} | {config['epochs']} | {config['held_out_loss']:.4f} | "
+              f"{config['held_out_loss'] - baseline:+.4f} | {last:.4f} | {config['training_s']:.1f} | "
+              f"{config['rounds_succeeded']}/{config['rounds_failed']} |")
+    print(f"written to {path} and {RESULTS / 'convergence.png'}")
+
+
+if __name__ == "__main__":
+    main()
