@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Iterable
 
 import hivemind
@@ -77,7 +78,7 @@ def make_collaborative_optimizer(
         delay_optimizer_step=averaging.delay_optimizer_step,
         average_state_every=averaging.average_state_every,
         grad_compression=gradient_compression(averaging),
-        grad_averager_factory=CountingGradientAverager,
+        grad_averager_factory=partial(CountingGradientAverager, aggregation=averaging.aggregation),
         state_averaging_compression=state_compression(),
         load_state_compression=state_compression(),
         # hivemind.Optimizer replaces any non-None client_mode with the DHT's own.

@@ -20,6 +20,7 @@ from model import ModelConfig
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lamb8bit")
 COMPRESSIONS = ("adaptive-8bit", "fp16", "none")
+AGGREGATIONS = ("centered-clip", "mean")
 AUTH_MODES = ("open", "token")
 
 
@@ -64,6 +65,9 @@ class AveragingSection:
     # hivemind's default (matchmaking_time) dropped peers of a loaded 2-core machine from rounds.
     part_timeout: float = 10.0
     compression: str = "adaptive-8bit"
+    # How each reducer combines the peers' parts: "centered-clip" (robust to a minority of broken
+    # or hostile peers, peer.robust) or hivemind's weighted "mean".
+    aggregation: str = "centered-clip"
     # Tensors with at least this many values go over the wire in 8 bits, smaller ones in 16.
     compression_threshold: int = 2**16
     average_state_every: int = 1
@@ -129,6 +133,7 @@ class RunConfig:
             ("averaging.part_timeout", 0 < self.averaging.part_timeout <= self.averaging.averaging_timeout,
              "positive and at most averaging.averaging_timeout"),
             ("averaging.compression", self.averaging.compression in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}"),
+            ("averaging.aggregation", self.averaging.aggregation in AGGREGATIONS, f"one of {', '.join(AGGREGATIONS)}"),
             ("averaging.average_state_every", self.averaging.average_state_every >= 1, "at least 1"),
             ("coordinator.checkpoint_every", self.coordinator.checkpoint_every >= 1, "at least 1"),
             ("coordinator.keep_checkpoints", self.coordinator.keep_checkpoints >= 1, "at least 1"),
