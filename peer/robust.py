@@ -8,12 +8,12 @@ decides the average of every part. `CenteredClipReducer` reduces each part with 
 Distributed Training at Scale", 2022) instead:
 
 1. parts with a non-finite value are left out, with their weight;
-2. the centre starts at the coordinate-wise median of the parts;
+2. the centre starts at the medoid: the part with the smallest median distance to the others;
 3. the clipping radius is CLIP_FACTOR times the median distance of the parts from that centre;
 4. the centre moves by the weighted mean of the parts' differences from it, each difference
-   clipped to the radius, until no part is clipped (or ITERATIONS steps).
+   clipped to the radius, until no part is clipped or the centre settles (ITERATIONS at most).
 
-When every part lies within the radius of the median, the first step lands on the exact
+When every part lies within the radius of the medoid, the first step lands on the exact
 weighted mean, so honest groups get the plain average. A sender further out moves the result by
 at most its weight share times the radius. With one or two finite parts there is no majority to
 defend, and the result is their weighted mean.
@@ -29,29 +29,57 @@ from hivemind.averaging.partition import TensorPartReducer
 
 CLIP_FACTOR = 3.0
 ITERATIONS = 20
+TOLERANCE = 1e-4  # stop once the centre moves by less than this fraction of the radius
 
 
-def centered_clip(parts: torch.Tensor, weights: torch.Tensor, clip_factor: float = CLIP_FACTOR,
+def centered_clip(parts: Sequence[torch.Tensor], weights: torch.Tensor, clip_factor: float = CLIP_FACTOR,
                   iterations: int = ITERATIONS) -> torch.Tensor:
-    """The robust weighted centre of parts [senders, values] (see the module docstring).
-    All-NaN when no part with positive weight is finite."""
-    keep = parts.isfinite().all(dim=1) & (weights > 0)
-    if not keep.any():
-        return torch.full(parts.shape[1:], float("nan"), dtype=parts.dtype)
-    parts, weights = parts[keep], weights[keep].to(parts.dtype)
-    weights = weights / weights.sum()
-    if len(parts) <= 2:
-        return weights @ parts
-    center = parts.median(dim=0).values
-    radius = clip_factor * (parts - center).norm(dim=1).median()
+    """The robust weighted centre of equally shaped parts (see the module docstring); a tensor
+    [senders, values] works as the sequence of its rows. All-NaN when no part with positive
+    weight is finite.
+
+    The centre is kept as a combination of the parts (centre = sum of coefficient_i * part_i), so
+    every distance comes from the parts' Gram matrix (their pairwise dot products) and the parts
+    are combined once, at the end, as hivemind's reducer adds them: no copy of the parts. The
+    small matrices are float64, so that a part scaled by 1e6 does not swamp the distances between
+    the others. A part whose squared norm overflows float32 counts as not finite."""
+    count = len(parts)
+    gram = torch.empty(count, count, dtype=torch.float64)
+    for i in range(count):
+        for j in range(i + 1):
+            gram[i, j] = gram[j, i] = float(torch.dot(parts[i], parts[j]))
+    keep = (gram.diagonal().isfinite() & (weights > 0)).tolist()
+    kept = [i for i in range(count) if keep[i]]
+    if not kept:
+        return torch.full_like(parts[0], float("nan"))
+    gram, weights = gram[kept][:, kept], weights[kept].double() / weights[kept].double().sum()
+    coefficients = weights
+    if len(kept) > 2:
+        coefficients = _clipped_centre(gram, weights, clip_factor, iterations)
+    centre = torch.zeros_like(parts[0])
+    for i, coefficient in zip(kept, coefficients.tolist()):
+        centre.add_(parts[i], alpha=coefficient)
+    return centre
+
+
+def _clipped_centre(gram: torch.Tensor, weights: torch.Tensor, clip_factor: float, iterations: int) -> torch.Tensor:
+    """CenteredClip from the medoid, as coefficients over the parts whose Gram matrix is given."""
+    squared_norms = gram.diagonal()
+    pairwise = squared_norms[:, None] + squared_norms[None, :] - 2 * gram
+    coefficients = torch.zeros_like(weights)
+    coefficients[pairwise.median(dim=1).values.argmin()] = 1.0  # the medoid
+    radius = None
     for _ in range(iterations):
-        differences = parts - center
-        distances = differences.norm(dim=1)
-        scale = (radius / distances.clamp_min(torch.finfo(parts.dtype).tiny)).clamp(max=1.0)
-        center = center + (weights * scale) @ differences
-        if bool((distances <= radius).all()):
+        products = gram @ coefficients
+        distances = (squared_norms - 2 * products + coefficients @ products).clamp_min(0).sqrt()
+        if radius is None:
+            radius = clip_factor * distances.median()
+        clipped_weights = weights * (radius / distances.clamp_min(1e-300)).clamp(max=1.0)
+        step = clipped_weights - coefficients * clipped_weights.sum()  # sum of w_i s_i (part_i - centre)
+        coefficients = coefficients + step
+        if bool((distances <= radius).all()) or float(step @ gram @ step) <= (TOLERANCE * float(radius)) ** 2:
             break
-    return center
+    return coefficients
 
 
 class _PartCollector:
@@ -69,8 +97,8 @@ class _PartCollector:
 
     def div_(self, denominator: float) -> torch.Tensor:
         shape = self.parts[0].shape
-        stacked = torch.stack([part.reshape(-1) for part in self.parts])
-        return centered_clip(stacked, torch.tensor(self.weights)).reshape(shape)
+        flat = [part.reshape(-1) for part in self.parts]
+        return centered_clip(flat, torch.tensor(self.weights, dtype=torch.float64)).reshape(shape)
 
 
 class CenteredClipReducer(TensorPartReducer):

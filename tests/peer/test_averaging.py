@@ -57,12 +57,13 @@ def test_three_peers_average_known_gradients(tmp_path, write_run_config):
     clip = min(1.0, run.training.max_grad_norm / (float(total_norm) + 1e-6))
     expected_clipped = [g * clip for g in expected_grads]
     threshold = run.averaging.compression_threshold
-    for result in results:
+    for peer, result in enumerate(results):
         for position, expected in enumerate(expected_clipped):
             averaged = result[f"grad.{position}"]
             error = (averaged - expected).norm() / expected.norm()
             tolerance = EIGHT_BIT_TOLERANCE if expected.numel() >= threshold else FP16_TOLERANCE
-            assert error < tolerance, f"parameter {position}: relative error {error:.4f} of the average"
+            assert error < tolerance, (f"peer {peer}, parameter {position}: relative error {error:.4f} of the average "
+                                       f"(norms {averaged.norm():.4g} received, {expected.norm():.4g} expected)")
 
     # Each peer then took exactly the optimizer step on the average it received.
     before = [p.detach().clone() for p in params]
