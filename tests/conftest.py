@@ -98,15 +98,16 @@ class WorkerPeer:
 
 @pytest.fixture
 def launch_peer(tmp_path):
-    """launch_peer(name, duration=, max_epochs=, slow=, start_after=, snapshots=, **peer_options) -> WorkerPeer."""
+    """launch_peer(name, duration=, max_epochs=, slow=, start_after=, snapshots=, die_in_round=, **peer_options)
+    -> WorkerPeer (see tests/workers/peer_worker.py)."""
     started = []
 
     def launch(name: str, duration=None, max_epochs=None, slow=None, start_after=None, snapshots=False,
-               **options) -> WorkerPeer:
+               die_in_round=None, **options) -> WorkerPeer:
         options = {"batch_size": 4, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "name": name, **options}
         worker = WorkerPeer(tmp_path / name, dict(options=options, duration=duration, max_epochs=max_epochs,
                                                         slow=slow, start_after=start_after and str(start_after),
-                                                        snapshots=snapshots))
+                                                        snapshots=snapshots, die_in_round=die_in_round))
         started.append(worker)
         return worker
 

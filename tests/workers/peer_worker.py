@@ -3,14 +3,19 @@
     peer_worker.py SPEC_JSON
 
 SPEC_JSON holds {"options": Peer keyword arguments, "duration": s, "max_epochs": n, "slow": s,
-"out": folder, "start_after": file, "snapshots": bool}. With "slow", every forward pass first sleeps
-that long (an injected slow device); with "start_after", the peer joins only once that file exists.
+"out": folder, "start_after": file, "snapshots": bool, "die_in_round": n}. With "slow", every forward
+pass first sleeps that long (an injected slow device); with "start_after", the peer joins only once
+that file exists; with "die_in_round", the peer's gradient averager SIGKILLs the worker's whole
+session (worker, averagers, p2p daemon: a machine lost) right after it sent its first part of its
+n-th all-reduce round.
 The worker writes summary.json (with "processed": rows seen by forward) and params.safetensors, and
 with "snapshots" the parameters of every epoch it reaches as epoch-N.safetensors.
 """
 
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,11 +23,33 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from peer import Peer
+from peer import averager
 from model import CausalLM
 
 
 def save_params(model: CausalLM, path: Path) -> None:
     save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, path)
+
+
+def die_in_round(round_number: int) -> None:
+    """Make the gradient averager (a forked process) kill the whole peer in the middle of a round."""
+    base = averager.RUNNERS["centered-clip"]
+
+    class DyingRunner(base):
+        rounds = 0
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            DyingRunner.rounds += 1
+
+        async def _generate_input_for_peer(self, peer_index: int):
+            async for message in super()._generate_input_for_peer(peer_index):
+                yield message
+                if DyingRunner.rounds >= round_number:
+                    logging.getLogger(__name__).info(f"dying in all-reduce round {DyingRunner.rounds}")
+                    os.killpg(0, signal.SIGKILL)
+
+    averager.RUNNERS["centered-clip"] = DyingRunner
 
 
 def main() -> None:
@@ -31,6 +58,8 @@ def main() -> None:
     out = Path(spec["out"])
     while spec.get("start_after") and not Path(spec["start_after"]).exists():
         time.sleep(0.1)
+    if spec.get("die_in_round"):
+        die_in_round(spec["die_in_round"])
     peer = Peer(**spec["options"])
     processed = 0
     original_forward = CausalLM.forward

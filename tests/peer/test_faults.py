@@ -1,0 +1,44 @@
+"""Failure injection with real peer processes: training goes on, and the model stays correct."""
+
+import re
+import time
+
+import torch
+
+from peer.run_config import RunConfig
+
+
+def logged_epoch(log: str) -> int:
+    epochs = [int(epoch) for epoch in re.findall(r"epoch (\d+):", log)]
+    return max(epochs, default=0)
+
+
+def test_peer_killed_in_the_middle_of_a_round(tmp_path, write_run_config, start_peer):
+    run_toml = write_run_config(tmp_path, target_batch_size=48)
+    timeout = RunConfig.load(run_toml).averaging.averaging_timeout
+    epochs = 6
+    survivors = [start_peer(f"peer{i}", run_toml, max_epochs=epochs) for i in range(2)]
+    victim = start_peer("victim", run_toml, die_in_round=2)
+
+    assert victim.process.wait(timeout=240) == -9, victim.log_text()[-3000:]
+    died_at = time.monotonic()
+    assert "dying in all-reduce round 2" in victim.log_text()
+    epoch_at_death = max(logged_epoch(peer.log_text()) for peer in survivors)
+
+    # Nobody hangs: within the averaging timeout (plus a new round's matchmaking) the survivors
+    # have finished or abandoned the round, and their next epoch comes.
+    deadline = died_at + 4 * timeout
+    while max(logged_epoch(peer.log_text()) for peer in survivors) <= epoch_at_death:
+        assert time.monotonic() < deadline, "no epoch after the peer died: " + survivors[0].log_text()[-3000:]
+        time.sleep(0.5)
+    summaries = [peer.wait(timeout=300) for peer in survivors]
+
+    for summary in summaries:
+        assert summary["epoch"] >= epochs > epoch_at_death + 1
+        assert summary["rounds_succeeded"] >= epochs - epoch_at_death - 1
+    # Parameters stay finite, and state averaging every epoch keeps the survivors together (within
+    # about one Adam step, lr 1e-3, from the codec's error on each one's share of the gradient).
+    params = [peer.params() for peer in survivors]
+    for key, value in params[0].items():
+        assert torch.isfinite(value).all() and torch.isfinite(params[1][key]).all(), key
+        torch.testing.assert_close(params[1][key], value, atol=5e-3, rtol=0)
