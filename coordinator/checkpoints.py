@@ -31,6 +31,15 @@ TRAINING_TENSORS = "training_state.safetensors"
 TRAINING_METADATA = "training_state.json"
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside folder durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @dataclass
 class Checkpoint:
     epoch: int
@@ -86,25 +95,42 @@ class CheckpointStore:
             raise ValueError(f"the state has {len(state.parameters)} parameters, the run's model {len(names)}")
         model.load_state_dict(dict(zip(names, state.parameters)), strict=False, assign=True)
         model.tie_weights()
-        model.save_pretrained(partial, safe_serialization=True)
-        save_file({f"optimizer.{i}": t.contiguous() for i, t in enumerate(state.optimizer_tensors)},
-                  partial / TRAINING_TENSORS)
-        (partial / TRAINING_METADATA).write_text(json.dumps(
-            {"epoch": state.epoch, "optimizer_metadata": state.optimizer_metadata, "time": time.time()}))
-        for file in partial.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
+        try:
+            self._write(partial, model, state)
+        except BaseException:  # a full disk, say: nothing half-written stays behind taking its space
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         if final.exists():  # a checkpoint of this epoch already exists: replace it
-            shutil.rmtree(final)
+            self._discard(final)
         os.replace(partial, final)
+        _fsync_folder(self.root)
         self._prune()
         return next(c for c in self.all() if c.path == final)
 
+    @staticmethod
+    def _write(folder: Path, model: CausalLM, state: TrainingState) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        save_file({f"optimizer.{i}": t.contiguous() for i, t in enumerate(state.optimizer_tensors)},
+                  folder / TRAINING_TENSORS)
+        (folder / TRAINING_METADATA).write_text(json.dumps(
+            {"epoch": state.epoch, "optimizer_metadata": state.optimizer_metadata, "time": time.time()}))
+        for file in folder.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+    def _discard(self, folder: Path) -> None:
+        """Remove a checkpoint folder: first renamed out of the checkpoints' names (atomic), so that
+        a crash while deleting its files never leaves a half-deleted folder that counts as a checkpoint."""
+        trash = self.root / f".{folder.name}.removed-{os.getpid()}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
     def _prune(self) -> None:
         for old in self.all()[:-self.keep]:
-            shutil.rmtree(old.path, ignore_errors=True)
+            self._discard(old.path)
             logger.info("removed old checkpoint %s", old.path)
-        for leftover in self.root.glob(".epoch-*.partial-*"):
+        for leftover in [*self.root.glob(".epoch-*.partial-*"), *self.root.glob(".epoch-*.removed-*")]:
             if not leftover.name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(leftover, ignore_errors=True)
 

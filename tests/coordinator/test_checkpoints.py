@@ -1,6 +1,8 @@
 """Checkpoint folders: loadable by transformers, atomic, pruned, and never an interrupted one as latest."""
 
+import pytest
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 from coordinator.checkpoints import CheckpointStore, TrainingState
@@ -30,3 +32,21 @@ def test_checkpoints_load_with_transformers_keep_the_last_k_and_skip_partial_one
     assert resumed.epoch == 6 and resumed.optimizer_metadata[1] == {"type": "value", "value": 0.5}
     torch.testing.assert_close(resumed.optimizer_tensors[0], torch.full((3,), 6.0))
     assert len(resumed.parameters) == len(list(model.parameters()))
+
+
+def test_a_full_or_read_only_disk_fails_the_write_and_keeps_the_previous_checkpoint(small_filesystem):
+    config = ModelConfig.from_preset("tiny")
+    model = CausalLM(config)
+    filesystem = small_filesystem(12 * 1024)  # room for one checkpoint of the tiny model (about 8.5 MB), not two
+    store = CheckpointStore(filesystem.path, keep=2)
+    store.save(state_of(model, 1), config)
+
+    with pytest.raises((OSError, SafetensorError), match="No space left on device"):
+        store.save(state_of(model, 2), config)
+    assert not list(filesystem.path.glob(".*")), "the interrupted write was left behind"
+    assert [c.epoch for c in store.all()] == [1] and CheckpointStore.load(store.latest()).epoch == 1
+
+    filesystem.remount_read_only()
+    with pytest.raises((OSError, SafetensorError), match="Read-only file system"):
+        store.save(state_of(model, 2), config)
+    assert [c.epoch for c in store.all()] == [1] and CheckpointStore.load(store.latest()).epoch == 1

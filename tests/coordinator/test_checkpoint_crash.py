@@ -1,0 +1,57 @@
+"""A coordinator killed while it writes a checkpoint: the previous checkpoint stays loadable and an
+interrupted write is never taken for the latest one."""
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from coordinator.checkpoints import CheckpointStore
+
+WRITER = Path(__file__).parents[1] / "workers" / "checkpoint_writer.py"
+OPTIMIZER_VALUES = 20_000_000  # 80 MB: a write (with fsync) takes a good part of a second
+KILLS = 4
+
+
+def written(folder: Path) -> list[int]:
+    path = folder / "written.txt"
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def test_killed_checkpoint_writes_leave_the_previous_checkpoint_loadable(tmp_path):
+    chance = random.Random(8)
+    store = CheckpointStore(tmp_path / "checkpoints", keep=2)
+    interrupted = 0
+    for _ in range(KILLS):
+        with open(tmp_path / "writer.log", "a") as log:
+            writer = subprocess.Popen([sys.executable, str(WRITER), str(tmp_path), str(OPTIMIZER_VALUES)],
+                                      stdout=log, stderr=subprocess.STDOUT)
+        done_before = len(written(tmp_path))
+        deadline = time.monotonic() + 120
+        while len(written(tmp_path)) == done_before:  # kill only after it has written at least once
+            assert writer.poll() is None and time.monotonic() < deadline, (tmp_path / "writer.log").read_text()[-2000:]
+            time.sleep(0.05)
+        time.sleep(chance.uniform(0.0, 1.5))  # somewhere in a later write, its fsync, rename or pruning
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        interrupted += bool(list((tmp_path / "checkpoints").glob(".epoch-*")))  # killed inside a write
+
+        last_written = written(tmp_path)[-1]
+        latest = store.latest()
+        assert latest is not None and latest.epoch >= last_written
+        for checkpoint in store.all():  # whatever counts as a checkpoint is complete
+            state = CheckpointStore.load(checkpoint)
+            assert state.epoch == checkpoint.epoch
+            assert all(torch.equal(p, torch.full_like(p, float(checkpoint.epoch))) for p in state.parameters)
+            assert torch.equal(state.optimizer_tensors[0], torch.full((OPTIMIZER_VALUES,), float(checkpoint.epoch)))
+    assert interrupted >= 1, "no kill landed inside a write"
+    model = AutoModelForCausalLM.from_pretrained(store.latest().path)
+    assert all(torch.equal(p, torch.full_like(p, float(store.latest().epoch))) for p in model.parameters())
+    # The next writer clears what the killed ones left behind.
+    store.save(CheckpointStore.load(store.latest()), model.config)
+    assert not list((tmp_path / "checkpoints").glob(".*")), "leftovers of interrupted writes"
