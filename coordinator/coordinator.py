@@ -78,6 +78,7 @@ class Coordinator:
         if self.run_config.model.init_from:
             self._start_from_pretrained(self.run_config.model.init_from)
         self.latest_checkpoint = self.checkpoints.latest()  # kept here: the views ask for it on every request
+        self.checkpoint_error: str | None = None  # why the last checkpoint failed, until one succeeds
         self.history = History(self.state_dir / "history.sqlite3")
         points = self.history.points(limit=1)
         self.swarm = SwarmState(epoch=points[-1].epoch if points else 0,
@@ -257,13 +258,14 @@ class Coordinator:
                 bar.set_postfix_str(f"writing epoch {state.epoch}")
                 started = time.perf_counter()
                 checkpoint = self.checkpoints.save(state, self.run_config.model_config())
-                self.latest_checkpoint = checkpoint
+                self.latest_checkpoint, self.checkpoint_error = checkpoint, None
                 bar.update()
             self.averager.serve(state)
             logger.info("checkpoint of epoch %d written to %s (%.1f MB in %.1f s)", checkpoint.epoch,
                         checkpoint.path, checkpoint.size_bytes / 1e6, time.perf_counter() - started)
         except Exception as error:  # a failed checkpoint must not stop the coordinator
-            logger.error("checkpoint failed: %s", error)
+            self.checkpoint_error = f"{type(error).__name__}: {error}"
+            logger.error("checkpoint failed (training goes on, the previous checkpoint is kept): %s", error)
         finally:
             self._checkpointing.release()
 
@@ -281,7 +283,7 @@ class Coordinator:
             "eta_seconds": s.eta_seconds, "loss": s.loss, "samples_per_second": s.samples_per_second,
             "tokens_per_second": s.tokens_per_second, "samples_total": sum(entry["samples"] for entry in board),
             "active_peers": s.active_peers, "peers": s.peers, "leaderboard": board,
-            "checkpoint": checkpoint.as_dict() if checkpoint else None,
+            "checkpoint": checkpoint.as_dict() if checkpoint else None, "checkpoint_error": self.checkpoint_error,
             "config": self.run_config.to_dict(),
         }
 

@@ -8,6 +8,7 @@ Users may point at their own text file or folder instead. Tokenised corpora are 
 from __future__ import annotations
 
 import hashlib
+import io
 import importlib.resources
 import logging
 import os
@@ -75,12 +76,20 @@ def tokenize_files(files: list[Path], tokenizer: Tokenizer) -> np.ndarray:
         if text.strip():
             pieces.append(np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=np.int32))
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    cached.parent.mkdir(parents=True, exist_ok=True)
     temporary = cached.with_suffix(f".{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        np.save(handle, tokens, allow_pickle=False)
-    os.replace(temporary, cached)
-    logger.info("tokenised %d files into %d tokens (cached at %s)", len(files), len(tokens), cached)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        serialised = io.BytesIO()  # written in one call, so that a full disk says so (numpy's writer does not)
+        np.save(serialised, tokens, allow_pickle=False)
+        with open(temporary, "wb") as handle:
+            handle.write(serialised.getbuffer())
+        os.replace(temporary, cached)
+    except OSError as error:  # a full disk or a read-only cache costs the next start a re-tokenisation, no more
+        temporary.unlink(missing_ok=True)
+        logger.warning("tokens not cached at %s: %s (set STARLING_CACHE to a writable folder)", cached,
+                       error.strerror or error)
+    else:
+        logger.info("tokenised %d files into %d tokens (cached at %s)", len(files), len(tokens), cached)
     return tokens
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,16 +67,17 @@ def kill_session(process: subprocess.Popen) -> None:
 
 
 class WorkerPeer:
-    """A peer_worker.py process and the files it leaves."""
+    """A peer_worker.py process and the files it leaves; `wrap` prefixes its command line (such as
+    `ip netns exec NAMESPACE`, keeping the process id)."""
 
-    def __init__(self, folder: Path, spec: dict) -> None:
+    def __init__(self, folder: Path, spec: dict, wrap: list[str] | tuple[str, ...] = ()) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         spec = {**spec, "out": str(folder)}
         (folder / "spec.json").write_text(json.dumps(spec))
         self.log = open(folder / "log.txt", "w")
         # One compute thread per peer: several peers share this machine's cores.
-        self.process = subprocess.Popen([sys.executable, str(PEER_WORKER), str(folder / "spec.json")],
+        self.process = subprocess.Popen([*wrap, sys.executable, str(PEER_WORKER), str(folder / "spec.json")],
                                         stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -88,6 +90,10 @@ class WorkerPeer:
     def log_text(self) -> str:
         return (self.folder / "log.txt").read_text()
 
+    def logged_epoch(self) -> int:
+        """The latest epoch the peer has logged reaching so far (0 before its first)."""
+        return max((int(epoch) for epoch in re.findall(r"epoch (\d+):", self.log_text())), default=0)
+
     def params(self) -> dict:
         return load_file(self.folder / "params.safetensors")
 
@@ -98,16 +104,16 @@ class WorkerPeer:
 
 @pytest.fixture
 def launch_peer(tmp_path):
-    """launch_peer(name, duration=, max_epochs=, slow=, start_after=, snapshots=, die_in_round=, **peer_options)
-    -> WorkerPeer (see tests/workers/peer_worker.py)."""
+    """launch_peer(name, duration=, max_epochs=, slow=, start_after=, snapshots=, die_in_round=, wrap=,
+    **peer_options) -> WorkerPeer (see tests/workers/peer_worker.py)."""
     started = []
 
     def launch(name: str, duration=None, max_epochs=None, slow=None, start_after=None, snapshots=False,
-               die_in_round=None, **options) -> WorkerPeer:
+               die_in_round=None, wrap=(), **options) -> WorkerPeer:
         options = {"batch_size": 4, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "name": name, **options}
         worker = WorkerPeer(tmp_path / name, dict(options=options, duration=duration, max_epochs=max_epochs,
                                                         slow=slow, start_after=start_after and str(start_after),
-                                                        snapshots=snapshots, die_in_round=die_in_round))
+                                                        snapshots=snapshots, die_in_round=die_in_round), wrap)
         started.append(worker)
         return worker
 
@@ -212,3 +218,38 @@ def coordinator(tmp_path):
     yield make
     for process in made:
         process.kill()
+
+
+
+class SmallFilesystem:
+    """A tmpfs of a few kilobytes mounted on a folder: a disk that fills up, or turns read-only."""
+
+    def __init__(self, path: Path, kilobytes: int) -> None:
+        self.path = path
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(path)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+
+    def remount_read_only(self) -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """small_filesystem(kilobytes) -> a SmallFilesystem under tmp_path; skips where mounting is not allowed."""
+    mounted = []
+
+    def make(kilobytes: int) -> SmallFilesystem:
+        folder = tmp_path / f"filesystem-{len(mounted)}"
+        folder.mkdir()
+        filesystem = SmallFilesystem(folder, kilobytes)
+        mounted.append(filesystem)
+        return filesystem
+
+    yield make
+    for filesystem in mounted:
+        filesystem.unmount()

@@ -104,7 +104,7 @@ function renderState(state) {
   renderPeers(state.peers ?? [], state.time);
   renderLeaderboard(state.leaderboard ?? []);
   renderJoin(state);
-  renderCheckpoint(state.checkpoint ?? null, state.time);
+  renderCheckpoint(state.checkpoint ?? null, state.checkpoint_error ?? null, state.time);
   setText("config", state.config == null ? DASH : JSON.stringify(state.config, null, 2));
 }
 
@@ -185,8 +185,9 @@ function renderJoin(state) {
   replaceIfChanged(byId("initial-peers"), addresses, () => addresses.map((address) => h("li", {}, h("code", {}, address))));
 }
 
-function renderCheckpoint(checkpoint, now) {
-  setText("checkpoint-age", checkpoint ? `saved ${formatAgo(checkpoint.time, now)}` : "none yet");
+function renderCheckpoint(checkpoint, error, now) {
+  setText("checkpoint-age", error ? "last write failed" : checkpoint ? `saved ${formatAgo(checkpoint.time, now)}` : "none yet");
+  setText("checkpoint-error", error ?? DASH);
   setText("checkpoint-detail-epoch", formatNumber(checkpoint?.epoch));
   setText("checkpoint-path", checkpoint?.path ?? DASH);
   setText("checkpoint-size", formatMegabytes(checkpoint?.size_bytes));

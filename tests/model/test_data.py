@@ -64,3 +64,25 @@ def test_bad_shard_arguments():
         corpus.shard_indices(5)
     with pytest.raises(ValueError, match="shard index"):
         corpus.shard(4, 4)
+
+
+@pytest.mark.parametrize("trouble, message", [("full", "No space left on device"),
+                                              ("read-only", "Read-only file system")])
+def test_a_cache_that_cannot_be_written_costs_nothing_but_a_warning(tmp_path, small_filesystem, monkeypatch, caplog,
+                                                                    trouble, message):
+    corpus_folder = tmp_path / "corpus"
+    corpus_folder.mkdir()
+    (corpus_folder / "play.txt").write_text("Now is the winter of our discontent, made glorious summer. " * 400)
+    monkeypatch.setenv("STARLING_CACHE", str(tmp_path / "writable-cache"))
+    expected = load_corpus(corpus_folder, seq_len=32)
+
+    filesystem = small_filesystem(16)  # smaller than the cached tokens
+    if trouble == "read-only":
+        filesystem.remount_read_only()
+    monkeypatch.setenv("STARLING_CACHE", str(filesystem.path / "cache"))
+    with caplog.at_level("WARNING", logger="model.data"):
+        corpus = load_corpus(corpus_folder, seq_len=32)
+    assert torch.equal(corpus.sequences, expected.sequences)
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and message in warnings[0] and str(filesystem.path / "cache") in warnings[0]
+    assert not list(filesystem.path.rglob("*.tmp")), "a partial cache file was left behind"
