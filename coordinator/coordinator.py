@@ -119,7 +119,7 @@ class Coordinator:
                                    "running? choose another --dashboard-port)") from None
         self.signer = RSASignatureValidator(self.key)
         validators = [self.signer, SchemaValidator(metrics.MetricsSchema, prefix=run_id),
-                      SchemaValidator(TrainingProgressSchema, prefix=run_id)]
+                      SchemaValidator(TrainingProgressSchema, prefix=self.run_config.training_key())]
         known = self._known_peers()  # peers seen before a restart are its way back into the swarm
         try:
             try:
@@ -132,7 +132,7 @@ class Coordinator:
         except P2PDaemonError as error:
             raise CoordinatorError(f"the DHT could not listen on {' '.join(self.options.host_maddrs)}: "
                                    f"{str(error).splitlines()[-1]}") from None
-        self.averager = CheckpointAverager(self.dht, run_id)
+        self.averager = CheckpointAverager(self.dht, self.run_config.training_key())
         latest = self.latest_checkpoint
         if latest is not None:
             logger.info("serving checkpoint %s to peers that find no one else with state", latest.path)
@@ -216,7 +216,7 @@ class Coordinator:
     def poll(self) -> None:
         """Read the swarm's records and update the history and the current view."""
         run, now = self.run_config, time.time()
-        progress = read_progress(self.dht, run.run_id)
+        progress = read_progress(self.dht, run.training_key())
         reports = metrics.read_all(self.dht, run.run_id)
         for report in reports:
             if report.time > self._last_report_time.get(report.peer_id, 0.0):

@@ -26,11 +26,11 @@ class CheckpointAverager(hivemind.DecentralizedAverager):
     rather than another newcomer's random ones.
     """
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, **kwargs) -> None:
+    def __init__(self, dht: hivemind.DHT, training_key: str, **kwargs) -> None:
         self._served: TrainingState | None = None
         self._served_lock = threading.Lock()
         super().__init__(
-            averaged_tensors=[torch.zeros(1)], dht=dht, prefix=f"{run_id}_state_averager",
+            averaged_tensors=[torch.zeros(1)], dht=dht, prefix=f"{training_key}_state_averager",
             state_compression=NoCompression(), allow_state_sharing=False, start=True, **kwargs,
         )
 

@@ -1,8 +1,8 @@
 """What the swarm is doing, from the signed records peers keep in the DHT.
 
-Two kinds of records are read: hivemind's ProgressTracker records (`{run_id}_progress`: epoch,
-samples accumulated toward the next epoch, speed) and Starling's peer metrics (`{run_id}_metrics`:
-name, device, loss, samples contributed; see peer/metrics.py). Both are signed by their peers' keys
+Two kinds of records are read: hivemind's ProgressTracker records (`{training_key}_progress`, see
+RunConfig.training_key: epoch, samples accumulated toward the next epoch, speed) and Starling's
+peer metrics (`{run_id}_metrics`: name, device, loss, samples contributed; see peer/metrics.py). Both are signed by their peers' keys
 and checked by the DHT's validators, so a forged record never gets this far.
 """
 
@@ -37,9 +37,9 @@ def peer_status(last_seen: float, now: float) -> str:
     return "online" if age <= ONLINE_WITHIN else "stale" if age <= STALE_WITHIN else "gone"
 
 
-def read_progress(dht: hivemind.DHT, run_id: str) -> list[LocalTrainingProgress]:
+def read_progress(dht: hivemind.DHT, training_key: str) -> list[LocalTrainingProgress]:
     """The progress records of every peer of the run that is still publishing them."""
-    found = dht.get(f"{run_id}_progress", latest=True)
+    found = dht.get(f"{training_key}_progress", latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
     return [LocalTrainingProgress.parse_obj(entry.value) for entry in found.value.values() if entry.value is not None]

@@ -65,7 +65,7 @@ def make_collaborative_optimizer(
     averaging = run.averaging
     return hivemind.Optimizer(
         dht=dht,
-        run_id=run.run_id,
+        run_id=run.training_key(),  # averaging and progress records: only peers of this configuration
         params=model.parameters(),
         optimizer=lambda params: make_inner_optimizer(params, run.training),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(run.training)),

@@ -193,7 +193,7 @@ class Peer:
     def _newer_state_offered(self) -> bool:
         """Whether someone offers state of a later epoch than ours: a peer, or the coordinator with
         the latest checkpoint when the whole swarm restarts."""
-        found = self.dht.get(f"{self.run_config.run_id}_state_averager.all_averagers", latest=True)
+        found = self.dht.get(f"{self.run_config.training_key()}_state_averager.all_averagers", latest=True)
         offers = found.value if found is not None and isinstance(found.value, dict) else {}
         epoch = self.optimizer.local_epoch
         return any(isinstance(o.value, (int, float)) and o.value > epoch for o in offers.values())

@@ -8,6 +8,8 @@ RunConfigError that names the key. The coordinator publishes it in the DHT (peer
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import tomllib
 import types
@@ -96,6 +98,18 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def training_key(self) -> str:
+        """The prefix of the run's averaging and progress records in the DHT: the run id and a
+        fingerprint of what all of its peers must agree on (the model's shape, the data's sequence
+        length and sharding, the training section). A peer with another configuration of the same
+        run id averages with nobody of this run and never counts toward its epochs. Local choices
+        (kernels, the corpus path, averaging and coordinator settings) are left out."""
+        agreed = {"model": {"preset": self.model.preset, "overrides": self.model.overrides},
+                  "data": {"seq_len": self.data.seq_len, "num_shards": self.data.num_shards},
+                  "training": dataclasses.asdict(self.training)}
+        digest = hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()
+        return f"{self.run_id}_{digest[:12]}"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "run config") -> "RunConfig":

@@ -19,8 +19,9 @@ from peer.identity import peer_id_in_multiaddr, peer_id_of
 from peer.run_config import RunConfig, RunConfigError
 
 RUN_KEY = "starling_run"
-RECORD_FORMAT = 2  # bumped when peers of an older version could not follow the record
+RECORD_FORMAT = 3  # bumped when peers of an older version could not follow the record
 # 2: 8-bit gradients travel in Starling's own blockwise format (peer.codec), which format-1 peers cannot decode
+# 3: averaging and progress records live under RunConfig.training_key(), not the bare run id
 RECORD_EXPIRATION = 3600.0  # seconds; peers keep serving the record while the coordinator is away
 REPUBLISH_PERIOD = 300.0
 

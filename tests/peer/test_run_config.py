@@ -100,3 +100,25 @@ def test_any_file_loads_or_names_what_is_wrong(tmp_path_factory, text):
         RunConfig.load(path)
     except RunConfigError as error:
         assert str(path) in str(error)
+
+
+def test_training_key_separates_what_peers_must_agree_on():
+    base = RunConfig()
+    key = base.training_key()
+    assert key.startswith(f"{base.run_id}_") and key == RunConfig().training_key()
+    disagreeing = [
+        dataclasses.replace(base, run_id="another-run"),
+        dataclasses.replace(base, model=dataclasses.replace(base.model, preset="tiny")),
+        dataclasses.replace(base, model=dataclasses.replace(base.model, overrides={"num_hidden_layers": 3})),
+        dataclasses.replace(base, data=dataclasses.replace(base.data, seq_len=64)),
+        dataclasses.replace(base, training=dataclasses.replace(base.training, lr=1e-3)),
+        dataclasses.replace(base, training=dataclasses.replace(base.training, target_batch_size=128)),
+    ]
+    assert len({key, *(config.training_key() for config in disagreeing)}) == 1 + len(disagreeing)
+    local_choices = [
+        dataclasses.replace(base, model=dataclasses.replace(base.model, kernels="torch")),
+        dataclasses.replace(base, data=dataclasses.replace(base.data, path="/data/plays")),
+        dataclasses.replace(base, averaging=dataclasses.replace(base.averaging, matchmaking_time=9.0)),
+        dataclasses.replace(base, coordinator=dataclasses.replace(base.coordinator, checkpoint_every=3)),
+    ]
+    assert all(config.training_key() == key for config in local_choices)
