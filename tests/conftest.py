@@ -104,16 +104,17 @@ class WorkerPeer:
 
 @pytest.fixture
 def launch_peer(tmp_path):
-    """launch_peer(name, duration=, max_epochs=, slow=, start_after=, snapshots=, die_in_round=, wrap=,
-    **peer_options) -> WorkerPeer (see tests/workers/peer_worker.py)."""
+    """launch_peer(name, duration=, max_epochs=, slow=, start_after=, snapshots=, die_in_round=, model_overrides=,
+    wrap=, **peer_options) -> WorkerPeer (see tests/workers/peer_worker.py)."""
     started = []
 
     def launch(name: str, duration=None, max_epochs=None, slow=None, start_after=None, snapshots=False,
-               die_in_round=None, wrap=(), **options) -> WorkerPeer:
+               die_in_round=None, model_overrides=None, wrap=(), **options) -> WorkerPeer:
         options = {"batch_size": 4, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "name": name, **options}
         worker = WorkerPeer(tmp_path / name, dict(options=options, duration=duration, max_epochs=max_epochs,
                                                         slow=slow, start_after=start_after and str(start_after),
-                                                        snapshots=snapshots, die_in_round=die_in_round), wrap)
+                                                        snapshots=snapshots, die_in_round=die_in_round,
+                                                        model_overrides=model_overrides), wrap)
         started.append(worker)
         return worker
 

@@ -3,11 +3,12 @@
     peer_worker.py SPEC_JSON
 
 SPEC_JSON holds {"options": Peer keyword arguments, "duration": s, "max_epochs": n, "slow": s,
-"out": folder, "start_after": file, "snapshots": bool, "die_in_round": n}. With "slow", every forward
+"out": folder, "start_after": file, "snapshots": bool, "die_in_round": n, "model_overrides": {...}}. With "slow", every forward
 pass first sleeps that long (an injected slow device); with "start_after", the peer joins only once
 that file exists; with "die_in_round", the peer's gradient averager SIGKILLs the worker's whole
 session (worker, averagers, p2p daemon: a machine lost) right after it sent its first part of its
-n-th all-reduce round.
+n-th all-reduce round; with "model_overrides", the peer builds its model with those config fields
+changed while it keeps the run's configuration (a tampered client).
 The worker writes summary.json (with "processed": rows seen by forward) and params.safetensors, and
 with "snapshots" the parameters of every epoch it reaches as epoch-N.safetensors.
 """
@@ -24,7 +25,8 @@ from safetensors.torch import save_file
 
 from peer import Peer
 from peer import averager
-from model import CausalLM
+from peer.run_config import RunConfig
+from model import CausalLM, ModelConfig
 
 
 def save_params(model: CausalLM, path: Path) -> None:
@@ -52,6 +54,12 @@ def die_in_round(round_number: int) -> None:
     averager.RUNNERS["centered-clip"] = DyingRunner
 
 
+def tamper_model(overrides: dict) -> None:
+    """Build the model with overrides the run's configuration does not have."""
+    original = RunConfig.model_config
+    RunConfig.model_config = lambda self: ModelConfig.from_dict({**original(self).to_dict(), **overrides})
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     spec = json.loads(Path(sys.argv[1]).read_text())
@@ -60,6 +68,8 @@ def main() -> None:
         time.sleep(0.1)
     if spec.get("die_in_round"):
         die_in_round(spec["die_in_round"])
+    if spec.get("model_overrides"):
+        tamper_model(spec["model_overrides"])
     peer = Peer(**spec["options"])
     processed = 0
     original_forward = CausalLM.forward
