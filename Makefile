@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the test suite needs, installed when running as root and missing.
-DEBIAN_PACKAGES := prometheus chromium
+DEBIAN_PACKAGES := prometheus chromium nftables
 
 .PHONY: demo test setup system-packages
 

@@ -1,0 +1,141 @@
+"""Peers on bad networks: real peer processes in network namespaces of their own (benchmarks/netlab.py),
+with capped bandwidth, a link cut in the middle of training, or no inbound reachability.
+
+The bootstrap DHT node runs in the test's (root) namespace on the lab's bridge address.
+"""
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for benchmarks/
+from benchmarks import netlab  # noqa: E402
+from peer.run_config import RunConfig  # noqa: E402
+
+NO_LAB = netlab.why_no_lab()
+pytestmark = pytest.mark.skipif(NO_LAB is not None, reason=str(NO_LAB))
+
+
+@pytest.fixture
+def lab():
+    """A lab of three hosts, removed after the test (its peers are killed before, see lab_peer)."""
+    with netlab.Lab(hosts=3) as made:
+        yield made
+
+
+@pytest.fixture
+def lab_peer(lab, launch_peer):
+    """lab_peer(host, name, run_toml, **launch_peer options) -> WorkerPeer running in the host's
+    namespace, listening on its address and joining through a bootstrap node on the bridge."""
+    import hivemind
+
+    bootstrap = hivemind.DHT(host_maddrs=[lab.maddr()], start=True)
+    address = str(bootstrap.get_visible_maddrs()[0])
+
+    def start(host: netlab.Host, name: str, run_toml: Path, **kwargs):
+        return launch_peer(name, wrap=host.command([]), host_maddrs=[host.maddr()], initial_peers=[address],
+                           config=str(run_toml), **kwargs)
+
+    yield start
+    bootstrap.shutdown()
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def assert_together(peers, atol: float = 5e-3) -> None:
+    """Parameters within about one Adam step (lr 1e-3) of each other: state is averaged every epoch."""
+    params = [peer.params() for peer in peers]
+    for other in params[1:]:
+        for key, value in params[0].items():
+            torch.testing.assert_close(other[key], value, atol=atol, rtol=0)
+
+
+def test_peer_capped_at_20_mbit_trains_with_the_others(tmp_path, write_run_config, lab, lab_peer):
+    """A peer with 20 Mbit/s each way (about 6 s of transfer per epoch for the tiny model's gradient
+    and state) reaches every epoch with a peer on an open link, every round succeeding."""
+    run_toml = write_run_config(tmp_path, target_batch_size=48)
+    epochs = 3
+    capped, open_host, _ = lab.hosts
+    lab.cap(capped, mbit=20)
+    peers = [lab_peer(capped, "capped", run_toml, max_epochs=epochs),
+             lab_peer(open_host, "open", run_toml, max_epochs=epochs)]
+    summaries = [peer.wait(timeout=240) for peer in peers]
+
+    for summary in summaries:
+        assert summary["epoch"] >= epochs
+        assert summary["samples_contributed"] > 0
+        assert summary["rounds_succeeded"] >= epochs - 1 and summary["rounds_failed"] == 0
+    uploaded, downloaded = lab.bytes_through(capped)
+    assert uploaded > 1e6 and downloaded > 1e6  # the averaging went through the capped link
+    assert_together(peers)
+
+
+def test_peer_cut_off_longer_than_the_averaging_timeout_catches_up(tmp_path, write_run_config, lab, lab_peer):
+    """One peer's link goes down for twice the averaging timeout while all three train. The others
+    stall only for the round the peer was in (up to the averaging timeout) and go on through epochs
+    without it. The cut-off peer does not stop either: its rounds fail and it takes local steps
+    alone, so it may come back at the swarm's epoch or behind it. Behind by more than hivemind's
+    epoch tolerance (1), it loads the swarm's state; within it, it simply takes part in the next
+    rounds. Either way it reaches the swarm's epoch, and after an epoch together its parameters are
+    the swarm's again (state is averaged every epoch)."""
+    run_toml = write_run_config(tmp_path, target_batch_size=48)
+    timeout = RunConfig.load(run_toml).averaging.averaging_timeout
+    cut_host, *other_hosts = lab.hosts
+    cut = lab_peer(cut_host, "cut", run_toml, duration=600)
+    others = [lab_peer(host, f"peer{i}", run_toml, duration=600) for i, host in enumerate(other_hosts)]
+    everyone = [cut, *others]
+    wait_until(lambda: min(peer.logged_epoch() for peer in everyone) >= 1, 120, "every peer training")
+    joined = max(peer.logged_epoch() for peer in everyone)  # the first peers may have raced alone
+    wait_until(lambda: min(peer.logged_epoch() for peer in everyone) >= joined + 1, 60, "an epoch all together")
+
+    lab.cut(cut_host)
+    epoch_at_cut = max(peer.logged_epoch() for peer in others)
+    time.sleep(2 * timeout)
+    epoch_at_restore = min(peer.logged_epoch() for peer in others)
+    behind = epoch_at_restore - cut.logged_epoch()
+    lab.restore(cut_host)
+    assert epoch_at_restore >= epoch_at_cut + 1, "the others stalled while one peer was cut off"
+
+    swarm_epoch = max(peer.logged_epoch() for peer in others) + 1  # one the others reach with the link back
+    wait_until(lambda: cut.logged_epoch() >= swarm_epoch, 90, "the cut-off peer to reach the swarm's epoch")
+    wait_until(lambda: min(peer.logged_epoch() for peer in everyone) >= swarm_epoch + 1, 60,
+               "an epoch together after the cut")
+    for peer in everyone:
+        peer.process.send_signal(signal.SIGTERM)
+    summaries = {peer.folder.name: peer.wait(timeout=60) for peer in everyone}
+
+    if behind > 1:
+        assert summaries["cut"]["state_loads"] >= 1, f"came back {behind} epochs behind without loading state"
+    assert summaries["cut"]["rounds_succeeded"] >= 1
+    assert summaries["cut"]["epoch"] >= max(summaries[name]["epoch"] for name in ("peer0", "peer1")) - 1
+    for name in ("peer0", "peer1"):
+        assert summaries[name]["rounds_succeeded"] >= epoch_at_restore - 1, name
+    assert_together(everyone)
+
+
+@pytest.mark.skipif(netlab.why_no_firewall() is not None, reason=str(netlab.why_no_firewall()))
+def test_unreachable_peer_takes_part_in_client_mode(tmp_path, write_run_config, lab, lab_peer):
+    """A peer that drops every inbound connection (as behind a NAT) trains in client mode: it opens
+    every connection itself, contributes samples and succeeds in its rounds."""
+    run_toml = write_run_config(tmp_path, target_batch_size=48)
+    epochs = 3
+    hidden, open_host, _ = lab.hosts
+    lab.block_inbound(hidden)
+    peers = [lab_peer(hidden, "hidden", run_toml, max_epochs=epochs, client_mode=True),
+             lab_peer(open_host, "open", run_toml, max_epochs=epochs)]
+    summaries = [peer.wait(timeout=240) for peer in peers]
+
+    for summary in summaries:
+        assert summary["epoch"] >= epochs
+        assert summary["samples_contributed"] > 0
+        assert summary["rounds_succeeded"] >= epochs - 1
+    assert_together(peers)
