@@ -7,7 +7,10 @@ run_swarm() starts a hivemind DHT node for the peers to join through, then N pee
 until all are ready; then all start training at once, so that training time excludes start-up
 (imports, model build, DHT join). Each peer writes summary.json: its PeerSummary, when it
 started and stopped training, and per epoch the time, its mean training loss over that epoch's
-micro-batches and its counters; peer 0 also writes params.safetensors when asked.
+micro-batches, its counters and `step_seconds`: the time of the optimizer step that ended the
+epoch (gradient all-reduce, update, state averaging: everything but forward and backward of that
+micro-batch); peer 0 also writes params.safetensors when asked. Given a benchmarks.netlab.Lab,
+run_swarm places peer i in the lab's host i and the DHT node on the lab's bridge.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from benchmarks.netlab import Lab
 from coordinator.demo import stop
 from peer import Peer, PeerError
 from peer.run_config import RunConfig
@@ -118,6 +122,7 @@ class BenchmarkPeer(Peer):
         self.training_started = self.training_ended = None
         self.epochs: list[dict] = []
         self._losses: list[float] = []
+        self._step_seconds = 0.0
 
     def _start_optimizer(self) -> None:
         super()._start_optimizer()
@@ -136,7 +141,9 @@ class BenchmarkPeer(Peer):
             self.training_ended = time.time()
 
     def _train_micro_batch(self, epoch: int) -> int:
+        began, computed = time.perf_counter(), self.compute_seconds
         contributed = super()._train_micro_batch(epoch)
+        self._step_seconds = time.perf_counter() - began - (self.compute_seconds - computed)
         if contributed:
             self._losses.append(self.last_loss)
         return contributed
@@ -147,6 +154,7 @@ class BenchmarkPeer(Peer):
             epoch=self.optimizer.local_epoch, time=time.time(), micro_batches=len(self._losses),
             train_loss=statistics.fmean(self._losses) if self._losses else None,
             samples_contributed=self.samples_contributed, compute_seconds=self.compute_seconds,
+            step_seconds=self._step_seconds,
         ))
         self._losses = []
 
@@ -176,31 +184,35 @@ def log_tail(folder: Path) -> str:
     return (folder / "log.txt").read_text()[-3000:]
 
 
-def run_swarm(folder: Path, run_toml: Path, options: SwarmOptions, max_epochs: int) -> dict:
-    """Train a fresh swarm of options.peers peers for max_epochs epochs. Returns when the peers
-    were launched and released (time.time()) and each peer's summary.json; peer 0's folder
-    holds params.safetensors. Logs stay in `folder`."""
+def run_swarm(folder: Path, run_toml: Path, options: SwarmOptions, max_epochs: int, lab: Lab | None = None) -> dict:
+    """Train a fresh swarm of options.peers peers for max_epochs epochs, on loopback or in `lab`
+    (one host per peer). Returns when the peers were launched and released (time.time()) and
+    each peer's summary.json; peer 0's folder holds params.safetensors. Logs stay in `folder`."""
     import hivemind  # the benchmark's own process needs it only here
 
     folder.mkdir(parents=True, exist_ok=True)
     go = folder / "go"
-    bootstrap = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    bootstrap = hivemind.DHT(host_maddrs=[lab.maddr() if lab else "/ip4/127.0.0.1/tcp/0"], start=True)
     processes: list[subprocess.Popen] = []
     peer_folders = [folder / f"peer-{index}" for index in range(options.peers)]
     try:
         launched = time.time()
         for index, out in enumerate(peer_folders):
             out.mkdir()
+            command = [sys.executable, "-m", "benchmarks.swarm_runs", str(out / "spec.json")]
+            host_maddr = "/ip4/127.0.0.1/tcp/0"
+            if lab is not None:
+                command, host_maddr = lab.hosts[index].command(command), lab.hosts[index].maddr()
             spec = dict(out=str(out), go=str(go), threads=options.threads, max_epochs=max_epochs,
                         save_params=index == 0, options=dict(
                             initial_peers=[str(bootstrap.get_visible_maddrs()[0])], config=str(run_toml),
                             batch_size=options.batch_size, device=options.device, name=f"peer-{index}",
-                            host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+                            host_maddrs=[host_maddr]))
             (out / "spec.json").write_text(json.dumps(spec))
             with open(out / "log.txt", "w") as log:
                 # A session of its own, so that stop() reaches hivemind's helper processes too.
                 processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.swarm_runs", str(out / "spec.json")], cwd=REPO,
+                    command, cwd=REPO,
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                     env={**os.environ, "OMP_NUM_THREADS": str(options.threads)}))
         deadline = time.monotonic() + min(options.timeout, START_LINE_TIMEOUT)

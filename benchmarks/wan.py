@@ -1,0 +1,142 @@
+"""Training over capped links: round time and swarm throughput with every peer's bandwidth capped.
+
+    sudo python benchmarks/wan.py                          # 2 peers, tiny model, 1000 100 20 Mbit/s, 4 epochs each
+    sudo python benchmarks/wan.py --peers 3 --caps 100 20 --epochs 6
+    sudo python benchmarks/wan.py --preset demo --target-batch 128   # 21 M parameters: minutes per epoch at 20 Mbit/s
+
+Needs root: each peer runs in a network namespace of its own (benchmarks/netlab.py) with its
+upload and download capped by tc's token bucket filter, joined to the others through a bridge.
+For each cap, a fresh swarm (benchmarks/swarm_runs.py) trains --epochs epochs.
+
+Columns: `link Mbit/s` is one TCP stream between two of the lab's hosts through the cap (what
+the lab really lets through), `step s` the median time of the optimizer step that ends an epoch
+(gradient all-reduce, update and state averaging; epoch 1 left out, its round also opens the
+connections), `s per epoch` and `samples/s` the swarm's over the training time (start line to the
+last peer's end), and `MB/s per peer` the bytes each peer's link carried both ways during the
+run (libp2p framing, encryption and the DHT's traffic included) over the training time, the mean
+over peers. Latency and loss are not emulated: that needs netem. On one machine the peers share
+its cores: compute is slower than on separate machines, and only the links are separate.
+Prints a table and writes benchmarks/results/wan-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/
+
+import torch  # noqa: E402
+
+from benchmarks.measure import write_json  # noqa: E402
+from benchmarks.netlab import Host, Lab, why_no_lab  # noqa: E402
+from benchmarks.swarm import swarm_row  # noqa: E402
+from benchmarks.swarm_runs import RunSettings, add_swarm_arguments, run_swarm, swarm_options  # noqa: E402
+
+LINK_PORT = 5001
+LINK_SECONDS = 3.0
+RECEIVER = f"""
+import socket, sys, time
+server = socket.create_server((sys.argv[1], {LINK_PORT}))
+connection, _ = server.accept()
+received, started = 0, time.perf_counter()
+while chunk := connection.recv(1 << 20):
+    received += len(chunk)
+print(received / (time.perf_counter() - started))
+"""
+SENDER = f"""
+import socket, sys, time
+connection = socket.create_connection((sys.argv[1], {LINK_PORT}))
+block, until = bytes(1 << 20), time.perf_counter() + float(sys.argv[2])
+while time.perf_counter() < until:
+    connection.sendall(block)
+connection.close()
+"""
+
+
+def link_bytes_per_second(sender: Host, receiver: Host) -> float:
+    """Bytes per second of one TCP stream from sender to receiver for LINK_SECONDS."""
+    listening = subprocess.Popen(receiver.command([sys.executable, "-c", RECEIVER, receiver.address]),
+                                 stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(50):  # until the receiver listens
+            if subprocess.run(sender.command([sys.executable, "-c", SENDER, receiver.address, str(LINK_SECONDS)]),
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        return float(listening.communicate(timeout=30)[0])
+    finally:
+        listening.kill()
+
+
+def step_seconds(result: dict) -> float:
+    """Median over peers and epochs (from epoch 2) of the time of the step that ended an epoch."""
+    steps = [record["step_seconds"] for peer in result["peers"] for record in peer["epochs"] if record["epoch"] >= 2]
+    return statistics.median(steps) if steps else float("nan")
+
+
+def measure_cap(lab: Lab, mbit: float, folder: Path, run_toml: Path, args: argparse.Namespace) -> dict:
+    """Cap every host at `mbit` and train one swarm; the row of the table."""
+    hosts = lab.hosts[:args.peers]
+    for host in hosts:
+        lab.cap(host, mbit)
+    link = link_bytes_per_second(hosts[0], hosts[1])
+    before = [lab.bytes_through(host) for host in hosts]
+    result = run_swarm(folder, run_toml, swarm_options(args), max_epochs=args.epochs, lab=lab)
+    moved = [sum(lab.bytes_through(host)) - sum(start) for host, start in zip(hosts, before)]
+    row = swarm_row(args.target_batch, result)
+    return dict(cap_mbit=mbit, link_mbit=link * 8 / 1e6, step_s=step_seconds(result),
+                bytes_per_s_per_peer=statistics.fmean(moved) / row["training_s"], bytes_per_peer=moved, **row)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| cap Mbit/s | link Mbit/s | epochs | step s | s per epoch | samples/s | MB/s per peer | rounds ok/failed |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        rounds = " ".join(f"{peer['rounds_succeeded']}/{peer['rounds_failed']}" for peer in row["peers"])
+        print(f"| {row['cap_mbit']:g} | {row['link_mbit']:.1f} | {row['epochs']} | {row['step_s']:.2f} | "
+              f"{row['seconds_per_epoch']:.1f} | {row['samples_per_s']:.2f} | "
+              f"{row['bytes_per_s_per_peer'] / 1e6:.2f} | {rounds} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_swarm_arguments(parser, peers=2)
+    parser.set_defaults(preset="tiny", seq_len=32, matchmaking_time=2.0)
+    parser.add_argument("--caps", type=float, nargs="+", default=[1000, 100, 20], help="Mbit/s per peer, each way")
+    parser.add_argument("--target-batch", type=int, default=64, help="samples per epoch for the whole swarm")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs each swarm trains")
+    args = parser.parse_args()
+    if args.peers < 2:
+        parser.error("--peers must be at least 2")
+    if (reason := why_no_lab()) is not None:
+        sys.exit(reason)
+
+    folder = Path(tempfile.mkdtemp(prefix="starling-wan-"))
+    print(f"logs in {folder}", flush=True)
+    settings = RunSettings(preset=args.preset, seq_len=args.seq_len, target_batch_size=args.target_batch,
+                           lr=args.lr, matchmaking_time=args.matchmaking_time)
+    rows = []
+    with Lab(hosts=args.peers) as lab:
+        for mbit in args.caps:
+            run_toml = settings.write(folder / f"run-{mbit:g}.toml", run_id=f"wan-{mbit:g}")
+            rows.append(measure_cap(lab, mbit, folder / f"cap-{mbit:g}", run_toml, args))
+            print(f"{mbit:g} Mbit/s: step {rows[-1]['step_s']:.2f} s, {rows[-1]['samples_per_s']:.2f} samples/s",
+                  flush=True)
+
+    path = write_json(f"wan-{torch.device(args.device).type}.json", dict(
+        command=" ".join(["python", *sys.argv]), preset=args.preset, peers=args.peers, batch_size=args.batch_size,
+        seq_len=args.seq_len, threads=args.threads, device=args.device, target_batch_size=args.target_batch,
+        matchmaking_time=args.matchmaking_time, epochs=args.epochs, rows=rows,
+    ))
+    print_table(rows)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
