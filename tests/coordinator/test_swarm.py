@@ -1,7 +1,6 @@
 """A real coordinator with real peer processes on loopback: what it shows, what it saves, how it recovers."""
 
 import math
-import re
 import signal
 import time
 
@@ -14,11 +13,6 @@ import model  # noqa: F401  (registers the "starling" architecture with transfor
 def contributions(state: dict) -> dict[str, int]:
     return {peer["name"]: peer["samples"] for peer in state["peers"]}
 
-
-def logged_epoch(worker) -> int:
-    """The latest epoch a peer process logged."""
-    epochs = re.findall(r"epoch (\d+): loss", worker.log_text())
-    return int(epochs[-1]) if epochs else 0
 
 
 def test_state_metrics_and_a_checkpoint_equal_to_the_peers(tmp_path, write_run_config, coordinator, launch_peer):
@@ -74,11 +68,11 @@ def test_peers_outlive_the_coordinator_and_a_restarted_swarm_resumes_from_the_ch
 
     coord.kill()  # SIGKILL, helpers included
     killed_at = time.time()
-    epoch_at_kill = max(logged_epoch(peer) for peer in peers)
+    epoch_at_kill = max(peer.logged_epoch() for peer in peers)
     deadline = time.monotonic() + 90
-    while max(logged_epoch(peer) for peer in peers) < epoch_at_kill + 2 and time.monotonic() < deadline:
+    while max(peer.logged_epoch() for peer in peers) < epoch_at_kill + 2 and time.monotonic() < deadline:
         time.sleep(1)
-    assert max(logged_epoch(peer) for peer in peers) >= epoch_at_kill + 2, "the peers stopped without the coordinator"
+    assert max(peer.logged_epoch() for peer in peers) >= epoch_at_kill + 2, "the peers stopped without the coordinator"
 
     coord.start()
     after = coord.wait_for(lambda s: s["epoch"] > epoch_at_kill and len(contributions(s)) == 2, 60,

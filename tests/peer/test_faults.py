@@ -1,16 +1,10 @@
 """Failure injection with real peer processes: training goes on, and the model stays correct."""
 
-import re
 import time
 
 import torch
 
 from peer.run_config import RunConfig
-
-
-def logged_epoch(log: str) -> int:
-    epochs = [int(epoch) for epoch in re.findall(r"epoch (\d+):", log)]
-    return max(epochs, default=0)
 
 
 def test_peer_killed_in_the_middle_of_a_round(tmp_path, write_run_config, start_peer):
@@ -23,12 +17,12 @@ def test_peer_killed_in_the_middle_of_a_round(tmp_path, write_run_config, start_
     assert victim.process.wait(timeout=240) == -9, victim.log_text()[-3000:]
     died_at = time.monotonic()
     assert "dying in all-reduce round 2" in victim.log_text()
-    epoch_at_death = max(logged_epoch(peer.log_text()) for peer in survivors)
+    epoch_at_death = max(peer.logged_epoch() for peer in survivors)
 
     # Nobody hangs: within the averaging timeout (plus a new round's matchmaking) the survivors
     # have finished or abandoned the round, and their next epoch comes.
     deadline = died_at + 4 * timeout
-    while max(logged_epoch(peer.log_text()) for peer in survivors) <= epoch_at_death:
+    while max(peer.logged_epoch() for peer in survivors) <= epoch_at_death:
         assert time.monotonic() < deadline, "no epoch after the peer died: " + survivors[0].log_text()[-3000:]
         time.sleep(0.5)
     summaries = [peer.wait(timeout=300) for peer in survivors]
