@@ -125,7 +125,10 @@ def test_peer_cut_off_longer_than_the_averaging_timeout_catches_up(tmp_path, wri
 @pytest.mark.skipif(netlab.why_no_firewall() is not None, reason=str(netlab.why_no_firewall()))
 def test_unreachable_peer_takes_part_in_client_mode(tmp_path, write_run_config, lab, lab_peer):
     """A peer that drops every inbound connection (as behind a NAT) trains in client mode: it opens
-    every connection itself, contributes samples and succeeds in its rounds."""
+    every connection itself, contributes samples and succeeds in its rounds. Without client mode
+    such a peer also took part here (two peers, 3 of 3 rounds): libp2p carries the other side's
+    streams over connections the peer opened, so the failure one would expect does not happen
+    reliably and is not asserted."""
     run_toml = write_run_config(tmp_path, target_batch_size=48)
     epochs = 3
     hidden, open_host, _ = lab.hosts
