@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -96,6 +97,22 @@ class PeerSummary:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _stop_on_sigterm(stop: threading.Event):
+    """A SIGTERM handler that asks this process's peer to stop. hivemind forks its DHT and averager
+    processes after the handler is installed, and a forked process keeps it: there SIGTERM (their
+    terminate() at shutdown) must still end the process, or our exit waits on them."""
+    owner = os.getpid()
+
+    def handle(signum: int, frame) -> None:
+        if os.getpid() == owner:
+            stop.set()
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    return handle
 
 
 class Peer:
@@ -232,7 +249,7 @@ class Peer:
         started = time.perf_counter()
         previous_sigterm = previous_sigint = None
         if threading.current_thread() is threading.main_thread():
-            previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+            previous_sigterm = signal.signal(signal.SIGTERM, _stop_on_sigterm(self._stop))
             previous_sigint = signal.getsignal(signal.SIGINT)
         self.samples_contributed = self.samples_skipped = self.state_loads = 0
         self.compute_seconds = 0.0
