@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from benchmarks.measure import RESULTS, write_json  # noqa: E402
-from benchmarks.swarm_runs import RunSettings, SwarmOptions, add_swarm_arguments, run_swarm, swarm_options  # noqa: E402
+from benchmarks.swarm_runs import SwarmOptions, add_swarm_arguments, run_settings, run_swarm, swarm_options  # noqa: E402
 from model import CausalLM  # noqa: E402
 from model.data import bundled_corpus_files, load_corpus  # noqa: E402
 from peer.run_config import COMPRESSIONS, RunConfig  # noqa: E402
@@ -120,9 +120,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="starling-convergence-"))
     print(f"logs in {folder}", flush=True)
     train, test = split_corpus(folder, args.held_out)
-    settings = RunSettings(preset=args.preset, seq_len=args.seq_len, target_batch_size=args.target_batch, lr=args.lr,
-                           warmup_epochs=args.warmup_epochs, total_epochs=args.epochs,
-                           matchmaking_time=args.matchmaking_time, data=str(train))
+    settings = run_settings(args, target_batch_size=args.target_batch, warmup_epochs=args.warmup_epochs,
+                            total_epochs=args.epochs, data=str(train))
     swarm = swarm_options(args)
     solo = SwarmOptions(peers=1, batch_size=args.peers * args.batch_size, threads=args.peers * args.threads,
                         device=args.device, timeout=args.timeout)

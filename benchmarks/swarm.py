@@ -37,7 +37,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not be
 import torch  # noqa: E402
 
 from benchmarks.measure import write_json  # noqa: E402
-from benchmarks.swarm_runs import RunSettings, add_swarm_arguments, run_swarm, swarm_options  # noqa: E402
+from benchmarks.swarm_runs import add_swarm_arguments, run_settings, run_swarm, swarm_options  # noqa: E402
 from peer.run_config import COMPRESSIONS  # noqa: E402
 
 
@@ -116,8 +116,7 @@ def main() -> None:
     print(f"logs in {folder}", flush=True)
     rows = []
     for target in args.target_batches:
-        settings = RunSettings(preset=args.preset, seq_len=args.seq_len, target_batch_size=target, lr=args.lr,
-                               matchmaking_time=args.matchmaking_time, compression=args.compression)
+        settings = run_settings(args, target_batch_size=target, compression=args.compression)
         run_toml = settings.write(folder / f"run-{target}.toml", run_id=f"swarm-{target}")
         result = run_swarm(folder / f"target-{target}", run_toml, swarm_options(args), max_epochs=args.epochs)
         rows.append(swarm_row(target, result))

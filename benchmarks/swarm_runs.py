@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from benchmarks.netlab import Lab
 from coordinator.demo import stop
 from peer import Peer, PeerError
-from peer.run_config import RunConfig
+from peer.run_config import AveragingSection, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 START_LINE_TIMEOUT = 900.0  # seconds a ready peer waits to be released, or peers to get ready
@@ -54,6 +54,7 @@ total_epochs = {total_epochs}
 [averaging]
 matchmaking_time = {matchmaking_time}
 compression = "{compression}"
+average_state_every = {average_state_every}
 """
 
 
@@ -69,6 +70,7 @@ class RunSettings:
     total_epochs: int = 1000
     matchmaking_time: float = 5.0
     compression: str = "adaptive-8bit"
+    average_state_every: int = AveragingSection.average_state_every
     data: str | None = None  # a text file or folder; None: the bundled corpus
 
     def write(self, path: Path, run_id: str) -> Path:
@@ -100,9 +102,17 @@ def add_swarm_arguments(parser: argparse.ArgumentParser, peers: int) -> None:
     add("--seq-len", type=int, default=128, help="tokens per sample")
     add("--lr", type=float, default=2e-3)
     add("--matchmaking-time", type=float, default=5.0, help="seconds peers wait to form an averaging group")
+    add("--average-state-every", type=int, default=AveragingSection.average_state_every,
+        help="epochs between two averagings of parameters and optimizer state")
     add("--threads", type=int, default=1, help="torch threads per peer")
     add("--device", default="cpu", help="cpu or cuda[:N], for every peer")
     add("--timeout", type=float, default=3600.0, help="seconds one swarm may take before the benchmark gives up")
+
+
+def run_settings(args: argparse.Namespace, **fields: Any) -> RunSettings:
+    """RunSettings from the shared options (add_swarm_arguments) and the benchmark's own fields."""
+    return RunSettings(preset=args.preset, seq_len=args.seq_len, lr=args.lr, matchmaking_time=args.matchmaking_time,
+                       average_state_every=args.average_state_every, **fields)
 
 
 def swarm_options(args: argparse.Namespace) -> SwarmOptions:

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from benchmarks.measure import write_json  # noqa: E402
 from benchmarks.netlab import Host, Lab, why_no_lab  # noqa: E402
 from benchmarks.swarm import swarm_row  # noqa: E402
-from benchmarks.swarm_runs import RunSettings, add_swarm_arguments, run_swarm, swarm_options  # noqa: E402
+from benchmarks.swarm_runs import add_swarm_arguments, run_settings, run_swarm, swarm_options  # noqa: E402
 
 LINK_PORT = 5001
 LINK_SECONDS = 3.0
@@ -119,8 +119,7 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="starling-wan-"))
     print(f"logs in {folder}", flush=True)
-    settings = RunSettings(preset=args.preset, seq_len=args.seq_len, target_batch_size=args.target_batch,
-                           lr=args.lr, matchmaking_time=args.matchmaking_time)
+    settings = run_settings(args, target_batch_size=args.target_batch)
     rows = []
     with Lab(hosts=args.peers) as lab:
         for mbit in args.caps:
@@ -132,7 +131,8 @@ def main() -> None:
     path = write_json(f"wan-{torch.device(args.device).type}.json", dict(
         command=" ".join(["python", *sys.argv]), preset=args.preset, peers=args.peers, batch_size=args.batch_size,
         seq_len=args.seq_len, threads=args.threads, device=args.device, target_batch_size=args.target_batch,
-        matchmaking_time=args.matchmaking_time, epochs=args.epochs, rows=rows,
+        matchmaking_time=args.matchmaking_time, average_state_every=args.average_state_every, epochs=args.epochs,
+        rows=rows,
     ))
     print_table(rows)
     print(f"written to {path}")
