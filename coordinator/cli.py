@@ -2,6 +2,7 @@
 
   starling-coordinator --config run.toml                 run the coordinator
   starling-coordinator token issue --user NAME --ttl 24h print an access token for a moderated run
+  starling-coordinator token revoke --user NAME        refuse that user's tokens from now on
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peer.command_line import OneLineParser, env_default, setup_logging
+
+if TYPE_CHECKING:
+    from peer.run_config import RunConfig
 
 PROG = "starling-coordinator"
 TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -68,11 +73,10 @@ def issue_token_command(argv: list[str]) -> int:
         return args
     from peer.auth import issue_token
     from peer.identity import load_or_create_identity
-    from peer.run_config import RunConfig, RunConfigError
+    from peer.run_config import RunConfigError
 
     try:
-        run = RunConfig.load(args.config)
-        state_dir = Path(args.state_dir or Path("runs") / run.run_id)
+        run, state_dir = _run_and_state_dir(args)
         identity = Path(args.identity or state_dir / "identity.key")
         if not identity.is_file():
             raise ValueError(f"identity: {str(identity)!r} does not exist; start the coordinator once first")
@@ -83,13 +87,51 @@ def issue_token_command(argv: list[str]) -> int:
     return 0
 
 
+def build_revoke_parser() -> OneLineParser:
+    parser = OneLineParser(prog=f"{PROG} token revoke",
+                           description="Refuse a user's tokens from now on, also while the coordinator runs.")
+    add = parser.add_argument
+    add("--user", required=True, help="the name the user's tokens were issued to")
+    add("--config", default=env_default("--config"), required=env_default("--config") is None, help="the run's run.toml")
+    add("--state-dir", default=env_default("--state-dir"), help="the coordinator's state dir (default: runs/<run_id>)")
+    return parser
+
+
+def revoke_token_command(argv: list[str]) -> int:
+    args = build_revoke_parser().parse_or_exit_code(argv)
+    if isinstance(args, int):
+        return args
+    from coordinator.revocations import revoke
+    from peer.run_config import RunConfigError
+
+    try:
+        _, state_dir = _run_and_state_dir(args)
+        if not state_dir.is_dir():
+            raise ValueError(f"state dir: {str(state_dir)!r} does not exist; start the coordinator once first")
+        added = revoke(state_dir, args.user)
+    except (RunConfigError, ValueError, OSError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"revoked {args.user!r}" if added else f"{args.user!r} was already revoked")
+    return 0
+
+
+def _run_and_state_dir(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    from peer.run_config import RunConfig
+
+    run = RunConfig.load(args.config)
+    return run, Path(args.state_dir or Path("runs") / run.run_id)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["token"]:
-        if argv[1:2] != ["issue"]:
-            print(f"{PROG}: error: expected 'token issue', got {' '.join(argv[:2])!r}", file=sys.stderr)
+        commands = {"issue": issue_token_command, "revoke": revoke_token_command}
+        if argv[1:2] == [] or argv[1] not in commands:
+            print(f"{PROG}: error: expected 'token issue' or 'token revoke', got {' '.join(argv[:2])!r}",
+                  file=sys.stderr)
             return 2
-        return issue_token_command(argv[2:])
+        return commands[argv[1]](argv[2:])
     args = build_parser().parse_or_exit_code(argv)
     if isinstance(args, int):
         return args

@@ -165,10 +165,11 @@ class Coordinator:
     def _authorizer(self):
         if self.run_config.coordinator.auth != "token":
             return None
+        from coordinator.revocations import RevocationList
         from peer.auth import RunAuthorizer, issue_token, parse_token
 
         grant = parse_token(issue_token(self.key, self.run_config.run_id, "coordinator", ttl_seconds=10 * 365 * 86400))
-        return RunAuthorizer(grant, local_private_key=self.key)
+        return RunAuthorizer(grant, local_private_key=self.key, revoked=RevocationList(self.state_dir))
 
     @property
     def initial_peers(self) -> list[str]:

@@ -23,7 +23,7 @@ import binascii
 import json
 import re
 import time
-from collections.abc import Collection
+from collections.abc import Container
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -138,14 +138,15 @@ class RunAuthorizer(TokenAuthorizerBase):
     """Signs this node's DHT RPCs with its grant and accepts peers with a valid grant from the same authority.
 
     `local_private_key` signs this node's requests and responses (default: hivemind's process-wide key);
-    users in `revoked` are refused whatever their token says.
+    users in `revoked` (any container of names, such as coordinator.revocations.RevocationList)
+    are refused whatever their token says.
     """
 
     def __init__(self, grant: Grant, local_private_key: RSAPrivateKey | None = None,
-                 revoked: Collection[str] = ()) -> None:
+                 revoked: Container[str] = frozenset()) -> None:
         super().__init__(local_private_key)
         self.grant = grant
-        self.revoked = frozenset(revoked)
+        self.revoked = revoked
         self._authority_key_bytes = grant.authority_key.to_bytes()
         self._expiry_logged = False
 

@@ -1,4 +1,5 @@
-"""starling-coordinator from the command line: bad input, ports in use, and access tokens for moderated runs."""
+"""starling-coordinator from the command line: bad input, ports in use, and access tokens (issued, forged,
+revoked) for moderated runs."""
 
 import socket
 import subprocess
@@ -44,7 +45,8 @@ def test_dashboard_port_in_use_is_named(tmp_path, write_run_config):
 
 @pytest.mark.parametrize("args, culprit", [
     (["token", "issue", "--user", "alice", "--ttl", "soon"], "--ttl"),
-    (["token", "revoke"], "expected 'token issue'"),
+    (["token", "forget"], "expected 'token issue' or 'token revoke'"),
+    (["token", "revoke"], "--user"),
     (["--dashboard-port", "http"], "--dashboard-port"),
     (["--host-maddrs", "/ip4/127.0.0.1/tcp/abc"], "host_maddrs: '/ip4/127.0.0.1/tcp/abc' is not a valid multiaddr"),
 ])
@@ -53,7 +55,7 @@ def test_bad_options_exit_2(tmp_path, write_run_config, args, culprit):
     assert result.returncode == 2 and culprit in result.stderr, result.stderr[-2000:]
 
 
-def test_moderated_run_refuses_peers_without_a_valid_token(tmp_path, write_run_config, coordinator, launch_peer):
+def test_moderated_run_refuses_peers_without_a_valid_or_with_a_revoked_token(tmp_path, write_run_config, coordinator, launch_peer):
     run_toml = write_run_config(tmp_path, auth="token")
     coord = coordinator(run_toml)
     issued = run_coordinator("token", "issue", "--user", "alice", "--ttl", "1h", "--config", str(run_toml),
@@ -61,14 +63,22 @@ def test_moderated_run_refuses_peers_without_a_valid_token(tmp_path, write_run_c
     assert issued.returncode == 0, issued.stderr
     token = issued.stdout.strip()
     forged = issue_token(RSAPrivateKey(), coord.state()["run_id"], "mallory", ttl_seconds=3600)
+    eve = run_coordinator("token", "issue", "--user", "eve", "--ttl", "1h", "--config", str(run_toml),
+                          "--state-dir", str(coord.state_dir)).stdout.strip()
+    revoked = run_coordinator("token", "revoke", "--user", "eve", "--config", str(run_toml),
+                              "--state-dir", str(coord.state_dir))  # while the coordinator runs
+    assert revoked.returncode == 0 and "revoked 'eve'" in revoked.stdout, revoked.stderr
 
     no_token = launch_peer("nobody", initial_peers=[coord.address], max_epochs=1)
     forger = launch_peer("mallory", initial_peers=[coord.address], max_epochs=1, token=forged)
+    revoked_user = launch_peer("eve", initial_peers=[coord.address], max_epochs=1, token=eve)
     member = launch_peer("alice", initial_peers=[coord.address], max_epochs=2, token=token)
     assert member.wait(timeout=240)["samples_contributed"] > 0
     assert no_token.process.wait(timeout=120) != 0
     assert "did not accept this peer: if the run is moderated, pass --token" in no_token.log_text()
     assert forger.process.wait(timeout=120) != 0
     assert "token was not issued by the coordinator" in forger.log_text()
+    assert revoked_user.process.wait(timeout=120) != 0
+    assert "did not accept this peer: check that your --token is current" in revoked_user.log_text()
     names = {peer["name"] for peer in coord.wait_for(lambda s: s["peers"], 30, "the member on the dashboard")["peers"]}
     assert names == {"alice"}
