@@ -1,5 +1,7 @@
 """Corpus loading, packing and sharding."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -66,9 +68,20 @@ def test_bad_shard_arguments():
         corpus.shard(4, 4)
 
 
+class RecordedLogs(logging.Handler):
+    """The records one logger emits, whatever the logging set-up of earlier tests left behind."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.mark.parametrize("trouble, message", [("full", "No space left on device"),
                                               ("read-only", "Read-only file system")])
-def test_a_cache_that_cannot_be_written_costs_nothing_but_a_warning(tmp_path, small_filesystem, monkeypatch, caplog,
+def test_a_cache_that_cannot_be_written_costs_nothing_but_a_warning(tmp_path, small_filesystem, monkeypatch,
                                                                     trouble, message):
     corpus_folder = tmp_path / "corpus"
     corpus_folder.mkdir()
@@ -80,9 +93,14 @@ def test_a_cache_that_cannot_be_written_costs_nothing_but_a_warning(tmp_path, sm
     if trouble == "read-only":
         filesystem.remount_read_only()
     monkeypatch.setenv("STARLING_CACHE", str(filesystem.path / "cache"))
-    with caplog.at_level("WARNING", logger="model.data"):
+    records = RecordedLogs()
+    logger = logging.getLogger("model.data")
+    logger.addHandler(records)
+    try:
         corpus = load_corpus(corpus_folder, seq_len=32)
+    finally:
+        logger.removeHandler(records)
     assert torch.equal(corpus.sequences, expected.sequences)
-    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    warnings = [record.getMessage() for record in records.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1 and message in warnings[0] and str(filesystem.path / "cache") in warnings[0]
     assert not list(filesystem.path.rglob("*.tmp")), "a partial cache file was left behind"
