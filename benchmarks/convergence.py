@@ -14,7 +14,8 @@ that the swarm reached it. So the table and the curves count the samples actuall
 
 Data: the bundled plays but the last --held-out ones train; the held-out loss is the mean token
 loss of peer 0's final parameters on the first --eval-sequences sequences of the held-out plays
-(state is averaged every epoch, so the peers' parameters agree to about one Adam step). The
+(every peer steps on the same averaged gradient, up to the codec's error on the parts others
+reduced, and state is averaged every --average-state-every epochs, so peers agree closely). The
 curves are the training loss of each epoch (mean over that epoch's micro-batches of all peers)
 against the samples contributed before it, with the held-out loss as a star at the end.
 Prints a table and writes benchmarks/results/convergence-<device>.json and
