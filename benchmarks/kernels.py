@@ -3,8 +3,11 @@
     python benchmarks/kernels.py                 # CPU: reference eager vs torch.compile
     python benchmarks/kernels.py --device cuda   # adds the Triton kernels, and Liger-Kernel if installed
 
-Shapes are those of the demo preset and of one Mistral 7B layer. Prints a table and writes
-benchmarks/results/kernels-<device>.json.
+Shapes are those of the demo preset and of one Mistral 7B layer. `GB/s` is the effective memory
+bandwidth of the memory-bound operations: the bytes their forward and backward must at least read
+and write (inputs, outputs and gradients once each; for the codec, float32 in, codes and scales
+out, and back) over the time; compare it with the device's peak (an H100 SXM has 3.35 TB/s, an
+H200 4.8 TB/s). Prints a table and writes benchmarks/results/kernels-<device>.json.
 """
 
 from __future__ import annotations
@@ -63,11 +66,21 @@ def fused(name: str) -> Op:
 
 
 def cases(config: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device):
-    """(operation name, reference, fused, input builder, step) for one model shape. The builder
-    makes fresh leaf inputs; the step runs forward and backward (where there is one) of an operation."""
+    """(operation name, reference, fused, input builder, step, bytes moved) for one model shape.
+    The builder makes fresh leaf inputs; the step runs forward and backward (where there is one) of
+    an operation; bytes moved is what that must at least read and write (None: compute-bound)."""
     seq = min(tokens, 2048)
     batch = tokens // seq
     hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.attention_head_dim
+    size = torch.finfo(dtype).bits // 8
+    heads = config.num_attention_heads + config.num_key_value_heads
+    codec_values = hidden * inter
+    moved = {  # forward + backward, each tensor read or written once
+        "rms_norm": 5 * tokens * hidden * size,  # x, y; x, dy, dx
+        "swiglu": 8 * tokens * inter * size,  # gate, up, out; dout, gate, up, dgate, dup
+        "rotary": 4 * tokens * heads * head_dim * size,  # q, k in place, then their gradients in place
+        "codec_roundtrip": 2 * codec_values * 4 + 2 * (codec_values + codec_values // 256 * 4),  # float32 <-> codes+scales
+    }
 
     def leaf(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
@@ -107,11 +120,12 @@ def cases(config: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.de
         op(x)
 
     return [
-        ("rms_norm", rms_norm_reference, fused("rms_norm"), norm_inputs, norm_step),
-        ("swiglu", swiglu_reference, fused("swiglu"), swiglu_inputs, swiglu_step),
-        ("rotary", rotary_reference, fused("rotary"), rotary_inputs, rotary_step),
-        ("linear_cross_entropy", linear_cross_entropy_reference, fused("linear_cross_entropy"), ce_inputs, ce_step),
-        ("codec_roundtrip", codec_reference, codec_fused, codec_inputs, codec_step),
+        ("rms_norm", rms_norm_reference, fused("rms_norm"), norm_inputs, norm_step, moved["rms_norm"]),
+        ("swiglu", swiglu_reference, fused("swiglu"), swiglu_inputs, swiglu_step, moved["swiglu"]),
+        ("rotary", rotary_reference, fused("rotary"), rotary_inputs, rotary_step, moved["rotary"]),
+        ("linear_cross_entropy", linear_cross_entropy_reference, fused("linear_cross_entropy"), ce_inputs, ce_step,
+         None),
+        ("codec_roundtrip", codec_reference, codec_fused, codec_inputs, codec_step, moved["codec_roundtrip"]),
     ]
 
 
@@ -142,10 +156,11 @@ def main() -> None:
     torch.manual_seed(0)
 
     rows = []
-    print(f"{'shape':<12}{'operation':<22}{'provider':<15}{'ms':>10}{'x torch':>9}{'saved MiB':>11}{'peak MiB':>10}")
+    print(f"{'shape':<12}{'operation':<22}{'provider':<15}{'ms':>10}{'x torch':>9}{'GB/s':>8}{'saved MiB':>11}"
+          f"{'peak MiB':>10}")
     for preset, n in zip(("demo", "mistral-7b"), tokens):
         config = ModelConfig.from_preset(preset)
-        for name, reference, fused_op, make_inputs, step in cases(config, n, dtype, device):
+        for name, reference, fused_op, make_inputs, step, moved in cases(config, n, dtype, device):
             steps = {}
             for provider, op in providers(name, reference, fused_op, device, not args.no_compile, liger):
                 inputs = make_inputs()
@@ -159,10 +174,12 @@ def main() -> None:
             seconds = median_seconds(steps, device, args.repeats)
             for provider, run in steps.items():
                 row = dict(shape=preset, tokens=n, operation=name, provider=provider, ms=seconds[provider] * 1e3,
-                           speedup=seconds["torch"] / seconds[provider], saved_bytes=saved_bytes(run),
-                           peak_bytes=peak_bytes(run, device))
+                           speedup=seconds["torch"] / seconds[provider],
+                           gb_s=None if moved is None else moved / seconds[provider] / 1e9,
+                           saved_bytes=saved_bytes(run), peak_bytes=peak_bytes(run, device))
                 rows.append(row)
-                print(f"{preset:<12}{name:<22}{provider:<15}{row['ms']:>10.2f}{row['speedup']:>9.2f}"
+                gb_s = "-" if row["gb_s"] is None else f"{row['gb_s']:.1f}"
+                print(f"{preset:<12}{name:<22}{provider:<15}{row['ms']:>10.2f}{row['speedup']:>9.2f}{gb_s:>8}"
                       f"{mib(row['saved_bytes']):>11}{mib(row['peak_bytes']):>10}")
     path = write_json(f"kernels-{device.type}.json", dict(
         device=machine(device), dtype=str(dtype), repeats=args.repeats, torch=torch.__version__,
