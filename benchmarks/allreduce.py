@@ -7,12 +7,15 @@ DecentralizedAverager with each codec against torch.distributed all_reduce (gloo
     python benchmarks/allreduce.py --peers 2 --sizes 10000000 --codecs none starling8 \\
         --part-size-bytes 524288 2097152 4194304     # the effect of hivemind's part size
     python benchmarks/allreduce.py --peers 2 --sizes 10000000 --rounds 2 --codecs none starling8 --profile
+    python benchmarks/allreduce.py --peers 2 4 --sizes 10000000 --codecs adaptive --aggregation centered-clip
 
 Each peer is a process on 127.0.0.1 with its own hivemind DHT (rank 0 first, the others join
 it) and one float32 N(0,1) tensor (seeded by rank). For each codec and part size the peers
 create an averager with target_group_size = min_group_size = peers, pre-schedule a step
 (require_trigger=True), wait until the group is formed (matchmaking s), meet at a barrier, allow
 the all-reduce and time it until every peer has its result (round s: the slowest peer). The
+reducers combine their parts with hivemind's weighted mean, or with --aggregation centered-clip
+as Starling's peers do by default (peer.averager.AggregatingAverager). The
 same processes time gloo's all_reduce of the same tensor followed by the division by the number
 of peers. One warm-up round each, then the median of --rounds rounds.
 
@@ -71,18 +74,19 @@ import hivemind  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from hivemind.averaging import DecentralizedAverager  # noqa: E402
 from hivemind.averaging.control import AveragingStage  # noqa: E402
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES  # noqa: E402
 from hivemind.compression import (  # noqa: E402
     BlockwiseQuantization, CompressionBase, CompressionInfo, Float16Compression, NoCompression,
     Quantile8BitQuantization, ScaledFloat16Compression, Uniform8BitQuantization, deserialize_torch_tensor,
+    serialization,
 )
 
 from benchmarks.measure import write_json  # noqa: E402
 from peer.codec import Blockwise8Bit, register  # noqa: E402
 from peer.compression import gradient_compression  # noqa: E402
-from peer.run_config import AveragingSection  # noqa: E402
+from peer.averager import AggregatingAverager  # noqa: E402
+from peer.run_config import AGGREGATIONS, AveragingSection  # noqa: E402
 
 CODECS: dict[str, Callable[[], CompressionBase]] = {
     "none": NoCompression,
@@ -112,6 +116,7 @@ class Config:
     warmup: int
     threads: int
     profile: bool
+    aggregation: str
     gloo_port: int
     timeout: float
 
@@ -226,7 +231,7 @@ class ProfilingExecutor(ThreadPoolExecutor):
             profile.disable()
 
 
-class ProfiledAverager(DecentralizedAverager):
+class ProfiledAverager(AggregatingAverager):
     """An averager that, while `recording` is set, profiles its all-reduces in its own process (where
     they run): cProfile of the event-loop thread and of the executor threads that compress and decode,
     and the CPU seconds of each kind of thread. Writes them to `folder` after every round."""
@@ -333,11 +338,14 @@ def hivemind_rounds(config: Config, barrier: Any, rank: int, dht: hivemind.DHT, 
     kwargs = dict(averaged_tensors=[buffer], dht=dht, prefix=f"allreduce_{codec_name}_{part_size}_{inputs.numel()}",
                   target_group_size=config.world, min_group_size=config.world, compression=codec,
                   part_size_bytes=part_size, allreduce_timeout=config.timeout, allow_state_sharing=False,
-                  start=False)
+                  aggregation=config.aggregation, start=False)
     folder = Path(tempfile.mkdtemp(prefix="allreduce-profile-")) if config.profile and rank == 0 else None
     # Every rank runs the same class: hivemind names an averager's RPC protocols after its class.
-    averager = ProfiledAverager(folder=folder, **kwargs) if config.profile else DecentralizedAverager(**kwargs)
-    averager.run_in_background(await_ready=True, timeout=config.timeout)
+    averager = ProfiledAverager(folder=folder, **kwargs) if config.profile else AggregatingAverager(**kwargs)
+    if codec_name == "blockwise8":  # bitsandbytes both ways: reducers answer through hivemind's registry,
+        serialization._BASE_COMPRESSION_TYPES["BLOCKWISE_8BIT"] = BlockwiseQuantization()  # Starling's after register()
+    averager.run_in_background(await_ready=True, timeout=config.timeout)  # forks the averager's process
+    register()
     control = None
 
     def prepare() -> float:
@@ -528,6 +536,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each peer process")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds for one round's matchmaking or all-reduce before it counts as failed")
+    parser.add_argument("--aggregation", choices=AGGREGATIONS, default="mean",
+                        help="how reducers combine parts: hivemind's weighted mean, or Starling's CenteredClip "
+                             "(what peers run by default)")
     parser.add_argument("--profile", action="store_true",
                         help="CPU seconds per process, and a cProfile of rank 0's averager process")
     args = parser.parse_args()
@@ -546,14 +557,14 @@ def main() -> None:
             port = probe.getsockname()[1]
         config = Config(world=world, sizes=args.sizes, codecs=codecs, part_sizes=args.part_size_bytes,
                         rounds=args.rounds, warmup=args.warmup, threads=args.threads, profile=args.profile,
-                        gloo_port=port, timeout=args.timeout)
+                        aggregation=args.aggregation, gloo_port=port, timeout=args.timeout)
         rows += run_peers(config, bandwidth)
     path = write_json("allreduce-cpu.json", dict(
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         load_average_before=load_before[0], load_average_after=os.getloadavg()[0],
         python=platform.python_version(), torch=torch.__version__, hivemind=hivemind.__version__,
         numpy=np.__version__, loopback_bytes_per_s=bandwidth, rounds=args.rounds, warmup=args.warmup,
-        threads=args.threads, profiled=args.profile, data="float32 N(0,1), seeded by rank",
+        threads=args.threads, profiled=args.profile, aggregation=args.aggregation, data="float32 N(0,1), seeded by rank",
         command=" ".join(["python", "benchmarks/allreduce.py", *sys.argv[1:]]), rows=rows,
     ))
     print(f"wrote {path}")

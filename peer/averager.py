@@ -1,10 +1,11 @@
-"""Starling's gradient averager: hivemind's GradientAverager with robust aggregation, counting how its rounds end."""
+"""Starling's averagers: hivemind's with robust aggregation, and the gradient averager counting how its rounds end."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.optim.grad_averager import GradientAverager
@@ -16,26 +17,13 @@ from peer.robust import CenteredClipAllReduceRunner
 RUNNERS: dict[str, type[AllReduceRunner]] = {"centered-clip": CenteredClipAllReduceRunner, "mean": AllReduceRunner}
 
 
-class CountingGradientAverager(GradientAverager):
-    """Counts all-reduce rounds that delivered an average and rounds that failed or timed out, and
-    reduces its parts with the run's aggregation ("centered-clip" or hivemind's weighted "mean")."""
+class AggregatingAverager(DecentralizedAverager):
+    """hivemind's DecentralizedAverager whose reducers combine their parts with the run's aggregation
+    ("centered-clip" or hivemind's weighted "mean")."""
 
     def __init__(self, *args, aggregation: str = "centered-clip", **kwargs) -> None:
         self.runner_class = RUNNERS[aggregation]
         super().__init__(*args, **kwargs)
-        self.rounds_succeeded = 0
-        self.rounds_failed = 0
-
-    def step(self, *args, wait: bool = True, **kwargs):
-        control = super().step(*args, wait=False, **kwargs)
-        control.add_done_callback(self._count_outcome)
-        return control.result() if wait else control
-
-    def _count_outcome(self, control) -> None:
-        if control.cancelled() or control.exception() is not None:
-            self.rounds_failed += 1
-        else:
-            self.rounds_succeeded += 1
 
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
                                       group_id: bytes | None = None, **kwargs) -> None:
@@ -53,3 +41,24 @@ class CountingGradientAverager(GradientAverager):
         else:
             async for _ in runner:
                 raise ValueError("auxiliary peers do not receive averaged tensors")
+
+
+class CountingGradientAverager(GradientAverager, AggregatingAverager):
+    """hivemind's GradientAverager with the run's aggregation (AggregatingAverager), counting all-reduce
+    rounds that delivered an average and rounds that failed or timed out."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds_succeeded = 0
+        self.rounds_failed = 0
+
+    def step(self, *args, wait: bool = True, **kwargs):
+        control = super().step(*args, wait=False, **kwargs)
+        control.add_done_callback(self._count_outcome)
+        return control.result() if wait else control
+
+    def _count_outcome(self, control) -> None:
+        if control.cancelled() or control.exception() is not None:
+            self.rounds_failed += 1
+        else:
+            self.rounds_succeeded += 1

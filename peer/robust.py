@@ -56,8 +56,9 @@ def centered_clip(parts: Sequence[torch.Tensor], weights: torch.Tensor, clip_fac
     coefficients = weights
     if len(kept) > 2:
         coefficients = _clipped_centre(gram, weights, clip_factor, iterations)
-    centre = torch.zeros_like(parts[0])
-    for i, coefficient in zip(kept, coefficients.tolist()):
+    (first, first_coefficient), *others = zip(kept, coefficients.tolist())
+    centre = parts[first] * first_coefficient
+    for i, coefficient in others:
         centre.add_(parts[i], alpha=coefficient)
     return centre
 
@@ -104,6 +105,11 @@ class _PartCollector:
 class CenteredClipReducer(TensorPartReducer):
     """hivemind's TensorPartReducer (senders, timeouts, bans) reducing each part with CenteredClip."""
 
+    def __init__(self, num_parts: int, num_senders: int) -> None:
+        # The parts' shapes only size the zero-filled sum of the base class, which a _PartCollector
+        # replaces: empty ones spare a fresh buffer per part (15-20 ms per round of 10 M values).
+        super().__init__([torch.Size([0])] * num_parts, num_senders)
+
     def reset_accumulators(self) -> None:
         super().reset_accumulators()
         if not self.finished.is_set():
@@ -117,5 +123,4 @@ class CenteredClipAllReduceRunner(AllReduceRunner):
         super().__init__(*args, **kwargs)
         plain = self.tensor_part_reducer
         plain.finished.set()  # unused: it must not report missing parts when collected
-        shapes: Sequence[torch.Size] = plain.part_shapes
-        self.tensor_part_reducer = CenteredClipReducer(shapes, plain.num_senders)
+        self.tensor_part_reducer = CenteredClipReducer(plain.num_parts, plain.num_senders)
