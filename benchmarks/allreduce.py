@@ -15,9 +15,9 @@ create an averager with target_group_size = min_group_size = peers, pre-schedule
 (require_trigger=True), wait until the group is formed (matchmaking s), meet at a barrier, allow
 the all-reduce and time it until every peer has its result (round s: the slowest peer). The
 reducers combine their parts with hivemind's weighted mean, or with --aggregation centered-clip
-as Starling's peers do by default (peer.averager.AggregatingAverager). The
-same processes time gloo's all_reduce of the same tensor followed by the division by the number
-of peers. One warm-up round each, then the median of --rounds rounds.
+as Starling's peers do by default (peer.averager.AggregatingAverager). The same processes time
+gloo's all_reduce of the same tensor followed by the division by the number of peers. One
+warm-up round each, then the median of --rounds rounds.
 
 Columns: `error` is the largest relative L2 error of an averaged tensor against the exact mean
 of every rank's input (each rank regenerates the others' data); `!` marks an error above what
@@ -38,7 +38,8 @@ executor threads that compress and decode, each with its CPU seconds.
 The codecs: none, fp16, scaled-fp16, uniform8, quantile8 and blockwise8 (bitsandbytes) are
 hivemind's; starling8 is peer.codec.Blockwise8Bit; adaptive is what peers use by default
 (peer.compression.gradient_compression of the run config's [averaging] section). Prints a table
-and writes benchmarks/results/allreduce-cpu.json.
+and writes benchmarks/results/allreduce-cpu.json (allreduce-cpu-centered-clip.json with
+--aggregation centered-clip).
 """
 
 from __future__ import annotations
@@ -559,7 +560,8 @@ def main() -> None:
                         rounds=args.rounds, warmup=args.warmup, threads=args.threads, profile=args.profile,
                         aggregation=args.aggregation, gloo_port=port, timeout=args.timeout)
         rows += run_peers(config, bandwidth)
-    path = write_json("allreduce-cpu.json", dict(
+    suffix = "" if args.aggregation == "mean" else f"-{args.aggregation}"
+    path = write_json(f"allreduce-cpu{suffix}.json", dict(
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         load_average_before=load_before[0], load_average_after=os.getloadavg()[0],
         python=platform.python_version(), torch=torch.__version__, hivemind=hivemind.__version__,
