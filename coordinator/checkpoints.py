@@ -5,11 +5,15 @@ A checkpoint folder `epoch-000012/` holds a transformers checkpoint (`config.jso
 plus the collaborative training state needed to resume the run from it: the optimizer's tensors in
 `training_state.safetensors` and its metadata in `training_state.json`. Nothing is pickled.
 A folder is written under a temporary name and renamed when complete, so an interrupted write is
-never taken for the latest checkpoint.
+never taken for the latest checkpoint. A second write of the same epoch swaps places with the
+first in one atomic step (renameat2's RENAME_EXCHANGE, on Linux), so no crash leaves that epoch
+without a checkpoint.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -29,6 +33,25 @@ logger = logging.getLogger("starling.coordinator")
 FOLDER = re.compile(r"^epoch-(\d{6,})$")
 TRAINING_TENSORS = "training_state.safetensors"
 TRAINING_METADATA = "training_state.json"
+
+
+_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap the two paths atomically
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2); False where the system or
+    the filesystem cannot, and nothing was changed."""
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -100,10 +123,17 @@ class CheckpointStore:
         except BaseException:  # a full disk, say: nothing half-written stays behind taking its space
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        if final.exists():  # a checkpoint of this epoch already exists: replace it
-            self._discard(final)
-        os.replace(partial, final)
-        _fsync_folder(self.root)
+        if final.exists() and _exchange(partial, final):
+            # The new checkpoint of this epoch took the old one's place in one step; the old one is
+            # at the temporary name, and no crash can leave the epoch without a checkpoint.
+            _fsync_folder(self.root)
+            shutil.rmtree(partial, ignore_errors=True)
+        else:  # no atomic swap here: the old one is set aside just before the new one comes
+            old = self._set_aside(final) if final.exists() else None
+            os.replace(partial, final)
+            _fsync_folder(self.root)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         self._prune()
         return next(c for c in self.all() if c.path == final)
 
@@ -118,13 +148,17 @@ class CheckpointStore:
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
 
-    def _discard(self, folder: Path) -> None:
-        """Remove a checkpoint folder: first renamed out of the checkpoints' names (atomic), so that
-        a crash while deleting its files never leaves a half-deleted folder that counts as a checkpoint."""
+    def _set_aside(self, folder: Path) -> Path:
+        """Rename a checkpoint folder out of the checkpoints' names (atomic); returns its new path."""
         trash = self.root / f".{folder.name}.removed-{os.getpid()}"
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        return trash
+
+    def _discard(self, folder: Path) -> None:
+        """Remove a checkpoint folder: first set aside, so that a crash while deleting its files never
+        leaves a half-deleted folder that counts as a checkpoint."""
+        shutil.rmtree(self._set_aside(folder), ignore_errors=True)
 
     def _prune(self) -> None:
         for old in self.all()[:-self.keep]:

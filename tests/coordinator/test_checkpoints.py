@@ -5,7 +5,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
-from coordinator.checkpoints import CheckpointStore, TrainingState
+from coordinator.checkpoints import CheckpointStore, TrainingState, _exchange
 from model import CausalLM, ModelConfig
 
 
@@ -32,6 +32,26 @@ def test_checkpoints_load_with_transformers_keep_the_last_k_and_skip_partial_one
     assert resumed.epoch == 6 and resumed.optimizer_metadata[1] == {"type": "value", "value": 0.5}
     torch.testing.assert_close(resumed.optimizer_tensors[0], torch.full((3,), 6.0))
     assert len(resumed.parameters) == len(list(model.parameters()))
+
+
+def test_a_second_write_of_an_epoch_replaces_the_first_in_one_step(tmp_path):
+    config = ModelConfig.from_preset("tiny")
+    model = CausalLM(config)
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save(state_of(model, 3), config)
+    first = (tmp_path / "epoch-000003").stat().st_ino
+    newer = state_of(model, 3)
+    newer.optimizer_tensors[0] = torch.full((3,), 7.0)
+    store.save(newer, config)
+    assert [c.epoch for c in store.all()] == [3] and not list(tmp_path.glob(".*"))
+    assert (tmp_path / "epoch-000003").stat().st_ino != first  # the new folder took the old one's place
+    torch.testing.assert_close(CheckpointStore.load(store.latest()).optimizer_tensors[0], torch.full((3,), 7.0))
+    first, second = tmp_path / "first", tmp_path / "second"  # the swap itself, on this filesystem
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / folder.name).touch()
+    assert _exchange(first, second)
+    assert [p.name for p in first.iterdir()] == ["second"] and [p.name for p in second.iterdir()] == ["first"]
 
 
 def test_a_full_or_read_only_disk_fails_the_write_and_keeps_the_previous_checkpoint(small_filesystem):
