@@ -69,36 +69,32 @@ class Blockwise8Bit(CompressionBase):
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         """Encodes a floating tensor (any shape, fp32, fp16 or bf16); it is never modified."""
-        return _encode(tensor, self.block_size)
+        if not tensor.is_floating_point():
+            raise ValueError(f"Blockwise8Bit does not support {tensor.dtype} tensors")
+        values = tensor.detach()
+        payload = _payload_buffer(_HEADER.size + packed_size(values.numel(), self.block_size))
+        ctypes.memmove(payload.data_ptr(), _HEADER.pack(MAGIC, self.block_size, values.numel()), _HEADER.size)
+        if values.device.type == "cpu":
+            quantize_blockwise(values, self.block_size, out=payload[_HEADER.size:])
+        else:
+            payload[_HEADER.size:].copy_(quantize_blockwise(values, self.block_size))
+        return runtime_pb2.Tensor(
+            compression=self.compression_type,
+            buffer=ctypes.string_at(payload.data_ptr(), payload.numel()),
+            size=values.shape,
+            dtype=str(values.dtype).removeprefix("torch."),
+            requires_grad=tensor.requires_grad,
+        )
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         """Decodes a payload of this codec into a CPU tensor of the sent shape and dtype."""
         return _decode(serialized_tensor.buffer, serialized_tensor)
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        return _compression_ratio(info, self.block_size)
+        return (8 + 32 / self.block_size) / torch.finfo(info.descriptor.dtype).bits
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(block_size={self.block_size})"
-
-
-def _encode(tensor: torch.Tensor, block_size: int) -> runtime_pb2.Tensor:
-    if not tensor.is_floating_point():
-        raise ValueError(f"Blockwise8Bit does not support {tensor.dtype} tensors")
-    values = tensor.detach()
-    payload = _payload_buffer(_HEADER.size + packed_size(values.numel(), block_size))
-    ctypes.memmove(payload.data_ptr(), _HEADER.pack(MAGIC, block_size, values.numel()), _HEADER.size)
-    if values.device.type == "cpu":
-        quantize_blockwise(values, block_size, out=payload[_HEADER.size:])
-    else:
-        payload[_HEADER.size:].copy_(quantize_blockwise(values, block_size))
-    return runtime_pb2.Tensor(
-        compression=runtime_pb2.BLOCKWISE_8BIT,
-        buffer=ctypes.string_at(payload.data_ptr(), payload.numel()),
-        size=values.shape,
-        dtype=str(values.dtype).removeprefix("torch."),
-        requires_grad=tensor.requires_grad,
-    )
 
 
 def _payload_buffer(size: int) -> torch.Tensor:
@@ -111,10 +107,6 @@ def _payload_buffer(size: int) -> torch.Tensor:
     if buffer is None or buffer.numel() < size:
         buffer = _scratch.buffer = torch.empty(size, dtype=torch.uint8)
     return buffer[:size]
-
-
-def _compression_ratio(info: CompressionInfo, block_size: int) -> float:
-    return (8 + 32 / block_size) / torch.finfo(info.descriptor.dtype).bits
 
 
 def is_starling_payload(buffer: bytes) -> bool:
@@ -139,26 +131,19 @@ def _decode(buffer: bytes, serialized_tensor: runtime_pb2.Tensor) -> torch.Tenso
     return values.view(shape).requires_grad_(serialized_tensor.requires_grad)
 
 
-class _Blockwise8BitEntry(CompressionBase):
-    """hivemind's BLOCKWISE_8BIT registry entry after register(): encodes in Starling's format,
-    decodes Starling payloads itself and leaves other payloads to the entry it replaced."""
+class _Blockwise8BitEntry(Blockwise8Bit):
+    """hivemind's BLOCKWISE_8BIT registry entry after register(): a Blockwise8Bit that also hands
+    payloads not in its format to the entry it replaced."""
 
-    compression_type = runtime_pb2.BLOCKWISE_8BIT
-
-    def __init__(self, previous: CompressionBase):
+    def __init__(self, previous: CompressionBase):  # no register(): this is what it installs
+        self.block_size = BLOCK_SIZE
         self.previous = previous
-
-    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
-        return _encode(tensor, BLOCK_SIZE)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         buffer = serialized_tensor.buffer  # each read of the field copies it: read it once
         if is_starling_payload(buffer):
             return _decode(buffer, serialized_tensor)
         return self.previous.extract(serialized_tensor)
-
-    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        return _compression_ratio(info, BLOCK_SIZE)
 
 
 def register() -> None:
