@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 PEER_WORKER = Path(__file__).parent / "workers" / "peer_worker.py"
+RELEASE_FILE = "release-held-peers"
 
 RUN_TOML = """\
 run_id = "{run_id}"
@@ -90,6 +91,10 @@ class WorkerPeer:
     def log_text(self) -> str:
         return (self.folder / "log.txt").read_text()
 
+    def joined(self) -> bool:
+        """Whether a peer launched with hold=True has joined the swarm (and waits to be released)."""
+        return (self.folder / "joined").exists()
+
     def logged_epoch(self) -> int:
         """The latest epoch the peer has logged reaching so far (0 before its first)."""
         return max((int(epoch) for epoch in re.findall(r"epoch (\d+):", self.log_text())), default=0)
@@ -104,15 +109,17 @@ class WorkerPeer:
 
 @pytest.fixture
 def launch_peer(tmp_path):
-    """launch_peer(name, duration=, max_epochs=, slow=, start_after=, snapshots=, die_in_round=, model_overrides=,
-    wrap=, **peer_options) -> WorkerPeer (see tests/workers/peer_worker.py)."""
+    """launch_peer(name, duration=, max_epochs=, slow=, start_after=, hold=, snapshots=, die_in_round=,
+    model_overrides=, wrap=, **peer_options) -> WorkerPeer (see tests/workers/peer_worker.py). A peer
+    launched with hold=True joins, then waits for release_peers to start training."""
     started = []
 
-    def launch(name: str, duration=None, max_epochs=None, slow=None, start_after=None, snapshots=False,
-               die_in_round=None, model_overrides=None, wrap=(), **options) -> WorkerPeer:
+    def launch(name: str, duration=None, max_epochs=None, slow=None, start_after=None, hold=False,
+               snapshots=False, die_in_round=None, model_overrides=None, wrap=(), **options) -> WorkerPeer:
         options = {"batch_size": 4, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "name": name, **options}
         worker = WorkerPeer(tmp_path / name, dict(options=options, duration=duration, max_epochs=max_epochs,
                                                         slow=slow, start_after=start_after and str(start_after),
+                                                        hold_until=str(tmp_path / RELEASE_FILE) if hold else None,
                                                         snapshots=snapshots, die_in_round=die_in_round,
                                                         model_overrides=model_overrides), wrap)
         started.append(worker)
@@ -121,6 +128,27 @@ def launch_peer(tmp_path):
     yield launch
     for worker in started:
         worker.kill()
+
+
+@pytest.fixture
+def release_peers(tmp_path):
+    """release_peers(workers, timeout=): wait until every worker launched with hold=True has joined,
+    then let them all start training at once.
+
+    Peers that start training one by one race: the first alone in the swarm takes its epochs without
+    averaging (hivemind averages only with more than one peer in the progress records), and with a
+    tiny model it can reach a test's last epoch before a slower-starting peer has joined."""
+
+    def release(workers: list[WorkerPeer], timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(worker.joined() for worker in workers):
+            for worker in workers:
+                assert worker.process.poll() is None, worker.log_text()[-3000:]
+            assert time.monotonic() < deadline, "timed out waiting for the peers to join"
+            time.sleep(0.1)
+        (tmp_path / RELEASE_FILE).touch()
+
+    return release
 
 
 def free_port() -> int:

@@ -59,15 +59,17 @@ def assert_together(peers, atol: float = 5e-3) -> None:
             torch.testing.assert_close(other[key], value, atol=atol, rtol=0)
 
 
-def test_peer_capped_at_20_mbit_trains_with_the_others(tmp_path, write_run_config, lab, lab_peer):
+def test_peer_capped_at_20_mbit_trains_with_the_others(tmp_path, write_run_config, lab, lab_peer,
+                                                       release_peers):
     """A peer with 20 Mbit/s each way (about 6 s of transfer per epoch for the tiny model's gradient
     and state) reaches every epoch with a peer on an open link, every round succeeding."""
     run_toml = write_run_config(tmp_path, target_batch_size=48)
     epochs = 3
     capped, open_host, _ = lab.hosts
     lab.cap(capped, mbit=20)
-    peers = [lab_peer(capped, "capped", run_toml, max_epochs=epochs),
-             lab_peer(open_host, "open", run_toml, max_epochs=epochs)]
+    peers = [lab_peer(capped, "capped", run_toml, max_epochs=epochs, hold=True),
+             lab_peer(open_host, "open", run_toml, max_epochs=epochs, hold=True)]
+    release_peers(peers)
     summaries = [peer.wait(timeout=240) for peer in peers]
 
     for summary in summaries:
@@ -123,7 +125,8 @@ def test_peer_cut_off_longer_than_the_averaging_timeout_catches_up(tmp_path, wri
 
 
 @pytest.mark.skipif(netlab.why_no_firewall() is not None, reason=str(netlab.why_no_firewall()))
-def test_unreachable_peer_takes_part_in_client_mode(tmp_path, write_run_config, lab, lab_peer):
+def test_unreachable_peer_takes_part_in_client_mode(tmp_path, write_run_config, lab, lab_peer,
+                                                     release_peers):
     """A peer that drops every inbound connection (as behind a NAT) trains in client mode: it opens
     every connection itself, contributes samples and succeeds in its rounds. Without client mode
     such a peer also took part here (two peers, 3 of 3 rounds): libp2p carries the other side's
@@ -133,8 +136,9 @@ def test_unreachable_peer_takes_part_in_client_mode(tmp_path, write_run_config, 
     epochs = 3
     hidden, open_host, _ = lab.hosts
     lab.block_inbound(hidden)
-    peers = [lab_peer(hidden, "hidden", run_toml, max_epochs=epochs, client_mode=True),
-             lab_peer(open_host, "open", run_toml, max_epochs=epochs)]
+    peers = [lab_peer(hidden, "hidden", run_toml, max_epochs=epochs, client_mode=True, hold=True),
+             lab_peer(open_host, "open", run_toml, max_epochs=epochs, hold=True)]
+    release_peers(peers)
     summaries = [peer.wait(timeout=240) for peer in peers]
 
     for summary in summaries:

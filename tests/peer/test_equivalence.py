@@ -18,14 +18,16 @@ def held_out_loss(run: RunConfig, params: dict) -> float:
         return model(batch, labels=batch).loss.item()
 
 
-def test_two_peers_match_one_process_on_the_same_global_batch(tmp_path, write_run_config, start_peer):
+def test_two_peers_match_one_process_on_the_same_global_batch(tmp_path, write_run_config, start_peer,
+                                                              release_peers):
     settings = dict(target_batch_size=32, lr=3e-3)
     (tmp_path / "solo").mkdir()
     (tmp_path / "swarm").mkdir()
     solo_toml = write_run_config(tmp_path / "solo", run_id="equivalence-solo", **settings)
     swarm_toml = write_run_config(tmp_path / "swarm", run_id="equivalence-swarm", **settings)
     solo = start_peer("solo-peer", solo_toml, max_epochs=EPOCHS, batch_size=8)
-    swarm = [start_peer(f"swarm-peer{i}", swarm_toml, max_epochs=EPOCHS, batch_size=4) for i in range(2)]
+    swarm = [start_peer(f"swarm-peer{i}", swarm_toml, max_epochs=EPOCHS, batch_size=4, hold=True) for i in range(2)]
+    release_peers(swarm)
     solo.wait(timeout=400)
     summaries = [peer.wait(timeout=400) for peer in swarm]
     assert all(s["rounds_succeeded"] >= EPOCHS // 2 for s in summaries)

@@ -7,12 +7,13 @@ import torch
 from peer.run_config import RunConfig
 
 
-def test_peer_killed_in_the_middle_of_a_round(tmp_path, write_run_config, start_peer):
+def test_peer_killed_in_the_middle_of_a_round(tmp_path, write_run_config, start_peer, release_peers):
     run_toml = write_run_config(tmp_path, target_batch_size=48)
     timeout = RunConfig.load(run_toml).averaging.averaging_timeout
     epochs = 6
-    survivors = [start_peer(f"peer{i}", run_toml, max_epochs=epochs) for i in range(2)]
-    victim = start_peer("victim", run_toml, die_in_round=2)
+    survivors = [start_peer(f"peer{i}", run_toml, max_epochs=epochs, hold=True) for i in range(2)]
+    victim = start_peer("victim", run_toml, die_in_round=2, hold=True)
+    release_peers([*survivors, victim])
 
     assert victim.process.wait(timeout=240) == -9, victim.log_text()[-3000:]
     died_at = time.monotonic()

@@ -3,9 +3,11 @@
     peer_worker.py SPEC_JSON
 
 SPEC_JSON holds {"options": Peer keyword arguments, "duration": s, "max_epochs": n, "slow": s,
-"out": folder, "start_after": file, "snapshots": bool, "die_in_round": n, "model_overrides": {...}}. With "slow", every forward
-pass first sleeps that long (an injected slow device); with "start_after", the peer joins only once
-that file exists; with "die_in_round", the peer's gradient averager SIGKILLs the worker's whole
+"out": folder, "start_after": file, "hold_until": file, "snapshots": bool, "die_in_round": n,
+"model_overrides": {...}}. With "slow", every forward pass first sleeps that long (an injected slow
+device); with "start_after", the peer joins only once that file exists; with "hold_until", the peer
+joins, writes "joined" in its folder and starts training only once that file exists (so that peers
+of one test start training together, not one racing alone while another still joins); with "die_in_round", the peer's gradient averager SIGKILLs the worker's whole
 session (worker, averagers, p2p daemon: a machine lost) right after it sent its first part of its
 n-th all-reduce round; with "model_overrides", the peer builds its model with those config fields
 changed while it keeps the run's configuration (a tampered client).
@@ -71,6 +73,10 @@ def main() -> None:
     if spec.get("model_overrides"):
         tamper_model(spec["model_overrides"])
     peer = Peer(**spec["options"])
+    if spec.get("hold_until"):
+        (out / "joined").touch()
+        while not Path(spec["hold_until"]).exists():
+            time.sleep(0.05)
     processed = 0
     original_forward = CausalLM.forward
 
