@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import sys
 import threading
 import warnings
 
@@ -46,6 +47,10 @@ _HEADER = struct.Struct("<4sIQ")  # magic, block size, number of values
 _REGISTRY_NAME = runtime_pb2.CompressionType.Name(runtime_pb2.BLOCKWISE_8BIT)
 _SCRATCH_LIMIT = 1 << 26  # bytes of payload assembled in a reused per-thread buffer
 _scratch = threading.local()
+_MMAPPED_SIZE = 1 << 25  # glibc serves larger allocations with fresh pages from mmap
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 # Decoding reads the received bytes in place (torch.frombuffer on an immutable bytes object)
 # and never writes to them; torch warns about the read-only buffer once per process.
@@ -102,10 +107,10 @@ def _payload_buffer(size: int) -> torch.Tensor:
     buffer per thread, reused across calls: a fresh allocation of several MB costs page faults
     that took as long as quantising into it."""
     if size > _SCRATCH_LIMIT:
-        return torch.empty(size, dtype=torch.uint8)
+        return _empty_on_huge_pages(size, torch.uint8)
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < size:
-        buffer = _scratch.buffer = torch.empty(size, dtype=torch.uint8)
+        buffer = _scratch.buffer = _empty_on_huge_pages(size, torch.uint8)
     return buffer[:size]
 
 
@@ -127,8 +132,23 @@ def _decode(buffer: bytes, serialized_tensor: runtime_pb2.Tensor) -> torch.Tenso
     if numel == 0:
         return torch.empty(shape, dtype=getattr(torch, serialized_tensor.dtype))
     packed = torch.frombuffer(buffer, dtype=torch.uint8, offset=_HEADER.size)
-    values = dequantize_blockwise(packed, numel, block_size, dtype=getattr(torch, serialized_tensor.dtype))
+    dtype = getattr(torch, serialized_tensor.dtype)
+    values = dequantize_blockwise(packed, numel, block_size, dtype=dtype, out=_empty_on_huge_pages(numel, dtype))
     return values.view(shape).requires_grad_(serialized_tensor.requires_grad)
+
+
+def _empty_on_huge_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor to write once. One of over 32 MiB comes from mmap, fresh every
+    time, and its first write faults once per 4 KiB page: filling 40 MB took 29 ms here. Asking
+    the kernel for transparent huge pages (madvise, where Linux allows it) took that to 9 ms, and
+    halved the time to decode 10 M and 100 M values."""
+    out = torch.empty(numel, dtype=dtype)
+    size = out.numel() * out.element_size()
+    start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    end = (out.data_ptr() + size) // _HUGE_PAGE * _HUGE_PAGE
+    if _LIBC is not None and size > _MMAPPED_SIZE and end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)  # a hint: errors ignored
+    return out
 
 
 class _Blockwise8BitEntry(Blockwise8Bit):

@@ -108,9 +108,10 @@ def quantize_blockwise(x: torch.Tensor, block_size: int = BLOCK_SIZE, mode: str 
 
 def dequantize_blockwise(
     packed: torch.Tensor, numel: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32,
-    mode: str = "auto",
+    mode: str = "auto", out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The flat tensor of numel values that quantize_blockwise packed."""
+    """The flat tensor of numel values that quantize_blockwise packed, written into out (a contiguous
+    flat tensor of numel values of dtype on packed's device) when given."""
     if _fused(mode, packed, supported=triton_supports(block_size) and dtype in FLOAT_DTYPES):
-        return dequantize_blockwise_triton(packed, numel, block_size, dtype)
-    return dequantize_blockwise_reference(packed, numel, block_size, dtype)
+        return dequantize_blockwise_triton(packed, numel, block_size, dtype, out)
+    return dequantize_blockwise_reference(packed, numel, block_size, dtype, out)

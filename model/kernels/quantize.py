@@ -103,13 +103,25 @@ def quantize_blockwise_reference(x: torch.Tensor, block_size: int = BLOCK_SIZE,
     return packed
 
 
+def _decoded_output(packed: torch.Tensor, numel: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """The flat tensor to decode into: out when given (checked), else a new one."""
+    if out is None:
+        return torch.empty(numel, dtype=dtype, device=packed.device)
+    if out.dtype != dtype or out.shape != (numel,) or out.device != packed.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous flat {dtype} tensor of {numel} values on {packed.device}, "
+                         f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
+    return out
+
+
 def dequantize_blockwise_reference(
-    packed: torch.Tensor, numel: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32
+    packed: torch.Tensor, numel: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decodes numel values from a packed buffer into a flat tensor of dtype (computed in float32)."""
+    """Decodes numel values from a packed buffer into a flat tensor of dtype (computed in float32),
+    out if given."""
     absmax, codes = _split(packed, numel, block_size)
     step = absmax * _STEP
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    out = _decoded_output(packed, numel, dtype, out)
     blocks = step.numel()
     rows_per_chunk = max(1, _CHUNK // block_size)
     scratch = None if dtype == torch.float32 else torch.empty(
@@ -194,12 +206,13 @@ def quantize_blockwise_triton(x: torch.Tensor, block_size: int = BLOCK_SIZE,
 
 
 def dequantize_blockwise_triton(
-    packed: torch.Tensor, numel: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32
+    packed: torch.Tensor, numel: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same values as dequantize_blockwise_reference."""
     _check_block_size(block_size)
     absmax, codes = _split(packed, numel, block_size)
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    out = _decoded_output(packed, numel, dtype, out)
     programs, per_program = _grid(absmax.numel(), block_size)
     if numel:
         _dequantize_kernel[(programs,)](

@@ -11,7 +11,7 @@ from hivemind.compression import (
 from hivemind.compression import serialization
 from hivemind.proto import runtime_pb2
 
-from model.kernels import quantize_blockwise
+from model.kernels import dequantize_blockwise, quantize_blockwise
 from peer.codec import MAGIC, Blockwise8Bit, is_starling_payload, register
 
 register()
@@ -44,6 +44,16 @@ def test_normal_data_error_and_bytes_per_value():
     assert len(message.buffer) / x.numel() <= 1.04
     # the payload is the packed format of model.kernels.quantize behind the header
     assert torch.equal(torch.frombuffer(bytearray(message.buffer[16:]), dtype=torch.uint8), quantize_blockwise(x))
+
+
+def test_tensors_beyond_the_reused_buffers(monkeypatch):
+    """Over 32 MiB decoded (memory given huge pages) and a payload over the per-thread scratch."""
+    monkeypatch.setattr("peer.codec._SCRATCH_LIMIT", 1 << 20)
+    torch.manual_seed(0)
+    x = torch.randn(9_000_001)
+    decoded, message = round_trip(x)
+    assert torch.equal(torch.frombuffer(bytearray(message.buffer[16:]), dtype=torch.uint8), quantize_blockwise(x))
+    assert torch.equal(decoded, dequantize_blockwise(quantize_blockwise(x), x.numel()))
 
 
 @pytest.mark.parametrize("numel", [1, 255, 257, 1_000_003])

@@ -78,3 +78,16 @@ def test_out_receives_the_same_bytes(mode):
     assert torch.equal(buffer[16:], quantize_blockwise_reference(x)) and (buffer[:16] == 7).all()
     with pytest.raises(ValueError, match=f"{packed_size(1000)} bytes"):
         kernels.quantize_blockwise(x, mode=mode, out=buffer)
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_into_out_gives_the_same_values(mode, dtype):
+    torch.manual_seed(0)
+    packed = quantize_blockwise_reference(torch.randn(1000))
+    out = torch.full((1000,), float("nan"), dtype=dtype)
+    returned = kernels.dequantize_blockwise(packed, 1000, dtype=dtype, mode=mode, out=out)
+    assert returned.data_ptr() == out.data_ptr()
+    assert torch.equal(out, kernels.dequantize_blockwise(packed, 1000, dtype=dtype, mode=mode))
+    with pytest.raises(ValueError, match="1000 values"):
+        kernels.dequantize_blockwise(packed, 1000, dtype=dtype, mode=mode, out=torch.empty(999, dtype=dtype))
