@@ -7,17 +7,18 @@ import torch
 
 
 def test_peers_of_another_configuration_or_shape_average_with_nobody_of_the_run(tmp_path, write_run_config,
-                                                                              start_peer):
+                                                                              start_peer, release_peers):
     run_id, epochs = "foreign-peers", 4
     run_toml = write_run_config(tmp_path, run_id=run_id, target_batch_size=48)
     (tmp_path / "other").mkdir()
     other_toml = write_run_config(tmp_path / "other", run_id=run_id, target_batch_size=48, lr=5e-3)
-    members = [start_peer(f"member{i}", run_toml, max_epochs=epochs) for i in range(2)]
+    members = [start_peer(f"member{i}", run_toml, max_epochs=epochs, hold=True) for i in range(2)]
     intruders = {
         "other-config": start_peer("other-config", other_toml),
         # The run's configuration, a model of another shape: hivemind's matchmaking refuses its schema.
         "tampered": start_peer("tampered", run_toml, model_overrides={"intermediate_size": 192}),
     }
+    release_peers(members)
     summaries = [member.wait(timeout=300) for member in members]
     for intruder in intruders.values():
         intruder.process.send_signal(signal.SIGTERM)

@@ -6,16 +6,16 @@ import time
 import torch
 
 
-
-def test_heterogeneous_client_and_auxiliary_peers_all_take_part(tmp_path, write_run_config, start_peer):
+def test_heterogeneous_client_and_auxiliary_peers_all_take_part(tmp_path, write_run_config, start_peer, release_peers):
     run_toml = write_run_config(tmp_path, target_batch_size=48)
     epochs = 4
     peers = {
-        "fast": start_peer("fast", run_toml, max_epochs=epochs, batch_size=8),
-        "slow": start_peer("slow", run_toml, max_epochs=epochs, batch_size=2, slow=0.15),
-        "client": start_peer("client", run_toml, max_epochs=epochs, batch_size=4, client_mode=True),
+        "fast": start_peer("fast", run_toml, max_epochs=epochs, batch_size=8, hold=True),
+        "slow": start_peer("slow", run_toml, max_epochs=epochs, batch_size=2, slow=0.15, hold=True),
+        "client": start_peer("client", run_toml, max_epochs=epochs, batch_size=4, client_mode=True, hold=True),
     }
-    helper = start_peer("helper", run_toml, auxiliary=True)  # runs until stopped, as helpers do
+    helper = start_peer("helper", run_toml, auxiliary=True, hold=True)  # runs until stopped, as helpers do
+    release_peers([*peers.values(), helper])
     summaries = {name: peer.wait(timeout=300) for name, peer in peers.items()}
     helper.process.send_signal(signal.SIGTERM)
     summaries["helper"] = helper.wait(timeout=30)
@@ -42,12 +42,13 @@ def test_heterogeneous_client_and_auxiliary_peers_all_take_part(tmp_path, write_
             torch.testing.assert_close(other[key], value, atol=5e-3, rtol=0)
 
 
-def test_late_joiner_loads_state_and_trains_to_the_same_epoch(tmp_path, write_run_config, start_peer):
+def test_late_joiner_loads_state_and_trains_to_the_same_epoch(tmp_path, write_run_config, start_peer, release_peers):
     run_toml = write_run_config(tmp_path, target_batch_size=64)
     epochs = 8
-    early = [start_peer(f"early{i}", run_toml, max_epochs=epochs) for i in range(2)]
+    early = [start_peer(f"early{i}", run_toml, max_epochs=epochs, hold=True) for i in range(2)]
     go = tmp_path / "late-joiner-go"
     late = start_peer("late", run_toml, max_epochs=epochs, start_after=go)  # imports while the others train
+    release_peers(early)
     deadline = time.monotonic() + 120
     while not any("epoch 2:" in p.log_text() for p in early):
         assert time.monotonic() < deadline, "the first peers did not reach epoch 2"
