@@ -62,7 +62,7 @@ def assert_together(peers, atol: float = 5e-3) -> None:
 def test_peer_capped_at_20_mbit_trains_with_the_others(tmp_path, write_run_config, lab, lab_peer,
                                                        release_peers):
     """A peer with 20 Mbit/s each way (about 6 s of transfer per epoch for the tiny model's gradient
-    and state) reaches every epoch with a peer on an open link, every round succeeding."""
+    and state) reaches every epoch with a peer on an open link, averaging with it through the cap."""
     run_toml = write_run_config(tmp_path, target_batch_size=48)
     epochs = 3
     capped, open_host, _ = lab.hosts
@@ -75,7 +75,11 @@ def test_peer_capped_at_20_mbit_trains_with_the_others(tmp_path, write_run_confi
     for summary in summaries:
         assert summary["epoch"] >= epochs
         assert summary["samples_contributed"] > 0
-        assert summary["rounds_succeeded"] >= epochs - 1 and summary["rounds_failed"] == 0
+        assert summary["rounds_succeeded"] >= epochs - 1
+    # A peer whose first epoch ends before the other's progress shows takes it alone and stays an
+    # epoch ahead: it reaches the last epoch and leaves first, and the other's last round finds
+    # nobody. No other round may fail.
+    assert sum(summary["rounds_failed"] for summary in summaries) <= 1
     uploaded, downloaded = lab.bytes_through(capped)
     assert uploaded > 1e6 and downloaded > 1e6  # the averaging went through the capped link
     assert_together(peers)
