@@ -14,11 +14,13 @@ def test_peers_of_another_configuration_or_shape_average_with_nobody_of_the_run(
     other_toml = write_run_config(tmp_path / "other", run_id=run_id, target_batch_size=48, lr=5e-3)
     members = [start_peer(f"member{i}", run_toml, max_epochs=epochs, hold=True) for i in range(2)]
     intruders = {
-        "other-config": start_peer("other-config", other_toml),
+        "other-config": start_peer("other-config", other_toml, hold=True),
         # The run's configuration, a model of another shape: hivemind's matchmaking refuses its schema.
-        "tampered": start_peer("tampered", run_toml, model_overrides={"intermediate_size": 192}),
+        "tampered": start_peer("tampered", run_toml, model_overrides={"intermediate_size": 192}, hold=True),
     }
-    release_peers(members)
+    # All start together. A tampered peer that ran epochs ahead would be the members' state donor,
+    # and hivemind retries loading its wrong-shaped state forever: peers do not yet fall back to another donor.
+    release_peers([*members, *intruders.values()])
     summaries = [member.wait(timeout=300) for member in members]
     for intruder in intruders.values():
         intruder.process.send_signal(signal.SIGTERM)
