@@ -91,7 +91,7 @@ class Coordinator:
         self.averager: CheckpointAverager | None = None
         self.server: DashboardServer | None = None
         with torch.device("meta"):
-            self._num_parameters = len(list(CausalLM(self.run_config.model_config()).parameters()))
+            self._parameters = list(CausalLM(self.run_config.model_config()).parameters())  # shapes only
 
     def _start_from_pretrained(self, path: str) -> None:
         """Adopt the pretrained model's architecture; on the run's first start, make its weights the
@@ -132,7 +132,7 @@ class Coordinator:
         except P2PDaemonError as error:
             raise CoordinatorError(f"the DHT could not listen on {' '.join(self.options.host_maddrs)}: "
                                    f"{str(error).splitlines()[-1]}") from None
-        self.averager = CheckpointAverager(self.dht, self.run_config.training_key())
+        self.averager = CheckpointAverager(self.dht, self.run_config.training_key(), self._parameters)
         latest = self.latest_checkpoint
         if latest is not None:
             logger.info("serving checkpoint %s to peers that find no one else with state", latest.path)
@@ -251,7 +251,7 @@ class Coordinator:
         try:
             with tqdm(total=2, desc="checkpoint", unit="step", leave=False) as bar:
                 bar.set_postfix_str("downloading state")
-                state = self.averager.download(self._num_parameters, timeout=STATE_DOWNLOAD_TIMEOUT)
+                state = self.averager.download(timeout=STATE_DOWNLOAD_TIMEOUT)
                 bar.update()
                 if state is None:
                     logger.warning("checkpoint skipped: no peer sent its state")

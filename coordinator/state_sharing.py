@@ -9,16 +9,18 @@ takes part in averaging rounds.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from typing import Any
 
 import hivemind
 import torch
 from hivemind.compression import CompressionInfo, NoCompression, TensorRole
-from hivemind.optim.state_averager import TrainingStateAverager
 
 from coordinator.checkpoints import TrainingState
+from peer.state_loading import DonorCheckingAverager, check_tensors
 
 
-class CheckpointAverager(hivemind.DecentralizedAverager):
+class CheckpointAverager(DonorCheckingAverager):
     """Downloads training state from peers and serves the latest checkpoint's state to them.
 
     Its sharing priority is just above the checkpoint's epoch: a peer at a later epoch is preferred
@@ -26,7 +28,8 @@ class CheckpointAverager(hivemind.DecentralizedAverager):
     rather than another newcomer's random ones.
     """
 
-    def __init__(self, dht: hivemind.DHT, training_key: str, **kwargs) -> None:
+    def __init__(self, dht: hivemind.DHT, training_key: str, parameters: Sequence[torch.Tensor], **kwargs) -> None:
+        self._parameters = list(parameters)  # the run's model parameters (on meta): the shapes to expect
         self._served: TrainingState | None = None
         self._served_lock = threading.Lock()
         super().__init__(
@@ -34,10 +37,11 @@ class CheckpointAverager(hivemind.DecentralizedAverager):
             state_compression=NoCompression(), allow_state_sharing=False, start=True, **kwargs,
         )
 
-    @classmethod
-    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
-        # hivemind names its RPC handlers after the class: answer and call as the peers' state averagers do.
-        return TrainingStateAverager._get_handle_name(namespace, method_name)
+    def check_state(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
+        """The run's parameters come first, finite and of the model's shapes; peers check the rest."""
+        if len(tensors) < len(self._parameters):
+            return f"it sent {len(tensors)} tensors, at least {len(self._parameters)} expected"
+        return check_tensors(tensors[:len(self._parameters)], self._parameters)
 
     def serve(self, state: TrainingState) -> None:
         """Offer `state` to peers that ask for the run's state."""
@@ -57,14 +61,14 @@ class CheckpointAverager(hivemind.DecentralizedAverager):
         metadata = dict(epoch=state.epoch, group_bits="", optimizer_metadata=state.optimizer_metadata)
         return metadata, [*state.parameters, *state.optimizer_tensors], [*parameter_infos, *optimizer_infos]
 
-    def download(self, num_parameters: int, timeout: float) -> TrainingState | None:
-        """The training state of the peer with the most recent epoch, or None if nobody has one."""
+    def download(self, timeout: float) -> TrainingState | None:
+        """The training state of the peer with the most recent epoch whose state fits the run's
+        model, or None if nobody has one."""
         loaded = self.load_state_from_peers(timeout=timeout)
         if loaded is None:
             return None
         metadata, tensors = loaded
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or len(tensors) < num_parameters:
-            return None
+        num_parameters = len(self._parameters)
         return TrainingState(
             epoch=metadata["epoch"],
             parameters=list(tensors[:num_parameters]),

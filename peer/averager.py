@@ -45,12 +45,18 @@ class AggregatingAverager(DecentralizedAverager):
 
 class CountingGradientAverager(GradientAverager, AggregatingAverager):
     """hivemind's GradientAverager with the run's aggregation (AggregatingAverager), counting all-reduce
-    rounds that delivered an average and rounds that failed or timed out."""
+    rounds that delivered an average and rounds that failed or timed out, and loading no state."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rounds_succeeded = 0
         self.rounds_failed = 0
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Nothing to load. hivemind.Optimizer downloads its gradient averager's state (another
+        peer's gradient buffers, as large as the model) right after the training state, and discards
+        it: the accumulated gradients are reset after a load anyway."""
+        return None
 
     def step(self, *args, wait: bool = True, **kwargs):
         control = super().step(*args, wait=False, **kwargs)

@@ -11,7 +11,9 @@ import torch
 
 from peer.averager import CountingGradientAverager
 from peer.compression import gradient_compression, state_compression
+from peer.progress import RunProgressTracker
 from peer.run_config import RunConfig, TrainingSection
+from peer.state_loading import CheckedStateAverager
 
 
 def inner_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -52,6 +54,35 @@ def make_inner_optimizer(params: Iterable, training: TrainingSection) -> torch.o
     return optimizer_class(params, lr=training.lr, betas=tuple(training.betas), weight_decay=training.weight_decay)
 
 
+class CollaborativeOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer that checks the state it loads from other peers (CheckedStateAverager) and
+    leaves the peers whose state it refused out of the run's progress (RunProgressTracker)."""
+
+    tracker: RunProgressTracker
+    state_averager: CheckedStateAverager
+
+    def _make_state_averager(self, **kwargs) -> CheckedStateAverager:
+        # hivemind.Optimizer's own settings for its TrainingStateAverager
+        return CheckedStateAverager(
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
+        )
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> RunProgressTracker:
+        return RunProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
+                                  client_mode=self.client_mode, status_loglevel=self.status_loglevel,
+                                  start=True, **kwargs)
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        super().load_state_from_peers(**kwargs)
+        refused = self.state_averager.refused_donors()
+        if not refused <= self.tracker.ignored_peers:
+            self.tracker.ignore_peers(refused)
+
+
 def make_collaborative_optimizer(
     model: torch.nn.Module,
     dht: hivemind.DHT,
@@ -59,11 +90,11 @@ def make_collaborative_optimizer(
     batch_size_per_step: int | None,
     auxiliary: bool = False,
     verbose: bool = False,
-) -> hivemind.Optimizer:
-    """hivemind.Optimizer for this run: gradients accumulate toward target_batch_size, are averaged
+) -> CollaborativeOptimizer:
+    """The collaborative optimizer for this run: gradients accumulate toward target_batch_size, are averaged
     with the run's compression, and every peer takes the same optimizer step each epoch."""
     averaging = run.averaging
-    return hivemind.Optimizer(
+    return CollaborativeOptimizer(
         dht=dht,
         run_id=run.training_key(),  # averaging and progress records: only peers of this configuration
         params=model.parameters(),

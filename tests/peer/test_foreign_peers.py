@@ -1,7 +1,10 @@
 """Peers that do not belong to the run: another configuration under the same run id, or a tampered
-client whose model has another shape. Neither averages with the run's peers, and the run goes on."""
+client whose model has another shape. Neither averages with the run's peers, the members refuse the
+tampered peer's state though it is epochs ahead, and the run goes on."""
 
+import re
 import signal
+import time
 
 import torch
 
@@ -12,22 +15,27 @@ def test_peers_of_another_configuration_or_shape_average_with_nobody_of_the_run(
     run_toml = write_run_config(tmp_path, run_id=run_id, target_batch_size=48)
     (tmp_path / "other").mkdir()
     other_toml = write_run_config(tmp_path / "other", run_id=run_id, target_batch_size=48, lr=5e-3)
-    members = [start_peer(f"member{i}", run_toml, max_epochs=epochs, hold=True) for i in range(2)]
     intruders = {
-        "other-config": start_peer("other-config", other_toml, hold=True),
+        "other-config": start_peer("other-config", other_toml),
         # The run's configuration, a model of another shape: hivemind's matchmaking refuses its schema.
-        "tampered": start_peer("tampered", run_toml, model_overrides={"intermediate_size": 192}, hold=True),
+        "tampered": start_peer("tampered", run_toml, model_overrides={"intermediate_size": 192}),
     }
-    # All start together. A tampered peer that ran epochs ahead would be the members' state donor,
-    # and hivemind retries loading its wrong-shaped state forever: peers do not yet fall back to another donor.
-    release_peers([*members, *intruders.values()])
+    # The tampered peer runs epochs ahead alone, so it is the first donor the members ask for state.
+    deadline = time.monotonic() + 180
+    while intruders["tampered"].logged_epoch() < 2:
+        assert intruders["tampered"].process.poll() is None, intruders["tampered"].log_text()[-3000:]
+        assert time.monotonic() < deadline, "the tampered peer took no epochs alone"
+        time.sleep(0.5)
+    members = [start_peer(f"member{i}", run_toml, max_epochs=epochs, hold=True) for i in range(2)]
+    release_peers(members)
     summaries = [member.wait(timeout=300) for member in members]
     for intruder in intruders.values():
         intruder.process.send_signal(signal.SIGTERM)
     intruder_summaries = {name: intruder.wait(timeout=60) for name, intruder in intruders.items()}
 
-    for summary in summaries:
+    for member, summary in zip(members, summaries):
         assert summary["epoch"] >= epochs and summary["rounds_succeeded"] >= 1
+        assert re.search(r"refused the state of \S+: tensor \d+ has shape", member.log_text())
     for name, summary in intruder_summaries.items():
         assert summary["rounds_succeeded"] == 0, f"{name} averaged with someone"
     # The members' model is intact: finite, and together within about one Adam step (lr 1e-3).

@@ -1,0 +1,182 @@
+"""Loading training state from other peers, checking each donor's state before taking it.
+
+hivemind's averagers download the state of the donor with the highest priority (its epoch) and
+hand it over unchecked: a donor whose model has another shape, whose tensors hold NaN, or whose
+metadata is malformed makes the load fail, and hivemind.Optimizer retries the same donor forever.
+Here each donor's state is checked; a donor that fails is refused, remembered and not asked again,
+and the next donor by priority is asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any, Sequence
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture
+from hivemind.utils.asyncio import aiter_with_timeout
+from hivemind.utils.nested import nested_flatten
+from hivemind.utils.streaming import combine_from_streaming
+from hivemind.utils.timed_storage import ValueWithExpiration
+
+logger = logging.getLogger("starling.peer")
+
+State = tuple[dict, list[torch.Tensor]]
+
+
+class DonorCheckingAverager(DecentralizedAverager):
+    """A DecentralizedAverager that checks each donor's state (check_state) before taking it.
+
+    It answers and calls state-sharing RPCs under hivemind's TrainingStateAverager names, so that
+    it shares state with the peers' state averagers of the same prefix.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._refused_donors: set[bytes] = set()  # kept in the averager's process, where downloads run
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        return TrainingStateAverager._get_handle_name(namespace, method_name)
+
+    def check_state(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
+        """What is wrong with a donor's state, or None if it can be taken."""
+        raise NotImplementedError
+
+    def refused_donors(self) -> set[bytes]:
+        """The peer ids (bytes) of the donors whose state was refused so far."""
+        future = MPFuture()
+        self._outer_pipe.send(("_report_refused_donors", [], dict(future=future)))
+        return future.result()
+
+    async def _report_refused_donors(self, future: MPFuture) -> None:
+        future.set_result(set(self._refused_donors))
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None) -> None:
+        # hivemind's meaning of timeout: the longest wait for each part of the stream
+        if timeout is not None:
+            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        try:
+            for donor in self._donors_by_priority():
+                state = await self._download_state(donor, timeout)
+                if state is None:
+                    continue
+                problem = check_metadata_epoch(state[0]) or self.check_state(*state)
+                if problem is not None:
+                    logger.warning("refused the state of %s: %s; asking the next donor", donor, problem)
+                    self._refused_donors.add(donor.to_bytes())
+                    continue
+                future.set_result(state)
+                return
+            logger.info("no peer sent a state that fits this one")
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    def _donors_by_priority(self) -> list[PeerID]:
+        """Peers offering their state, highest priority (latest epoch) first, ties in random order."""
+        found = self.dht.get(f"{self._matchmaking.group_key_manager.prefix}.all_averagers", latest=True)
+        offers = found.value if found is not None and isinstance(found.value, dict) else {}
+        priority = {PeerID(peer_id): (float(offer.value), random.random()) for peer_id, offer in offers.items()
+                    if isinstance(offer, ValueWithExpiration) and isinstance(offer.value, (float, int))}
+        return [peer for peer in sorted(priority, key=priority.get, reverse=True)
+                if peer != self.peer_id and peer.to_bytes() not in self._refused_donors]
+
+    async def _download_state(self, donor: PeerID, timeout: float | None) -> State | None:
+        started = time.monotonic()
+        logger.info("downloading state from %s", donor)
+        try:
+            stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
+            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+            metadata, tensors, parts = None, [], []
+            async for message in aiter_with_timeout(stream, timeout=timeout):
+                if message.metadata:
+                    metadata = self.serializer.loads(message.metadata)
+                if message.tensor_part.dtype and parts:  # the first part of the next tensor
+                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    parts = []
+                parts.append(message.tensor_part)
+            if parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        except Exception as error:
+            logger.warning("failed to download state from %s: %r", donor, error)
+            return None
+        if not metadata:
+            logger.info("%s did not send its state", donor)
+            return None
+        logger.info("downloaded state from %s in %.2f s", donor, time.monotonic() - started)
+        return metadata, tensors
+
+
+class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager):
+    """hivemind's TrainingStateAverager taking only state that fits its own: as many tensors, of the
+    same shapes, finite, and optimizer metadata of the same layout."""
+
+    def check_state(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
+        parameters = [param for group in self.optimizer.param_groups for param in group["params"]]
+        own_metadata, own_optimizer_tensors = optimizer_state_layout(self.optimizer)
+        problem = check_tensors(tensors, [*parameters, *self.extra_tensors, *own_optimizer_tensors])
+        if problem is None and not isinstance(metadata.get("optimizer_metadata"), list):
+            return "its optimizer metadata is not a list"
+        return problem or check_optimizer_metadata(metadata["optimizer_metadata"], own_metadata)
+
+
+def check_metadata_epoch(metadata: Any) -> str | None:
+    if not isinstance(metadata, dict):
+        return f"its metadata is a {type(metadata).__name__}, not a dict"
+    epoch = metadata.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        return f"its epoch is {epoch!r}"
+    return None
+
+
+def check_tensors(received: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> str | None:
+    """Whether `received` has the count and shapes of `expected`, and finite floating-point values."""
+    if len(received) != len(expected):
+        return f"it sent {len(received)} tensors, {len(expected)} expected"
+    for index, (tensor, own) in enumerate(zip(received, expected)):
+        if tensor.shape != own.shape:
+            return f"tensor {index} has shape {tuple(tensor.shape)}, {tuple(own.shape)} expected"
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"tensor {index} holds non-finite values"
+    return None
+
+
+def optimizer_state_layout(optimizer: torch.optim.Optimizer) -> tuple[list[dict], list[torch.Tensor]]:
+    """The optimizer's state flattened as hivemind's dump_optimizer_state does, without copying tensors."""
+    metadata, tensors = [], []
+    for element in nested_flatten(optimizer.state_dict()):
+        if isinstance(element, torch.Tensor):
+            metadata.append(dict(type="tensor", index=len(tensors)))
+            tensors.append(element)
+        else:
+            metadata.append(dict(type="value", value=element))
+    return metadata, tensors
+
+
+def check_optimizer_metadata(received: list, own: list[dict]) -> str | None:
+    """Whether a donor's flattened optimizer metadata has this optimizer's layout: the same entries,
+    tensors at the same places, values of the same kinds (numbers, flags, names)."""
+    if len(received) != len(own):
+        return f"its optimizer metadata has {len(received)} entries, {len(own)} expected"
+    for index, (entry, own_entry) in enumerate(zip(received, own)):
+        if not isinstance(entry, dict) or entry.get("type") != own_entry["type"]:
+            return f"optimizer metadata entry {index} is {entry!r}, a {own_entry['type']} expected"
+        if own_entry["type"] == "tensor" and entry.get("index") != own_entry["index"]:
+            return f"optimizer metadata entry {index} points at tensor {entry.get('index')!r}"
+        if own_entry["type"] == "value" and _kind(entry.get("value")) != _kind(own_entry["value"]):
+            return f"optimizer metadata entry {index} is {entry.get('value')!r}, like {own_entry['value']!r} expected"
+    return None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return type(value).__name__
+    return "number" if isinstance(value, (int, float)) else type(value).__name__
