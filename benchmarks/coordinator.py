@@ -5,7 +5,7 @@
 Starts a real coordinator (checkpoint every epoch) and one peer as processes on loopback, like
 `make demo`. Measures the time from launching the peer to its first appearance in
 /api/v1/state and to its first counted samples, and for each checkpoint the state download (as
-hivemind logs it), the write and the size on disk. Prints a table and writes
+the coordinator logs it), the write and the size on disk. Prints a table and writes
 benchmarks/results/coordinator-<preset>.json.
 """
 
@@ -27,7 +27,7 @@ from benchmarks.measure import write_json  # noqa: E402
 from coordinator.demo import launch, stop, wait_for_state  # noqa: E402
 
 WRITTEN = re.compile(r"checkpoint of epoch (\d+) written to \S+ \(([\d.]+) MB in ([\d.]+) s\)")
-DOWNLOADED = re.compile(r"Finished downloading state in ([\d.]+)s")
+DOWNLOADED = re.compile(r"downloaded [\d.]+ MB of state from \S+ in ([\d.]+) s")
 RUN_TOML = """\
 run_id = "benchmark"
 [model]

@@ -217,9 +217,7 @@ class Peer:
 
     def load_state_from_peers(self) -> None:
         """Fetch the current parameters, optimizer state and epoch from other peers."""
-        with tqdm(total=1, desc="loading state from peers", unit="state", leave=False) as bar:
-            self.optimizer.load_state_from_peers()
-            bar.update(1)
+        self.optimizer.load_state_from_peers()  # the averager's process shows the download's progress
         self.state_loads += 1
         logger.info("loaded state from peers: epoch %d", self.optimizer.local_epoch)
 

@@ -25,6 +25,7 @@ from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.nested import nested_flatten
 from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration
+from tqdm.auto import tqdm
 
 logger = logging.getLogger("starling.peer")
 
@@ -92,17 +93,20 @@ class DonorCheckingAverager(DecentralizedAverager):
     async def _download_state(self, donor: PeerID, timeout: float | None) -> State | None:
         started = time.monotonic()
         logger.info("downloading state from %s", donor)
+        metadata, tensors, parts = None, [], []
         try:
             stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-            metadata, tensors, parts = None, [], []
-            async for message in aiter_with_timeout(stream, timeout=timeout):
-                if message.metadata:
-                    metadata = self.serializer.loads(message.metadata)
-                if message.tensor_part.dtype and parts:  # the first part of the next tensor
-                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                    parts = []
-                parts.append(message.tensor_part)
+            with tqdm(desc="downloading state", unit="B", unit_scale=True, leave=False) as bar:
+                async for message in aiter_with_timeout(stream, timeout=timeout):
+                    if message.metadata:
+                        metadata = self.serializer.loads(message.metadata)
+                    if message.tensor_part.dtype and parts:  # the first part of the next tensor
+                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                        parts = []
+                    parts.append(message.tensor_part)
+                    bar.update(len(message.tensor_part.buffer))
+                received = bar.n
             if parts:
                 tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
         except Exception as error:
@@ -111,7 +115,7 @@ class DonorCheckingAverager(DecentralizedAverager):
         if not metadata:
             logger.info("%s did not send its state", donor)
             return None
-        logger.info("downloaded state from %s in %.2f s", donor, time.monotonic() - started)
+        logger.info("downloaded %.1f MB of state from %s in %.2f s", received / 1e6, donor, time.monotonic() - started)
         return metadata, tensors
 
 
