@@ -78,9 +78,7 @@ class CollaborativeOptimizer(hivemind.Optimizer):
 
     def load_state_from_peers(self, **kwargs) -> None:
         super().load_state_from_peers(**kwargs)
-        refused = self.state_averager.refused_donors()
-        if not refused <= self.tracker.ignored_peers:
-            self.tracker.ignore_peers(refused)
+        self.tracker.ignore_peers(self.state_averager.refused_donors())
 
 
 def make_collaborative_optimizer(

@@ -27,6 +27,7 @@ from peer.identity import check_multiaddrs
 from peer.optimizer import make_collaborative_optimizer
 from peer.run_config import RunConfig
 from peer.shards import ShardReader
+from peer.state_loading import state_offers
 
 logger = logging.getLogger("starling.peer")
 
@@ -210,10 +211,8 @@ class Peer:
     def _newer_state_offered(self) -> bool:
         """Whether someone offers state of a later epoch than ours: a peer, or the coordinator with
         the latest checkpoint when the whole swarm restarts."""
-        found = self.dht.get(f"{self.run_config.training_key()}_state_averager.all_averagers", latest=True)
-        offers = found.value if found is not None and isinstance(found.value, dict) else {}
-        epoch = self.optimizer.local_epoch
-        return any(isinstance(o.value, (int, float)) and o.value > epoch for o in offers.values())
+        offers = state_offers(self.dht, self.optimizer.state_averager.prefix)
+        return any(epoch > self.optimizer.local_epoch for epoch in offers.values())
 
     def load_state_from_peers(self) -> None:
         """Fetch the current parameters, optimizer state and epoch from other peers."""

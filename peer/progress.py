@@ -23,6 +23,8 @@ class RunProgressTracker(ProgressTracker):
     def ignore_peers(self, peer_ids: Iterable[bytes]) -> None:
         """Leave these peers (ids as bytes) out of the run's progress from now on, starting with
         the records fetched last."""
+        if frozenset(peer_ids) <= self.ignored_peers:
+            return
         self.ignored_peers = self.ignored_peers | frozenset(peer_ids)
         with self.lock_global_progress:
             self.global_progress = self._parse_swarm_progress_data(self._latest_records)

@@ -16,14 +16,14 @@ from typing import Any, Sequence
 
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.compression import deserialize_torch_tensor
+from hivemind.compression import deserialize_tensor_stream
+from hivemind.dht import DHT
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.nested import nested_flatten
-from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration
 from tqdm.auto import tqdm
 
@@ -83,32 +83,29 @@ class DonorCheckingAverager(DecentralizedAverager):
 
     def _donors_by_priority(self) -> list[PeerID]:
         """Peers offering their state, highest priority (latest epoch) first, ties in random order."""
-        found = self.dht.get(f"{self._matchmaking.group_key_manager.prefix}.all_averagers", latest=True)
-        offers = found.value if found is not None and isinstance(found.value, dict) else {}
-        priority = {PeerID(peer_id): (float(offer.value), random.random()) for peer_id, offer in offers.items()
-                    if isinstance(offer, ValueWithExpiration) and isinstance(offer.value, (float, int))}
+        priority = {peer: (value, random.random()) for peer, value in state_offers(self.dht, self.prefix).items()}
         return [peer for peer in sorted(priority, key=priority.get, reverse=True)
                 if peer != self.peer_id and peer.to_bytes() not in self._refused_donors]
 
     async def _download_state(self, donor: PeerID, timeout: float | None) -> State | None:
         started = time.monotonic()
         logger.info("downloading state from %s", donor)
-        metadata, tensors, parts = None, [], []
+        metadata = None
         try:
             stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
             with tqdm(desc="downloading state", unit="B", unit_scale=True, leave=False) as bar:
-                async for message in aiter_with_timeout(stream, timeout=timeout):
-                    if message.metadata:
-                        metadata = self.serializer.loads(message.metadata)
-                    if message.tensor_part.dtype and parts:  # the first part of the next tensor
-                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                        parts = []
-                    parts.append(message.tensor_part)
-                    bar.update(len(message.tensor_part.buffer))
+
+                async def tensor_parts():
+                    nonlocal metadata
+                    async for message in aiter_with_timeout(stream, timeout=timeout):
+                        if message.metadata:
+                            metadata = self.serializer.loads(message.metadata)
+                        bar.update(len(message.tensor_part.buffer))
+                        yield (message.tensor_part,)
+
+                tensors = await deserialize_tensor_stream(tensor_parts())
                 received = bar.n
-            if parts:
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
         except Exception as error:
             logger.warning("failed to download state from %s: %r", donor, error)
             return None
@@ -130,6 +127,15 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager):
         if problem is None and not isinstance(metadata.get("optimizer_metadata"), list):
             return "its optimizer metadata is not a list"
         return problem or check_optimizer_metadata(metadata["optimizer_metadata"], own_metadata)
+
+
+def state_offers(dht: DHT, prefix: str) -> dict[PeerID, float]:
+    """The peers that offer their state under a state averager's prefix, with their priority (the
+    epoch of their state; the coordinator's checkpoint counts half an epoch more)."""
+    found = dht.get(f"{prefix}.all_averagers", latest=True)
+    offers = found.value if found is not None and isinstance(found.value, dict) else {}
+    return {PeerID(peer_id): float(offer.value) for peer_id, offer in offers.items()
+            if isinstance(offer, ValueWithExpiration) and isinstance(offer.value, (float, int))}
 
 
 def check_metadata_epoch(metadata: Any) -> str | None:
