@@ -194,7 +194,7 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
-            raise RunConfigError(f"{source}: unknown key '{prefix}{key}' (known: {', '.join(sorted(known))})")
+            raise RunConfigError(f"{source}: unknown key {prefix + key!r} (known: {', '.join(sorted(known))})")
     values = {}
     for key, value in data.items():
         annotation = hints[key]

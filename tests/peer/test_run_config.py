@@ -36,6 +36,7 @@ lr = 1
 @pytest.mark.parametrize("text, culprit", [
     ("[training]\nlrr = 0.1\n", "unknown key 'training.lrr'"),
     ("colour = 'blue'\n", "unknown key 'colour'"),
+    ('[averaging]\n"\\n" = 1\n', "unknown key 'averaging.\\n'"),  # quoted, so the error stays one line
     ("[training]\ntarget_batch_size = 'many'\n", "training.target_batch_size must be int, got str"),
     ("[training]\ntarget_batch_size = true\n", "training.target_batch_size must be int"),
     ("[training]\noptimizer = 'sgd'\n", "training.optimizer must be one of"),
