@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -12,9 +14,31 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 
+from peer import hivemind_fixes
 from peer.robust import CenteredClipAllReduceRunner
 
+hivemind_fixes.apply()  # every process that averages imports this module
+
+logger = logging.getLogger("starling.peer")
+
 RUNNERS: dict[str, type[AllReduceRunner]] = {"centered-clip": CenteredClipAllReduceRunner, "mean": AllReduceRunner}
+
+
+class RoundOutcome(enum.Enum):
+    """How an all-reduce round ended for this peer."""
+
+    SUCCEEDED = "succeeded"  # every part of its tensors came back averaged with the group
+    PARTIAL = "partial"  # some parts did not: there the peer kept its own values
+    FAILED = "failed"  # no group, an error or a timeout: it kept its own values everywhere
+
+
+class GatheredRound(dict):
+    """What a round gathered from the group (hivemind's result: peer id -> gathered data), and the
+    fraction of this peer's values that came back averaged with the group."""
+
+    def __init__(self, gathered: dict, averaged_fraction: float) -> None:
+        super().__init__(gathered)
+        self.averaged_fraction = averaged_fraction
 
 
 class AggregatingAverager(DecentralizedAverager):
@@ -23,7 +47,18 @@ class AggregatingAverager(DecentralizedAverager):
 
     def __init__(self, *args, aggregation: str = "centered-clip", **kwargs) -> None:
         self.runner_class = RUNNERS[aggregation]
+        self._averaged_fractions: dict[bytes, float] = {}  # by group id, in the averager's process
         super().__init__(*args, **kwargs)
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs) -> GatheredRound:
+        """DecentralizedAverager's aggregation, returning with the gathered data the fraction of this
+        peer's values that were averaged: hivemind fills the parts of a reducer that failed or timed
+        out with the peer's own values and still reports the round as done."""
+        try:
+            gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+            return GatheredRound(gathered, self._averaged_fractions.get(group_info.group_id, 0.0))
+        finally:
+            self._averaged_fractions.pop(group_info.group_id, None)
 
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
                                       group_id: bytes | None = None, **kwargs) -> None:
@@ -38,21 +73,25 @@ class AggregatingAverager(DecentralizedAverager):
                 tensor.add_(update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
+            parts = runner.tensor_part_container
+            self._averaged_fractions[group_id] = 1.0 - parts.failed_size / max(1, parts.total_size)
         else:
             async for _ in runner:
                 raise ValueError("auxiliary peers do not receive averaged tensors")
+            self._averaged_fractions[group_id] = 1.0
 
 
 class CountingGradientAverager(GradientAverager, AggregatingAverager):
-    """hivemind's GradientAverager with the run's aggregation (AggregatingAverager), counting all-reduce
-    rounds that delivered an average and rounds that failed or timed out, and loading no state."""
+    """hivemind's GradientAverager with the run's aggregation (AggregatingAverager), counting its
+    all-reduce rounds by outcome (RoundOutcome), and loading no state."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.rounds_succeeded = 0
-        self.rounds_failed = 0
+        self.rounds = {outcome: 0 for outcome in RoundOutcome}
+        self.partial_fractions: list[float] = []  # the averaged fraction of each partial round
+        self._unsettled: list = []  # StepControls of rounds not counted yet, oldest first
 
-    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None) -> None:
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None, **kwargs) -> None:
         """Nothing to load. hivemind.Optimizer downloads its gradient averager's state (another
         peer's gradient buffers, as large as the model) right after the training state, and discards
         it: the accumulated gradients are reset after a load anyway."""
@@ -60,11 +99,27 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
 
     def step(self, *args, wait: bool = True, **kwargs):
         control = super().step(*args, wait=False, **kwargs)
-        control.add_done_callback(self._count_outcome)
+        self._unsettled.append(control)
         return control.result() if wait else control
 
-    def _count_outcome(self, control) -> None:
+    def settle_rounds(self) -> list[RoundOutcome]:
+        """Count the rounds that ended since the last call (in the caller's thread: hivemind.Optimizer
+        has waited for a round before its epoch ends, so every round before that epoch is counted)."""
+        settled = []
+        while self._unsettled and self._unsettled[0].done():
+            settled.append(self._outcome(self._unsettled.pop(0)))
+        return settled
+
+    def _outcome(self, control) -> RoundOutcome:
         if control.cancelled() or control.exception() is not None:
-            self.rounds_failed += 1
+            outcome = RoundOutcome.FAILED
         else:
-            self.rounds_succeeded += 1
+            fraction = control.result().averaged_fraction
+            outcome = RoundOutcome.SUCCEEDED if fraction >= 1.0 else RoundOutcome.FAILED if fraction <= 0.0 \
+                else RoundOutcome.PARTIAL
+            if outcome is RoundOutcome.PARTIAL:
+                self.partial_fractions.append(fraction)
+                logger.warning("partial averaging round: %.1f%% of the gradient was averaged with the group, "
+                               "the rest is this peer's own", 100 * fraction)
+        self.rounds[outcome] += 1
+        return outcome

@@ -55,6 +55,8 @@ def build_parser() -> OneLineParser:
     add("--max-epochs", type=int, default=env_default("--max-epochs"), help="stop once the run reaches this epoch")
     add("--duration", type=float, default=env_default("--duration"), help="stop after this many seconds")
     add("--data", default=env_default("--data"), help="train on this text file or folder instead of the run's corpus")
+    add("--events", default=env_default("--events"),
+        help="append what this peer does to this file as JSON lines (joined, epoch, round outcomes, stopped)")
     add("--summary-json", default=env_default("--summary-json"), help="write what this peer did to this file")
     add("--log-level", default=env_default("--log-level", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="how much to log")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             initial_peers=args.initial_peers, config=args.config, device=args.device, batch_size=args.batch_size,
             name=args.name, client_mode=args.client_mode, auxiliary=args.auxiliary, identity=args.identity,
             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host, data=args.data, token=args.token,
+            metrics_host=args.metrics_host, data=args.data, token=args.token, events=args.events,
         )
         summary = peer.run(duration=args.duration, max_epochs=args.max_epochs)
     except (PeerError, RunConfigError, ValueError, FileNotFoundError) as error:

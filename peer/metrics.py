@@ -13,7 +13,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 # hivemind's schema validator works with pydantic's v1 API.
 from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from peer.averager import RoundOutcome
+
 METRICS_EXPIRATION = 60.0  # seconds a published record stays in the DHT
+ROUND_HELP = {
+    RoundOutcome.SUCCEEDED: "Gradient rounds that averaged every value with the group",
+    RoundOutcome.PARTIAL: "Gradient rounds that averaged only part of the values (the rest stayed the peer's own)",
+    RoundOutcome.FAILED: "Gradient rounds that averaged nothing (no group, an error or a timeout)",
+}
 
 
 class PeerMetrics(BaseModel):
@@ -32,6 +39,10 @@ class PeerMetrics(BaseModel):
     client_mode: StrictBool
     auxiliary: StrictBool
     version: StrictStr
+    # Gradient rounds by outcome (peer.averager.RoundOutcome); absent from records of older peers.
+    rounds_succeeded: StrictInt = 0
+    rounds_partial: StrictInt = 0
+    rounds_failed: StrictInt = 0
     addresses: List[StrictStr]  # where others can reach it (empty in client mode)
     time: StrictFloat
 
@@ -74,8 +85,7 @@ class PrometheusMetrics:
     loss: Gauge
     samples_per_second: Gauge
     epoch: Gauge
-    rounds_succeeded: Counter
-    rounds_failed: Counter
+    rounds: dict[RoundOutcome, Counter]
 
     @classmethod
     def create(cls) -> "PrometheusMetrics":
@@ -86,10 +96,8 @@ class PrometheusMetrics:
             loss=Gauge("starling_peer_loss", "Training loss of the latest micro-batch", registry=registry),
             samples_per_second=Gauge("starling_peer_samples_per_second", "This peer's throughput", registry=registry),
             epoch=Gauge("starling_peer_epoch", "Global epoch this peer is on", registry=registry),
-            rounds_succeeded=Counter("starling_peer_averaging_rounds_succeeded",
-                                     "Epochs that ended with averaged gradients", registry=registry),
-            rounds_failed=Counter("starling_peer_averaging_rounds_failed",
-                                  "Epochs that ended without averaging with another peer", registry=registry),
+            rounds={outcome: Counter(f"starling_peer_averaging_rounds_{outcome.value}", help_text, registry=registry)
+                    for outcome, help_text in ROUND_HELP.items()},
         )
         metrics.loss.set(float("nan"))  # no loss until the first micro-batch
         return metrics

@@ -76,9 +76,13 @@ class CollaborativeOptimizer(hivemind.Optimizer):
                                   client_mode=self.client_mode, status_loglevel=self.status_loglevel,
                                   start=True, **kwargs)
 
-    def load_state_from_peers(self, **kwargs) -> None:
+    def load_state_from_peers(self, **kwargs) -> bool:
+        """hivemind.Optimizer's load (keyword arguments go to CheckedStateAverager's); returns whether
+        a state was applied, and leaves donors refused so far out of the run's progress."""
+        received = self.state_averager.states_received
         super().load_state_from_peers(**kwargs)
         self.tracker.ignore_peers(self.state_averager.refused_donors())
+        return self.state_averager.states_received > received
 
 
 def make_collaborative_optimizer(

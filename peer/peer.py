@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from model import CausalLM
 from model.data import load_corpus
 from peer import metrics, run_record
+from peer.events import EventLog
 from peer.auth import RunAuthorizer, check_grant_for, parse_token
-from peer.averager import CountingGradientAverager
+from peer.averager import CountingGradientAverager, RoundOutcome
 from peer.device import device_name, largest_micro_batch, resolve_device
 from peer.identity import check_multiaddrs
 from peer.optimizer import make_collaborative_optimizer
@@ -60,6 +61,7 @@ class PeerOptions:
     metrics_host: str = "127.0.0.1"
     data: str | None = None
     token: str | None = None
+    events: str | None = None  # a JSON-lines file of what the peer does (peer.events)
 
     def check(self) -> None:
         """Raise ValueError naming the first option a volunteer got wrong."""
@@ -79,6 +81,8 @@ class PeerOptions:
             raise ValueError(f"identity: folder {str(Path(self.identity).parent)!r} does not exist")
         if self.config is not None and not Path(self.config).is_file():
             raise ValueError(f"config: {self.config!r} is not a file")
+        if self.events is not None and not Path(self.events).parent.is_dir():
+            raise ValueError(f"events: folder {str(Path(self.events).parent)!r} does not exist")
 
 
 @dataclass
@@ -92,9 +96,12 @@ class PeerSummary:
     last_loss: float | None
     seconds: float
     compute_seconds: float  # of `seconds`, those spent in forward and backward of micro-batches
-    rounds_succeeded: int
-    rounds_failed: int
-    state_loads: int
+    rounds_succeeded: int  # gradient rounds that averaged every value with the group
+    rounds_partial: int  # ... that averaged only part of them (the rest stayed this peer's own)
+    rounds_failed: int  # ... that averaged nothing
+    partial_round_fractions: list[float]  # the fraction averaged in each partial round
+    state_loads: int  # states loaded from other peers and applied
+    resyncs: int  # of those, loads that brought this peer back after a partial or failed round
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -138,7 +145,10 @@ class Peer:
         self._metrics_server = None
         self._pending_publish = None
         self._swarm_epoch = 0
-        self._reported_rounds = (0, 0)
+        self._reported_rounds = {outcome: 0 for outcome in RoundOutcome}
+        self.off_swarm = False  # a partial or failed round left this peer's parameters off the swarm's
+        self.events = EventLog(self.options.events) if self.options.events else None
+        self.resyncs = 0
         self.samples_per_second = 0.0
 
     # ---- set-up -----------------------------------------------------------------------------
@@ -214,11 +224,21 @@ class Peer:
         offers = state_offers(self.dht, self.optimizer.state_averager.prefix)
         return any(epoch > self.optimizer.local_epoch for epoch in offers.values())
 
-    def load_state_from_peers(self) -> None:
-        """Fetch the current parameters, optimizer state and epoch from other peers."""
-        self.optimizer.load_state_from_peers()  # the averager's process shows the download's progress
-        self.state_loads += 1
-        logger.info("loaded state from peers: epoch %d", self.optimizer.local_epoch)
+    def load_state_from_peers(self, **limits) -> bool:
+        """Fetch the current parameters, optimizer state and epoch from other peers (limits: see
+        CheckedStateAverager.load_state_from_peers); returns whether a state was applied."""
+        applied = self.optimizer.load_state_from_peers(**limits)  # the averager's process shows the download
+        if applied:
+            logger.info("loaded state from peers: epoch %d", self.optimizer.local_epoch)
+            self._emit("state_loaded", epoch=self.optimizer.local_epoch, resync=False)
+        else:
+            logger.warning("loaded no state: no peer offered a state that fits this one")
+        return applied
+
+    @property
+    def state_loads(self) -> int:
+        """States loaded from other peers and applied, by this peer or by hivemind's own catching up."""
+        return self.optimizer.state_averager.states_received if self.optimizer is not None else 0
 
     @property
     def epoch(self) -> int:
@@ -248,7 +268,7 @@ class Peer:
         if threading.current_thread() is threading.main_thread():
             previous_sigterm = signal.signal(signal.SIGTERM, _stop_on_sigterm(self._stop))
             previous_sigint = signal.getsignal(signal.SIGINT)
-        self.samples_contributed = self.samples_skipped = self.state_loads = 0
+        self.samples_contributed = self.samples_skipped = 0
         self.compute_seconds = 0.0
         self.last_loss = None
         try:
@@ -256,6 +276,7 @@ class Peer:
             self._join_run()
             self._build_model()
             self._start_optimizer()
+            self._emit("joined", peer_id=self.peer_id, run_id=self.run_config.run_id, epoch=self.epoch)
             if previous_sigint is not None:  # hivemind's averagers ignore SIGINT: Ctrl-C must still stop us
                 signal.signal(signal.SIGINT, previous_sigint)
             if self.options.metrics_port is not None:
@@ -268,7 +289,15 @@ class Peer:
             if previous_sigterm is not None:
                 signal.signal(signal.SIGTERM, previous_sigterm)
                 signal.signal(signal.SIGINT, previous_sigint)
-        return self.summary(started)
+        summary = self.summary(started)
+        self._emit("stopped", **summary.as_dict())
+        if self.events is not None:
+            self.events.close()
+        return summary
+
+    def _emit(self, event: str, **fields) -> None:
+        if self.events is not None:
+            self.events.write(event, **fields)
 
     def _loop(self, started: float, duration: float | None, max_epochs: int | None) -> None:
         opt = self.optimizer
@@ -289,8 +318,6 @@ class Peer:
                 else:
                     window_samples += self._train_micro_batch(epoch)
                     bar.update(self.micro_batch)
-                if opt.local_epoch > epoch + 1:
-                    self.state_loads += 1  # hivemind caught up by loading state from peers
                 if opt.local_epoch != epoch:
                     self._after_epoch()
                 now = time.perf_counter()
@@ -329,20 +356,56 @@ class Peer:
         return contributed
 
     def _after_epoch(self) -> None:
-        """A collaborative step happened: reload state if our parameters went bad."""
+        """A collaborative step happened: reload state if our parameters went bad or off the swarm's."""
+        averager = self._grad_averager
+        outcomes = averager.settle_rounds() if isinstance(averager, CountingGradientAverager) else []
+        self._emit("epoch", epoch=self.optimizer.local_epoch, rounds=[outcome.value for outcome in outcomes],
+                   off_swarm=self.off_swarm)
         if not all(bool(p.isfinite().all()) for p in self.model.parameters()):
             logger.warning("parameters became non-finite: reloading state from peers")
             self.load_state_from_peers()
+        elif not self.options.auxiliary:  # an auxiliary peer averages gradients only: no parameters to be off
+            self._resynchronise_after_bad_rounds(outcomes)
         self.prometheus.epoch.set(self.optimizer.local_epoch)
         logger.info("epoch %d: loss %.3f, %d samples contributed so far", self.optimizer.local_epoch,
                     float("nan") if self.last_loss is None else self.last_loss, self.samples_contributed)
 
+    def _resynchronise_after_bad_rounds(self, outcomes: list[RoundOutcome]) -> None:
+        """After a partial or failed gradient round this peer stepped on values the others did not
+        average, and its parameters are off the swarm's. It then offers its state only after the
+        peers of its epoch that are not, and at its next epoch loads the state of one of them. When
+        there is none (the whole group lost the same parts), the next state averaging round, which
+        every peer joins, brings them back together."""
+        epoch = self.optimizer.local_epoch
+        if RoundOutcome.PARTIAL in outcomes or RoundOutcome.FAILED in outcomes:
+            if not self.off_swarm:
+                logger.warning("the gradient round before epoch %d was %s: this peer's parameters are off the "
+                               "swarm's until it resynchronises", epoch, outcomes[-1].value)
+            self._set_off_swarm(True)
+        elif self.off_swarm and epoch % self.run_config.averaging.average_state_every == 0:
+            logger.info("back with the swarm: state averaged at epoch %d", epoch)
+            self._set_off_swarm(False)
+        elif self.off_swarm:
+            if self.optimizer.load_state_from_peers(min_donor_priority=epoch):
+                self.resyncs += 1
+                self._emit("state_loaded", epoch=self.optimizer.local_epoch, resync=True)
+                logger.info("resynchronised with the swarm: loaded the state of epoch %d", self.optimizer.local_epoch)
+                self._set_off_swarm(False)
+            else:
+                logger.info("no peer of epoch %d offers a state averaged in full: waiting for the next state "
+                            "averaging round", epoch)
+
+    def _set_off_swarm(self, off_swarm: bool) -> None:
+        state_averager = self.optimizer.state_averager
+        self.off_swarm = state_averager.off_swarm = off_swarm
+        if not self.options.client_mode:  # client-mode peers offer no state
+            state_averager.state_sharing_priority = self.optimizer.local_epoch
+
     def _report(self) -> None:
         """Update the Prometheus metrics and publish this peer's signed record."""
-        averager = self._grad_averager
-        rounds = (averager.rounds_succeeded, averager.rounds_failed) if isinstance(averager, CountingGradientAverager) else (0, 0)
-        self.prometheus.rounds_succeeded.inc(rounds[0] - self._reported_rounds[0])
-        self.prometheus.rounds_failed.inc(rounds[1] - self._reported_rounds[1])
+        rounds = self._rounds()
+        for outcome, count in rounds.items():
+            self.prometheus.rounds[outcome].inc(count - self._reported_rounds[outcome])
         self._reported_rounds = rounds
         self.prometheus.samples_per_second.set(self.samples_per_second)
         seq_len = self.run_config.data.seq_len
@@ -360,6 +423,9 @@ class Peer:
             client_mode=self.options.client_mode,
             auxiliary=self.options.auxiliary,
             version=VERSION,
+            rounds_succeeded=rounds[RoundOutcome.SUCCEEDED],
+            rounds_partial=rounds[RoundOutcome.PARTIAL],
+            rounds_failed=rounds[RoundOutcome.FAILED],
             addresses=[] if self.options.client_mode else self._addresses,
             time=time.time(),
         ))
@@ -387,8 +453,17 @@ class Peer:
             if child.is_alive():
                 child.terminate()
 
-    def summary(self, started: float) -> PeerSummary:
+    def _rounds(self) -> dict[RoundOutcome, int]:
+        """This peer's gradient rounds so far, by outcome."""
         averager = self._grad_averager
+        if not isinstance(averager, CountingGradientAverager):
+            return {outcome: 0 for outcome in RoundOutcome}
+        return dict(averager.rounds)
+
+    def summary(self, started: float) -> PeerSummary:
+        if isinstance(self._grad_averager, CountingGradientAverager):
+            self._grad_averager.settle_rounds()  # a round may have ended as the peer stopped
+        rounds = self._rounds()
         return PeerSummary(
             peer_id=getattr(self, "peer_id", ""),
             epoch=self.epoch,
@@ -397,8 +472,11 @@ class Peer:
             last_loss=self.last_loss,
             seconds=time.perf_counter() - started,
             compute_seconds=self.compute_seconds,
-            rounds_succeeded=getattr(averager, "rounds_succeeded", 0),
-            rounds_failed=getattr(averager, "rounds_failed", 0),
+            rounds_succeeded=rounds[RoundOutcome.SUCCEEDED],
+            rounds_partial=rounds[RoundOutcome.PARTIAL],
+            rounds_failed=rounds[RoundOutcome.FAILED],
+            partial_round_fractions=list(getattr(self._grad_averager, "partial_fractions", [])),
             state_loads=self.state_loads,
+            resyncs=self.resyncs,
         )
 

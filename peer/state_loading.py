@@ -9,7 +9,10 @@ and the next donor by priority is asked.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import math
+import multiprocessing
 import random
 import time
 from typing import Any, Sequence
@@ -30,6 +33,9 @@ from tqdm.auto import tqdm
 logger = logging.getLogger("starling.peer")
 
 State = tuple[dict, list[torch.Tensor]]
+# Taken off the state-sharing priority (the epoch) of a peer whose parameters are off the swarm's:
+# donors of its epoch come first, and the coordinator's checkpoint (epoch + 0.5) is not passed over.
+OFF_SWARM_PENALTY = 0.25
 
 
 class DonorCheckingAverager(DecentralizedAverager):
@@ -41,7 +47,22 @@ class DonorCheckingAverager(DecentralizedAverager):
 
     def __init__(self, *args, **kwargs) -> None:
         self._refused_donors: set[bytes] = set()  # kept in the averager's process, where downloads run
+        # Shared with the averager's process (created before it is forked): what the next load may
+        # take, and how many states it handed over, each of them checked to fit.
+        self._min_donor_priority = multiprocessing.Value(ctypes.c_double, -math.inf)
+        self._min_state_epoch = multiprocessing.Value(ctypes.c_int64, 0)
+        self._states_received = multiprocessing.Value(ctypes.c_int64, 0)
         super().__init__(*args, **kwargs)
+
+    @property
+    def states_received(self) -> int:
+        """How many loads so far received a state that fits (and was therefore applied)."""
+        return self._states_received.value
+
+    def limit_next_load(self, min_donor_priority: float = -math.inf, min_epoch: int = 0) -> None:
+        """Let the next load ask only donors that offer at least min_donor_priority, and take no
+        state older than min_epoch."""
+        self._min_donor_priority.value, self._min_state_epoch.value = min_donor_priority, min_epoch
 
     @classmethod
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
@@ -74,16 +95,22 @@ class DonorCheckingAverager(DecentralizedAverager):
                     logger.warning("refused the state of %s: %s; asking the next donor", donor, problem)
                     self._refused_donors.add(donor.to_bytes())
                     continue
+                if state[0]["epoch"] < self._min_state_epoch.value:
+                    logger.info("%s sent the state of epoch %d, older than this peer's; asking the next donor",
+                                donor, state[0]["epoch"])
+                    continue
+                self._states_received.value += 1
                 future.set_result(state)
                 return
-            logger.info("no peer sent a state that fits this one")
+            logger.info("no donor sent a state that fits this one")
         finally:
             if not future.done():
                 future.set_result(None)
 
     def _donors_by_priority(self) -> list[PeerID]:
         """Peers offering their state, highest priority (latest epoch) first, ties in random order."""
-        priority = {peer: (value, random.random()) for peer, value in state_offers(self.dht, self.prefix).items()}
+        priority = {peer: (value, random.random()) for peer, value in state_offers(self.dht, self.prefix).items()
+                    if value >= self._min_donor_priority.value}
         return [peer for peer in sorted(priority, key=priority.get, reverse=True)
                 if peer != self.peer_id and peer.to_bytes() not in self._refused_donors]
 
@@ -119,6 +146,27 @@ class DonorCheckingAverager(DecentralizedAverager):
 class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager):
     """hivemind's TrainingStateAverager taking only state that fits its own: as many tensors, of the
     same shapes, finite, and optimizer metadata of the same layout."""
+
+    off_swarm = False  # set by the peer while its parameters are off the swarm's (after a partial round)
+
+    @property
+    def state_sharing_priority(self) -> float:
+        return DecentralizedAverager.state_sharing_priority.fget(self)
+
+    @state_sharing_priority.setter
+    def state_sharing_priority(self, value: float) -> None:
+        """hivemind offers a peer's state with its epoch as priority; a peer off the swarm offers it
+        with OFF_SWARM_PENALTY less, after every peer of its epoch that is not."""
+        DecentralizedAverager.state_sharing_priority.fset(self, value - OFF_SWARM_PENALTY if self.off_swarm and value
+                                                          else value)
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None,
+                              min_donor_priority: float = -math.inf):
+        """TrainingStateAverager's load from the first donor by priority whose state fits, asking
+        only donors that offer at least min_donor_priority. hivemind discards a state older than its
+        local epoch after downloading it: such a donor is passed over before."""
+        self.limit_next_load(min_donor_priority, min_epoch=self.local_epoch)
+        return super().load_state_from_peers(wait=wait, timeout=timeout)
 
     def check_state(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
         parameters = [param for group in self.optimizer.param_groups for param in group["params"]]

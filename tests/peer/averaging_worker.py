@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from model import CausalLM
+from peer.averager import RoundOutcome
 from peer.optimizer import make_collaborative_optimizer
 from peer.run_config import RunConfig
 
@@ -41,12 +42,12 @@ def main() -> None:
         opt.step(batch_size=micro_batch)
         steps += 1
         time.sleep(0.1)
-    time.sleep(0.5)  # let the averaging round's completion callbacks run
+    opt.grad_averager.settle_rounds()
     with opt.grad_averager.get_tensors() as averaged:
         tensors = {f"grad.{i}": t.clone() for i, t in enumerate(averaged)}
     tensors.update({f"param.{i}": p.detach().clone() for i, p in enumerate(model.parameters())})
     tensors["steps"] = torch.tensor(steps)
-    tensors["rounds_succeeded"] = torch.tensor(opt.grad_averager.rounds_succeeded)
+    tensors["rounds_succeeded"] = torch.tensor(opt.grad_averager.rounds[RoundOutcome.SUCCEEDED])
     save_file(tensors, out_file)
     opt.shutdown()
     dht.shutdown()

@@ -1,0 +1,39 @@
+"""A peer's machine-readable account of what it did: one JSON object a line, appended as it happens.
+
+Events: "joined" (peer_id, run), "state_loaded" (epoch, resync), "epoch" (epoch, rounds: the
+outcomes of the gradient rounds that ended with it, off_swarm), "stopped" (the PeerSummary).
+Every event has "event" and "time" (Unix seconds). Tests, benchmarks and tools read these, not
+the human log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class EventLog:
+    """Appends events to a JSON-lines file; each line is written and flushed whole."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, event: str, **fields: Any) -> None:
+        self._file.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_events(path: str | Path) -> list[dict]:
+    """The events written so far (a line still being written is left out)."""
+    events = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return events
