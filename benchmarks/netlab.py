@@ -4,7 +4,7 @@
         lab.cap(lab.hosts[0], mbit=20)             # 20 Mbit/s up and down
         subprocess.run(lab.hosts[0].command(["python", "peer.py", ...]))
         lab.cut(lab.hosts[1]); lab.restore(lab.hosts[1])
-        lab.block_inbound(lab.hosts[2])            # reachable only over connections it opens
+        home = lab.add_host_behind_nat()           # a private address behind a masquerading router
 
 The lab is a bridge in the root namespace holding the subnet's first address (10.77.X.1/24, X
 the first subnet no interface of this machine uses) and, per host, a namespace joined to the
@@ -13,6 +13,12 @@ Processes in the root namespace reach every host through the bridge address. Nam
 `stl<pid>-<n>`, unique per lab, so that labs of several processes never collide; labs left by
 processes that died are removed when a new lab is made. Bandwidth caps are tc's token bucket
 filter; latency and loss need netem, which not every kernel has, so the lab does not offer them.
+
+A host behind NAT is a home network: the host's namespace has a private address (192.168.N.2/24)
+and its default route via a router namespace, which has a lab address on the bridge and
+masquerades what leaves through it (nftables), like a home router: the host reaches everyone,
+and nothing from the lab reaches the host (there is no route to its private address, and the
+router forwards no port).
 """
 
 from __future__ import annotations
@@ -63,10 +69,10 @@ def why_no_lab() -> str | None:
     return None
 
 
-def why_no_firewall() -> str | None:
-    """Why Lab.block_inbound cannot work here (nft missing), or None."""
+def why_no_nat() -> str | None:
+    """Why Lab.add_host_behind_nat cannot work here (nft missing), or None."""
     if shutil.which("nft") is None:
-        return "blocking inbound connections needs `nft` (Debian package nftables: make system-packages)"
+        return "a NAT router needs `nft` (Debian package nftables: make system-packages)"
     return None
 
 
@@ -123,6 +129,7 @@ class Lab:
             raise LabError(f"too many hosts or labs for interface names of {MAX_INTERFACE_NAME} characters")
         self.bridge = f"{self.prefix}b"
         self.hosts: list[Host] = []
+        self.routers: list[Host] = []  # the home routers of hosts behind NAT
         remove_stale_labs()
         try:
             self.subnet = free_subnet()
@@ -148,6 +155,48 @@ class Lab:
         sh(*inside, "link", "set", "lo", "up")
         sh(*inside, "link", "set", host.inner, "up")
         sh(*inside, "route", "add", "default", "via", self.gateway)
+
+    def add_host_behind_nat(self) -> Host:
+        """A new host on a private network of its own behind a masquerading router on the bridge;
+        its `address` is private (unreachable from the lab). Appended to `hosts`."""
+        index = len(self.hosts) + 1
+        router = Host(namespace=f"{self.prefix}r{index}", address=str(self.subnet.network_address + 100 + index),
+                      inner=f"{self.prefix}w{index}", outer=f"{self.prefix}g{index}")
+        sh("ip", "netns", "add", router.namespace)
+        self.routers.append(router)
+        sh("ip", "link", "add", router.outer, "type", "veth", "peer", "name", router.inner, "netns", router.namespace)
+        sh("ip", "link", "set", router.outer, "master", self.bridge, "up")
+        in_router = ("ip", "netns", "exec", router.namespace)
+        sh(*in_router, "ip", "addr", "add", f"{router.address}/{self.subnet.prefixlen}", "dev", router.inner)
+        sh(*in_router, "ip", "link", "set", "lo", "up")
+        sh(*in_router, "ip", "link", "set", router.inner, "up")
+        sh(*in_router, "ip", "route", "add", "default", "via", self.gateway)
+        sh(*in_router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+
+        private = ipaddress.ip_network(f"192.168.{index}.0/24")
+        host = Host(namespace=f"{self.prefix}p{index}", address=str(private.network_address + 2),
+                    inner=f"{self.prefix}n{index}", outer=f"{self.prefix}h{index}")
+        sh("ip", "netns", "add", host.namespace)
+        self.hosts.append(host)
+        sh("ip", "link", "add", host.outer, "type", "veth", "peer", "name", host.inner, "netns", host.namespace)
+        sh("ip", "link", "set", host.outer, "netns", router.namespace)
+        lan_gateway = str(private.network_address + 1)
+        sh(*in_router, "ip", "addr", "add", f"{lan_gateway}/24", "dev", host.outer)
+        sh(*in_router, "ip", "link", "set", host.outer, "up")
+        inside = ("ip", "netns", "exec", host.namespace, "ip")
+        sh(*inside, "addr", "add", f"{host.address}/24", "dev", host.inner)
+        sh(*inside, "link", "set", "lo", "up")
+        sh(*inside, "link", "set", host.inner, "up")
+        sh(*inside, "route", "add", "default", "via", lan_gateway)
+        sh(*in_router, "nft", "-f", "-", input=f"""
+            table ip nat {{
+                chain postrouting {{
+                    type nat hook postrouting priority srcnat; policy accept;
+                    oifname "{router.inner}" masquerade
+                }}
+            }}
+        """)
+        return host
 
     def maddr(self, port: int = 0) -> str:
         """A multiaddr on the bridge address, for a process in the root namespace that the hosts reach."""
@@ -175,19 +224,6 @@ class Lab:
         sh("ip", "link", "set", host.outer, "up")
         sh("ip", "netns", "exec", host.namespace, "ip", "route", "replace", "default", "via", self.gateway)
 
-    def block_inbound(self, host: Host) -> None:
-        """Drop new connections to the host (as behind a NAT or firewall); connections it opens still work."""
-        sh("ip", "netns", "exec", host.namespace, "nft", "-f", "-", input="""
-            table inet lab {
-                chain input {
-                    type filter hook input priority filter; policy accept;
-                    iifname "lo" accept
-                    ct state established,related accept
-                    ct state new drop
-                }
-            }
-        """)
-
     def bytes_through(self, host: Host) -> tuple[int, int]:
         """(uploaded, downloaded) bytes of the host so far, counted at the bridge side of its link."""
         stats = f"/sys/class/net/{host.outer}/statistics"
@@ -196,11 +232,12 @@ class Lab:
 
     def close(self) -> None:
         """Delete the namespaces (their veth ends go with them) and the bridge; safe to call twice."""
-        for host in self.hosts:
+        for host in [*self.hosts, *self.routers]:
             # Deleting one end deletes the pair now; a namespace's own devices go later, asynchronously.
+            # (A host behind NAT has its outer end in its router's namespace: that goes with the router.)
             subprocess.run(["ip", "link", "delete", host.outer], capture_output=True)
             subprocess.run(["ip", "netns", "delete", host.namespace], capture_output=True)
-        self.hosts = []
+        self.hosts, self.routers = [], []
         subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
 
     def __enter__(self) -> "Lab":

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from benchmarks.netlab import Lab
 from coordinator.demo import stop
-from peer import Peer, PeerError
+from peer import Peer, PeerError, hivemind_fixes
 from peer.run_config import AveragingSection, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +91,7 @@ class SwarmOptions:
     threads: int = 1  # torch threads per peer
     device: str = "cpu"
     timeout: float = 3600.0  # seconds one swarm may take, start-up included
+    hivemind_fixes: bool = True  # False: peers run hivemind's own code where peer.hivemind_fixes corrects it
 
 
 def add_swarm_arguments(parser: argparse.ArgumentParser, peers: int) -> None:
@@ -175,6 +176,8 @@ def worker(spec_path: Path) -> None:
     torch.set_num_threads(spec["threads"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = Path(spec["out"])
+    if not spec["hivemind_fixes"]:
+        hivemind_fixes.revert()
     peer = BenchmarkPeer(ready=out / "ready", go=Path(spec["go"]), **spec["options"])
     summary = peer.run(max_epochs=spec["max_epochs"]).as_dict()
     if peer.training_started is None:
@@ -214,7 +217,7 @@ def run_swarm(folder: Path, run_toml: Path, options: SwarmOptions, max_epochs: i
             if lab is not None:
                 command, host_maddr = lab.hosts[index].command(command), lab.hosts[index].maddr()
             spec = dict(out=str(out), go=str(go), threads=options.threads, max_epochs=max_epochs,
-                        save_params=index == 0, options=dict(
+                        save_params=index == 0, hivemind_fixes=options.hivemind_fixes, options=dict(
                             initial_peers=[str(bootstrap.get_visible_maddrs()[0])], config=str(run_toml),
                             batch_size=options.batch_size, device=options.device, name=f"peer-{index}",
                             host_maddrs=[host_maddr]))

@@ -283,7 +283,7 @@ class Coordinator:
             "epoch": s.epoch, "target_batch_size": s.target_batch_size, "samples_this_epoch": s.samples_this_epoch,
             "eta_seconds": s.eta_seconds, "loss": s.loss, "samples_per_second": s.samples_per_second,
             "tokens_per_second": s.tokens_per_second, "samples_total": sum(entry["samples"] for entry in board),
-            "active_peers": s.active_peers, "peers": s.peers, "leaderboard": board,
+            "active_peers": s.active_peers, "rounds": s.rounds, "peers": s.peers, "leaderboard": board,
             "checkpoint": checkpoint.as_dict() if checkpoint else None, "checkpoint_error": self.checkpoint_error,
             "config": self.run_config.to_dict(),
         }

@@ -7,7 +7,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from coordinator.swarm import KINDS
+from coordinator.swarm import KINDS, ROUND_OUTCOMES
 
 TOP_CONTRIBUTORS = 10  # per-contributor series beyond these are summed into name="other"
 
@@ -29,6 +29,12 @@ class SwarmCollector:
         for kind in KINDS:
             active.add_metric([kind], state["active_peers"][kind])
         yield active
+        rounds = GaugeMetricFamily("starling_averaging_rounds",
+                                   "Gradient rounds of the peers reporting now, by outcome: succeeded (every value "
+                                   "averaged), partial (only part), failed (none)", labels=["outcome"])
+        for outcome in ROUND_OUTCOMES:
+            rounds.add_metric([outcome], state["rounds"][outcome])
+        yield rounds
         yield CounterMetricFamily("starling_samples", "Samples contributed by all peers since the run began",
                                   value=state["samples_total"])
         yield GaugeMetricFamily("starling_samples_per_second", "Swarm throughput in samples per second",

@@ -21,6 +21,7 @@ ONLINE_WITHIN = 30.0  # seconds since a peer's last report for it to count as on
 STALE_WITHIN = 60.0  # ... and as stale; after that it is gone
 LISTED_FOR = 3600.0  # gone peers stay in the peer table this long
 KINDS = ("gpu", "cpu", "client", "auxiliary")
+ROUND_OUTCOMES = ("succeeded", "partial", "failed")
 
 
 def peer_kind(report: PeerMetrics) -> str:
@@ -55,6 +56,8 @@ class SwarmState:
     samples_per_second: float = 0.0
     tokens_per_second: float = 0.0
     active_peers: dict[str, int] = field(default_factory=lambda: {"total": 0, **{kind: 0 for kind in KINDS}})
+    # Gradient rounds of the online peers so far, by outcome (peer.averager.RoundOutcome)
+    rounds: dict[str, int] = field(default_factory=lambda: {outcome: 0 for outcome in ROUND_OUTCOMES})
     peers: list[dict] = field(default_factory=list)
 
 
@@ -74,6 +77,8 @@ def summarize(progress: list[LocalTrainingProgress], reports: list[PeerMetrics],
     online = [r for r in latest.values() if peer_status(r.time, now) == "online"]
     for report in online:
         state.active_peers[peer_kind(report)] += 1
+        for outcome in ROUND_OUTCOMES:
+            state.rounds[outcome] += getattr(report, f"rounds_{outcome}")
     state.active_peers["total"] = len(online)
     trainers = [r for r in online if not r.auxiliary and math.isfinite(r.loss)]
     if trainers:
@@ -94,6 +99,7 @@ def summarize(progress: list[LocalTrainingProgress], reports: list[PeerMetrics],
             "samples": contributor.samples,
             "samples_per_second": report.samples_per_second if report else 0.0,
             "micro_batch": report.micro_batch if report else None,
+            "rounds": {outcome: getattr(report, f"rounds_{outcome}") for outcome in ROUND_OUTCOMES} if report else None,
             "status": peer_status(contributor.last_seen, now),
             "first_seen": contributor.first_seen, "last_seen": contributor.last_seen,
             "online_seconds": contributor.online_seconds,

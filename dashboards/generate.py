@@ -160,12 +160,15 @@ def panels() -> list[dict]:
                            [target("starling_peer_samples_per_second", "{{instance}}")])),
             (8, timeseries("Loss by peer", "Loss of each scraped peer's latest micro-batch",
                            [target("starling_peer_loss", "{{instance}}")], decimals=3)),
-            (8, timeseries("Averaging rounds", "Epochs per minute that ended with averaged gradients (succeeded) "
-                                               "or without another peer to average with (failed), all scraped peers",
+            (8, timeseries("Averaging rounds", "Gradient rounds per minute that averaged every value with the "
+                                               "group (succeeded), only part of them (partial) or none (failed), "
+                                               "all scraped peers",
                            [target(f"60 * sum(rate(starling_peer_averaging_rounds_succeeded_total[{RATE}]))",
                                    "succeeded"),
+                            target(f"60 * sum(rate(starling_peer_averaging_rounds_partial_total[{RATE}]))",
+                                   "partial", "B"),
                             target(f"60 * sum(rate(starling_peer_averaging_rounds_failed_total[{RATE}]))",
-                                   "failed", "B")], unit="suffix: /min")),
+                                   "failed", "C")], unit="suffix: /min")),
         ]),
         (7, [
             (24, table("Peers", "Latest figures of each scraped peer", {
@@ -174,6 +177,7 @@ def panels() -> list[dict]:
                 "loss": "starling_peer_loss",
                 "samples": "starling_peer_samples_total",
                 "rounds succeeded": "starling_peer_averaging_rounds_succeeded_total",
+                "rounds partial": "starling_peer_averaging_rounds_partial_total",
                 "rounds failed": "starling_peer_averaging_rounds_failed_total",
             })),
         ]),

@@ -29,6 +29,14 @@ def _cancel_step(self: StepControl) -> bool:
     return cancelled
 
 
+_HIVEMIND_CANCEL = StepControl.cancel
+
+
 def apply() -> None:
     """Install the corrections above into hivemind's classes."""
     StepControl.cancel = _cancel_step
+
+
+def revert() -> None:
+    """Put hivemind's own code back: for measuring what the corrections change (benchmarks/rounds.py)."""
+    StepControl.cancel = _HIVEMIND_CANCEL

@@ -111,7 +111,9 @@ def make_collaborative_optimizer(
         delay_optimizer_step=averaging.delay_optimizer_step,
         average_state_every=averaging.average_state_every,
         grad_compression=gradient_compression(averaging),
-        grad_averager_factory=partial(CountingGradientAverager, aggregation=averaging.aggregation),
+        grad_averager_factory=partial(CountingGradientAverager, aggregation=averaging.aggregation,
+                                      request_timeout=averaging.request_timeout),
+        averager_opts=dict(request_timeout=averaging.request_timeout),  # the state averager's
         state_averaging_compression=state_compression(),
         load_state_compression=state_compression(),
         # hivemind.Optimizer replaces any non-None client_mode with the DHT's own.

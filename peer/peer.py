@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import hivemind
 import torch
@@ -37,6 +38,7 @@ METRICS_PUBLISH_PERIOD = 2.0  # seconds between two signed metrics records
 AUXILIARY_POLL_PERIOD = 0.2  # seconds between two averaging checks of an auxiliary peer
 PROGRESS_FETCH_TIMEOUT = 10.0  # seconds to wait for the swarm's progress before training
 SHUTDOWN_GRACE = 2.0  # seconds a helper process gets to finish before it is terminated
+RESYNC_DELAY = 1.0  # seconds between two looks for a donor, the first after the epoch change that left the swarm
 
 
 class PeerError(RuntimeError):
@@ -147,6 +149,7 @@ class Peer:
         self._swarm_epoch = 0
         self._reported_rounds = {outcome: 0 for outcome in RoundOutcome}
         self.off_swarm = False  # a partial or failed round left this peer's parameters off the swarm's
+        self._resync_after = 0.0  # time.monotonic() after which an off-swarm peer looks for a donor again
         self.events = EventLog(self.options.events) if self.options.events else None
         self.resyncs = 0
         self.samples_per_second = 0.0
@@ -260,9 +263,13 @@ class Peer:
         """Ask a running peer to finish its current step and shut down."""
         self._stop.set()
 
-    def run(self, duration: float | None = None, max_epochs: int | None = None) -> PeerSummary:
+    def run(self, duration: float | None = None, max_epochs: int | None = None,
+            start_line: Callable[["Peer"], None] | None = None) -> PeerSummary:
         """Train until `duration` seconds pass, the run's epoch reaches `max_epochs`, stop() is
-        called, or the process is interrupted (Ctrl-C, SIGTERM). Returns what this peer did."""
+        called, or the process is interrupted (Ctrl-C, SIGTERM). Returns what this peer did.
+        `start_line`, if given, is called once the peer has joined the run and loaded its state, just
+        before it trains: a harness that starts several peers may wait there to start them together
+        (the duration then counts from there)."""
         started = time.perf_counter()
         previous_sigterm = previous_sigint = None
         if threading.current_thread() is threading.main_thread():
@@ -276,7 +283,11 @@ class Peer:
             self._join_run()
             self._build_model()
             self._start_optimizer()
-            self._emit("joined", peer_id=self.peer_id, run_id=self.run_config.run_id, epoch=self.epoch)
+            self._emit("joined", peer_id=self.peer_id, run_id=self.run_config.run_id, epoch=self.epoch,
+                       addresses=self._addresses)
+            if start_line is not None:
+                start_line(self)
+                started = time.perf_counter()  # the duration counts from the start line
             if previous_sigint is not None:  # hivemind's averagers ignore SIGINT: Ctrl-C must still stop us
                 signal.signal(signal.SIGINT, previous_sigint)
             if self.options.metrics_port is not None:
@@ -320,6 +331,8 @@ class Peer:
                     bar.update(self.micro_batch)
                 if opt.local_epoch != epoch:
                     self._after_epoch()
+                if self.off_swarm and not self.options.auxiliary:
+                    self._maybe_resynchronise()
                 now = time.perf_counter()
                 if now - window_started >= METRICS_PUBLISH_PERIOD:
                     self.samples_per_second = window_samples / (now - window_started)
@@ -373,27 +386,37 @@ class Peer:
     def _resynchronise_after_bad_rounds(self, outcomes: list[RoundOutcome]) -> None:
         """After a partial or failed gradient round this peer stepped on values the others did not
         average, and its parameters are off the swarm's. It then offers its state only after the
-        peers of its epoch that are not, and at its next epoch loads the state of one of them. When
-        there is none (the whole group lost the same parts), the next state averaging round, which
-        every peer joins, brings them back together."""
+        peers of its epoch that are not, and loads the state of one of them (_maybe_resynchronise).
+        When there is none (the whole group lost the same parts), the next state averaging round,
+        which every peer joins, brings them back together."""
         epoch = self.optimizer.local_epoch
         if RoundOutcome.PARTIAL in outcomes or RoundOutcome.FAILED in outcomes:
             if not self.off_swarm:
                 logger.warning("the gradient round before epoch %d was %s: this peer's parameters are off the "
                                "swarm's until it resynchronises", epoch, outcomes[-1].value)
             self._set_off_swarm(True)
+            self._resync_after = time.monotonic() + RESYNC_DELAY
         elif self.off_swarm and epoch % self.run_config.averaging.average_state_every == 0:
             logger.info("back with the swarm: state averaged at epoch %d", epoch)
             self._set_off_swarm(False)
-        elif self.off_swarm:
-            if self.optimizer.load_state_from_peers(min_donor_priority=epoch):
-                self.resyncs += 1
-                self._emit("state_loaded", epoch=self.optimizer.local_epoch, resync=True)
-                logger.info("resynchronised with the swarm: loaded the state of epoch %d", self.optimizer.local_epoch)
-                self._set_off_swarm(False)
-            else:
-                logger.info("no peer of epoch %d offers a state averaged in full: waiting for the next state "
-                            "averaging round", epoch)
+
+    def _maybe_resynchronise(self) -> None:
+        """Load the state of a peer of this epoch whose rounds succeeded, once one offers it. The
+        others change epoch at about the same time as this peer and then offer their new state:
+        looking right at this peer's own epoch change may find none yet."""
+        if time.monotonic() < self._resync_after:
+            return
+        self._resync_after = time.monotonic() + RESYNC_DELAY
+        epoch = self.optimizer.local_epoch
+        offers = state_offers(self.dht, self.optimizer.state_averager.prefix)
+        others = [priority for peer_id, priority in offers.items() if str(peer_id) != self.peer_id]
+        if not others:
+            self._set_off_swarm(False)  # alone: its parameters are the swarm's
+        elif max(others) >= epoch and self.optimizer.load_state_from_peers(min_donor_priority=epoch):
+            self.resyncs += 1
+            self._emit("state_loaded", epoch=self.optimizer.local_epoch, resync=True)
+            logger.info("resynchronised with the swarm: loaded the state of epoch %d", self.optimizer.local_epoch)
+            self._set_off_swarm(False)
 
     def _set_off_swarm(self, off_swarm: bool) -> None:
         state_averager = self.optimizer.state_averager

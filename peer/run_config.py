@@ -80,6 +80,13 @@ class AveragingSection:
     offload_optimizer: bool = True
     delay_optimizer_step: bool = False
 
+    @property
+    def request_timeout(self) -> float:
+        """Seconds matchmaking waits for a would-be leader's answer. hivemind breaks cycles of join
+        requests with it and warns when it is not below the matchmaking time: its 3 s default, or
+        half the matchmaking time when that is shorter."""
+        return min(3.0, self.matchmaking_time / 2)
+
 
 @dataclass
 class CoordinatorSection:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
+
+from peer.events import read_events
 
 # Triton kernels run on CPU through the interpreter; Triton reads this when it is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -96,11 +97,23 @@ class WorkerPeer:
         return (self.folder / "joined").exists()
 
     def logged_epoch(self) -> int:
-        """The latest epoch the peer has logged reaching so far (0 before its first)."""
-        return max((int(epoch) for epoch in re.findall(r"epoch (\d+):", self.log_text())), default=0)
+        """The latest epoch the peer has reached so far (0 before its first), from its events."""
+        return max((e["epoch"] for e in self.events() if e["event"] in ("epoch", "state_loaded")), default=0)
 
     def params(self) -> dict:
         return load_file(self.folder / "params.safetensors")
+
+    def snapshot_path(self, epoch: int) -> Path:
+        """Where the parameters it had on reaching `epoch` are (launched with snapshots=True)."""
+        return self.folder / f"epoch-{epoch}.safetensors"
+
+    def snapshot(self, epoch: int) -> dict:
+        return load_file(self.snapshot_path(epoch))
+
+    def events(self) -> list[dict]:
+        """What the peer has done so far, from its event stream (peer.events)."""
+        path = self.folder / "events.jsonl"
+        return read_events(path) if path.exists() else []
 
     def kill(self) -> None:
         """SIGKILL to the worker and whatever of its session is left (hivemind's helper processes)."""
@@ -110,17 +123,19 @@ class WorkerPeer:
 @pytest.fixture
 def launch_peer(tmp_path):
     """launch_peer(name, duration=, max_epochs=, slow=, start_after=, hold=, snapshots=, die_in_round=,
-    model_overrides=, wrap=, **peer_options) -> WorkerPeer (see tests/workers/peer_worker.py). A peer
+    drop_reducer_in_round=, model_overrides=, wrap=, **peer_options) -> WorkerPeer (see tests/workers/peer_worker.py). A peer
     launched with hold=True joins, then waits for release_peers to start training."""
     started = []
 
     def launch(name: str, duration=None, max_epochs=None, slow=None, start_after=None, hold=False,
-               snapshots=False, die_in_round=None, model_overrides=None, wrap=(), **options) -> WorkerPeer:
+               snapshots=False, die_in_round=None, drop_reducer_in_round=None, model_overrides=None, wrap=(),
+               **options) -> WorkerPeer:
         options = {"batch_size": 4, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "name": name, **options}
         worker = WorkerPeer(tmp_path / name, dict(options=options, duration=duration, max_epochs=max_epochs,
                                                         slow=slow, start_after=start_after and str(start_after),
                                                         hold_until=str(tmp_path / RELEASE_FILE) if hold else None,
                                                         snapshots=snapshots, die_in_round=die_in_round,
+                                                        drop_reducer_in_round=drop_reducer_in_round,
                                                         model_overrides=model_overrides), wrap)
         started.append(worker)
         return worker
@@ -137,7 +152,10 @@ def release_peers(tmp_path):
 
     Peers that start training one by one race: the first alone in the swarm takes its epochs without
     averaging (hivemind averages only with more than one peer in the progress records), and with a
-    tiny model it can reach a test's last epoch before a slower-starting peer has joined."""
+    tiny model it can reach a test's last epoch before a slower-starting peer has joined. Even
+    released together, a peer counts the others only once they report samples (hivemind's progress
+    tracker), so the fastest may still take its first epoch alone: tests that compare parameters
+    start one peer and let the others join it (loading its state), as volunteers do."""
 
     def release(workers: list[WorkerPeer], timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -155,6 +173,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on."""
+    return free_port()
 
 
 class CoordinatorProcess:

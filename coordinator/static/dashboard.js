@@ -145,6 +145,11 @@ function renderProgress(done, target, etaSeconds) {
   setText("eta", averaging ? "now" : formatDuration(etaSeconds));
 }
 
+function formatRounds(rounds) {
+  if (!rounds) return DASH;
+  return ["succeeded", "partial", "failed"].map((outcome) => formatNumber(rounds[outcome] ?? 0)).join(" / ");
+}
+
 function renderPeers(peers, now) {
   const rows = peers.map((peer) => {
     const row = tableRow(
@@ -155,6 +160,7 @@ function renderPeers(peers, now) {
       cell(formatNumber(peer.epoch), "num"),
       cell(formatNumber(peer.samples_per_second, 1), "num"),
       cell(formatNumber(peer.samples), "num"),
+      cell(formatRounds(peer.rounds), "num"),
       cell(formatAgo(peer.last_seen, now)),
     );
     row.dataset.peerId = peer.peer_id ?? "";

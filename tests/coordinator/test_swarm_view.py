@@ -44,3 +44,15 @@ def test_epoch_eta_loss_and_kinds():
 def test_nothing_known_yet():
     state = summarize([], [], [], target_batch_size=64, seq_len=32, known_epoch=3, now=NOW)
     assert state.epoch == 3 and state.loss is None and state.eta_seconds is None and state.peers == []
+
+
+def test_round_outcomes_of_the_online_peers_are_summed_and_listed_per_peer():
+    reports = [report("a", 6.0, 3.0, rounds_succeeded=10, rounds_partial=1, rounds_failed=2),
+               report("b", 6.0, 3.0, rounds_succeeded=7),
+               report("old", 6.0, 3.0, age=ONLINE_WITHIN + 5, rounds_succeeded=50, rounds_partial=5)]
+    state = summarize([], reports, [contributor("a", 1), contributor("old", ONLINE_WITHIN + 5)],
+                      target_batch_size=64, seq_len=32, known_epoch=0, now=NOW)
+    assert state.rounds == {"succeeded": 17, "partial": 1, "failed": 2}
+    rows = {p["name"]: p["rounds"] for p in state.peers}
+    assert rows == {"a": {"succeeded": 10, "partial": 1, "failed": 2},
+                    "old": {"succeeded": 50, "partial": 5, "failed": 0}}

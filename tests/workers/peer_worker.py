@@ -4,14 +4,16 @@
 
 SPEC_JSON holds {"options": Peer keyword arguments, "duration": s, "max_epochs": n, "slow": s,
 "out": folder, "start_after": file, "hold_until": file, "snapshots": bool, "die_in_round": n,
-"model_overrides": {...}}. With "slow", every forward pass first sleeps that long (an injected slow
+"drop_reducer_in_round": n, "model_overrides": {...}}. With "slow", every forward pass first sleeps that long (an injected slow
 device); with "start_after", the peer joins only once that file exists; with "hold_until", the peer
-joins, writes "joined" in its folder and starts training only once that file exists (so that peers
-of one test start training together, not one racing alone while another still joins); with "die_in_round", the peer's gradient averager SIGKILLs the worker's whole
+joins, writes "joined" in its folder and starts training only once that file exists (so that
+peers of one test start training together, not one racing alone while another still joins); with "die_in_round", the peer's gradient averager SIGKILLs the worker's whole
 session (worker, averagers, p2p daemon: a machine lost) right after it sent its first part of its
-n-th all-reduce round; with "model_overrides", the peer builds its model with those config fields
+n-th all-reduce round; with "drop_reducer_in_round", the peer abandons its exchange with one
+reducer in its n-th round (a partial round); with "model_overrides", the peer builds its model with those config fields
 changed while it keeps the run's configuration (a tampered client).
-The worker writes summary.json (with "processed": rows seen by forward) and params.safetensors, and
+The worker writes events.jsonl (peer.events), summary.json (with "processed": rows seen by forward) and
+params.safetensors, and
 with "snapshots" the parameters of every epoch it reaches as epoch-N.safetensors.
 """
 
@@ -21,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -56,10 +59,47 @@ def die_in_round(round_number: int) -> None:
     averager.RUNNERS["centered-clip"] = DyingRunner
 
 
+def drop_reducer_in_round(round_number: int, out: Path) -> None:
+    """In its n-th all-reduce round, make the peer abandon its exchange with one other reducer before
+    sending it anything: that reducer's parts of the peer's tensors stay the peer's own (a partial
+    round for this peer alone), and the fraction it should report goes to expected_fraction.txt."""
+    base = averager.RUNNERS["centered-clip"]
+
+    class DroppingRunner(base):
+        rounds = 0
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            DroppingRunner.rounds += 1
+            others = [peer for peer in self.ordered_peer_ids if peer != self.peer_id]
+            self.dropped = others[0] if DroppingRunner.rounds == round_number else None
+
+        async def _communicate_with_peer(self, peer_id):
+            if peer_id == self.dropped:
+                parts = self.tensor_part_container
+                index = self.ordered_peer_ids.index(peer_id)
+                dropped = sum(part.numel() for part, _ in parts._input_parts_by_peer[index])
+                (out / "expected_fraction.txt").write_text(repr(1.0 - dropped / parts.total_size))
+                logging.getLogger(__name__).info(f"dropping reducer {peer_id} in all-reduce round {self.rounds}")
+                parts.register_failed_reducer(index)
+                return
+            await super()._communicate_with_peer(peer_id)
+
+    averager.RUNNERS["centered-clip"] = DroppingRunner
+
+
 def tamper_model(overrides: dict) -> None:
     """Build the model with overrides the run's configuration does not have."""
     original = RunConfig.model_config
     RunConfig.model_config = lambda self: ModelConfig.from_dict({**original(self).to_dict(), **overrides})
+
+
+def wait_at_start_line(peer: Peer, out: Path, release: Path) -> None:
+    """Say the peer has joined the run (its DHT, averagers and state are ready), then wait for the
+    release file."""
+    (out / "joined").touch()
+    while not release.exists():
+        time.sleep(0.05)
 
 
 def main() -> None:
@@ -70,13 +110,11 @@ def main() -> None:
         time.sleep(0.1)
     if spec.get("die_in_round"):
         die_in_round(spec["die_in_round"])
+    if spec.get("drop_reducer_in_round"):
+        drop_reducer_in_round(spec["drop_reducer_in_round"], out)
     if spec.get("model_overrides"):
         tamper_model(spec["model_overrides"])
-    peer = Peer(**spec["options"])
-    if spec.get("hold_until"):
-        (out / "joined").touch()
-        while not Path(spec["hold_until"]).exists():
-            time.sleep(0.05)
+    peer = Peer(**spec["options"], events=str(out / "events.jsonl"))
     processed = 0
     original_forward = CausalLM.forward
 
@@ -97,7 +135,8 @@ def main() -> None:
             save_params(self.model, out / f"epoch-{self.optimizer.local_epoch}.safetensors")
 
         Peer._after_epoch = after_epoch_with_snapshot
-    summary = peer.run(duration=spec.get("duration"), max_epochs=spec.get("max_epochs")).as_dict()
+    start_line = partial(wait_at_start_line, out=out, release=Path(spec["hold_until"])) if spec.get("hold_until") else None
+    summary = peer.run(duration=spec.get("duration"), max_epochs=spec.get("max_epochs"), start_line=start_line).as_dict()
     summary["processed"] = processed
     save_params(peer.model, out / "params.safetensors")
     (out / "summary.json").write_text(json.dumps(summary))

@@ -1,0 +1,114 @@
+"""Peers average every round and stay together under the configuration users run.
+
+Every averaging setting here is the shipped default (matchmaking 5 s, averaging timeout 60 s, 8-bit
+codec, CenteredClip, state averaged every 5 epochs, the shipped batch and learning rate); only the
+model is the tiny one, so that the test runs on two cores.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from peer.events import read_events
+from peer.run_config import RunConfig
+from swarm_checks import assert_parameters_agree, wait_until
+
+STARLING_PEER = Path(sys.executable).with_name("starling-peer")
+# Runs of the two-volunteer test in the suite; STARLING_PAIR_RUNS=10 for the issue's ten in a row.
+PAIR_RUNS = int(os.environ.get("STARLING_PAIR_RUNS", "2"))
+
+
+def shipped_run_config(folder: Path, run_id: str) -> Path:
+    path = folder / "run.toml"
+    path.write_text(f'run_id = "{run_id}"\n[model]\npreset = "tiny"\n')
+    return path
+
+
+def test_three_peers_average_every_round_and_agree_after_every_epoch(tmp_path, start_peer):
+    """A first peer trains; two more join it as volunteers do (loading its state). From the first
+    state averaging round after they joined, for 10 epochs, every round of every peer averages
+    every value, and after each epoch the three agree within the codec's drift since their
+    parameters were last averaged (every 5th epoch; hivemind applies that average during the epoch,
+    so the parameters of epoch 5k + 1 are one round past it)."""
+    run_toml = shipped_run_config(tmp_path, "agreement")
+    every = RunConfig.load(run_toml).averaging.average_state_every
+    run = RunConfig.load(run_toml)
+    epochs = 10
+    first = start_peer("first", run_toml, duration=900, snapshots=True)
+    wait_until(lambda: any(e["event"] == "epoch" for e in first.events()), 120, "the first peer's first epoch")
+    joiners = [start_peer(f"joiner{i}", run_toml, duration=900, snapshots=True) for i in range(2)]
+    peers = [first, *joiners]
+    joined = max(wait_until(lambda: [e["epoch"] for e in peer.events() if e["event"] == "joined"], 120, "joining")[0]
+                 for peer in joiners)
+    averaged = (joined // every + 1) * every  # the first state averaging with all three
+    last = averaged + epochs
+    wait_until(lambda: all(peer.snapshot_path(last).exists() for peer in peers), 400, f"epoch {last}")
+    for peer in peers:
+        peer.process.send_signal(signal.SIGTERM)
+    for peer in peers:
+        peer.wait(timeout=60)
+
+    for peer in peers:
+        window = [e for e in peer.events() if e["event"] == "epoch" and averaged < e["epoch"] <= last]
+        assert [e["epoch"] for e in window] == list(range(averaged + 1, last + 1)), peer.folder.name
+        assert all(e["rounds"] == ["succeeded"] for e in window), (peer.folder.name, window)
+    for epoch in range(averaged + 1, last + 1):
+        rounds = epoch - (epoch - 1) // every * every  # since the parameters were last averaged
+        assert_parameters_agree([peer.snapshot(epoch) for peer in peers], run, rounds=rounds)
+
+
+def start_volunteer(folder: Path, run_toml: Path, duration: float, initial_peers: list[str]) -> subprocess.Popen:
+    folder.mkdir()
+    command = [str(STARLING_PEER), "--config", str(run_toml), "--batch-size", "4", "--duration", str(duration),
+               "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--events", str(folder / "events.jsonl"),
+               *(["--initial-peers", *initial_peers] if initial_peers else [])]
+    with open(folder / "log.txt", "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_event(path: Path, event: str, process: subprocess.Popen, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in read_events(path) if e["event"] == event] if path.exists() else []
+        if found:
+            return found[0]
+        assert process.poll() is None, (path.parent / "log.txt").read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {event!r} event in {path}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("run", range(PAIR_RUNS))
+def test_two_volunteers_average_together_without_stalling(tmp_path, run):
+    """Two peers of the tiny model on loopback, started as volunteers start them: the first alone,
+    the second a few seconds later through the first's address (target batch 32, micro-batch 4).
+    In at least 90% of the epochs both spent in the swarm they averaged, and no epoch took longer
+    than one matchmaking period beyond the median epoch. With hivemind's cancelled-step race
+    (peer/hivemind_fixes.py) about half of such runs stalled for the averaging timeout."""
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(f'run_id = "pair-{run}"\n[model]\npreset = "tiny"\n[training]\ntarget_batch_size = 32\n')
+    matchmaking_time = RunConfig.load(run_toml).averaging.matchmaking_time
+    first = start_volunteer(tmp_path / "first", run_toml, 45, [])
+    address = wait_for_event(tmp_path / "first" / "events.jsonl", "joined", first)["addresses"][0]
+    time.sleep(3)
+    second = start_volunteer(tmp_path / "second", run_toml, 35, [address])
+    for process in (first, second):
+        assert process.wait(timeout=120) == 0, "a volunteer's peer failed"
+
+    events = {name: read_events(tmp_path / name / "events.jsonl") for name in ("first", "second")}
+    together_from = next(e["time"] for e in events["second"] if e["event"] == "joined")
+    together_until = min(e["time"] for e in (events["first"][-1], events["second"][-1]))
+    for name, stream in events.items():
+        epochs = [e for e in stream if e["event"] == "epoch" and together_from < e["time"] <= together_until]
+        averaged = [e for e in epochs if e["rounds"] == ["succeeded"]]
+        assert len(epochs) >= 4, (name, epochs)
+        assert len(averaged) >= 0.9 * len(epochs), (name, json.dumps(epochs))
+        times = [together_from, *(e["time"] for e in epochs)]
+        durations = sorted(later - earlier for earlier, later in zip(times, times[1:]))
+        median = durations[len(durations) // 2]
+        assert durations[-1] <= median + matchmaking_time, (name, durations)

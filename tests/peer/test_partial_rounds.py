@@ -1,0 +1,76 @@
+"""Partial averaging rounds with real peer processes: seen, counted, and repaired.
+
+hivemind's all-reduce fills the parts of a reducer that failed with the peer's own values and
+still ends the round without an error; Starling's peers count such a round as partial, with the
+fraction that was averaged, and resynchronise with the swarm afterwards.
+"""
+
+import signal
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from peer.run_config import RunConfig
+from swarm_checks import parameter_gap, parameters_agree_bound, wait_until
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    return {sample.name: sample.value for family in families for sample in family.samples}
+
+
+def test_a_partial_round_is_counted_with_its_fraction_and_the_peer_resynchronises(
+        tmp_path, write_run_config, start_peer, unused_port):
+    """One of three peers abandons one reducer in its second round: that round is partial for it
+    alone, with the fraction of its values the other reducers averaged. Its metric rises, and within
+    the next epochs it loads the state of a peer whose rounds succeeded, after which its parameters
+    are the others' again. State is never averaged here: only the resynchronisation can bring it
+    back."""
+    run_toml = write_run_config(tmp_path, target_batch_size=48, average_state_every=100)
+    run = RunConfig.load(run_toml)
+    # The others join the first peer as volunteers do, loading its state: all start on the same parameters.
+    first = start_peer("first", run_toml, duration=600, snapshots=True)
+    wait_until(lambda: any(e["event"] == "epoch" for e in first.events()), 120, "the first peer's first epoch")
+    dropper = start_peer("dropper", run_toml, duration=600, drop_reducer_in_round=2, metrics_port=unused_port,
+                         snapshots=True)
+    other = start_peer("other", run_toml, duration=600, snapshots=True)
+
+    partial = wait_until(lambda: next((e for e in dropper.events() if "partial" in e.get("rounds", [])), None),
+                         180, "the dropper's partial round")
+    wait_until(lambda: scrape(unused_port).get("starling_peer_averaging_rounds_partial_total") == 1.0, 20,
+               "starling_peer_averaging_rounds_partial_total to reach 1")
+    resync = wait_until(lambda: next((e for e in dropper.events() if e["event"] == "state_loaded" and e["resync"]),
+                                     None), 60, "the dropper to resynchronise")
+    back = resync["epoch"] + 1  # one round after the resynchronisation
+    wait_until(lambda: dropper.snapshot_path(back + 1).exists() and any(
+        peer.snapshot_path(back + 1).exists() for peer in (first, other)), 60, f"epoch {back + 1}")
+    for peer in (first, dropper, other):
+        peer.process.send_signal(signal.SIGTERM)
+    summaries = {peer.folder.name: peer.wait(timeout=60) for peer in (first, dropper, other)}
+
+    expected = float((dropper.folder / "expected_fraction.txt").read_text())
+    assert 0.0 < expected < 1.0
+    assert summaries["dropper"]["rounds_partial"] == 1
+    assert summaries["dropper"]["partial_round_fractions"] == [expected]
+    assert summaries["dropper"]["resyncs"] == 1
+
+    # The partial round left the dropper off the others: several times further from each of them
+    # than they are from each other (the codec's drift) ...
+    events = dropper.events()
+    off_epochs = [e["epoch"] for e in events[events.index(partial):events.index(resync)] if e["event"] == "epoch"]
+    assert len(off_epochs) <= 3, f"the dropper resynchronised only after epochs {off_epochs}"
+    lr = run.training.lr
+    for epoch in off_epochs:
+        params = {peer.folder.name: peer.snapshot(epoch) for peer in (first, dropper, other)
+                  if peer.snapshot_path(epoch).exists()}
+        if len(params) == 3:
+            drift = parameter_gap(params["first"], params["other"], lr)
+            off = min(parameter_gap(params["dropper"], params[name], lr) for name in ("first", "other"))
+            assert off > 3 * drift, (epoch, off, drift)
+    # ... and after its resynchronisation it is back with the swarm: within the codec's drift of
+    # the peer it took its state from.
+    for epoch in (back, back + 1):
+        gap = min(parameter_gap(dropper.snapshot(epoch), peer.snapshot(epoch), lr)
+                  for peer in (first, other) if peer.snapshot_path(epoch).exists())
+        assert gap <= parameters_agree_bound(rounds=epoch - resync["epoch"]), (epoch, gap)
