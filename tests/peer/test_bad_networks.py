@@ -53,30 +53,43 @@ def assert_together(peers, atol: float = 5e-3) -> None:
             torch.testing.assert_close(other[key], value, atol=atol, rtol=0)
 
 
-def test_peer_capped_at_20_mbit_trains_with_the_others(tmp_path, write_run_config, lab, lab_peer,
-                                                       release_peers):
+def join_after_first_epoch(lab_peer, first_host, joiner_host, run_toml, epochs: int, first_slow=None,
+                           **joiner_options):
+    """A peer on `first_host` trains; once it has taken its first epoch (alone), a second on
+    `joiner_host` joins it as volunteers do, loading its state. Peers started together race: the
+    first to reach the target batch takes its epoch alone (it counts the others only once they
+    report samples) and the two stay an epoch apart. `first_slow` (seconds per forward) keeps the
+    first peer from taking epochs alone faster than the joiner downloads its state."""
+    first = lab_peer(first_host, "first", run_toml, max_epochs=epochs, slow=first_slow)
+    wait_until(lambda: first.logged_epoch() >= 1, 120, "the first peer's first epoch")
+    joiner = lab_peer(joiner_host, "joiner", run_toml, max_epochs=epochs, **joiner_options)
+    return first, joiner
+
+
+def assert_joiner_averaged_every_round(joiner) -> dict:
+    summary = joiner.wait(timeout=300)
+    joined = next(e["epoch"] for e in joiner.events() if e["event"] == "joined")
+    assert summary["epoch"] >= joined + 3
+    assert summary["samples_contributed"] > 0
+    # Every round it took part in averaged every value. (Not every epoch has one: a joiner whose
+    # state download took longer than an epoch of the other's catches up through epochs without.)
+    assert (summary["rounds_partial"], summary["rounds_failed"]) == (0, 0)
+    assert summary["rounds_succeeded"] >= 2
+    return summary
+
+
+def test_peer_capped_at_20_mbit_trains_with_the_others(tmp_path, write_run_config, lab, lab_peer):
     """A peer with 20 Mbit/s each way (about 6 s of transfer per epoch for the tiny model's gradient
-    and state) reaches every epoch with a peer on an open link, averaging with it through the cap."""
+    and state) joins a peer on an open link and averages every round with it through the cap."""
     run_toml = write_run_config(tmp_path, target_batch_size=48)
-    epochs = 3
     capped, open_host, _ = lab.hosts
     lab.cap(capped, mbit=20)
-    peers = [lab_peer(capped, "capped", run_toml, max_epochs=epochs, hold=True),
-             lab_peer(open_host, "open", run_toml, max_epochs=epochs, hold=True)]
-    release_peers(peers)
-    summaries = [peer.wait(timeout=240) for peer in peers]
-
-    for summary in summaries:
-        assert summary["epoch"] >= epochs
-        assert summary["samples_contributed"] > 0
-        assert summary["rounds_succeeded"] >= epochs - 1
-    # A peer whose first epoch ends before the other's progress shows takes it alone and stays an
-    # epoch ahead: it reaches the last epoch and leaves first, and the other's last round finds
-    # nobody. No other round may fail.
-    assert sum(summary["rounds_failed"] for summary in summaries) <= 1
+    first, joiner = join_after_first_epoch(lab_peer, open_host, capped, run_toml, epochs=8, first_slow=1.0)
+    assert_joiner_averaged_every_round(joiner)
+    first.wait(timeout=120)
     uploaded, downloaded = lab.bytes_through(capped)
     assert uploaded > 1e6 and downloaded > 1e6  # the averaging went through the capped link
-    assert_together(peers)
+    assert_together([first, joiner])
 
 
 def test_peer_cut_off_longer_than_the_averaging_timeout_catches_up(tmp_path, write_run_config, lab, lab_peer):
@@ -127,21 +140,13 @@ def test_peer_cut_off_longer_than_the_averaging_timeout_catches_up(tmp_path, wri
 
 
 @pytest.mark.skipif(netlab.why_no_nat() is not None, reason=str(netlab.why_no_nat()))
-def test_peer_behind_a_nat_router_averages_every_round_in_client_mode(tmp_path, write_run_config, lab, lab_peer,
-                                                                    release_peers):
+def test_peer_behind_a_nat_router_averages_every_round_in_client_mode(tmp_path, write_run_config, lab, lab_peer):
     """A peer on a private network behind a masquerading router (a home network: it reaches the
-    others, they cannot reach it) trains in client mode: it opens every connection itself, and
+    others, they cannot reach it) joins in client mode: it opens every connection itself, and
     every one of its rounds averages every value with the peer on an open address."""
     run_toml = write_run_config(tmp_path, target_batch_size=48)
-    epochs = 3
     home = lab.add_host_behind_nat()
-    peers = [lab_peer(home, "home", run_toml, max_epochs=epochs, client_mode=True, hold=True),
-             lab_peer(lab.hosts[0], "open", run_toml, max_epochs=epochs, hold=True)]
-    release_peers(peers)
-    summaries = [peer.wait(timeout=240) for peer in peers]
-
-    for summary in summaries:
-        assert summary["epoch"] >= epochs
-        assert summary["samples_contributed"] > 0
-        assert (summary["rounds_succeeded"], summary["rounds_partial"], summary["rounds_failed"]) == (epochs, 0, 0)
-    assert_together(peers)
+    first, joiner = join_after_first_epoch(lab_peer, lab.hosts[0], home, run_toml, epochs=8, client_mode=True)
+    assert_joiner_averaged_every_round(joiner)
+    first.wait(timeout=120)
+    assert_together([first, joiner])
