@@ -146,15 +146,25 @@ class Lab:
     def _add_host(self, index: int) -> None:
         host = Host(namespace=f"{self.prefix}p{index}", address=str(self.subnet.network_address + 1 + index),
                     inner=f"{self.prefix}n{index}", outer=f"{self.prefix}h{index}")
+        self._wire(host, self.hosts, self.gateway, self.subnet.prefixlen)
+
+    def _wire(self, host: Host, listed_in: list[Host], gateway: str, prefixlen: int,
+              outer_namespace: str | None = None) -> None:
+        """Make the host's namespace (listed for close()) and its veth pair: the outer end on the
+        bridge, or in `outer_namespace` (a router's); the inner end with the host's address and a
+        default route via `gateway`."""
         sh("ip", "netns", "add", host.namespace)
-        self.hosts.append(host)
+        listed_in.append(host)
         sh("ip", "link", "add", host.outer, "type", "veth", "peer", "name", host.inner, "netns", host.namespace)
-        sh("ip", "link", "set", host.outer, "master", self.bridge, "up")
+        if outer_namespace is None:
+            sh("ip", "link", "set", host.outer, "master", self.bridge, "up")
+        else:
+            sh("ip", "link", "set", host.outer, "netns", outer_namespace)
         inside = ("ip", "netns", "exec", host.namespace, "ip")
-        sh(*inside, "addr", "add", f"{host.address}/{self.subnet.prefixlen}", "dev", host.inner)
+        sh(*inside, "addr", "add", f"{host.address}/{prefixlen}", "dev", host.inner)
         sh(*inside, "link", "set", "lo", "up")
         sh(*inside, "link", "set", host.inner, "up")
-        sh(*inside, "route", "add", "default", "via", self.gateway)
+        sh(*inside, "route", "add", "default", "via", gateway)
 
     def add_host_behind_nat(self) -> Host:
         """A new host on a private network of its own behind a masquerading router on the bridge;
@@ -162,32 +172,16 @@ class Lab:
         index = len(self.hosts) + 1
         router = Host(namespace=f"{self.prefix}r{index}", address=str(self.subnet.network_address + 100 + index),
                       inner=f"{self.prefix}w{index}", outer=f"{self.prefix}g{index}")
-        sh("ip", "netns", "add", router.namespace)
-        self.routers.append(router)
-        sh("ip", "link", "add", router.outer, "type", "veth", "peer", "name", router.inner, "netns", router.namespace)
-        sh("ip", "link", "set", router.outer, "master", self.bridge, "up")
+        self._wire(router, self.routers, self.gateway, self.subnet.prefixlen)
         in_router = ("ip", "netns", "exec", router.namespace)
-        sh(*in_router, "ip", "addr", "add", f"{router.address}/{self.subnet.prefixlen}", "dev", router.inner)
-        sh(*in_router, "ip", "link", "set", "lo", "up")
-        sh(*in_router, "ip", "link", "set", router.inner, "up")
-        sh(*in_router, "ip", "route", "add", "default", "via", self.gateway)
         sh(*in_router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-
         private = ipaddress.ip_network(f"192.168.{index}.0/24")
+        lan_gateway = str(private.network_address + 1)
         host = Host(namespace=f"{self.prefix}p{index}", address=str(private.network_address + 2),
                     inner=f"{self.prefix}n{index}", outer=f"{self.prefix}h{index}")
-        sh("ip", "netns", "add", host.namespace)
-        self.hosts.append(host)
-        sh("ip", "link", "add", host.outer, "type", "veth", "peer", "name", host.inner, "netns", host.namespace)
-        sh("ip", "link", "set", host.outer, "netns", router.namespace)
-        lan_gateway = str(private.network_address + 1)
-        sh(*in_router, "ip", "addr", "add", f"{lan_gateway}/24", "dev", host.outer)
+        self._wire(host, self.hosts, lan_gateway, private.prefixlen, outer_namespace=router.namespace)
+        sh(*in_router, "ip", "addr", "add", f"{lan_gateway}/{private.prefixlen}", "dev", host.outer)
         sh(*in_router, "ip", "link", "set", host.outer, "up")
-        inside = ("ip", "netns", "exec", host.namespace, "ip")
-        sh(*inside, "addr", "add", f"{host.address}/24", "dev", host.inner)
-        sh(*inside, "link", "set", "lo", "up")
-        sh(*inside, "link", "set", host.inner, "up")
-        sh(*inside, "route", "add", "default", "via", lan_gateway)
         sh(*in_router, "nft", "-f", "-", input=f"""
             table ip nat {{
                 chain postrouting {{

@@ -108,4 +108,5 @@ def test_every_dashboard_query_returns_samples_from_a_live_swarm(
                           for rule in group["rules"]},
                  lambda found: set(found.values()) == {"ok"}, 30)
     assert rules == {name: "ok" for name in ("StarlingCoordinatorDown", "StarlingNoActivePeers",
-                                             "StarlingEpochStalled", "StarlingAveragingFailing")}
+                                             "StarlingEpochStalled", "StarlingAveragingFailing",
+                                             "StarlingAveragingPartial")}

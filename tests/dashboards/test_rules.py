@@ -18,7 +18,7 @@ def test_the_scrape_config_and_its_rule_file_are_valid(promtool):
 
 
 def test_the_alert_rules_are_valid(promtool):
-    assert "4 rules found" in promtool_ok(promtool, "check", "rules", "alerts.yml")
+    assert "5 rules found" in promtool_ok(promtool, "check", "rules", "alerts.yml")
 
 
 def test_each_alert_fires_and_stays_quiet_as_its_unit_tests_expect(promtool):

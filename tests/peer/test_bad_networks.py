@@ -53,7 +53,7 @@ def assert_together(peers, atol: float = 5e-3) -> None:
             torch.testing.assert_close(other[key], value, atol=atol, rtol=0)
 
 
-def join_after_first_epoch(lab_peer, first_host, joiner_host, run_toml, epochs: int, first_slow=None,
+def join_after_first_epoch(lab_peer, first_host, joiner_host, run_toml, epochs: int, first_slow: float = 0.5,
                            **joiner_options):
     """A peer on `first_host` trains; once it has taken its first epoch (alone), a second on
     `joiner_host` joins it as volunteers do, loading its state. Peers started together race: the
@@ -71,9 +71,13 @@ def assert_joiner_averaged_every_round(joiner) -> dict:
     joined = next(e["epoch"] for e in joiner.events() if e["event"] == "joined")
     assert summary["epoch"] >= joined + 3
     assert summary["samples_contributed"] > 0
-    # Every round it took part in averaged every value. (Not every epoch has one: a joiner whose
+    # Every round it took part in averaged every value, but its last may find nobody: the first
+    # peer may reach the last epoch first and leave. (Not every epoch has a round: a joiner whose
     # state download took longer than an epoch of the other's catches up through epochs without.)
-    assert (summary["rounds_partial"], summary["rounds_failed"]) == (0, 0)
+    failed = [e["epoch"] for e in joiner.events() if e["event"] == "epoch" and e["rounds"] != ["succeeded"]
+              and e["rounds"]]
+    assert failed in ([], [summary["epoch"]]), failed
+    assert summary["rounds_partial"] == 0
     assert summary["rounds_succeeded"] >= 2
     return summary
 
