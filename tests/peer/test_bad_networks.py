@@ -71,13 +71,12 @@ def assert_joiner_averaged_every_round(joiner) -> dict:
     joined = next(e["epoch"] for e in joiner.events() if e["event"] == "joined")
     assert summary["epoch"] >= joined + 3
     assert summary["samples_contributed"] > 0
-    # Every round it took part in averaged every value, but its last may find nobody: the first
-    # peer may reach the last epoch first and leave. (Not every epoch has a round: a joiner whose
-    # state download took longer than an epoch of the other's catches up through epochs without.)
-    failed = [e["epoch"] for e in joiner.events() if e["event"] == "epoch" and e["rounds"] != ["succeeded"]
-              and e["rounds"]]
-    assert failed in ([], [summary["epoch"]]), failed
+    # No round averaged only part of its values, and at most one found nobody to average with: a
+    # joiner whose state download took longer than an epoch of the other's catches up through
+    # epochs without rounds, and one epoch apart the two peers can miss each other once (or the
+    # first leaves before the joiner's last round).
     assert summary["rounds_partial"] == 0
+    assert summary["rounds_failed"] <= 1
     assert summary["rounds_succeeded"] >= 2
     return summary
 
