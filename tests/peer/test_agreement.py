@@ -87,7 +87,7 @@ def wait_for_event(path: Path, event: str, process: subprocess.Popen, timeout: f
 def test_two_volunteers_average_together_without_stalling(tmp_path, run):
     """Two peers of the tiny model on loopback, started as volunteers start them: the first alone,
     the second a few seconds later through the first's address (target batch 32, micro-batch 4).
-    In at least 90% of the epochs both spent in the swarm (from the second's first epoch) they
+    In at least 90% of the epochs both spent in the swarm (from the second's first round) they
     averaged, and no epoch took longer
     than one matchmaking period beyond the median epoch. With hivemind's cancelled-step race
     (peer/hivemind_fixes.py) about half of such runs stalled for the averaging timeout."""
@@ -102,8 +102,9 @@ def test_two_volunteers_average_together_without_stalling(tmp_path, run):
         assert process.wait(timeout=120) == 0, "a volunteer's peer failed"
 
     events = {name: read_events(tmp_path / name / "events.jsonl") for name in ("first", "second")}
-    # Both are in the swarm once the second has trained an epoch: the first counts it from its first samples.
-    together_from = next(e["time"] for e in events["second"] if e["event"] == "epoch")
+    # Both are in the swarm from the second's first round: before it, the first counts it only once
+    # it reports samples, and the second may catch up to the first's epoch without a round.
+    together_from = next(e["time"] for e in events["second"] if e["event"] == "epoch" and e["rounds"]) - 0.5
     together_until = min(e["time"] for e in (events["first"][-1], events["second"][-1]))
     for name, stream in events.items():
         epochs = [e for e in stream if e["event"] == "epoch" and together_from < e["time"] <= together_until]
