@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
+from coordinator.harness import free_port
 from peer.events import read_events
 
 # Triton kernels run on CPU through the interpreter; Triton reads this when it is first imported.
@@ -167,12 +167,6 @@ def release_peers(tmp_path):
         (tmp_path / RELEASE_FILE).touch()
 
     return release
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

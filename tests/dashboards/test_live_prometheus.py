@@ -1,7 +1,6 @@
 """A real Prometheus scrapes a live coordinator and two peers; every dashboard query then returns data."""
 
 import json
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -10,13 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.harness import free_port
+
 ALERTS = Path(__file__).parents[2] / "dashboards" / "prometheus" / "alerts.yml"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def poll(value, done, timeout: float):
