@@ -164,6 +164,23 @@ class ModelConfig(PretrainedConfig):
                     f"num_local_experts ({self.num_local_experts})"
                 )
 
+    def architecture_fields(self) -> dict[str, Any]:
+        """The fields that decide what the model computes from its weights, with their values: not the
+        kernels, token ids, initialisation or max_position_embeddings; rope_theta only under RoPE and the
+        routing fields only for a mixture of experts. Models whose configs agree on these compute the
+        same function of the same weights (to_hf checks an export with them)."""
+        names = [
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "attention_head_dim", "sliding_window", "rms_norm_eps", "position_embedding",
+            "norm", "mlp", "attention_bias", "mlp_bias", "embedding_layernorm", "tie_word_embeddings",
+            "num_local_experts",
+        ]
+        if self.position_embedding == "rope":
+            names.append("rope_theta")
+        if self.is_moe:
+            names += ["num_experts_per_tok", "router_aux_loss_coef"]
+        return {name: getattr(self, name) for name in names}
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         """Build a named preset (see PRESETS), with optional field overrides."""

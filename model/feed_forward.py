@@ -8,6 +8,7 @@ from torch import nn
 
 from model import kernels
 from model.config import ModelConfig
+from model.residual import ResidualProjection
 
 
 class SwiGLU(nn.Module):
@@ -16,7 +17,7 @@ class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = ResidualProjection(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.kernels_mode = config.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,7 @@ class GeluMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = ResidualProjection(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))

@@ -18,6 +18,7 @@ import torch
 from model.config import PRESETS, ModelConfig
 from model.data import PackedCorpus, load_corpus
 from model.transformer import CausalLM
+from model.weight_decay import parameter_groups
 
 logger = logging.getLogger("starling.train")
 
@@ -44,8 +45,7 @@ def lr_at(step: int, settings: TrainSettings) -> float:
 def train(model: CausalLM, corpus: PackedCorpus, settings: TrainSettings, log_every: int = 10) -> list[float]:
     """Train for `settings.steps` steps on random batches of the corpus; returns the loss per step."""
     torch.manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
-                                  betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(settings.seed)
     device = next(model.parameters()).device
     model.train()

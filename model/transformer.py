@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,11 +13,12 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model import kernels
-from model.attention import Attention
+from model.attention import Attention, sdpa_mask
 from model.config import ModelConfig
 from model.feed_forward import GeluMLP, SwiGLU
 from model.moe import SparseMoE, load_balancing_loss
 from model.norms import RMSNorm, make_norm
+from model.residual import ResidualProjection
 from model.rope import rope_cos_sin
 
 
@@ -25,6 +27,13 @@ class CausalLMOutput(CausalLMOutputWithPast):
     """Logits (None when training with labels through the fused loss), loss, and for MoE models aux_loss."""
 
     aux_loss: torch.Tensor | None = None
+
+
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layers' projections give queries and keys: autocast's where it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class Block(nn.Module):
@@ -42,8 +51,14 @@ class Block(nn.Module):
         else:
             self.mlp = GeluMLP(config)
 
-    def forward(self, x, rope, key_padding, positions, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.attn(self.input_norm(x), rope, key_padding, positions, cache)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.attn(self.input_norm(x), rope, mask, cache)
         out = self.mlp(self.post_attention_norm(x))
         router_logits = None
         if isinstance(out, tuple):
@@ -90,15 +105,16 @@ class CausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)  # see ResidualProjection
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
+            nn.init.normal_(module.weight, std=residual_std if isinstance(module, ResidualProjection) else std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
         elif isinstance(module, SparseMoE):
             nn.init.normal_(module.gate_up_proj, std=std)
-            nn.init.normal_(module.down_proj, std=std)
+            nn.init.normal_(module.down_proj, std=residual_std)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
@@ -135,13 +151,15 @@ class CausalLM(PreTrainedModel, GenerationMixin):
         x = self.embed_tokens(input_ids)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        # Positions, rotary tables and the mask are the same in every layer: built once here.
         rope = None
         if self.config.position_embedding == "rope":
             rope = rope_cos_sin(position_ids, self.config.attention_head_dim, self.config.rope_theta, x.dtype)
+        mask = sdpa_mask(self.config, position_ids, attention_mask, seen_before, attention_dtype(x))
 
         router_logits = []
         for layer in self.layers:
-            x, layer_router_logits = layer(x, rope, attention_mask, position_ids, cache)
+            x, layer_router_logits = layer(x, rope, mask, cache)
             if layer_router_logits is not None:
                 router_logits.append(layer_router_logits)
         x = self.norm(x)

@@ -1,4 +1,8 @@
-"""from_hf: build a CausalLM from a transformers Mistral, Mixtral or BLOOM model, one adapter per format."""
+"""from_hf and to_hf: a CausalLM from a transformers Mistral, Mixtral or BLOOM model and back, one adapter per format.
+
+Each adapter module has config_from_hf, config_to_hf and key_map(config), whose KeyMap converts state dicts
+both ways.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from types import ModuleType
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from model.adapters import bloom, mistral, mixtral
+from model.config import ModelConfig
 from model.transformer import CausalLM
 
 ADAPTERS: dict[str, ModuleType] = {"mistral": mistral, "mixtral": mixtral, "bloom": bloom}
@@ -32,6 +37,31 @@ def from_hf(hf_model_or_dir: PreTrainedModel | str | os.PathLike, **config_overr
         setattr(config, key, value)
     config.validate_fields()
     model = CausalLM(config)
-    state = adapter.state_dict_from_hf(hf_model_or_dir.state_dict(), config)
+    state = adapter.key_map(config).from_hf(hf_model_or_dir.state_dict())
     model.load_state_dict(state)
     return model.to(hf_model_or_dir.dtype)
+
+
+def hf_model_type(config: ModelConfig) -> str:
+    """The transformers architecture (a key of ADAPTERS) closest to `config`: BLOOM for ALiBi, else
+    Mixtral for a mixture of experts, else Mistral. to_hf checks that it expresses every field."""
+    if config.position_embedding == "alibi":
+        return "bloom"
+    return "mixtral" if config.is_moe else "mistral"
+
+
+def to_hf(model: CausalLM) -> PreTrainedModel:
+    """A transformers MistralForCausalLM, MixtralForCausalLM or BloomForCausalLM with the model's
+    weights, dtype and device, computing the same logits. Raises ValueError naming the fields that
+    architecture cannot express (say, a BLOOM-style model with a sliding window)."""
+    config = model.config
+    model_type = hf_model_type(config)
+    adapter = ADAPTERS[model_type]
+    hf_config = adapter.config_to_hf(config)
+    expressed = adapter.config_from_hf(hf_config).architecture_fields()
+    lost = [f"{name}={value!r}" for name, value in config.architecture_fields().items() if expressed.get(name) != value]
+    if lost:
+        raise ValueError(f"to_hf: {model_type} cannot express {', '.join(lost)}")
+    hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=model.dtype)
+    hf_model.load_state_dict(adapter.key_map(config).to_hf(model.state_dict()))
+    return hf_model.to(model.device)

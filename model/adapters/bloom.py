@@ -1,17 +1,20 @@
-"""State-dict adapter for transformers' BloomForCausalLM."""
+"""Adapter for transformers' BloomForCausalLM, both ways."""
 
 from __future__ import annotations
 
 import torch
-from transformers import PretrainedConfig
+from transformers import BloomConfig, PretrainedConfig
 
+from model.adapters.key_map import KeyMap
 from model.config import ModelConfig
+
+# Fields that BloomConfig and ModelConfig name and mean alike.
+SAME_FIELDS = ("vocab_size", "hidden_size", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def config_from_hf(hf_config: PretrainedConfig) -> ModelConfig:
     return ModelConfig(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
+        **{name: getattr(hf_config, name) for name in SAME_FIELDS},
         intermediate_size=4 * hf_config.hidden_size,
         num_hidden_layers=hf_config.num_hidden_layers,
         num_attention_heads=hf_config.num_attention_heads,
@@ -24,42 +27,46 @@ def config_from_hf(hf_config: PretrainedConfig) -> ModelConfig:
         mlp_bias=True,
         embedding_layernorm=True,
         rms_norm_eps=hf_config.layer_norm_epsilon,
-        tie_word_embeddings=hf_config.tie_word_embeddings,
-        bos_token_id=hf_config.bos_token_id,
-        eos_token_id=hf_config.eos_token_id,
-        pad_token_id=hf_config.pad_token_id,
     )
 
 
-def _split_fused_qkv(fused: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """BLOOM interleaves [q, k, v] per head; ours stacks all q heads, then k, then v."""
-    per_head = fused.reshape(num_heads, 3, -1, *fused.shape[1:])
-    return per_head.transpose(0, 1).reshape(fused.shape)
+def config_to_hf(config: ModelConfig) -> BloomConfig:
+    """The BloomConfig of `config`; to_hf checks that BLOOM's fixed choices (ALiBi, LayerNorm, ...) match."""
+    return BloomConfig(
+        **{name: getattr(config, name) for name in SAME_FIELDS},
+        n_layer=config.num_hidden_layers,
+        n_head=config.num_attention_heads,
+        # BLOOM has no position table; config_from_hf reads the training length back from here.
+        seq_length=config.max_position_embeddings,
+        layer_norm_epsilon=config.rms_norm_eps,
+    )
 
 
-def state_dict_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {
-        "embed_tokens.weight": hf["transformer.word_embeddings.weight"],
-        "embed_norm.weight": hf["transformer.word_embeddings_layernorm.weight"],
-        "embed_norm.bias": hf["transformer.word_embeddings_layernorm.bias"],
-        "norm.weight": hf["transformer.ln_f.weight"],
-        "norm.bias": hf["transformer.ln_f.bias"],
-        "lm_head.weight": hf.get("lm_head.weight", hf["transformer.word_embeddings.weight"]),
-    }
+def key_map(config: ModelConfig) -> KeyMap:
+    """How BloomForCausalLM's state dict holds a Starling model's tensors."""
+    keys = KeyMap(renamed={
+        "embed_tokens.weight": "transformer.word_embeddings.weight",
+        "embed_norm.weight": "transformer.word_embeddings_layernorm.weight",
+        "embed_norm.bias": "transformer.word_embeddings_layernorm.bias",
+        "norm.weight": "transformer.ln_f.weight",
+        "norm.bias": "transformer.ln_f.bias",
+        "lm_head.weight": "lm_head.weight",
+    })
     renames = {
-        "input_layernorm": "input_norm",
-        "post_attention_layernorm": "post_attention_norm",
-        "self_attention.dense": "attn.o_proj",
-        "mlp.dense_h_to_4h": "mlp.up_proj",
-        "mlp.dense_4h_to_h": "mlp.down_proj",
+        "input_norm": "input_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "attn.o_proj": "self_attention.dense",
+        "attn.qkv_proj": "self_attention.query_key_value",
+        "mlp.up_proj": "mlp.dense_h_to_4h",
+        "mlp.down_proj": "mlp.dense_4h_to_h",
     }
+    # BLOOM's fused rows run [heads, (q, k, v), head_dim]; Starling's [(q, k, v), heads, head_dim].
+    heads, head_dim = config.num_attention_heads, config.attention_head_dim
+    qkv_order = torch.arange(3 * heads * head_dim).view(heads, 3, head_dim).transpose(0, 1).flatten()
     for i in range(config.num_hidden_layers):
-        src, dst = f"transformer.h.{i}.", f"layers.{i}."
-        for name, ours in renames.items():
+        for ours, theirs in renames.items():
             for kind in ("weight", "bias"):
-                out[f"{dst}{ours}.{kind}"] = hf[f"{src}{name}.{kind}"]
+                keys.renamed[f"layers.{i}.{ours}.{kind}"] = f"transformer.h.{i}.{theirs}.{kind}"
         for kind in ("weight", "bias"):
-            out[f"{dst}attn.qkv_proj.{kind}"] = _split_fused_qkv(
-                hf[f"{src}self_attention.query_key_value.{kind}"], config.num_attention_heads
-            )
-    return out
+            keys.reordered[f"layers.{i}.attn.qkv_proj.{kind}"] = qkv_order
+    return keys

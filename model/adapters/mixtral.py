@@ -1,28 +1,37 @@
-"""State-dict adapter for transformers' MixtralForCausalLM (stacked expert weights, transformers 5)."""
+"""Adapter for transformers' MixtralForCausalLM (stacked expert weights, transformers 5), both ways."""
 
 from __future__ import annotations
 
-import torch
-from transformers import PretrainedConfig
+from transformers import MixtralConfig, PretrainedConfig
 
 from model.adapters import mistral
+from model.adapters.key_map import KeyMap
 from model.config import ModelConfig
+
+# Routing fields that MixtralConfig and ModelConfig name and mean alike.
+MOE_FIELDS = ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef")
 
 
 def config_from_hf(hf_config: PretrainedConfig) -> ModelConfig:
-    return mistral.config_from_hf(
-        hf_config,
-        num_local_experts=hf_config.num_local_experts,
-        num_experts_per_tok=hf_config.num_experts_per_tok,
-        router_aux_loss_coef=hf_config.router_aux_loss_coef,
+    return mistral.config_from_hf(hf_config, **{name: getattr(hf_config, name) for name in MOE_FIELDS})
+
+
+def config_to_hf(config: ModelConfig) -> MixtralConfig:
+    return mistral.config_to_hf(
+        config,
+        MixtralConfig,
+        **{name: getattr(config, name) for name in MOE_FIELDS},
+        # Starling always adds the load-balancing loss to the loss; Mixtral only with this on.
+        output_router_logits=True,
     )
 
 
-def state_dict_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    out = mistral.shared_state_from_hf(hf, config)
+def key_map(config: ModelConfig) -> KeyMap:
+    """How MixtralForCausalLM's state dict holds a Starling model's tensors."""
+    keys = mistral.shared_keys(config)
     for i in range(config.num_hidden_layers):
-        src, dst = f"model.layers.{i}.mlp.", f"layers.{i}.mlp."
-        out[dst + "router.weight"] = hf[src + "gate.weight"]
-        out[dst + "gate_up_proj"] = hf[src + "experts.gate_up_proj"]
-        out[dst + "down_proj"] = hf[src + "experts.down_proj"]
-    return out
+        ours, theirs = f"layers.{i}.mlp.", f"model.layers.{i}.mlp."
+        keys.renamed[ours + "router.weight"] = theirs + "gate.weight"
+        keys.renamed[ours + "gate_up_proj"] = theirs + "experts.gate_up_proj"
+        keys.renamed[ours + "down_proj"] = theirs + "experts.down_proj"
+    return keys

@@ -1,9 +1,20 @@
 """CausalLM behaviour: save/load through transformers' Auto classes, generation, masks, MoE loss."""
 
+import inspect
+import math
+
+import pytest
 import torch
 import transformers
 
 from model import CausalLM, ModelConfig
+from model.alibi import alibi_slopes
+
+# The tiny preset turned into a BLOOM-style model: ALiBi, LayerNorm, GELU MLP, biases.
+ALIBI = dict(
+    position_embedding="alibi", norm="layernorm", mlp="gelu", attention_bias=True, mlp_bias=True,
+    embedding_layernorm=True, sliding_window=None,
+)
 
 
 def tiny(**overrides) -> CausalLM:
@@ -11,8 +22,9 @@ def tiny(**overrides) -> CausalLM:
     return CausalLM(ModelConfig.from_preset("tiny", vocab_size=97, **overrides)).eval()
 
 
-def test_save_pretrained_round_trip_through_auto_model(tmp_path):
-    model = tiny(num_local_experts=3, num_experts_per_tok=2)
+@pytest.mark.parametrize("overrides", [dict(num_local_experts=3, num_experts_per_tok=2), ALIBI], ids=["moe", "alibi"])
+def test_save_pretrained_round_trip_through_auto_model(tmp_path, overrides):
+    model = tiny(**overrides)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
     ids = torch.randint(0, 97, (2, 16))
@@ -77,3 +89,64 @@ def test_training_mode_loss_equals_eval_mode_loss_and_skips_logits():
     out = model(ids, labels=ids)
     assert out.logits is None
     torch.testing.assert_close(out.loss, eval_loss)
+
+
+def masks_seen_by_attention(model: CausalLM, *args, **kwargs) -> list[torch.Tensor | None]:
+    """The `mask` argument each layer's attention received during one forward (through torch's hooks)."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(inspect.signature(module.forward).bind(*args, **kwargs).arguments["mask"])
+
+    hooks = [layer.attn.register_forward_pre_hook(record, with_kwargs=True) for layer in model.layers]
+    model(*args, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_alibi_bias_and_padding_mask_are_built_once_per_forward_for_every_layer():
+    model = tiny(**ALIBI, num_hidden_layers=3)
+    ids = torch.randint(0, 97, (2, 6))
+    padding = torch.ones_like(ids)
+    padding[0, :2] = 0
+    masks = masks_seen_by_attention(model, ids, attention_mask=padding)
+    assert len(masks) == 3 and all(mask is masks[0] for mask in masks)
+
+    distance = torch.arange(6)[:, None] - torch.arange(6)[None, :]
+    causal_bias = (-alibi_slopes(4)[:, None, None] * distance).masked_fill(distance < 0, float("-inf"))
+    torch.testing.assert_close(masks[0][1], causal_bias)  # the unpadded row
+    assert torch.isinf(masks[0][0, :, 2:, :2]).all()  # real tokens never see the padding
+
+
+def test_plain_causal_attention_gets_no_mask():
+    """Without padding, window cut or ALiBi, SDPA's is_causal path (flash attention on GPUs) needs none."""
+    assert masks_seen_by_attention(tiny(), torch.randint(0, 97, (2, 6))) == [None, None]
+
+
+def test_alibi_bias_takes_the_autocast_dtype():
+    model = tiny(**ALIBI)
+    ids = torch.randint(0, 97, (2, 8))
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids, attention_mask=padding).logits
+    assert logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(num_local_experts=2), ALIBI], ids=["dense", "moe", "alibi"])
+def test_residual_projections_start_smaller_by_the_square_root_of_twice_the_depth(overrides):
+    """Attention output and MLP down projections (every expert's too) draw std / sqrt(2 * layers)."""
+    layers = 8
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                         num_attention_heads=4, **overrides)
+    model = CausalLM(config)
+    std = config.initializer_range
+    for name, param in model.named_parameters():
+        if param.dim() < 2:
+            continue
+        residual = name.endswith(("o_proj.weight", "down_proj.weight", "mlp.down_proj"))
+        expected = std / math.sqrt(2 * layers) if residual else std
+        # A sample std of n normal draws is off by about 1/sqrt(2n) relatively: allow five times that.
+        assert param.std().item() == pytest.approx(expected, rel=5 / math.sqrt(2 * param.numel())), name
