@@ -11,11 +11,19 @@ the partner's round; the step that was meant for that round finds nobody ("could
 group") and the optimizer waits for it up to the averaging timeout. hivemind.Optimizer cancels
 pre-scheduled rounds whenever it believes it is alone, so two peers of fast epochs met this in
 about half of their runs. Fixed by marking the step cancelled before anything is signalled.
+
+Creating the optimizer state (`initialize_optimizer_state_`, run by every TrainingStateAverager)
+takes a virtual optimizer step with zero gradients so that the state tensors exist. With the run's
+learning rate that step is not virtual: decoupled weight decay (AdamW, SGD with weight_decay)
+shrinks every parameter by lr x weight_decay before training starts, so a run's first epoch was
+not the step its optimizer defines. Fixed by taking the virtual step at a learning rate of zero.
 """
 
 from __future__ import annotations
 
+import torch
 from hivemind.averaging.control import StepControl
+from hivemind.optim import state_averager
 from hivemind.utils.mpfuture import MPFuture
 
 
@@ -29,14 +37,29 @@ def _cancel_step(self: StepControl) -> bool:
     return cancelled
 
 
+def _initialize_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """hivemind's initialize_optimizer_state_ (a step with zero gradients), at a learning rate of zero."""
+    learning_rates = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    try:
+        _HIVEMIND_INITIALIZE(opt)
+    finally:
+        for group, lr in zip(opt.param_groups, learning_rates):
+            group["lr"] = lr
+
+
 _HIVEMIND_CANCEL = StepControl.cancel
+_HIVEMIND_INITIALIZE = state_averager.initialize_optimizer_state_
 
 
 def apply() -> None:
-    """Install the corrections above into hivemind's classes."""
+    """Install the corrections above into hivemind."""
     StepControl.cancel = _cancel_step
+    state_averager.initialize_optimizer_state_ = _initialize_optimizer_state
 
 
 def revert() -> None:
     """Put hivemind's own code back: for measuring what the corrections change (benchmarks/rounds.py)."""
     StepControl.cancel = _HIVEMIND_CANCEL
+    state_averager.initialize_optimizer_state_ = _HIVEMIND_INITIALIZE

@@ -2,6 +2,8 @@
 
 import math
 
+import torch
+
 from hivemind.averaging.control import StepControl
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
@@ -46,3 +48,19 @@ def test_a_cancelled_step_reads_cancelled_before_the_averager_is_signalled():
     assert step.cancelled()
     assert trigger.cancelled_when_signalled == [True]
     assert cancel.cancelled_when_signalled == [True]
+
+
+def test_creating_the_optimizer_state_leaves_the_parameters_as_they_were():
+    """hivemind creates optimizer state with a step on zero gradients; with weight decay at the run's
+    learning rate that step shrank every parameter before training began."""
+    from hivemind.optim import state_averager
+
+    torch.manual_seed(0)
+    for make in (lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
+                 lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1)):
+        parameters = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
+        before = [p.detach().clone() for p in parameters]
+        optimizer = make(parameters)
+        state_averager.initialize_optimizer_state_(optimizer)
+        assert all(torch.equal(p, b) for p, b in zip(parameters, before))
+        assert optimizer.state[parameters[0]] and optimizer.param_groups[0]["lr"] == 0.1  # state made, lr back
