@@ -82,7 +82,7 @@ class Coordinator:
         self.history = History(self.state_dir / "history.sqlite3")
         points = self.history.points(limit=1)
         self.swarm = SwarmState(epoch=points[-1].epoch if points else 0,
-                                target_batch_size=self.run_config.training.target_batch_size)
+                                target_batch_size=self.run_config.samples_per_epoch)
         self.started_at = time.time()
         self._stop = threading.Event()
         self._checkpointing = threading.Lock()
@@ -226,7 +226,7 @@ class Coordinator:
                                              report.samples_contributed, now)
         self._remember_peers([r for r in reports if now - r.time <= ONLINE_WITHIN])
         previous_epoch = self.swarm.epoch
-        self.swarm = summarize(progress, reports, self.history.contributors(), run.training.target_batch_size,
+        self.swarm = summarize(progress, reports, self.history.contributors(), run.samples_per_epoch,
                                run.data.seq_len, self.swarm.epoch, now)
         if self.swarm.epoch != previous_epoch:
             logger.info("epoch %d: loss %s, %.1f samples/s, %d active peers", self.swarm.epoch,
@@ -276,7 +276,8 @@ class Coordinator:
         """The run as served at /api/v1/state."""
         s, checkpoint, board = self.swarm, self.latest_checkpoint, self.history.leaderboard()
         return {
-            "run_id": self.run_config.run_id, "version": VERSION, "time": time.time(),
+            "run_id": self.run_config.run_id, "mode": self.run_config.training.mode, "version": VERSION,
+            "time": time.time(),
             "coordinator": {"peer_id": str(self.dht.peer_id) if self.dht else None, "started_at": self.started_at},
             "initial_peers": self.initial_peers if self.dht else [],
             "join_command": self.join_command() if self.dht else "",

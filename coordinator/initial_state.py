@@ -12,13 +12,13 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-import torch
-from hivemind.optim.state_averager import dump_optimizer_state, initialize_optimizer_state_
+from hivemind.optim import state_averager
+from hivemind.optim.state_averager import dump_optimizer_state
 from transformers import AutoConfig
 
 from coordinator.checkpoints import TrainingState
 from model import CausalLM, ModelConfig, from_hf
-from peer.optimizer import lr_multiplier, make_inner_optimizer
+from peer.optimizer import make_state_optimizer, make_state_scheduler
 from peer.run_config import RunConfig, RunConfigError
 
 # The fields that define an architecture: ModelConfig's own arguments, less the kernel choice.
@@ -57,11 +57,12 @@ def adopt_architecture(run: RunConfig, config: ModelConfig) -> None:
 
 def initial_state(model: CausalLM, run: RunConfig) -> TrainingState:
     """Epoch 0 of a run from `model`'s weights, with the optimizer state that peers' optimizers have
-    before their first step (hivemind initialises it with one step on zero gradients)."""
+    before their first step (hivemind initialises it with one step on zero gradients, which
+    peer.hivemind_fixes takes at a learning rate of zero)."""
     parameters = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    optimizer = make_inner_optimizer(parameters, run.training)
-    torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(run.training))  # peers' state has its fields
-    initialize_optimizer_state_(optimizer)
+    optimizer = make_state_optimizer(parameters, run)
+    make_state_scheduler(optimizer, run)  # peers' state has its fields
+    state_averager.initialize_optimizer_state_(optimizer)  # as peers do, with peer.hivemind_fixes
     metadata, tensors = dump_optimizer_state(optimizer)
     return TrainingState(epoch=0, parameters=[p.detach() for p in model.parameters()],
                          optimizer_tensors=tensors, optimizer_metadata=metadata)

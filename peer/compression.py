@@ -1,27 +1,38 @@
-"""Wire formats for all-reduce: 8 bits for large gradient tensors, 16 bits for small ones, 32 for state."""
+"""Wire formats for all-reduce: 8 (or 4) bits for large gradient tensors, 16 bits for small ones, 32 for state."""
 
 from __future__ import annotations
 
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, SizeAdaptiveCompression
 
-from peer.codec import Blockwise8Bit
-from peer.run_config import AveragingSection
+from peer.codec import Blockwise4Bit, Blockwise8Bit
+from peer.run_config import AveragingSection, DilocoSection
 
 
 def gradient_compression(averaging: AveragingSection) -> CompressionBase:
-    """The codec for gradients named by the run config.
+    """The codec for gradients named by the run config (see codec_named)."""
+    return codec_named(averaging.compression, averaging.compression_threshold)
+
+
+def pseudo_gradient_compression(diloco: DilocoSection, averaging: AveragingSection) -> CompressionBase:
+    """The codec for DiLoCo's pseudo-gradients named by the run config (see codec_named)."""
+    return codec_named(diloco.compression, averaging.compression_threshold)
+
+
+def codec_named(name: str, threshold: int) -> CompressionBase:
+    """A codec of the run config for tensors to average.
 
     "adaptive-8bit" sends tensors of at least compression_threshold values with Starling's 8-bit
     blockwise codec (peer.codec: relative error about 0.007 on normal data) and smaller ones,
     norms and biases mostly, in fp16. Blockwise scaling matters: on a mostly-zero tensor with a
     few large values, hivemind's uniform 8-bit codec lost 51% of the signal (relative L2 error)
     and a two-peer run diverged with it.
+    "blockwise-4bit" is the same with peer.codec's 4-bit codec for large tensors (relative error
+    about 0.1: for pseudo-gradients sent with error feedback).
     """
-    if averaging.compression == "adaptive-8bit":
-        return SizeAdaptiveCompression(
-            threshold=averaging.compression_threshold, less=Float16Compression(), greater_equal=Blockwise8Bit()
-        )
-    if averaging.compression == "fp16":
+    if name in ("adaptive-8bit", "blockwise-4bit"):
+        large = Blockwise8Bit() if name == "adaptive-8bit" else Blockwise4Bit()
+        return SizeAdaptiveCompression(threshold=threshold, less=Float16Compression(), greater_equal=large)
+    if name == "fp16":
         return Float16Compression()
     return NoCompression()
 

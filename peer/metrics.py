@@ -43,6 +43,8 @@ class PeerMetrics(BaseModel):
     rounds_succeeded: StrictInt = 0
     rounds_partial: StrictInt = 0
     rounds_failed: StrictInt = 0
+    mode: StrictStr = "batch"  # the run's training mode (peer.run_config.MODES)
+    inner_steps: StrictInt = 0  # DiLoCo mode: local optimizer steps so far
     addresses: List[StrictStr]  # where others can reach it (empty in client mode)
     time: StrictFloat
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from functools import partial
 from typing import Callable, Iterable
 
 import hivemind
 import torch
+from hivemind.averaging.control import AveragingStage, StepControl
 
 from peer.averager import CountingGradientAverager
 from peer.compression import gradient_compression, state_compression
@@ -15,10 +18,13 @@ from peer.progress import RunProgressTracker
 from peer.run_config import RunConfig, TrainingSection
 from peer.state_loading import CheckedStateAverager
 
+logger = logging.getLogger("starling.peer")
+ROUND_POLL_PERIOD = 0.5  # seconds between two looks at the swarm's epoch while a round looks for a group
+
 
 def inner_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    if name == "adamw":
-        return torch.optim.AdamW
+    if name in ("adamw", "sgd"):
+        return {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
     import bitsandbytes as bnb  # only runs that ask for 8-bit optimizers need it
 
     return {"adamw8bit": bnb.optim.AdamW8bit, "lamb8bit": bnb.optim.LAMB8bit}[name]
@@ -51,7 +57,30 @@ def lr_multiplier(training: TrainingSection) -> Callable[[int], float]:
 
 def make_inner_optimizer(params: Iterable, training: TrainingSection) -> torch.optim.Optimizer:
     optimizer_class = with_gradient_clipping(inner_optimizer_class(training.optimizer), training.max_grad_norm)
+    if training.optimizer == "sgd":  # plain SGD: no momentum (betas do not apply)
+        return optimizer_class(params, lr=training.lr, weight_decay=training.weight_decay)
     return optimizer_class(params, lr=training.lr, betas=tuple(training.betas), weight_decay=training.weight_decay)
+
+
+def outer_optimizer(params: Iterable, run: RunConfig) -> torch.optim.Optimizer:
+    """DiLoCo's outer optimizer: SGD with Nesterov momentum (plain SGD when the momentum is 0)."""
+    momentum = run.diloco.outer_momentum
+    return torch.optim.SGD(params, lr=run.diloco.outer_lr, momentum=momentum, nesterov=momentum > 0)
+
+
+def make_state_optimizer(params: Iterable, run: RunConfig) -> torch.optim.Optimizer:
+    """The optimizer whose state the swarm shares (hivemind's state averager holds it): the run's
+    optimizer in batch mode, the outer optimizer in DiLoCo mode (peer.diloco)."""
+    if run.training.mode == "diloco":
+        return outer_optimizer(params, run)
+    return make_inner_optimizer(params, run.training)
+
+
+def make_state_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule by epoch of the state optimizer: none for DiLoCo's outer steps."""
+    if run.training.mode == "diloco":
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(run.training))
 
 
 class CollaborativeOptimizer(hivemind.Optimizer):
@@ -60,10 +89,11 @@ class CollaborativeOptimizer(hivemind.Optimizer):
 
     tracker: RunProgressTracker
     state_averager: CheckedStateAverager
+    state_averager_class: type[CheckedStateAverager] = CheckedStateAverager
 
     def _make_state_averager(self, **kwargs) -> CheckedStateAverager:
         # hivemind.Optimizer's own settings for its TrainingStateAverager
-        return CheckedStateAverager(
+        return self.state_averager_class(
             dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
             allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
             offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
@@ -75,6 +105,54 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         return RunProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
                                   client_mode=self.client_mode, status_loglevel=self.status_loglevel,
                                   start=True, **kwargs)
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        self.grad_averager.round_epoch = self.local_epoch
+        super()._maybe_schedule_gradient_averaging()
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        self.grad_averager.round_epoch = self.local_epoch
+        return super()._begin_averaging_gradients(grad_scaler)
+
+    def _update_global_epoch(self, grad_scaler) -> None:
+        """hivemind.Optimizer's epoch update, unless the swarm already finished this epoch's round:
+        a peer reports the next epoch only once its round is over, and a round cannot end without
+        every member of its group, so this peer was in no group that could still average with it.
+        It loads the swarm's state instead of waiting for a round of its epoch until the averaging
+        timeout and then stepping alone."""
+        if self.auxiliary or self.tracker.global_epoch <= self.local_epoch:
+            return super()._update_global_epoch(grad_scaler)
+        if self.scheduled_grads is not None and not self.scheduled_grads.done():
+            self.scheduled_grads.cancel()  # nobody of this epoch is left to match it
+        self.scheduled_grads = None
+        logger.info("the swarm finished epoch %d without this peer: loading its state", self.local_epoch)
+        self.load_state_from_peers()
+
+    def _average_gradients_and_load_into_optimizer(self, control: StepControl | None) -> None:
+        """hivemind.Optimizer's, giving up on a round that is still looking for a group once another
+        peer reports a later epoch: the group of this epoch formed without this peer (one that loaded
+        state just before the others' round), and hivemind would wait for one until the averaging
+        timeout. The round then counts as failed, and the peer resynchronises (Peer)."""
+        deadline = time.monotonic() + self.averaging_timeout
+        while control is not None and not control.done() and time.monotonic() < deadline:
+            try:
+                control.result(timeout=ROUND_POLL_PERIOD)
+            except TimeoutError:
+                pass
+            except BaseException:  # the round failed: hivemind's code below reports it
+                break
+            if control.stage is AveragingStage.LOOKING_FOR_GROUP and self._swarm_moved_past(self.local_epoch):
+                logger.warning("epoch %d: the others finished their round without this peer", self.local_epoch)
+                control.cancel()
+        super()._average_gradients_and_load_into_optimizer(control)
+
+    def _swarm_moved_past(self, epoch: int) -> bool:
+        """Whether a peer of the run (not one this peer ignores) reports an epoch after `epoch`."""
+        found = self.dht.get(self.tracker.training_progress_key, latest=True)
+        records = found.value.values() if found is not None and isinstance(found.value, dict) else ()
+        return any(isinstance(record.value, dict) and isinstance(record.value.get("epoch"), int)
+                   and record.value["epoch"] > epoch and record.value.get("peer_id") not in self.tracker.ignored_peers
+                   for record in records)
 
     def load_state_from_peers(self, **kwargs) -> bool:
         """hivemind.Optimizer's load (keyword arguments go to CheckedStateAverager's); returns whether
@@ -93,26 +171,40 @@ def make_collaborative_optimizer(
     auxiliary: bool = False,
     verbose: bool = False,
 ) -> CollaborativeOptimizer:
-    """The collaborative optimizer for this run: gradients accumulate toward target_batch_size, are averaged
-    with the run's compression, and every peer takes the same optimizer step each epoch."""
+    """The collaborative optimizer for this run. In batch mode gradients accumulate toward
+    target_batch_size, are averaged with the run's compression, and every peer takes the same
+    optimizer step each epoch; in DiLoCo mode, see peer.diloco."""
+    if run.training.mode == "diloco":
+        from peer.diloco import make_diloco_optimizer  # peer.diloco builds on this module
+
+        return make_diloco_optimizer(model, dht, run, batch_size_per_step, auxiliary=auxiliary, verbose=verbose)
     averaging = run.averaging
     return CollaborativeOptimizer(
+        params=model.parameters(),
+        optimizer=partial(make_state_optimizer, run=run),
+        scheduler=partial(make_state_scheduler, run=run),
+        target_batch_size=run.training.target_batch_size,
+        offload_optimizer=averaging.offload_optimizer,
+        delay_optimizer_step=averaging.delay_optimizer_step,
+        grad_compression=gradient_compression(averaging),
+        grad_averager_factory=partial(CountingGradientAverager, aggregation=averaging.aggregation,
+                                      request_timeout=averaging.request_timeout),
+        **swarm_options(dht, run, batch_size_per_step, auxiliary, verbose),
+    )
+
+
+def swarm_options(dht: hivemind.DHT, run: RunConfig, batch_size_per_step: int | None, auxiliary: bool,
+                  verbose: bool) -> dict:
+    """hivemind.Optimizer's settings that both modes share: the records, timeouts, state averaging."""
+    averaging = run.averaging
+    return dict(
         dht=dht,
         run_id=run.training_key(),  # averaging and progress records: only peers of this configuration
-        params=model.parameters(),
-        optimizer=lambda params: make_inner_optimizer(params, run.training),
-        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(run.training)),
-        target_batch_size=run.training.target_batch_size,
         batch_size_per_step=None if auxiliary else batch_size_per_step,
         matchmaking_time=averaging.matchmaking_time,
         averaging_timeout=averaging.averaging_timeout,
         next_chunk_timeout=averaging.part_timeout,
-        offload_optimizer=averaging.offload_optimizer,
-        delay_optimizer_step=averaging.delay_optimizer_step,
         average_state_every=averaging.average_state_every,
-        grad_compression=gradient_compression(averaging),
-        grad_averager_factory=partial(CountingGradientAverager, aggregation=averaging.aggregation,
-                                      request_timeout=averaging.request_timeout),
         averager_opts=dict(request_timeout=averaging.request_timeout),  # the state averager's
         state_averaging_compression=state_compression(),
         load_state_compression=state_compression(),

@@ -26,6 +26,7 @@ from peer.auth import RunAuthorizer, check_grant_for, parse_token
 from peer.averager import CountingGradientAverager, RoundOutcome
 from peer.device import device_name, largest_micro_batch, resolve_device
 from peer.identity import check_multiaddrs
+from peer.diloco import DilocoOptimizer
 from peer.optimizer import make_collaborative_optimizer
 from peer.run_config import RunConfig
 from peer.shards import ShardReader
@@ -88,6 +89,17 @@ class PeerOptions:
 
 
 @dataclass
+class PeerCallbacks:
+    """Functions a harness, a notebook or a test gives a peer; each is called with the peer, in its
+    training thread."""
+
+    on_epoch: Callable[["Peer"], None] | None = None  # an epoch ended (after the peer's own checks)
+    # DiLoCo mode: the round's inner steps are over; the model holds this peer's local parameters,
+    # about to become the pseudo-gradient (optimizer.grad_averager.local_samples_accumulated: its weight).
+    on_round_end: Callable[["Peer"], None] | None = None
+
+
+@dataclass
 class PeerSummary:
     """What this peer did, returned by Peer.run."""
 
@@ -101,6 +113,7 @@ class PeerSummary:
     rounds_succeeded: int  # gradient rounds that averaged every value with the group
     rounds_partial: int  # ... that averaged only part of them (the rest stayed this peer's own)
     rounds_failed: int  # ... that averaged nothing
+    inner_steps: int  # DiLoCo mode: local optimizer steps (0 in batch mode)
     partial_round_fractions: list[float]  # the fraction averaged in each partial round
     state_loads: int  # states loaded from other peers and applied
     resyncs: int  # of those, loads that brought this peer back after a partial or failed round
@@ -128,8 +141,10 @@ def _stop_on_sigterm(stop: threading.Event):
 class Peer:
     """A training peer. `Peer(initial_peers=[...], **options).run(duration=None, max_epochs=None)`."""
 
-    def __init__(self, initial_peers: list[str] | tuple[str, ...] = (), **options) -> None:
+    def __init__(self, initial_peers: list[str] | tuple[str, ...] = (), callbacks: PeerCallbacks | None = None,
+                 **options) -> None:
         self.options = PeerOptions(initial_peers=list(initial_peers), **options)
+        self.callbacks = callbacks or PeerCallbacks()
         self.options.check()
         self.device = resolve_device(self.options.device)
         if not self.options.initial_peers and self.options.config is None:
@@ -216,6 +231,8 @@ class Peer:
         self.optimizer = make_collaborative_optimizer(
             self.model, self.dht, self.run_config, self.micro_batch or None, auxiliary=self.options.auxiliary,
         )
+        if isinstance(self.optimizer, DilocoOptimizer) and self.callbacks.on_round_end is not None:
+            self.optimizer.before_outer_step = lambda: self.callbacks.on_round_end(self)
         tracker = self.optimizer.tracker
         tracker.fetched_global_progress_this_epoch.wait(timeout=PROGRESS_FETCH_TIMEOUT)
         if tracker.global_epoch > self.optimizer.local_epoch or self._newer_state_offered():
@@ -252,6 +269,11 @@ class Peer:
         if self.options.auxiliary:
             return max(self._swarm_epoch, self.optimizer.local_epoch)
         return self.optimizer.local_epoch
+
+    @property
+    def inner_steps(self) -> int:
+        """DiLoCo mode: the local optimizer steps this peer took (0 in batch mode)."""
+        return getattr(self.optimizer, "inner_steps", 0)
 
     @property
     def _grad_averager(self) -> CountingGradientAverager | None:
@@ -373,13 +395,15 @@ class Peer:
         averager = self._grad_averager
         outcomes = averager.settle_rounds() if isinstance(averager, CountingGradientAverager) else []
         self._emit("epoch", epoch=self.optimizer.local_epoch, rounds=[outcome.value for outcome in outcomes],
-                   off_swarm=self.off_swarm)
+                   off_swarm=self.off_swarm, inner_steps=self.inner_steps)
         if not all(bool(p.isfinite().all()) for p in self.model.parameters()):
             logger.warning("parameters became non-finite: reloading state from peers")
             self.load_state_from_peers()
         elif not self.options.auxiliary:  # an auxiliary peer averages gradients only: no parameters to be off
             self._resynchronise_after_bad_rounds(outcomes)
         self.prometheus.epoch.set(self.optimizer.local_epoch)
+        if self.callbacks.on_epoch is not None:
+            self.callbacks.on_epoch(self)
         logger.info("epoch %d: loss %.3f, %d samples contributed so far", self.optimizer.local_epoch,
                     float("nan") if self.last_loss is None else self.last_loss, self.samples_contributed)
 
@@ -449,6 +473,8 @@ class Peer:
             rounds_succeeded=rounds[RoundOutcome.SUCCEEDED],
             rounds_partial=rounds[RoundOutcome.PARTIAL],
             rounds_failed=rounds[RoundOutcome.FAILED],
+            mode=self.run_config.training.mode,
+            inner_steps=self.inner_steps,
             addresses=[] if self.options.client_mode else self._addresses,
             time=time.time(),
         ))
@@ -498,6 +524,7 @@ class Peer:
             rounds_succeeded=rounds[RoundOutcome.SUCCEEDED],
             rounds_partial=rounds[RoundOutcome.PARTIAL],
             rounds_failed=rounds[RoundOutcome.FAILED],
+            inner_steps=self.inner_steps,
             partial_round_fractions=list(getattr(self._grad_averager, "partial_fractions", [])),
             state_loads=self.state_loads,
             resyncs=self.resyncs,

@@ -1,6 +1,6 @@
 """The run configuration: everything peers must agree on to train together.
 
-It is read from a TOML file (sections [model], [data], [training], [averaging], [coordinator])
+It is read from a TOML file (sections [model], [data], [training], [diloco], [averaging], [coordinator])
 and checked strictly: an unknown key, a value of the wrong type or an inconsistent model gives a
 RunConfigError that names the key. The coordinator publishes it in the DHT (peer/run_record.py).
 """
@@ -20,8 +20,11 @@ from typing import Any
 
 from model import ModelConfig
 
-OPTIMIZERS = ("adamw", "adamw8bit", "lamb8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "lamb8bit", "sgd")
+MODES = ("batch", "diloco")
 COMPRESSIONS = ("adaptive-8bit", "fp16", "none")
+PSEUDO_GRADIENT_COMPRESSIONS = ("adaptive-8bit", "blockwise-4bit", "fp16", "none")
+MAX_OUTER_LR = 2.0  # beyond it the outer step overshoots the averaged inner progress
 AGGREGATIONS = ("centered-clip", "mean")
 AUTH_MODES = ("open", "token")
 
@@ -48,7 +51,10 @@ class DataSection:
 
 @dataclass
 class TrainingSection:
-    target_batch_size: int = 64
+    # "batch": every epoch is one optimizer step on the swarm's averaged gradient (DeDLOC).
+    # "diloco": every epoch is an outer round of local inner steps, then one averaged outer step ([diloco]).
+    mode: str = "batch"
+    target_batch_size: int = 64  # batch mode: samples the swarm accumulates per epoch
     optimizer: str = "adamw"
     lr: float = 2e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -57,6 +63,23 @@ class TrainingSection:
     total_epochs: int = 1000
     max_grad_norm: float = 1.0
     seed: int = 0
+
+
+@dataclass
+class DilocoSection:
+    """The outer rounds of training.mode = "diloco". Each peer takes inner steps with the run's
+    optimizer ([training]: its lr, betas and schedule, with epochs counting rounds) on its own data
+    until the swarm has processed samples_per_round; the peers then average their pseudo-gradients
+    (round-start parameters minus their own, weighted by the samples each processed) and all take
+    the same outer step: SGD with Nesterov momentum."""
+
+    samples_per_round: int = 1024  # samples the whole swarm processes between two outer steps
+    inner_batch_size: int = 16  # samples per inner step on each peer (micro-batches accumulate to it)
+    outer_lr: float = 0.7  # DiLoCo's (Douillard et al., 2023)
+    outer_momentum: float = 0.9  # Nesterov; 0 for plain SGD
+    compression: str = "adaptive-8bit"  # the pseudo-gradient's codec: adaptive-8bit | blockwise-4bit | fp16 | none
+    # What a lossy codec did not send is added to the next round's pseudo-gradient.
+    error_feedback: bool = True
 
 
 @dataclass
@@ -101,30 +124,46 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    diloco: DilocoSection = field(default_factory=DilocoSection)
     averaging: AveragingSection = field(default_factory=AveragingSection)
     coordinator: CoordinatorSection = field(default_factory=CoordinatorSection)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples the swarm processes per epoch: the target batch, or in DiLoCo mode the round."""
+        return self.diloco.samples_per_round if self.training.mode == "diloco" else self.training.target_batch_size
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_preset(self.model.preset, kernels=self.model.kernels, **self.model.overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The configuration as from_dict reads it ([diloco] only in that mode)."""
+        data = dataclasses.asdict(self)
+        if self.training.mode != "diloco":
+            del data["diloco"]
+        return data
 
     def training_key(self) -> str:
         """The prefix of the run's averaging and progress records in the DHT: the run id and a
         fingerprint of what all of its peers must agree on (the model's shape, the data's sequence
         length and sharding, the training section). A peer with another configuration of the same
         run id averages with nobody of this run and never counts toward its epochs. Local choices
-        (kernels, the corpus path, averaging and coordinator settings) are left out."""
+        (kernels, the corpus path, averaging and coordinator settings) are left out; the outer rounds
+        ([diloco]) are in it when the run trains in that mode."""
         agreed = {"model": {"preset": self.model.preset, "overrides": self.model.overrides},
                   "data": {"seq_len": self.data.seq_len, "num_shards": self.data.num_shards},
                   "training": dataclasses.asdict(self.training)}
+        if self.training.mode == "diloco":
+            agreed["diloco"] = dataclasses.asdict(self.diloco)
         digest = hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()
         return f"{self.run_id}_{digest[:12]}"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "run config") -> "RunConfig":
         config = _build(cls, data, source, prefix="")
+        if "diloco" in data and config.training.mode != "diloco":
+            raise RunConfigError(f"{source}: [diloco] is only for training.mode = \"diloco\" "
+                                 f"(this run's mode is {config.training.mode!r})")
         config.validate(source)
         return config
 
@@ -145,6 +184,7 @@ class RunConfig:
              "letters, digits, '-' and '_' only"),
             ("data.seq_len", self.data.seq_len >= 2, "at least 2"),
             ("data.num_shards", self.data.num_shards >= 1, "at least 1"),
+            ("training.mode", self.training.mode in MODES, f"one of {', '.join(MODES)}"),
             ("training.target_batch_size", self.training.target_batch_size >= 1, "at least 1"),
             ("training.optimizer", self.training.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("training.lr", self.training.lr > 0, "positive"),
@@ -153,6 +193,13 @@ class RunConfig:
             ("training.total_epochs", self.training.total_epochs >= 1, "at least 1"),
             ("training.warmup_epochs", 0 <= self.training.warmup_epochs, "non-negative"),
             ("training.max_grad_norm", self.training.max_grad_norm > 0, "positive"),
+            ("diloco.inner_batch_size", self.diloco.inner_batch_size >= 1, "at least 1"),
+            ("diloco.samples_per_round", self.diloco.samples_per_round >= self.diloco.inner_batch_size,
+             "at least diloco.inner_batch_size (one inner step)"),
+            ("diloco.outer_lr", 0 < self.diloco.outer_lr <= MAX_OUTER_LR, f"in (0, {MAX_OUTER_LR}]"),
+            ("diloco.outer_momentum", 0 <= self.diloco.outer_momentum < 1, "in [0, 1)"),
+            ("diloco.compression", self.diloco.compression in PSEUDO_GRADIENT_COMPRESSIONS,
+             f"one of {', '.join(PSEUDO_GRADIENT_COMPRESSIONS)}"),
             ("averaging.matchmaking_time", self.averaging.matchmaking_time > 0, "positive"),
             ("averaging.averaging_timeout", self.averaging.averaging_timeout > 0, "positive"),
             ("averaging.part_timeout", 0 < self.averaging.part_timeout <= self.averaging.averaging_timeout,

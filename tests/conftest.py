@@ -28,10 +28,14 @@ run_id = "{run_id}"
 preset = "tiny"
 [data]
 seq_len = {seq_len}
+num_shards = {num_shards}
 [training]
+mode = "{mode}"
+optimizer = "{optimizer}"
 target_batch_size = {target_batch_size}
 warmup_epochs = 0
 lr = {lr}
+max_grad_norm = {max_grad_norm}
 [averaging]
 matchmaking_time = {matchmaking_time}
 averaging_timeout = 15.0
@@ -40,17 +44,23 @@ average_state_every = {average_state_every}
 [coordinator]
 checkpoint_every = {checkpoint_every}
 auth = "{auth}"
-"""
+{diloco_section}"""
 
 
 @pytest.fixture
 def write_run_config():
-    """Write a small run.toml for the tiny model; keyword arguments override the defaults."""
+    """Write a small run.toml for the tiny model; keyword arguments override the defaults, and
+    diloco={...} makes it a DiLoCo-mode run with those [diloco] keys."""
 
-    def write(folder: Path, **overrides) -> Path:
+    def write(folder: Path, diloco: dict | None = None, **overrides) -> Path:
         values = dict(run_id=f"test-{folder.name[-12:].replace('_', '-')}", seq_len=32, target_batch_size=64,
-                      lr=1e-3, matchmaking_time=2.0, compression="adaptive-8bit", average_state_every=1,
-                      checkpoint_every=10, auth="open")
+                      lr=1e-3, num_shards=64, matchmaking_time=2.0, compression="adaptive-8bit", average_state_every=1,
+                      checkpoint_every=10, auth="open", mode="batch", optimizer="adamw", max_grad_norm=1.0,
+                      diloco_section="")
+        if diloco is not None:
+            values["mode"] = "diloco"
+            values["diloco_section"] = "[diloco]\n" + "".join(f"{key} = {json.dumps(value)}\n"
+                                                              for key, value in diloco.items())
         values.update(overrides)
         path = folder / "run.toml"
         path.write_text(RUN_TOML.format(**values))

@@ -112,6 +112,8 @@ function renderHeader(state) {
   const training = (state.active_peers?.total ?? 0) > 0;
   setStatus(training ? "training" : "idle", training ? "training" : "no active peers");
   setText("run-id", state.run_id ?? DASH);
+  // In DiLoCo mode an epoch is an outer round: local inner steps, then one averaged outer step.
+  setText("epoch-title", state.mode === "diloco" ? "Outer round (DiLoCo)" : "Epoch");
   setText("updated", `updated ${formatClock(state.time)}`);
   setText("version", state.version ? `v${state.version}` : "");
   setText("coordinator-id", shortId(state.coordinator?.peer_id));
@@ -161,6 +163,7 @@ function renderPeers(peers, now) {
       cell(formatNumber(peer.samples_per_second, 1), "num"),
       cell(formatNumber(peer.samples), "num"),
       cell(formatRounds(peer.rounds), "num"),
+      cell(formatNumber(peer.inner_steps), "num"),
       cell(formatAgo(peer.last_seen, now)),
     );
     row.dataset.peerId = peer.peer_id ?? "";

@@ -23,6 +23,8 @@ def run_coordinator(*args: str, timeout: float = 120) -> subprocess.CompletedPro
     ('[model]\npreset = "tiny"\noverrides = { num_attention_heads = 3 }\n', "[model] does not validate"),
     ('[coordinator]\nauth = "password"\n', "coordinator.auth must be one of open, token"),
     ('run_id = "x"\n[model\n', "not valid TOML"),
+    ('[diloco]\nouter_lr = 0.5\n', "[diloco] is only for training.mode"),
+    ('[training]\nmode = "diloco"\n[diloco]\nouter_momentum = 1.5\n', "diloco.outer_momentum must be in [0, 1)"),
 ])
 def test_bad_run_config_exits_2_naming_the_key(tmp_path, toml, culprit):
     run_toml = tmp_path / "run.toml"

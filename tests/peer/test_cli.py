@@ -41,6 +41,14 @@ def test_bad_input_gives_one_line_and_exit_2(args, culprit):
     assert culprit in result.stderr
 
 
+def test_bad_run_config_given_to_a_peer_exits_2_naming_the_key(tmp_path):
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text('[training]\nmode = "diloco"\n[diloco]\ncompression = "int3"\n')
+    result = run_peer("--config", str(run_toml), "--host-maddrs", "/ip4/127.0.0.1/tcp/0")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and "diloco.compression must be one of" in result.stderr
+
+
 def test_unreachable_initial_peers_name_the_address(tmp_path):
     result = run_peer("--initial-peers", UNREACHABLE, "--host-maddrs", "/ip4/127.0.0.1/tcp/0")
     assert result.returncode == 2

@@ -2,13 +2,16 @@
 
 import time
 
+import pytest
 import torch
 
 from peer.run_config import RunConfig
+from swarm_checks import mode_settings
 
 
-def test_peer_killed_in_the_middle_of_a_round(tmp_path, write_run_config, start_peer, release_peers):
-    run_toml = write_run_config(tmp_path, target_batch_size=48)
+@pytest.mark.parametrize("mode", ["batch", "diloco"])
+def test_peer_killed_in_the_middle_of_a_round(tmp_path, write_run_config, start_peer, release_peers, mode):
+    run_toml = write_run_config(tmp_path, **mode_settings(mode, 48))
     timeout = RunConfig.load(run_toml).averaging.averaging_timeout
     epochs = 6
     survivors = [start_peer(f"peer{i}", run_toml, max_epochs=epochs, hold=True) for i in range(2)]

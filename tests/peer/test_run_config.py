@@ -39,7 +39,7 @@ lr = 1
     ('[averaging]\n"\\n" = 1\n', "unknown key 'averaging.\\n'"),  # quoted, so the error stays one line
     ("[training]\ntarget_batch_size = 'many'\n", "training.target_batch_size must be int, got str"),
     ("[training]\ntarget_batch_size = true\n", "training.target_batch_size must be int"),
-    ("[training]\noptimizer = 'sgd'\n", "training.optimizer must be one of"),
+    ("[training]\noptimizer = 'sgdm'\n", "training.optimizer must be one of"),
     ("[averaging]\ncompression = 'zip'\n", "averaging.compression must be one of"),
     ("[averaging]\naveraging_timeout = 20\npart_timeout = 30\n", "averaging.part_timeout must be positive and at most"),
     ("[training]\nlr = inf\n", "training.lr must be a finite number, got inf"),
@@ -70,7 +70,8 @@ def _known_keys() -> dict[str, list[str]]:
 SECTIONS = _known_keys()
 values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
-              st.sampled_from(["tiny", "demo", "adamw", "adaptive-8bit", "open", "token", "fp16", "none"])),
+              st.sampled_from(["tiny", "demo", "adamw", "adaptive-8bit", "open", "token", "fp16", "none", "batch",
+                              "diloco", "blockwise-4bit", "sgd"])),
     lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=10), children, max_size=3)),
     max_leaves=6,
 )

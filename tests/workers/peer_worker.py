@@ -14,7 +14,9 @@ reducer in its n-th round (a partial round); with "model_overrides", the peer bu
 changed while it keeps the run's configuration (a tampered client).
 The worker writes events.jsonl (peer.events), summary.json (with "processed": rows seen by forward) and
 params.safetensors, and
-with "snapshots" the parameters of every epoch it reaches as epoch-N.safetensors.
+with "snapshots" the parameters of every epoch it reaches as epoch-N.safetensors; in DiLoCo mode
+also, for the round that started at epoch N, its local parameters before the outer step as
+round-N.safetensors and its averaging weight (samples) and inner steps in round-N.json.
 """
 
 import json
@@ -30,12 +32,21 @@ from safetensors.torch import save_file
 
 from peer import Peer
 from peer import averager
+from peer.peer import PeerCallbacks
 from peer.run_config import RunConfig
 from model import CausalLM, ModelConfig
 
 
 def save_params(model: CausalLM, path: Path) -> None:
     save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, path)
+
+
+def save_round(peer: Peer, out: Path) -> None:
+    """DiLoCo: this peer's local parameters and averaging weight at the end of a round's inner steps."""
+    epoch = peer.optimizer.local_epoch
+    save_params(peer.model, out / f"round-{epoch}.safetensors")
+    weight = peer.optimizer.grad_averager.local_samples_accumulated
+    (out / f"round-{epoch}.json").write_text(json.dumps({"samples": weight, "inner_steps": peer.inner_steps}))
 
 
 def die_in_round(round_number: int) -> None:
@@ -114,7 +125,11 @@ def main() -> None:
         drop_reducer_in_round(spec["drop_reducer_in_round"], out)
     if spec.get("model_overrides"):
         tamper_model(spec["model_overrides"])
-    peer = Peer(**spec["options"], events=str(out / "events.jsonl"))
+    callbacks = PeerCallbacks()
+    if spec.get("snapshots"):
+        callbacks.on_epoch = lambda peer: save_params(peer.model, out / f"epoch-{peer.optimizer.local_epoch}.safetensors")
+        callbacks.on_round_end = partial(save_round, out=out)
+    peer = Peer(**spec["options"], events=str(out / "events.jsonl"), callbacks=callbacks)
     processed = 0
     original_forward = CausalLM.forward
 
@@ -127,14 +142,6 @@ def main() -> None:
         return original_forward(self, input_ids, *args, **kwargs)
 
     CausalLM.forward = counted_forward
-    if spec.get("snapshots"):
-        original_after_epoch = Peer._after_epoch
-
-        def after_epoch_with_snapshot(self):
-            original_after_epoch(self)
-            save_params(self.model, out / f"epoch-{self.optimizer.local_epoch}.safetensors")
-
-        Peer._after_epoch = after_epoch_with_snapshot
     start_line = partial(wait_at_start_line, out=out, release=Path(spec["hold_until"])) if spec.get("hold_until") else None
     summary = peer.run(duration=spec.get("duration"), max_epochs=spec.get("max_epochs"), start_line=start_line).as_dict()
     summary["processed"] = processed

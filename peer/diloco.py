@@ -1,0 +1,233 @@
+"""DiLoCo mode: each peer takes local inner steps; every round, the swarm averages its pseudo-gradients
+and every peer takes the same outer step.
+
+It runs on hivemind.Optimizer's machinery with the roles of its parts changed:
+- the outer state (the round-start parameters and the Nesterov momentum) is hivemind's offloaded
+  optimizer: float32 copies of the parameters on the CPU, stepped by the outer SGD;
+- the gradient averager (PseudoGradientAverager) averages, weighted by samples, the pseudo-gradients
+  round-start parameters minus the model's parameters, in the buffers that are the outer
+  parameters' .grad, with the run's aggregation and codec (and error feedback);
+- the epoch is the round: it ends when the swarm has processed samples_per_round; hivemind's
+  progress tracker, matchmaking pre-scheduling, state averaging and state loading work unchanged;
+- the inner optimizer (the run's [training] optimizer) steps the model's parameters after every
+  inner_batch_size samples. After the outer step hivemind copies the outer parameters into the
+  model's, and the next round starts from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Callable
+
+import hivemind
+import torch
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
+from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, deserialize_torch_tensor
+
+from peer.averager import CountingGradientAverager
+from peer.compression import pseudo_gradient_compression
+from peer.optimizer import (CollaborativeOptimizer, lr_multiplier, make_inner_optimizer, make_state_optimizer,
+                            swarm_options)
+from peer.run_config import RunConfig
+from peer.state_loading import CheckedStateAverager
+
+logger = logging.getLogger("starling.peer")
+
+
+class ErrorFeedback:
+    """What a lossy codec did not send of each tensor, added to the tensor of the next round.
+
+    encode_() replaces the tensors by exactly what hivemind's all-reduce will send of them (each
+    part through the codec, split as hivemind splits it) and keeps target - sent as pending;
+    commit() makes the pending residual the one the next encode_() adds. Encoding again before
+    commit() starts from the same residual, so a round hivemind loads twice (a failed all-reduce
+    falls back to the local values) is encoded once."""
+
+    def __init__(self, compression: CompressionBase, part_size_bytes: int = DEFAULT_PART_SIZE_BYTES) -> None:
+        self.compression, self.part_size_bytes = compression, part_size_bytes
+        self.residuals: list[torch.Tensor] | None = None
+        self._pending: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def encode_(self, tensors: list[torch.Tensor]) -> None:
+        pending = []
+        for index, tensor in enumerate(tensors):
+            target = tensor.float() + (self.residuals[index] if self.residuals is not None else 0.0)
+            tensor.copy_(self.round_trip(target, index))
+            pending.append(target - tensor.float())
+        self._pending = pending
+
+    def commit(self) -> None:
+        if self._pending is not None:
+            self.residuals, self._pending = self._pending, None
+
+    def reset(self) -> None:
+        """Forget the residual: the parameters it belonged to were replaced (a state load)."""
+        self.residuals = self._pending = None
+
+    def round_trip(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
+        """The values the all-reduce sends of tensor `index`: hivemind's TensorPartContainer cuts
+        each tensor into parts of part_size_bytes after compression and compresses each alone."""
+        info = CompressionInfo.from_tensor(tensor, key=index)
+        part_values = int(self.part_size_bytes / (tensor.element_size() * self.compression.estimate_compression_ratio(info)))
+        parts = [deserialize_torch_tensor(self.compression.compress(part, info.get_part(i, part_values)))
+                 for i, part in enumerate(tensor.reshape(-1).split(part_values))]
+        return torch.cat(parts).view_as(tensor)
+
+
+class PseudoGradientAverager(CountingGradientAverager):
+    """The gradient averager of DiLoCo mode: what it averages is the pseudo-gradient, the outer
+    parameters (`anchors`, set by DilocoOptimizer) minus the model's, weighted by the samples this
+    peer processed in the round; the model's gradients themselves stay with the inner optimizer."""
+
+    def __init__(self, *args, error_feedback: ErrorFeedback | None = None, **kwargs) -> None:
+        # reuse_grad_buffers: no accumulators of its own (the gradients are the inner optimizer's)
+        kwargs["reuse_grad_buffers"] = True
+        super().__init__(*args, **kwargs)
+        self.anchors: list[torch.Tensor] = []
+        self.error_feedback = error_feedback
+
+    def accumulate_grads_(self, batch_size: int) -> None:
+        """Count the samples of a micro-batch (the averaging weight); the inner step took its gradient."""
+        self.local_samples_accumulated += batch_size
+        self.local_times_accumulated += 1
+
+    @torch.no_grad()
+    def load_accumulators_into_averager_(self) -> None:
+        """Put this round's pseudo-gradient in the averager's buffers (through error feedback)."""
+        with self.get_tensors() as buffers:
+            for buffer, anchor, parameter in zip(buffers, self.anchors, self.parameters):
+                torch.sub(anchor, parameter.detach().to(anchor.device, anchor.dtype), out=buffer)
+            if self.error_feedback is not None:
+                self.error_feedback.encode_(list(buffers))
+
+    def step(self, *args, reset_accumulators: bool = True, **kwargs):
+        # hivemind.Optimizer resets the sample count after the round (reset_accumulated_grads_)
+        return super().step(*args, reset_accumulators=False, **kwargs)
+
+    def reset_accumulated_grads_(self) -> None:
+        """The round is over: its samples are counted, and its error-feedback residual kept."""
+        self._accumulators_used_in_step = False
+        self.local_samples_accumulated = self.local_times_accumulated = 0
+        if self.error_feedback is not None:
+            self.error_feedback.commit()
+
+
+class DilocoStateAverager(CheckedStateAverager):
+    """The state averager of DiLoCo mode. hivemind applies a state averaging round that finished in
+    the background at the next step, by copying the averaged (outer) parameters into the model's;
+    in DiLoCo mode these hold the round's inner progress by then, so the model's parameters move by
+    what the averaging changed in the outer ones instead."""
+
+    _model_moved = False
+
+    @torch.no_grad()
+    def _apply_averaging_results_(self) -> None:
+        if not self.finished_averaging_round.is_set():  # awaited right after the outer step: copied as usual
+            return super()._apply_averaging_results_()
+        outer = [param for group in self.optimizer.param_groups for param in group["params"]]
+        before = [param.detach().clone() for param in outer]
+        super()._apply_averaging_results_()
+        for model_param, param, old in zip(self.main_parameters, outer, before):
+            model_param.add_((param - old).to(model_param.device, model_param.dtype))
+        self._model_moved = True
+
+    def _apply_optimizer_parameters_(self) -> None:
+        if self._model_moved:  # hivemind's copy that follows background averaging results: already moved
+            self._model_moved = False
+            return
+        super()._apply_optimizer_parameters_()
+
+
+class DilocoOptimizer(CollaborativeOptimizer):
+    """hivemind.Optimizer in DiLoCo mode (see the module docstring). `step(batch_size=...)` after each
+    micro-batch's backward: the gradients accumulate until inner_batch_size samples, then the inner
+    optimizer steps. zero_grad() clears them only once an inner step has used them."""
+
+    grad_averager: PseudoGradientAverager
+    state_averager_class = DilocoStateAverager
+
+    def __init__(self, *args, inner_optimizer: torch.optim.Optimizer, run: RunConfig, **kwargs) -> None:
+        self.inner_optimizer = inner_optimizer
+        self.inner_lr = [group["lr"] for group in inner_optimizer.param_groups]
+        self.lr_multiplier = lr_multiplier(run.training)
+        self.inner_batch_size = run.diloco.inner_batch_size
+        self.samples_per_round = run.diloco.samples_per_round
+        self.inner_steps = 0  # since this peer started
+        self.before_outer_step: Callable[[], None] | None = None  # called once the round's inner steps are over
+        self._inner_samples = self._inner_micro_batches = 0  # in .grad, not stepped yet
+        super().__init__(*args, **kwargs)
+
+    def _make_gradient_averager(self, factory, **kwargs) -> PseudoGradientAverager:
+        averager = super()._make_gradient_averager(factory, **kwargs)
+        averager.anchors = [param for group in self.state_averager.optimizer.param_groups for param in group["params"]]
+        return averager
+
+    def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
+        self._inner_samples += batch_size
+        self._inner_micro_batches += 1
+        if self._inner_samples >= self.inner_batch_size:
+            self._inner_step()
+        self.grad_averager.accumulate_grads_(batch_size)
+        self.tracker.report_local_progress(self.local_epoch, self.grad_averager.local_samples_accumulated)
+        return True
+
+    def _update_global_epoch(self, grad_scaler) -> None:
+        if self._inner_samples:  # the round's last micro-batches count: step on them before the round ends
+            self._inner_step()
+        if self.before_outer_step is not None:
+            self.before_outer_step()
+        super()._update_global_epoch(grad_scaler)
+
+    @torch.no_grad()
+    def _inner_step(self) -> None:
+        """One step of the inner optimizer on the mean gradient of the micro-batches since the last,
+        at the schedule's learning rate for the swarm's progress (rounds, and this round's fraction)."""
+        params = [p for group in self.inner_optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self._inner_micro_batches > 1:
+            torch._foreach_div_([p.grad for p in params], float(self._inner_micro_batches))
+        progress = self.tracker.global_progress.samples_accumulated / self.samples_per_round
+        multiplier = self.lr_multiplier(self.local_epoch + min(1.0, progress))
+        for group, lr in zip(self.inner_optimizer.param_groups, self.inner_lr):
+            group["lr"] = lr * multiplier
+        with torch.enable_grad():
+            self.inner_optimizer.step()
+        self.inner_steps += 1
+        self._inner_samples = self._inner_micro_batches = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._inner_samples == 0:
+            self.inner_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def load_state_from_peers(self, **kwargs) -> bool:
+        """CollaborativeOptimizer's load; the model then holds the loaded outer parameters, and
+        what this peer accumulated or had not sent belonged to the parameters it replaced."""
+        applied = super().load_state_from_peers(**kwargs)
+        if applied:
+            self.inner_optimizer.zero_grad(set_to_none=True)
+            self._inner_samples = self._inner_micro_batches = 0
+            if self.grad_averager.error_feedback is not None:
+                self.grad_averager.error_feedback.reset()
+        return applied
+
+
+def make_diloco_optimizer(model: torch.nn.Module, dht: hivemind.DHT, run: RunConfig, batch_size_per_step: int | None,
+                          auxiliary: bool = False, verbose: bool = False) -> DilocoOptimizer:
+    """The collaborative optimizer of a DiLoCo-mode run (see the module docstring)."""
+    averaging, diloco = run.averaging, run.diloco
+    compression = pseudo_gradient_compression(diloco, averaging)
+    lossy = not isinstance(compression, NoCompression)
+    error_feedback = ErrorFeedback(compression) if diloco.error_feedback and lossy and not auxiliary else None
+    return DilocoOptimizer(
+        inner_optimizer=make_inner_optimizer(model.parameters(), run.training),
+        run=run,
+        params=model.parameters(),
+        optimizer=partial(make_state_optimizer, run=run),
+        target_batch_size=run.samples_per_epoch,
+        offload_optimizer=True,  # the outer state lives on the CPU, in float32
+        grad_compression=compression,
+        grad_averager_factory=partial(PseudoGradientAverager, aggregation=averaging.aggregation,
+                                      request_timeout=averaging.request_timeout, error_feedback=error_feedback),
+        **swarm_options(dht, run, batch_size_per_step, auxiliary, verbose),
+    )
