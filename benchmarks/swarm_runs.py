@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from benchmarks.netlab import Lab
 from coordinator.demo import stop
 from peer import Peer, PeerError, hivemind_fixes
-from peer.run_config import AveragingSection, RunConfig
+from peer.run_config import AveragingSection, DilocoSection, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 START_LINE_TIMEOUT = 900.0  # seconds a ready peer waits to be released, or peers to get ready
@@ -47,6 +47,7 @@ preset = "{preset}"
 seq_len = {seq_len}
 {data_line}
 [training]
+mode = "{mode}"
 target_batch_size = {target_batch_size}
 lr = {lr}
 warmup_epochs = {warmup_epochs}
@@ -55,6 +56,12 @@ total_epochs = {total_epochs}
 matchmaking_time = {matchmaking_time}
 compression = "{compression}"
 average_state_every = {average_state_every}
+{diloco_section}"""
+DILOCO_SECTION = """\
+[diloco]
+samples_per_round = {samples_per_round}
+inner_batch_size = {inner_batch_size}
+compression = "{diloco_compression}"
 """
 
 
@@ -72,12 +79,21 @@ class RunSettings:
     compression: str = "adaptive-8bit"
     average_state_every: int = AveragingSection.average_state_every
     data: str | None = None  # a text file or folder; None: the bundled corpus
+    mode: str = "batch"  # or "diloco", with the [diloco] settings below
+    samples_per_round: int = DilocoSection.samples_per_round
+    inner_batch_size: int = DilocoSection.inner_batch_size
+    diloco_compression: str = DilocoSection.compression
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.samples_per_round if self.mode == "diloco" else self.target_batch_size
 
     def write(self, path: Path, run_id: str) -> Path:
         """Write run.toml for this run and check it as a peer would."""
         data_line = "" if self.data is None else f"path = {json.dumps(self.data)}"
-        path.write_text(RUN_TOML.format(run_id=run_id, data_line=data_line, **{
-            key: value for key, value in vars(self).items() if key != "data"}))
+        values = {key: value for key, value in vars(self).items() if key != "data"}
+        diloco_section = DILOCO_SECTION.format(**values) if self.mode == "diloco" else ""
+        path.write_text(RUN_TOML.format(run_id=run_id, data_line=data_line, diloco_section=diloco_section, **values))
         RunConfig.load(path)
         return path
 

@@ -3,10 +3,12 @@
     sudo python benchmarks/wan.py                          # 2 peers, tiny model, 1000 100 20 Mbit/s, 4 epochs each
     sudo python benchmarks/wan.py --peers 3 --caps 100 20 --epochs 6
     sudo python benchmarks/wan.py --preset demo --target-batch 128   # 21 M parameters: minutes per epoch at 20 Mbit/s
+    sudo python benchmarks/wan.py --modes batch diloco --samples-per-round 1024   # DiLoCo beside batch mode
 
 Needs root: each peer runs in a network namespace of its own (benchmarks/netlab.py) with its
 upload and download capped by tc's token bucket filter, joined to the others through a bridge.
-For each cap, a fresh swarm (benchmarks/swarm_runs.py) trains --epochs epochs.
+For each cap and training mode, a fresh swarm (benchmarks/swarm_runs.py) trains --epochs epochs
+(in DiLoCo mode, --rounds outer rounds of --samples-per-round samples).
 
 Columns: `link Mbit/s` is one TCP stream between two of the lab's hosts through the cap (what
 the lab really lets through), `step s` the median time of the optimizer step that ends an epoch
@@ -36,7 +38,9 @@ import torch  # noqa: E402
 from benchmarks.measure import write_json  # noqa: E402
 from benchmarks.netlab import Host, Lab, why_no_lab  # noqa: E402
 from benchmarks.swarm import swarm_row  # noqa: E402
-from benchmarks.swarm_runs import add_swarm_arguments, run_settings, run_swarm, swarm_options  # noqa: E402
+from benchmarks.swarm_runs import (RunSettings, add_swarm_arguments, run_settings, run_swarm,  # noqa: E402
+                                   swarm_options)
+from peer.run_config import MODES, PSEUDO_GRADIENT_COMPRESSIONS  # noqa: E402
 
 LINK_PORT = 5001
 LINK_SECONDS = 3.0
@@ -80,28 +84,31 @@ def step_seconds(result: dict) -> float:
     return statistics.median(steps) if steps else float("nan")
 
 
-def measure_cap(lab: Lab, mbit: float, folder: Path, run_toml: Path, args: argparse.Namespace) -> dict:
+def measure_cap(lab: Lab, mbit: float, folder: Path, run_toml: Path, args: argparse.Namespace,
+                settings: RunSettings, epochs: int) -> dict:
     """Cap every host at `mbit` and train one swarm; the row of the table."""
     hosts = lab.hosts[:args.peers]
     for host in hosts:
         lab.cap(host, mbit)
     link = link_bytes_per_second(hosts[0], hosts[1])
     before = [lab.bytes_through(host) for host in hosts]
-    result = run_swarm(folder, run_toml, swarm_options(args), max_epochs=args.epochs, lab=lab)
+    result = run_swarm(folder, run_toml, swarm_options(args), max_epochs=epochs, lab=lab)
     moved = [sum(lab.bytes_through(host)) - sum(start) for host, start in zip(hosts, before)]
-    row = swarm_row(args.target_batch, result)
-    return dict(cap_mbit=mbit, link_mbit=link * 8 / 1e6, step_s=step_seconds(result),
-                bytes_per_s_per_peer=statistics.fmean(moved) / row["training_s"], bytes_per_peer=moved, **row)
+    row = swarm_row(settings.samples_per_epoch, result)
+    return dict(mode=settings.mode, cap_mbit=mbit, link_mbit=link * 8 / 1e6, step_s=step_seconds(result),
+                bytes_per_s_per_peer=statistics.fmean(moved) / row["training_s"], bytes_per_peer=moved,
+                bytes_per_sample=sum(moved) / row["samples"], **row)
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| cap Mbit/s | link Mbit/s | epochs | step s | s per epoch | samples/s | MB/s per peer | rounds ok/failed |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| mode | cap Mbit/s | link Mbit/s | epochs | step s | s per epoch | samples/s | MB/s per peer "
+          "| kB per sample | rounds ok/failed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         rounds = " ".join(f"{peer['rounds_succeeded']}/{peer['rounds_failed']}" for peer in row["peers"])
-        print(f"| {row['cap_mbit']:g} | {row['link_mbit']:.1f} | {row['epochs']} | {row['step_s']:.2f} | "
+        print(f"| {row['mode']} | {row['cap_mbit']:g} | {row['link_mbit']:.1f} | {row['epochs']} | {row['step_s']:.2f} | "
               f"{row['seconds_per_epoch']:.1f} | {row['samples_per_s']:.2f} | "
-              f"{row['bytes_per_s_per_peer'] / 1e6:.2f} | {rounds} |")
+              f"{row['bytes_per_s_per_peer'] / 1e6:.2f} | {row['bytes_per_sample'] / 1e3:.1f} | {rounds} |")
 
 
 def main() -> None:
@@ -110,7 +117,13 @@ def main() -> None:
     parser.set_defaults(preset="tiny", seq_len=32, matchmaking_time=2.0)
     parser.add_argument("--caps", type=float, nargs="+", default=[1000, 100, 20], help="Mbit/s per peer, each way")
     parser.add_argument("--target-batch", type=int, default=64, help="samples per epoch for the whole swarm")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs each swarm trains")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs each batch-mode swarm trains")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["batch"], help="training modes to measure")
+    parser.add_argument("--samples-per-round", type=int, default=1024, help="DiLoCo: samples per outer round")
+    parser.add_argument("--inner-batch", type=int, default=16, help="DiLoCo: samples per inner step")
+    parser.add_argument("--diloco-compression", choices=PSEUDO_GRADIENT_COMPRESSIONS, default="adaptive-8bit",
+                        help="DiLoCo: the pseudo-gradients' codec")
+    parser.add_argument("--rounds", type=int, default=3, help="outer rounds each DiLoCo swarm trains")
     args = parser.parse_args()
     if args.peers < 2:
         parser.error("--peers must be at least 2")
@@ -119,20 +132,26 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="starling-wan-"))
     print(f"logs in {folder}", flush=True)
-    settings = run_settings(args, target_batch_size=args.target_batch)
     rows = []
     with Lab(hosts=args.peers) as lab:
         for mbit in args.caps:
-            run_toml = settings.write(folder / f"run-{mbit:g}.toml", run_id=f"wan-{mbit:g}")
-            rows.append(measure_cap(lab, mbit, folder / f"cap-{mbit:g}", run_toml, args))
-            print(f"{mbit:g} Mbit/s: step {rows[-1]['step_s']:.2f} s, {rows[-1]['samples_per_s']:.2f} samples/s",
-                  flush=True)
+            for mode in args.modes:
+                settings = run_settings(args, target_batch_size=args.target_batch, mode=mode,
+                                        samples_per_round=args.samples_per_round, inner_batch_size=args.inner_batch,
+                                        diloco_compression=args.diloco_compression)
+                name = f"{mode}-{mbit:g}"
+                run_toml = settings.write(folder / f"run-{name}.toml", run_id=f"wan-{name}")
+                epochs = args.rounds if mode == "diloco" else args.epochs
+                rows.append(measure_cap(lab, mbit, folder / f"cap-{name}", run_toml, args, settings, epochs))
+                print(f"{mode}, {mbit:g} Mbit/s: {rows[-1]['samples_per_s']:.2f} samples/s, "
+                      f"{rows[-1]['bytes_per_sample'] / 1e3:.1f} kB per sample", flush=True)
 
     path = write_json(f"wan-{torch.device(args.device).type}.json", dict(
         command=" ".join(["python", *sys.argv]), preset=args.preset, peers=args.peers, batch_size=args.batch_size,
         seq_len=args.seq_len, threads=args.threads, device=args.device, target_batch_size=args.target_batch,
         matchmaking_time=args.matchmaking_time, average_state_every=args.average_state_every, epochs=args.epochs,
-        rows=rows,
+        samples_per_round=args.samples_per_round, inner_batch=args.inner_batch,
+        diloco_compression=args.diloco_compression, rounds=args.rounds, rows=rows,
     ))
     print_table(rows)
     print(f"written to {path}")

@@ -57,12 +57,15 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning, module=__name__)
 
 
-class Blockwise8Bit(CompressionBase):
-    """8-bit blockwise absmax quantisation (see the module docstring for the payload)."""
+class _BlockwiseCodec(CompressionBase):
+    """What Starling's blockwise codecs share: a block size, `bits` per value plus a float32 absmax
+    per block, and registration in hivemind's registry wherever one is made or unpickled."""
 
-    compression_type = runtime_pb2.BLOCKWISE_8BIT
+    bits: int
+    default_block_size: int
 
-    def __init__(self, block_size: int = BLOCK_SIZE):
+    def __init__(self, block_size: int | None = None):
+        block_size = self.default_block_size if block_size is None else block_size
         if not 0 < block_size < 2**32:
             raise ValueError(f"block_size must be in [1, 2**32), got {block_size}")
         self.block_size = block_size
@@ -72,10 +75,31 @@ class Blockwise8Bit(CompressionBase):
         self.__dict__.update(state)
         register()  # unpickled in another process, such as a spawned averager
 
+    def _check_floating(self, tensor: torch.Tensor) -> None:
+        if not tensor.is_floating_point():
+            raise ValueError(f"{type(self).__name__} does not support {tensor.dtype} tensors")
+
+    def _message(self, buffer: bytes, tensor: torch.Tensor) -> runtime_pb2.Tensor:
+        """hivemind's message for a payload of `tensor` (its shape, dtype and autograd flag)."""
+        return runtime_pb2.Tensor(compression=self.compression_type, buffer=buffer, size=tensor.shape,
+                                  dtype=str(tensor.dtype).removeprefix("torch."), requires_grad=tensor.requires_grad)
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        return (self.bits + 32 / self.block_size) / torch.finfo(info.descriptor.dtype).bits
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(block_size={self.block_size})"
+
+
+class Blockwise8Bit(_BlockwiseCodec):
+    """8-bit blockwise absmax quantisation (see the module docstring for the payload)."""
+
+    compression_type = runtime_pb2.BLOCKWISE_8BIT
+    bits, default_block_size = 8, BLOCK_SIZE
+
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         """Encodes a floating tensor (any shape, fp32, fp16 or bf16); it is never modified."""
-        if not tensor.is_floating_point():
-            raise ValueError(f"Blockwise8Bit does not support {tensor.dtype} tensors")
+        self._check_floating(tensor)
         values = tensor.detach()
         payload = _payload_buffer(_HEADER.size + packed_size(values.numel(), self.block_size))
         ctypes.memmove(payload.data_ptr(), _HEADER.pack(MAGIC, self.block_size, values.numel()), _HEADER.size)
@@ -83,23 +107,11 @@ class Blockwise8Bit(CompressionBase):
             quantize_blockwise(values, self.block_size, out=payload[_HEADER.size:])
         else:
             payload[_HEADER.size:].copy_(quantize_blockwise(values, self.block_size))
-        return runtime_pb2.Tensor(
-            compression=self.compression_type,
-            buffer=ctypes.string_at(payload.data_ptr(), payload.numel()),
-            size=values.shape,
-            dtype=str(values.dtype).removeprefix("torch."),
-            requires_grad=tensor.requires_grad,
-        )
+        return self._message(ctypes.string_at(payload.data_ptr(), payload.numel()), tensor)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         """Decodes a payload of this codec into a CPU tensor of the sent shape and dtype."""
         return _decode(serialized_tensor.buffer, serialized_tensor)
-
-    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        return (8 + 32 / self.block_size) / torch.finfo(info.descriptor.dtype).bits
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(block_size={self.block_size})"
 
 
 def _payload_buffer(size: int) -> torch.Tensor:
@@ -214,7 +226,7 @@ def dequantize_4bit(absmax: torch.Tensor, nibbles: torch.Tensor, numel: int,
     return signed * step
 
 
-class Blockwise4Bit(CompressionBase):
+class Blockwise4Bit(_BlockwiseCodec):
     """4-bit blockwise absmax quantisation, for pseudo-gradients sent with error feedback: 4.5 bits
     per value (64-value blocks, a float32 absmax each), relative L2 error about 0.1 on N(0, 1).
 
@@ -225,38 +237,16 @@ class Blockwise4Bit(CompressionBase):
     float32 absmax of every block; then the codes, two per byte, the first in the low nibble."""
 
     compression_type = runtime_pb2.UNIFORM_8BIT
-
-    def __init__(self, block_size: int = BLOCK_SIZE_4BIT):
-        if not 0 < block_size < 2**32:
-            raise ValueError(f"block_size must be in [1, 2**32), got {block_size}")
-        self.block_size = block_size
-        register()
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        register()
+    bits, default_block_size = 4, BLOCK_SIZE_4BIT
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
-        if not tensor.is_floating_point():
-            raise ValueError(f"Blockwise4Bit does not support {tensor.dtype} tensors")
+        self._check_floating(tensor)
         absmax, nibbles = quantize_4bit(tensor.cpu(), self.block_size)
         header = _HEADER.pack(MAGIC_4BIT, self.block_size, tensor.numel())
-        return runtime_pb2.Tensor(
-            compression=self.compression_type,
-            buffer=header + absmax.numpy().tobytes() + nibbles.numpy().tobytes(),
-            size=tensor.shape,
-            dtype=str(tensor.dtype).removeprefix("torch."),
-            requires_grad=tensor.requires_grad,
-        )
+        return self._message(header + absmax.numpy().tobytes() + nibbles.numpy().tobytes(), tensor)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         return _decode_4bit(serialized_tensor.buffer, serialized_tensor)
-
-    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        return (4 + 32 / self.block_size) / torch.finfo(info.descriptor.dtype).bits
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(block_size={self.block_size})"
 
 
 def _decode_4bit(buffer: bytes, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
