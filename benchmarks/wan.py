@@ -18,7 +18,8 @@ last peer's end), and `MB/s per peer` the bytes each peer's link carried both wa
 run (libp2p framing, encryption and the DHT's traffic included) over the training time, the mean
 over peers. Latency and loss are not emulated: that needs netem. On one machine the peers share
 its cores: compute is slower than on separate machines, and only the links are separate.
-Prints a table and writes benchmarks/results/wan-<device>.json.
+Prints a table and writes benchmarks/results/wan-<device>.json (wan-<device>-modes.json when
+--modes names more than batch mode).
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def main() -> None:
                 print(f"{mode}, {mbit:g} Mbit/s: {rows[-1]['samples_per_s']:.2f} samples/s, "
                       f"{rows[-1]['bytes_per_sample'] / 1e3:.1f} kB per sample", flush=True)
 
-    path = write_json(f"wan-{torch.device(args.device).type}.json", dict(
+    suffix = "" if args.modes == ["batch"] else "-modes"
+    path = write_json(f"wan-{torch.device(args.device).type}{suffix}.json", dict(
         command=" ".join(["python", *sys.argv]), preset=args.preset, peers=args.peers, batch_size=args.batch_size,
         seq_len=args.seq_len, threads=args.threads, device=args.device, target_batch_size=args.target_batch,
         matchmaking_time=args.matchmaking_time, average_state_every=args.average_state_every, epochs=args.epochs,
