@@ -106,13 +106,20 @@ class CollaborativeOptimizer(hivemind.Optimizer):
                                   client_mode=self.client_mode, status_loglevel=self.status_loglevel,
                                   start=True, **kwargs)
 
+    _gave_up_round = False
+
     def _maybe_schedule_gradient_averaging(self) -> None:
-        self.grad_averager.round_epoch = self.local_epoch
+        self.grad_averager.round_epoch = self._round_epoch()
         super()._maybe_schedule_gradient_averaging()
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
-        self.grad_averager.round_epoch = self.local_epoch
+        self.grad_averager.round_epoch = self._round_epoch()
         return super()._begin_averaging_gradients(grad_scaler)
+
+    def _round_epoch(self) -> int:
+        """The epoch of the round this peer's next gradient step joins. An auxiliary peer's own
+        epoch moves only when it takes part in a round: it joins the swarm's."""
+        return max(self.local_epoch, self.tracker.global_epoch) if self.auxiliary else self.local_epoch
 
     def _update_global_epoch(self, grad_scaler) -> None:
         """hivemind.Optimizer's epoch update, unless the swarm already finished this epoch's round:
@@ -121,7 +128,11 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         It loads the swarm's state instead of waiting for a round of its epoch until the averaging
         timeout and then stepping alone."""
         if self.auxiliary or self.tracker.global_epoch <= self.local_epoch:
-            return super()._update_global_epoch(grad_scaler)
+            self._gave_up_round = False
+            super()._update_global_epoch(grad_scaler)
+            if self._gave_up_round:  # the step it just took was on its own values: take the swarm's instead
+                self.load_state_from_peers(min_donor_priority=self.local_epoch)
+            return
         if self.scheduled_grads is not None and not self.scheduled_grads.done():
             self.scheduled_grads.cancel()  # nobody of this epoch is left to match it
         self.scheduled_grads = None
@@ -132,7 +143,8 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         """hivemind.Optimizer's, giving up on a round that is still looking for a group once another
         peer reports a later epoch: the group of this epoch formed without this peer (one that loaded
         state just before the others' round), and hivemind would wait for one until the averaging
-        timeout. The round then counts as failed, and the peer resynchronises (Peer)."""
+        timeout. The round then counts as failed, and the peer loads the state of a peer of its new
+        epoch (_update_global_epoch)."""
         deadline = time.monotonic() + self.averaging_timeout
         while control is not None and not control.done() and time.monotonic() < deadline:
             try:
@@ -144,6 +156,7 @@ class CollaborativeOptimizer(hivemind.Optimizer):
             if control.stage is AveragingStage.LOOKING_FOR_GROUP and self._swarm_moved_past(self.local_epoch):
                 logger.warning("epoch %d: the others finished their round without this peer", self.local_epoch)
                 control.cancel()
+                self._gave_up_round = True
         super()._average_gradients_and_load_into_optimizer(control)
 
     def _swarm_moved_past(self, epoch: int) -> bool:
