@@ -22,7 +22,6 @@ hivemind_fixes.apply()  # every process that averages imports this module
 logger = logging.getLogger("starling.peer")
 
 RUNNERS: dict[str, type[AllReduceRunner]] = {"centered-clip": CenteredClipAllReduceRunner, "mean": AllReduceRunner}
-EPOCH_KEY_BITS = 4  # gradient rounds match only peers whose epoch is the same modulo 2 ** EPOCH_KEY_BITS
 
 
 class RoundOutcome(enum.Enum):
@@ -86,8 +85,6 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
     """hivemind's GradientAverager with the run's aggregation (AggregatingAverager), counting its
     all-reduce rounds by outcome (RoundOutcome), and loading no state."""
 
-    round_epoch: int | None = None  # the epoch whose round the next step is for (set by the optimizer)
-
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rounds = {outcome: 0 for outcome in RoundOutcome}
@@ -99,16 +96,6 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
         peer's gradient buffers, as large as the model) right after the training state, and discards
         it: the accumulated gradients are reset after a load anyway."""
         return None
-
-    def schedule_step(self, *args, **kwargs):
-        """GradientAverager's, looking for a group under a key that carries round_epoch (modulo
-        2 ** EPOCH_KEY_BITS). hivemind's keys carry no epoch: a peer a round behind (one that had
-        just loaded state) matched the others' next round and averaged its gradient of one epoch
-        with theirs of the next, each side taking the round for a whole success; in DiLoCo mode the
-        joiner's outer step then left it off the others' parameters by a round's update."""
-        if self.round_epoch is not None:
-            self.set_group_bits(format(self.round_epoch % 2**EPOCH_KEY_BITS, f"0{EPOCH_KEY_BITS}b"))
-        return super().schedule_step(*args, **kwargs)
 
     def step(self, *args, wait: bool = True, **kwargs):
         control = super().step(*args, wait=False, **kwargs)

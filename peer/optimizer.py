@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from functools import partial
 from typing import Callable, Iterable
 
 import hivemind
 import torch
-from hivemind.averaging.control import AveragingStage, StepControl
 
 from peer.averager import CountingGradientAverager
 from peer.compression import gradient_compression, state_compression
 from peer.progress import RunProgressTracker
 from peer.run_config import RunConfig, TrainingSection
 from peer.state_loading import CheckedStateAverager
-
-logger = logging.getLogger("starling.peer")
-ROUND_POLL_PERIOD = 0.5  # seconds between two looks at the swarm's epoch while a round looks for a group
 
 
 def inner_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -105,67 +99,6 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         return RunProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
                                   client_mode=self.client_mode, status_loglevel=self.status_loglevel,
                                   start=True, **kwargs)
-
-    _gave_up_round = False
-
-    def _maybe_schedule_gradient_averaging(self) -> None:
-        self.grad_averager.round_epoch = self._round_epoch()
-        super()._maybe_schedule_gradient_averaging()
-
-    def _begin_averaging_gradients(self, grad_scaler) -> bool:
-        self.grad_averager.round_epoch = self._round_epoch()
-        return super()._begin_averaging_gradients(grad_scaler)
-
-    def _round_epoch(self) -> int:
-        """The epoch of the round this peer's next gradient step joins. An auxiliary peer's own
-        epoch moves only when it takes part in a round: it joins the swarm's."""
-        return max(self.local_epoch, self.tracker.global_epoch) if self.auxiliary else self.local_epoch
-
-    def _update_global_epoch(self, grad_scaler) -> None:
-        """hivemind.Optimizer's epoch update, unless the swarm already finished this epoch's round:
-        a peer reports the next epoch only once its round is over, and a round cannot end without
-        every member of its group, so this peer was in no group that could still average with it.
-        It loads the swarm's state instead of waiting for a round of its epoch until the averaging
-        timeout and then stepping alone."""
-        if self.auxiliary or self.tracker.global_epoch <= self.local_epoch:
-            self._gave_up_round = False
-            super()._update_global_epoch(grad_scaler)
-            if self._gave_up_round:  # the step it just took was on its own values: take the swarm's instead
-                self.load_state_from_peers(min_donor_priority=self.local_epoch)
-            return
-        if self.scheduled_grads is not None and not self.scheduled_grads.done():
-            self.scheduled_grads.cancel()  # nobody of this epoch is left to match it
-        self.scheduled_grads = None
-        logger.info("the swarm finished epoch %d without this peer: loading its state", self.local_epoch)
-        self.load_state_from_peers()
-
-    def _average_gradients_and_load_into_optimizer(self, control: StepControl | None) -> None:
-        """hivemind.Optimizer's, giving up on a round that is still looking for a group once another
-        peer reports a later epoch: the group of this epoch formed without this peer (one that loaded
-        state just before the others' round), and hivemind would wait for one until the averaging
-        timeout. The round then counts as failed, and the peer loads the state of a peer of its new
-        epoch (_update_global_epoch)."""
-        deadline = time.monotonic() + self.averaging_timeout
-        while control is not None and not control.done() and time.monotonic() < deadline:
-            try:
-                control.result(timeout=ROUND_POLL_PERIOD)
-            except TimeoutError:
-                pass
-            except BaseException:  # the round failed: hivemind's code below reports it
-                break
-            if control.stage is AveragingStage.LOOKING_FOR_GROUP and self._swarm_moved_past(self.local_epoch):
-                logger.warning("epoch %d: the others finished their round without this peer", self.local_epoch)
-                control.cancel()
-                self._gave_up_round = True
-        super()._average_gradients_and_load_into_optimizer(control)
-
-    def _swarm_moved_past(self, epoch: int) -> bool:
-        """Whether a peer of the run (not one this peer ignores) reports an epoch after `epoch`."""
-        found = self.dht.get(self.tracker.training_progress_key, latest=True)
-        records = found.value.values() if found is not None and isinstance(found.value, dict) else ()
-        return any(isinstance(record.value, dict) and isinstance(record.value.get("epoch"), int)
-                   and record.value["epoch"] > epoch and record.value.get("peer_id") not in self.tracker.ignored_peers
-                   for record in records)
 
     def load_state_from_peers(self, **kwargs) -> bool:
         """hivemind.Optimizer's load (keyword arguments go to CheckedStateAverager's); returns whether

@@ -44,14 +44,6 @@ def assert_parameters_agree(params: list[dict[str, torch.Tensor]], run: RunConfi
     assert max(gaps) <= parameters_agree_bound(rounds), f"parameter gaps {gaps} (in steps of lr) after {rounds} rounds"
 
 
-def epochs_averaged_by_all(peers) -> list[int]:
-    """The epochs every one of these peers (WorkerPeers) reached through a gradient round that
-    averaged every value, from their events."""
-    reached = [{e["epoch"] for e in peer.events() if e["event"] == "epoch" and e["rounds"] == ["succeeded"]}
-               for peer in peers]
-    return sorted(set.intersection(*reached))
-
-
 def mode_settings(mode: str, samples_per_epoch: int) -> dict:
     """write_run_config's arguments for a run of `mode` whose epochs hold samples_per_epoch samples:
     the target batch in batch mode, the round in DiLoCo mode (inner steps of 8 samples)."""

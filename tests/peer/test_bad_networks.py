@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for benchmarks/
 from benchmarks import netlab  # noqa: E402
 from peer.run_config import RunConfig  # noqa: E402
-from swarm_checks import epochs_averaged_by_all, wait_until  # noqa: E402
+from swarm_checks import wait_until  # noqa: E402
 
 NO_LAB = netlab.why_no_lab()
 pytestmark = pytest.mark.skipif(NO_LAB is not None, reason=str(NO_LAB))
@@ -110,8 +110,8 @@ def test_peer_cut_off_longer_than_the_averaging_timeout_catches_up(tmp_path, wri
     others = [lab_peer(host, f"peer{i}", run_toml, duration=600) for i, host in enumerate(other_hosts)]
     everyone = [cut, *others]
     wait_until(lambda: min(peer.logged_epoch() for peer in everyone) >= 1, 120, "every peer training")
-    # The first peers may have raced alone (and their first rounds then found nobody of their epoch).
-    wait_until(lambda: epochs_averaged_by_all(everyone), 120, "a round that all three averaged whole")
+    joined = max(peer.logged_epoch() for peer in everyone)  # the first peers may have raced alone
+    wait_until(lambda: min(peer.logged_epoch() for peer in everyone) >= joined + 1, 60, "an epoch all together")
 
     lab.cut(cut_host)
     epoch_at_cut = max(peer.logged_epoch() for peer in others)

@@ -5,7 +5,7 @@ import signal
 import pytest
 import torch
 
-from swarm_checks import epochs_averaged_by_all, mode_settings, wait_until
+from swarm_checks import mode_settings, wait_until
 
 
 @pytest.mark.parametrize("mode", ["batch", "diloco"])
@@ -46,15 +46,12 @@ def test_heterogeneous_client_and_auxiliary_peers_all_take_part(tmp_path, write_
             torch.testing.assert_close(other[key], value, atol=5e-3, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["batch", "diloco"])
-def test_late_joiner_loads_state_and_trains_to_the_same_epoch(tmp_path, write_run_config, start_peer, release_peers,
-                                                              mode):
-    run_toml = write_run_config(tmp_path, **mode_settings(mode, 64))
+def test_late_joiner_loads_state_and_trains_to_the_same_epoch(tmp_path, write_run_config, start_peer, release_peers):
+    run_toml = write_run_config(tmp_path, target_batch_size=64)
     epochs = 8
-    # The first peers train on past the joiner's last epoch: they are who it averages with until then.
-    early = [start_peer(f"early{i}", run_toml, max_epochs=epochs + 2, hold=True, snapshots=True) for i in range(2)]
+    early = [start_peer(f"early{i}", run_toml, max_epochs=epochs, hold=True) for i in range(2)]
     go = tmp_path / "late-joiner-go"
-    late = start_peer("late", run_toml, max_epochs=epochs, start_after=go, snapshots=True)  # imports while the others train
+    late = start_peer("late", run_toml, max_epochs=epochs, start_after=go)  # imports while the others train
     release_peers(early)
     wait_until(lambda: any(p.logged_epoch() >= 2 for p in early), 120, "the first peers to reach epoch 2")
     go.touch()
@@ -62,16 +59,11 @@ def test_late_joiner_loads_state_and_trains_to_the_same_epoch(tmp_path, write_ru
     early_summaries = [p.wait(timeout=300) for p in early]
 
     assert late_summary["state_loads"] >= 1
-    assert late_summary["epoch"] == epochs and all(s["epoch"] >= epochs for s in early_summaries)
+    assert late_summary["epoch"] == epochs == early_summaries[0]["epoch"]
     assert late_summary["samples_contributed"] > 0 and late_summary["rounds_succeeded"] >= 1
-    # After the first round that all three averaged whole (a partial round, rare on loopback, leaves
-    # a peer off until it resynchronises), they are within about one Adam step (lr 1e-3) of each
-    # other, from the codec's error on each one's share of the average.
-    joined = next(e["epoch"] for e in late.events() if e["event"] == "joined")
-    together = [epoch for epoch in epochs_averaged_by_all([late, *early]) if epoch > joined]
-    assert together, "no round after the late peer joined was averaged whole by all three"
-    for epoch in together:
-        late_params = late.snapshot(epoch)
-        for peer in early:
-            for key, value in peer.snapshot(epoch).items():
-                torch.testing.assert_close(late_params[key], value, atol=5e-3, rtol=0, msg=f"{key} at epoch {epoch}")
+    # State is averaged every epoch: the peers end within about one Adam step (lr 1e-3) of each other,
+    # from the codec's error on each one's share of the averaged gradient.
+    late_params = late.params()
+    for peer in early:
+        for key, value in peer.params().items():
+            torch.testing.assert_close(late_params[key], value, atol=5e-3, rtol=0)
