@@ -35,10 +35,10 @@ from model import CausalLM, ModelConfig
 from peer import metrics, run_record
 from peer.identity import check_multiaddrs, load_or_create_identity
 from peer.run_config import RunConfig
+from peer.version import VERSION
 
 logger = logging.getLogger("starling.coordinator")
 
-VERSION = "0.1.0"
 POLL_PERIOD = 1.0  # seconds between two reads of the swarm's records
 HISTORY_PERIOD = 5.0  # seconds between two points of the time series
 STATE_DOWNLOAD_TIMEOUT = 60.0

@@ -1,6 +1,10 @@
 """run.toml: strict loading with errors that name the key."""
 
 import dataclasses
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -124,3 +128,51 @@ def test_training_key_separates_what_peers_must_agree_on():
         dataclasses.replace(base, coordinator=dataclasses.replace(base.coordinator, checkpoint_every=3)),
     ]
     assert all(config.training_key() == key for config in local_choices)
+
+
+EXAMPLE = Path(__file__).parents[2] / "coordinator" / "run.example.toml"
+# A commented-out option or section header of the example: "# key = value", "# [section]".
+COMMENTED_OUT = re.compile(r"^#\s*(?=\[\w+\]|\w+\s*=)", re.MULTILINE)
+
+
+def _options(document: dict[str, Any]) -> dict[str, Any]:
+    """A run config document's values by dotted key ("training.lr"), its sections flattened."""
+    options = {}
+    for name, value in document.items():
+        if name in SECTIONS:
+            options.update({f"{name}.{key}": item for key, item in value.items()})
+        else:
+            options[name] = value
+    return options
+
+
+def _example_options() -> tuple[dict[str, Any], set[str]]:
+    """The options the example shows, by dotted key, its commented-out lines read as if they were not;
+    and the keys of those commented-out lines."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    shown = _options(tomllib.loads(COMMENTED_OUT.sub("", text)))
+    return shown, set(shown) - set(_options(tomllib.loads(text)))
+
+
+DEFAULTS = _options(dataclasses.asdict(RunConfig()))
+
+
+def test_the_example_run_config_shows_every_option_and_no_other():
+    """coordinator/run.example.toml is where users look options up: each option of RunConfig is in
+    it (set or commented out), and nothing else is."""
+    shown, _ = _example_options()
+    assert set(shown) == set(DEFAULTS), (f"not options of RunConfig: {sorted(set(shown) - set(DEFAULTS))}; "
+                                         f"missing from the example: {sorted(set(DEFAULTS) - set(shown))}")
+
+
+def test_the_example_run_config_holds_the_defaults():
+    """The example says "the values below are the defaults", so every value in it equals RunConfig's
+    default, commented-out ones included (the [diloco] section is commented out only because it is
+    refused outside DiLoCo mode). The one deliberate exception: a commented-out option whose default is
+    None (model.init_from, data.path) shows what a value looks like, as there is no default to write.
+    Loaded as it is, the example is the default run."""
+    shown, commented = _example_options()
+    differing = {key: (value, DEFAULTS[key]) for key, value in shown.items()
+                 if key in DEFAULTS and value != DEFAULTS[key] and not (key in commented and DEFAULTS[key] is None)}
+    assert differing == {}, f"(example, default) by key: {differing}"
+    assert RunConfig.load(EXAMPLE) == RunConfig()

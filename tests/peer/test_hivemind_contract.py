@@ -1,0 +1,410 @@
+"""What Starling relies on in hivemind beyond its public API, each checked to still be there.
+
+hivemind is pinned (pyproject.toml), but Starling subclasses its averagers, optimizer and progress
+tracker, overrides their underscore methods, patches two of its functions and reproduces some of
+its record formats. An upgrade may rename or drop any of that, and the first symptom would be a
+swarm that quietly stops averaging. CONTRACT lists each such reliance with the Starling modules
+behind it, so that an upgrade fails here instead, one line per broken reliance:
+- every underscore member of a hivemind module or class that Starling reads, writes, overrides or calls;
+- every name Starling imports from an internal hivemind module (a path below hivemind's own packages
+  such as hivemind.averaging or hivemind.utils), by that path (test_every_internal_import_is_listed);
+- every method Starling overrides or function it patches, with the hivemind code that must still
+  call it for the override or patch to take effect;
+- the attributes hivemind's methods set on instances that Starling's subclasses use;
+- the keys and formats Starling reproduces rather than calls.
+Everything is checked in this process, on hivemind's classes and source: no DHT, no swarm.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import importlib.util
+import inspect
+import textwrap
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+# Starling's code that uses hivemind: shipped, benchmarks, and the swarm tests' peer worker.
+STARLING_CODE = ["peer", "coordinator", "model", "dashboards", "benchmarks", "tests/workers"]
+
+
+@dataclass(frozen=True)
+class Reliance:
+    """One thing of hivemind's that Starling relies on."""
+
+    member: str  # dotted path: a module, then attributes, e.g. "hivemind.averaging.partition.TensorPartReducer"
+    users: str  # the Starling modules that rely on it
+    params: tuple[str, ...] = ()  # parameters of a callable, fields of a message or model, keys of a dict
+    attrs: tuple[str, ...] = ()  # of a class: attributes its methods set on instances
+    called_from: tuple[str, ...] = ()  # hivemind functions that must still refer to the member by name
+    source_has: tuple[str, ...] = ()  # text its source must still hold: a key or format Starling reproduces
+
+
+ALLREDUCE = "hivemind.averaging.allreduce.AllReduceRunner"
+AVERAGER = "hivemind.averaging.DecentralizedAverager"
+CONTAINER = "hivemind.averaging.partition.TensorPartContainer"
+REDUCER = "hivemind.averaging.partition.TensorPartReducer"
+GRAD_AVERAGER = "hivemind.optim.grad_averager.GradientAverager"
+STATE_AVERAGER = "hivemind.optim.state_averager.TrainingStateAverager"
+TRACKER = "hivemind.optim.progress_tracker.ProgressTracker"
+AUTHORIZER = "hivemind.utils.auth.TokenAuthorizerBase"
+SERIALIZATION = "hivemind.compression.serialization"
+SERVICER = "hivemind.p2p.ServicerBase"
+
+CONTRACT = [
+    # peer/averager.py runs the all-reduce itself: with the run's runner class, measuring what came back averaged.
+    Reliance(f"{AVERAGER}._aggregate_with_group", "peer/averager.py, benchmarks/allreduce.py",
+             params=("group_info", "min_vector_size"), called_from=(f"{AVERAGER}._step",)),
+    Reliance(f"{AVERAGER}._run_allreduce_inplace_", "peer/averager.py", params=("tensors", "group_info", "group_id"),
+             called_from=(f"{AVERAGER}._aggregate_with_group",)),
+    Reliance(AVERAGER, "peer/averager.py",
+             attrs=("_p2p", "_running_groups", "_averaging_alpha", "_state_updated", "last_updated", "prefix")),
+    Reliance(ALLREDUCE, "peer/averager.py, peer/robust.py, tests/workers/peer_worker.py",
+             params=("p2p", "servicer_type", "prefix", "tensors", "group_id", "ordered_peer_ids"),
+             attrs=("modes", "tensor_part_container", "tensor_part_reducer", "ordered_peer_ids", "peer_id")),
+    Reliance("hivemind.averaging.allreduce.AveragingMode.AUX", "peer/averager.py"),
+    Reliance(CONTAINER, "peer/averager.py, tests/workers/peer_worker.py",
+             attrs=("failed_size", "total_size", "_input_parts_by_peer")),
+    Reliance("hivemind.averaging.group_info.GroupInfo", "peer/averager.py", params=("group_id", "peer_ids")),
+    Reliance(f"{GRAD_AVERAGER}.step", "peer/averager.py, peer/diloco.py", params=("wait", "reset_accumulators"),
+             called_from=("hivemind.Optimizer._begin_averaging_gradients",)),
+    Reliance(f"{GRAD_AVERAGER}.load_state_from_peers", "peer/averager.py", params=("wait", "timeout"),
+             called_from=("hivemind.Optimizer.load_state_from_peers",)),
+    Reliance("hivemind.utils.asyncio.as_aiter", "peer/averager.py"),
+    Reliance("hivemind.utils.asyncio.azip", "peer/averager.py"),
+    Reliance("hivemind.utils.timed_storage.get_dht_time", "peer/averager.py, peer/auth.py"),
+    # tests/workers/peer_worker.py breaks rounds on purpose through AllReduceRunner subclasses.
+    Reliance(f"{ALLREDUCE}._communicate_with_peer", "tests/workers/peer_worker.py", params=("peer_id",),
+             called_from=(f"{ALLREDUCE}.run",)),
+    Reliance(f"{ALLREDUCE}._generate_input_for_peer", "tests/workers/peer_worker.py", params=("peer_index",),
+             called_from=(f"{ALLREDUCE}._communicate_with_peer",)),
+    Reliance(f"{CONTAINER}.register_failed_reducer", "tests/workers/peer_worker.py", params=("peer_index",)),
+    # peer/robust.py swaps the reducer's accumulator for one that keeps every part (_PartCollector).
+    Reliance(REDUCER, "peer/robust.py", params=("part_shapes", "num_senders"),
+             attrs=("accumulator", "finished", "num_parts", "num_senders")),
+    Reliance(f"{REDUCER}.reset_accumulators", "peer/robust.py",
+             called_from=(f"{REDUCER}.__init__", f"{REDUCER}.check_current_part_finished")),
+    Reliance(f"{REDUCER}.accumulate_part", "peer/robust.py", source_has=("self.accumulator.add_(",)),
+    Reliance(f"{REDUCER}.check_current_part_finished", "peer/robust.py", source_has=("self.accumulator.div_(",)),
+    # peer/hivemind_fixes.py replaces StepControl.cancel and initialize_optimizer_state_ (once patched, their
+    # signatures are Starling's: not checked).
+    Reliance("hivemind.averaging.control.StepControl.cancel", "peer/hivemind_fixes.py"),
+    Reliance("hivemind.averaging.control.StepControl", "peer/hivemind_fixes.py", attrs=("_trigger", "_cancel")),
+    Reliance("hivemind.utils.mpfuture.MPFuture.cancel", "peer/hivemind_fixes.py"),
+    Reliance("hivemind.optim.state_averager.initialize_optimizer_state_",
+             "peer/hivemind_fixes.py, coordinator/initial_state.py",
+             called_from=(f"{STATE_AVERAGER}._init_components",)),  # looked up at call time: the patch applies
+    # peer/state_loading.py downloads state itself, donor by donor, under TrainingStateAverager's RPC names.
+    Reliance(f"{AVERAGER}._load_state_from_peers", "peer/state_loading.py", params=("future", "timeout"),
+             called_from=(f"{AVERAGER}.load_state_from_peers",)),
+    Reliance(f"{AVERAGER}.load_state_from_peers", "peer/state_loading.py, coordinator/state_sharing.py",
+             params=("wait", "timeout")),
+    Reliance(AVERAGER, "peer/state_loading.py", attrs=("_outer_pipe", "_p2p", "dht", "prefix", "next_chunk_timeout")),
+    # refused_donors() sends a (method, args, kwargs) call through _outer_pipe
+    Reliance(f"{AVERAGER}._run_internal", "peer/state_loading.py",
+             source_has=("method, args, kwargs = self._inner_pipe.recv()", "getattr(self, method)(*args, **kwargs)")),
+    # state_offers() reads the state offers under this key
+    Reliance(f"{AVERAGER}._declare_for_download_periodically", "peer/state_loading.py, peer/peer.py",
+             source_has=('.all_averagers"',)),
+    Reliance(f"{AVERAGER}.get_stub", "peer/state_loading.py", params=("p2p", "peer", "namespace")),
+    Reliance(f"{AVERAGER}.rpc_download_state", "peer/state_loading.py"),
+    Reliance(f"{AVERAGER}.serializer", "peer/state_loading.py"),
+    Reliance(f"{AVERAGER}.request_timeout", "peer/state_loading.py"),
+    Reliance(f"{AVERAGER}.state_sharing_priority.fset", "peer/state_loading.py"),
+    Reliance(f"{STATE_AVERAGER}._get_handle_name", "peer/state_loading.py", params=("namespace", "method_name"),
+             called_from=(f"{SERVICER}.add_p2p_handlers", f"{SERVICER}._make_rpc_caller")),
+    Reliance(f"{SERVICER}._get_handle_name", "peer/state_loading.py, benchmarks/allreduce.py",
+             source_has=("cls.__name__",)),  # RPC names follow the class: the overrides keep them
+    Reliance(f"{STATE_AVERAGER}.load_state_from_peers", "peer/state_loading.py",
+             called_from=("hivemind.Optimizer.load_state_from_peers",)),
+    Reliance(STATE_AVERAGER, "peer/state_loading.py, peer/diloco.py",
+             attrs=("local_epoch", "optimizer", "extra_tensors", "main_parameters", "finished_averaging_round")),
+    # check_state() reads this metadata; coordinator/state_sharing.py serves the same
+    Reliance(f"{STATE_AVERAGER}.get_current_state", "peer/state_loading.py, coordinator/state_sharing.py",
+             source_has=("epoch=self.local_epoch", "group_bits=", "optimizer_metadata=optimizer_metadata")),
+    # optimizer_state_layout() flattens an optimizer's state the same way
+    Reliance("hivemind.optim.state_averager.dump_optimizer_state",
+             "peer/state_loading.py, coordinator/initial_state.py",
+             source_has=('dict(type="tensor", index=len(flat_tensors))', 'dict(type="value", value=elem)')),
+    Reliance("hivemind.proto.averaging_pb2.DownloadRequest", "peer/state_loading.py"),
+    Reliance("hivemind.proto.averaging_pb2.DownloadData", "peer/state_loading.py",
+             params=("metadata", "tensor_part")),
+    Reliance("hivemind.utils.asyncio.aiter_with_timeout", "peer/state_loading.py", params=("iterable", "timeout")),
+    Reliance("hivemind.utils.nested.nested_flatten", "peer/state_loading.py"),
+    Reliance("hivemind.utils.timed_storage.ValueWithExpiration", "peer/state_loading.py",
+             params=("value", "expiration_time")),
+    # peer/progress.py filters the swarm's progress records; coordinator/swarm.py reads them.
+    Reliance(TRACKER, "peer/progress.py, peer/optimizer.py, peer/diloco.py, peer/peer.py",
+             params=("dht", "prefix", "target_batch_size", "client_mode", "status_loglevel", "start",
+                     "min_refresh_period", "max_refresh_period", "default_refresh_period"),
+             attrs=("lock_global_progress", "global_progress", "fetched_global_progress_this_epoch")),
+    Reliance(f"{TRACKER}._parse_swarm_progress_data", "peer/progress.py", params=("metadata",),
+             called_from=(f"{TRACKER}.__init__", f"{TRACKER}._progress_fetcher")),
+    Reliance(f"{TRACKER}.__init__", "coordinator/swarm.py", source_has=('f"{self.prefix}_progress"',)),
+    Reliance("hivemind.optim.progress_tracker.GlobalTrainingProgress", "peer/progress.py, peer/diloco.py",
+             params=("samples_accumulated",)),
+    Reliance("hivemind.optim.progress_tracker.LocalTrainingProgress", "peer/progress.py, coordinator/swarm.py",
+             params=("peer_id", "epoch", "samples_accumulated", "samples_per_second")),
+    Reliance("hivemind.optim.progress_tracker.TrainingProgressSchema", "coordinator/coordinator.py",
+             params=("progress",)),
+    # peer/optimizer.py and peer/diloco.py build hivemind.Optimizer's parts themselves and step differently.
+    Reliance("hivemind.Optimizer._make_state_averager", "peer/optimizer.py",
+             called_from=("hivemind.Optimizer.__init__",)),
+    Reliance("hivemind.Optimizer._make_progress_tracker", "peer/optimizer.py", params=("target_batch_size",),
+             called_from=("hivemind.Optimizer.__init__",)),
+    Reliance("hivemind.Optimizer._make_gradient_averager", "peer/diloco.py", params=("factory",),
+             called_from=("hivemind.Optimizer.__init__",)),
+    Reliance("hivemind.Optimizer._check_and_accumulate_gradients", "peer/diloco.py",
+             params=("batch_size", "grad_scaler"), called_from=("hivemind.Optimizer.step",)),
+    Reliance("hivemind.Optimizer._update_global_epoch", "peer/diloco.py", params=("grad_scaler",),
+             called_from=("hivemind.Optimizer.step",)),
+    Reliance("hivemind.Optimizer", "peer/optimizer.py, peer/diloco.py, peer/peer.py",
+             attrs=("dht", "run_id", "matchmaking_time", "allreduce_timeout", "shutdown_timeout", "offload_optimizer",
+                    "status_loglevel", "next_chunk_timeout", "client_mode", "auxiliary", "scheduled_grads",
+                    "scheduled_state", "tracker", "state_averager", "grad_averager")),
+    Reliance("hivemind.averaging.control.AveragingStage.LOOKING_FOR_GROUP", "peer/optimizer.py"),
+    Reliance("hivemind.averaging.control.AveragingStage.AWAITING_TRIGGER", "benchmarks/allreduce.py"),
+    # peer/diloco.py: pseudo-gradients in the gradient averager, outer steps in the state averager.
+    Reliance(GRAD_AVERAGER, "peer/diloco.py", params=("reuse_grad_buffers",),
+             attrs=("parameters", "local_samples_accumulated", "local_times_accumulated",
+                    "_accumulators_used_in_step")),
+    Reliance(f"{GRAD_AVERAGER}.load_accumulators_into_averager_", "peer/diloco.py",
+             called_from=(f"{GRAD_AVERAGER}.step",)),
+    Reliance(f"{GRAD_AVERAGER}.reset_accumulated_grads_", "peer/diloco.py",
+             called_from=("hivemind.Optimizer._update_global_epoch", "hivemind.Optimizer.load_state_from_peers")),
+    Reliance(f"{STATE_AVERAGER}._apply_averaging_results_", "peer/diloco.py",
+             called_from=(f"{STATE_AVERAGER}.step",)),
+    Reliance(f"{STATE_AVERAGER}._apply_optimizer_parameters_", "peer/diloco.py",
+             called_from=(f"{STATE_AVERAGER}.step",)),
+    Reliance("hivemind.averaging.partition.DEFAULT_PART_SIZE_BYTES", "peer/diloco.py, benchmarks/allreduce.py"),
+    # ErrorFeedback.round_trip() cuts tensors into parts as TensorPartContainer does
+    Reliance("hivemind.compression.CompressionInfo.get_part", "peer/diloco.py", params=("part_index", "part_size"),
+             called_from=(f"{CONTAINER}.__init__",)),
+    Reliance("hivemind.compression.CompressionBase.estimate_compression_ratio", "peer/diloco.py, peer/codec.py",
+             params=("info",), called_from=(f"{CONTAINER}.__init__",)),
+    Reliance("hivemind.compression.CompressionInfo", "peer/codec.py, peer/diloco.py, coordinator/state_sharing.py",
+             params=("key", "descriptor", "role")),
+    # peer/codec.py installs its decoders in hivemind's registry, under two closed enum values.
+    Reliance(f"{SERIALIZATION}._BASE_COMPRESSION_TYPES",
+             "peer/codec.py, benchmarks/allreduce.py, tests/peer/test_codec.py",
+             params=("BLOCKWISE_8BIT", "UNIFORM_8BIT"),
+             called_from=(f"{SERIALIZATION}.serialize_torch_tensor", f"{SERIALIZATION}.deserialize_torch_tensor")),
+    # reducers send averaged parts back through the registry
+    Reliance(f"{SERIALIZATION}.serialize_torch_tensor", "peer/codec.py",
+             called_from=(f"{ALLREDUCE}._accumulate_parts_streaming",)),
+    Reliance("hivemind.proto.runtime_pb2.BLOCKWISE_8BIT", "peer/codec.py"),
+    Reliance("hivemind.proto.runtime_pb2.UNIFORM_8BIT", "peer/codec.py"),
+    Reliance("hivemind.proto.runtime_pb2.CompressionType.Name", "peer/codec.py"),
+    Reliance("hivemind.proto.runtime_pb2.Tensor", "peer/codec.py",
+             params=("compression", "buffer", "size", "dtype", "requires_grad")),
+    # peer/identity.py, peer/run_record.py, peer/auth.py, peer/metrics.py: keys, signed records, tokens.
+    Reliance("hivemind.utils.crypto.RSAPrivateKey", "peer/identity.py",
+             attrs=("_private_key",)),  # _private_key_from_der() wraps a loaded key in one
+    Reliance("hivemind.utils.crypto.RSAPublicKey", "peer/identity.py, peer/run_record.py", attrs=("_public_key",)),
+    Reliance("hivemind.utils.crypto.RSAPublicKey.from_bytes", "peer/run_record.py, peer/auth.py"),
+    Reliance("hivemind.p2p.p2p_daemon_bindings.datastructures.PeerID.from_base58", "peer/identity.py"),
+    # peer_id_of() derives a peer id from a public key the same way
+    Reliance("hivemind.p2p.p2p_daemon_bindings.datastructures.PeerID.from_identity", "peer/identity.py",
+             source_has=("crypto_pb2.PublicKey(", "hashlib.sha256(", 'multihash.coerce_code("sha2-256")')),
+    Reliance("hivemind.proto.crypto_pb2.PrivateKey", "peer/identity.py", params=("key_type", "data")),
+    Reliance("hivemind.proto.crypto_pb2.PublicKey", "peer/identity.py", params=("key_type", "data")),
+    Reliance("hivemind.proto.crypto_pb2.KeyType.RSA", "peer/identity.py"),
+    Reliance("hivemind.proto.crypto_pb2.RSA", "peer/identity.py"),
+    Reliance("hivemind.utils.multiaddr.Multiaddr", "peer/identity.py"),
+    Reliance("hivemind.dht.crypto.RSASignatureValidator._PUBLIC_KEY_RE", "peer/run_record.py"),
+    Reliance("hivemind.dht.crypto.RSASignatureValidator.local_public_key", "peer/metrics.py, peer/run_record.py"),
+    Reliance("hivemind.dht.schema.SchemaValidator", "peer/metrics.py, coordinator/coordinator.py",
+             params=("schema", "prefix")),
+    # records live under {prefix}_{field}: {run_id}_metrics, {training_key}_progress
+    Reliance("hivemind.dht.schema.SchemaValidator.__init__", "peer/metrics.py, coordinator/swarm.py",
+             source_has=('f"{prefix}_{field.name}"',)),
+    # PeerMetrics is a pydantic.v1 model because hivemind's record schemas are
+    Reliance("hivemind.dht.schema", "peer/metrics.py", source_has=("import pydantic.v1 as pydantic",)),
+    Reliance("hivemind.dht.schema.BytesWithPublicKey", "peer/metrics.py"),
+    Reliance(AUTHORIZER, "peer/auth.py", params=("local_private_key",)),
+    Reliance(f"{AUTHORIZER}.get_token", "peer/auth.py", called_from=(f"{AUTHORIZER}.refresh_token_if_needed",)),
+    Reliance(f"{AUTHORIZER}.is_token_valid", "peer/auth.py",
+             called_from=(f"{AUTHORIZER}.validate_request", f"{AUTHORIZER}.validate_response")),
+    Reliance(f"{AUTHORIZER}.does_token_need_refreshing", "peer/auth.py",
+             called_from=(f"{AUTHORIZER}.refresh_token_if_needed",)),
+    Reliance(f"{AUTHORIZER}.local_public_key", "peer/auth.py"),
+    Reliance("hivemind.proto.auth_pb2.AccessToken", "peer/auth.py",
+             params=("username", "public_key", "expiration_time", "signature")),
+    Reliance("hivemind.utils.logging.get_logger", "peer/auth.py"),
+    # coordinator/state_sharing.py serves checkpoints as a state averager would.
+    Reliance(AVERAGER, "coordinator/state_sharing.py",
+             params=("averaged_tensors", "dht", "prefix", "state_compression", "allow_state_sharing", "start")),
+    Reliance(f"{AVERAGER}.get_current_state", "coordinator/state_sharing.py",
+             called_from=(f"{AVERAGER}.__init__",)),  # served from a thread __init__ starts
+]
+
+
+def resolve(path: str) -> object:
+    """The object at a dotted path: the longest importable module prefix, then attributes.
+    Raises LookupError when a part is missing."""
+    parts = path.split(".")
+    for split in range(len(parts), 0, -1):
+        name = ".".join(parts[:split])
+        try:
+            found = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name is None or not name.startswith(error.name):
+                raise  # a module that exists failed to import one of its own
+            continue
+        for attribute in parts[split:]:
+            if not hasattr(found, attribute):
+                raise LookupError(path)
+            found = getattr(found, attribute)
+        return found
+    raise LookupError(path)
+
+
+def parameters(found: object) -> set[str]:
+    """The names a caller can pass or read: a protobuf message's fields, a dict's keys, a callable's
+    parameters (for a class, those of every hivemind __init__ along its bases, which **kwargs reach)."""
+    if isinstance(found, dict):
+        return set(found)
+    descriptor = getattr(found, "DESCRIPTOR", None)
+    if hasattr(descriptor, "fields_by_name"):
+        return set(descriptor.fields_by_name)
+    if isinstance(found, type):
+        inits = [klass.__dict__["__init__"] for klass in found.__mro__
+                 if klass.__module__.startswith("hivemind") and "__init__" in klass.__dict__]
+        if inits:
+            return {name for init in inits for name in inspect.signature(init).parameters}
+    return set(inspect.signature(found).parameters)
+
+
+@functools.cache
+def assigned_to_self(klass: type) -> frozenset[str]:
+    """The names a class's own methods assign to `self.<name>`."""
+    return frozenset(node.attr for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(klass))))
+                     if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                     and isinstance(node.value, ast.Name) and node.value.id == "self")
+
+
+def instance_attributes(cls: type) -> set[str]:
+    """Attributes of cls, and the names the methods of its hivemind bases assign to `self.<name>`."""
+    return set(dir(cls)).union(*(assigned_to_self(klass) for klass in cls.__mro__
+                                 if klass.__module__.startswith("hivemind")))
+
+
+def referenced_names(function: object) -> set[str]:
+    """The names and string constants in a function's code, nested functions included."""
+    function = inspect.unwrap(getattr(function, "__func__", function))
+    names: set[str] = set()
+    pending = [function.__code__]
+    while pending:
+        code = pending.pop()
+        names.update(code.co_names)
+        for constant in code.co_consts:
+            if isinstance(constant, types.CodeType):
+                pending.append(constant)
+            elif isinstance(constant, str):
+                names.add(constant)
+    return names
+
+
+def source_of(found: object) -> str:
+    return inspect.getsource(found.fget if isinstance(found, property) else found)
+
+
+def broken(reliance: Reliance) -> list[str]:
+    """One line for each way hivemind no longer has what `reliance` needs."""
+    member, users = reliance.member, reliance.users
+    try:
+        found = resolve(member)
+    except LookupError:
+        return [f"{member} is gone: {users} relies on it"]
+    problems = []
+    if reliance.params:
+        present = parameters(found)
+        problems += [f"{member} no longer has {name!r}: {users} relies on it"
+                     for name in reliance.params if name not in present]
+    if reliance.attrs:
+        present = instance_attributes(found)
+        problems += [f"{member} no longer sets .{name}: {users} relies on it"
+                     for name in reliance.attrs if name not in present]
+    name = member.rsplit(".", 1)[-1]
+    for caller in reliance.called_from:
+        try:
+            calls = name in referenced_names(resolve(caller))
+        except LookupError:
+            calls = False
+        if not calls:
+            problems.append(f"{caller} no longer calls {name}: {users} relies on it")
+    if reliance.source_has:
+        source = source_of(found)
+        problems += [f"{member} no longer holds {text!r}: {users} relies on it"
+                     for text in reliance.source_has if text not in source]
+    return problems
+
+
+@pytest.mark.parametrize("reliance", CONTRACT, ids=lambda reliance: f"{reliance.member} [{reliance.users}]")
+def test_hivemind_still_has_what_starling_relies_on(reliance: Reliance):
+    problems = broken(reliance)
+    assert not problems, "\n".join(problems)
+
+
+def internal_imports(path: Path) -> set[str]:
+    """What a file imports from internal hivemind modules, as dotted paths: names from a module below
+    hivemind's packages (hivemind.x.y...), and modules themselves (`from hivemind.optim import state_averager`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "hivemind":
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                if node.module.count(".") >= 2 or importlib.util.find_spec(name) is not None:
+                    found.add(name)
+    return found
+
+
+def test_every_internal_import_is_listed():
+    """A new import from an internal hivemind module goes into CONTRACT (the member itself, or a
+    member of it)."""
+    listed = {reliance.member for reliance in CONTRACT}
+    unlisted = sorted(
+        f"{name} ({path.relative_to(ROOT)})"
+        for folder in STARLING_CODE for path in sorted((ROOT / folder).rglob("*.py"))
+        for name in internal_imports(path)
+        if not any(member == name or member.startswith(f"{name}.") for member in listed)
+    )
+    assert not unlisted, "imported from hivemind's internals but not in CONTRACT: " + ", ".join(unlisted)
+
+
+def call_keywords(source: str, function: str) -> set[str]:
+    """The keyword names of the call that `function` (defined in `source`) returns."""
+    tree = ast.parse(textwrap.dedent(source))
+    definition = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == function)
+    call = next(node.value for node in ast.walk(definition) if isinstance(node, ast.Return))
+    return {keyword.arg for keyword in call.keywords if keyword.arg is not None}
+
+
+@pytest.mark.parametrize("factory", ["_make_state_averager", "_make_progress_tracker"])
+def test_the_collaborative_optimizer_builds_its_parts_with_hivemind_s_settings(factory: str):
+    """CollaborativeOptimizer rewrites these factories of hivemind.Optimizer to build Starling's
+    classes: a setting hivemind adds or drops would otherwise go missing unnoticed."""
+    import hivemind
+
+    ours = call_keywords((ROOT / "peer" / "optimizer.py").read_text(encoding="utf-8"), factory)
+    theirs = call_keywords(inspect.getsource(getattr(hivemind.Optimizer, factory)), factory)
+    assert ours == theirs, f"peer/optimizer.py passes {sorted(ours - theirs)}, hivemind {sorted(theirs - ours)}"
+
+
+def test_a_broken_reliance_is_named_in_one_line():
+    """What a failure looks like: the member, what is wrong, and who relies on it."""
+    assert broken(Reliance(f"{ALLREDUCE}._communicate_with_peers", "peer/averager.py")) == [
+        f"{ALLREDUCE}._communicate_with_peers is gone: peer/averager.py relies on it"]
+    assert broken(Reliance(f"{ALLREDUCE}._communicate_with_peer", "x.py", params=("peer",),
+                           called_from=(f"{ALLREDUCE}.__init__",))) == [
+        f"{ALLREDUCE}._communicate_with_peer no longer has 'peer': x.py relies on it",
+        f"{ALLREDUCE}.__init__ no longer calls _communicate_with_peer: x.py relies on it"]
+    assert broken(Reliance(REDUCER, "x.py", attrs=("accumulators",), source_has=("nowhere",))) == [
+        f"{REDUCER} no longer sets .accumulators: x.py relies on it",
+        f"{REDUCER} no longer holds 'nowhere': x.py relies on it"]
