@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 from typing import Callable, Iterable
 
 import hivemind
 import torch
+from hivemind.averaging.control import AveragingStage, StepControl
 
 from peer.averager import CountingGradientAverager
 from peer.compression import gradient_compression, state_compression
@@ -107,6 +109,36 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         super().load_state_from_peers(**kwargs)
         self.tracker.ignore_peers(self.state_averager.refused_donors())
         return self.state_averager.states_received > received
+
+    def _scheduled_rounds(self) -> list[StepControl]:
+        return [control for control in (self.scheduled_grads, self.scheduled_state)
+                if control is not None and not control.done()]
+
+    def leave_matchmaking(self) -> None:
+        """Cancel the rounds still looking for a group; safe from another thread. A stopping peer
+        calls it at once: the step it is in may be waiting on that matchmaking for the whole
+        averaging timeout, while the partners it looks for are leaving too."""
+        for control in self._scheduled_rounds():
+            if control.stage == AveragingStage.LOOKING_FOR_GROUP:
+                control.cancel()
+
+    def shutdown(self) -> None:
+        """hivemind's shutdown, with a bounded goodbye: in a round whose group is formed this peer
+        still sends its parts (with weight 0, so the group's average is the others'), but waits for
+        the round only as long as one part may take, not the averaging timeout. When the whole group
+        leaves at once, the parts it waits for never come."""
+        self.leave_matchmaking()
+        deadline = time.monotonic() + self.next_chunk_timeout
+        for control in self._scheduled_rounds():
+            if not control.triggered:
+                control.weight = 0
+                control.allow_allreduce()
+        for control in self._scheduled_rounds():
+            try:
+                control.result(max(0.0, deadline - time.monotonic()))
+            except BaseException:  # a timeout or the round's failure: this peer leaves either way
+                control.cancel()
+        super().shutdown()
 
 
 def make_collaborative_optimizer(

@@ -31,10 +31,10 @@ from peer.optimizer import make_collaborative_optimizer
 from peer.run_config import RunConfig
 from peer.shards import ShardReader
 from peer.state_loading import state_offers
+from peer.version import VERSION
 
 logger = logging.getLogger("starling.peer")
 
-VERSION = "0.1.0"
 METRICS_PUBLISH_PERIOD = 2.0  # seconds between two signed metrics records
 AUXILIARY_POLL_PERIOD = 0.2  # seconds between two averaging checks of an auxiliary peer
 PROGRESS_FETCH_TIMEOUT = 10.0  # seconds to wait for the swarm's progress before training
@@ -307,6 +307,7 @@ class Peer:
             self._start_optimizer()
             self._emit("joined", peer_id=self.peer_id, run_id=self.run_config.run_id, epoch=self.epoch,
                        addresses=self._addresses)
+            threading.Thread(target=self._leave_matchmaking_on_stop, name="starling-stop", daemon=True).start()
             if start_line is not None:
                 start_line(self)
                 started = time.perf_counter()  # the duration counts from the start line
@@ -327,6 +328,11 @@ class Peer:
         if self.events is not None:
             self.events.close()
         return summary
+
+    def _leave_matchmaking_on_stop(self) -> None:
+        """Once asked to stop, cancel the matchmaking the training loop may be waiting on."""
+        self._stop.wait()
+        self.optimizer.leave_matchmaking()
 
     def _emit(self, event: str, **fields) -> None:
         if self.events is not None:
@@ -414,6 +420,8 @@ class Peer:
         When there is none (the whole group lost the same parts), the next state averaging round,
         which every peer joins, brings them back together."""
         epoch = self.optimizer.local_epoch
+        if self._stop.is_set():
+            return  # the round was cancelled because this peer is leaving
         if RoundOutcome.PARTIAL in outcomes or RoundOutcome.FAILED in outcomes:
             if not self.off_swarm:
                 logger.warning("the gradient round before epoch %d was %s: this peer's parameters are off the "
@@ -483,6 +491,7 @@ class Peer:
 
     def _shutdown(self) -> None:
         """Leave the averaging group, stop the DHT, and make sure no helper process outlives us."""
+        self._stop.set()  # also ends the stop watcher of a run that ended by its duration
         if self.optimizer is not None and self.dht is not None:
             self._report()  # the samples since the last report count too
         if self._pending_publish is not None:
