@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from safetensors.torch import save_file
 from benchmarks.netlab import Lab
 from coordinator.demo import stop
 from peer import Peer, PeerError, hivemind_fixes
+from peer.command_line import setup_logging
 from peer.run_config import AveragingSection, DilocoSection, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def worker(spec_path: Path) -> None:
     """Run one peer as the spec says and write what it did to summary.json in its folder."""
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging("INFO")
     out = Path(spec["out"])
     if not spec["hivemind_fixes"]:
         hivemind_fixes.revert()

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from model.tokenizer import Tokenizer, load_tokenizer
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("starling.model")
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 

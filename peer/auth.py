@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
 import time
 from collections.abc import Container
@@ -31,12 +32,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
-from hivemind.utils.logging import get_logger
 from hivemind.utils.timed_storage import get_dht_time
 
 from peer.identity import peer_id_in_multiaddr, peer_id_of
 
-logger = get_logger(__name__)
+logger = logging.getLogger("starling.peer")
 
 TOKEN_VERSION = 1
 

@@ -7,6 +7,8 @@ import argparse
 import logging
 import os
 
+from hivemind.utils.logging import use_hivemind_log_handler
+
 
 class OneLineParser(argparse.ArgumentParser):
     """Errors as one line on stderr and exit status 2, without the usage block."""
@@ -36,5 +38,14 @@ def env_default(option: str, default=None, kind=str, multiple: bool = False):
     return raw.split() if multiple else raw
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def setup_logging(level: str | int = "INFO") -> None:
+    """Starling's lines (the `starling` hierarchy) and hivemind's through one handler in one format,
+    at `level`. hivemind's own INFO lines (matchmaking chatter, every epoch) show only at DEBUG: at
+    INFO and above hivemind is held at WARNING."""
+    level = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    use_hivemind_log_handler("nowhere")  # hivemind's records go up to the root handler below
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
+    logging.getLogger("hivemind").setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))

@@ -8,7 +8,7 @@ import torch
 
 from model import CausalLM
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("starling.peer")
 
 CPU_MICRO_BATCH = 4
 

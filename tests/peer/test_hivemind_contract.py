@@ -236,7 +236,8 @@ CONTRACT = [
     Reliance(f"{AUTHORIZER}.local_public_key", "peer/auth.py"),
     Reliance("hivemind.proto.auth_pb2.AccessToken", "peer/auth.py",
              params=("username", "public_key", "expiration_time", "signature")),
-    Reliance("hivemind.utils.logging.get_logger", "peer/auth.py"),
+    # peer/command_line.py sends hivemind's records through Starling's one handler.
+    Reliance("hivemind.utils.logging.use_hivemind_log_handler", "peer/command_line.py", params=("where",)),
     # coordinator/state_sharing.py serves checkpoints as a state averager would.
     Reliance(AVERAGER, "coordinator/state_sharing.py",
              params=("averaged_tensors", "dht", "prefix", "state_compression", "allow_state_sharing", "start")),

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from peer import Peer
 from peer import averager
 from peer.peer import PeerCallbacks
+from peer.command_line import setup_logging
 from peer.run_config import RunConfig
 from model import CausalLM, ModelConfig
 
@@ -114,7 +115,7 @@ def wait_at_start_line(peer: Peer, out: Path, release: Path) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging("INFO")
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(spec["out"])
     while spec.get("start_after") and not Path(spec["start_after"]).exists():
