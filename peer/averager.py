@@ -111,15 +111,46 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
         return settled
 
     def _outcome(self, control) -> RoundOutcome:
-        if control.cancelled() or control.exception() is not None:
-            outcome = RoundOutcome.FAILED
-        else:
-            fraction = control.result().averaged_fraction
-            outcome = RoundOutcome.SUCCEEDED if fraction >= 1.0 else RoundOutcome.FAILED if fraction <= 0.0 \
-                else RoundOutcome.PARTIAL
-            if outcome is RoundOutcome.PARTIAL:
-                self.partial_fractions.append(fraction)
-                logger.warning("partial averaging round: %.1f%% of the gradient was averaged with the group, "
-                               "the rest is this peer's own", 100 * fraction)
+        outcome, fraction = round_outcome(control)
+        if outcome is RoundOutcome.PARTIAL:
+            self.partial_fractions.append(fraction)
+            logger.warning("partial averaging round: %.1f%% of the gradient was averaged with the group, "
+                           "the rest is this peer's own", 100 * fraction)
         self.rounds[outcome] += 1
         return outcome
+
+
+class StateRoundsAverager(AggregatingAverager):
+    """The base of the state averager: hivemind's plain mean (as TrainingStateAverager averages),
+    keeping its rounds so that the peer learns whether a state averaging round averaged every value
+    with a group. It sits below TrainingStateAverager, whose rounds start through
+    DecentralizedAverager.step (pre-scheduled or not): that is the step wrapped here."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._state_rounds: list = []  # StepControls, oldest first; appended from hivemind's background thread
+        super().__init__(*args, aggregation="mean", **kwargs)
+
+    def step(self, *args, wait: bool = True, **kwargs):
+        control = super().step(*args, wait=False, **kwargs)
+        self._state_rounds.append(control)
+        return control.result() if wait else control
+
+    def settle_state_rounds(self) -> list[RoundOutcome]:
+        """How the state averaging rounds that ended since the last call ended. A pre-scheduled round
+        cancelled before it was triggered was never run: it is not counted."""
+        settled = []
+        while self._state_rounds and self._state_rounds[0].done():
+            control = self._state_rounds.pop(0)
+            if not (control.cancelled() and not control.triggered):
+                settled.append(round_outcome(control)[0])
+        return settled
+
+
+def round_outcome(control) -> tuple[RoundOutcome, float]:
+    """How a finished round ended for this peer, and the fraction of its values averaged with the group."""
+    if control.cancelled() or control.exception() is not None:
+        return RoundOutcome.FAILED, 0.0
+    fraction = control.result().averaged_fraction
+    if fraction >= 1.0:
+        return RoundOutcome.SUCCEEDED, fraction
+    return (RoundOutcome.FAILED if fraction <= 0.0 else RoundOutcome.PARTIAL), fraction

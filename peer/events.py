@@ -2,7 +2,7 @@
 
 Events: "joined" (peer_id, run_id, epoch, addresses), "state_loaded" (epoch, resync), "epoch"
 (epoch, rounds: the outcomes of the gradient rounds that ended with it, off_swarm, inner_steps:
-DiLoCo's local steps so far), "stopped"
+DiLoCo's local steps so far, samples_contributed so far), "stopped"
 (the PeerSummary). Every event has "event" and "time" (Unix seconds). Tests, benchmarks and
 tools read these, not the human log.
 """

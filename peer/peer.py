@@ -401,24 +401,26 @@ class Peer:
         averager = self._grad_averager
         outcomes = averager.settle_rounds() if isinstance(averager, CountingGradientAverager) else []
         self._emit("epoch", epoch=self.optimizer.local_epoch, rounds=[outcome.value for outcome in outcomes],
-                   off_swarm=self.off_swarm, inner_steps=self.inner_steps)
+                   off_swarm=self.off_swarm, inner_steps=self.inner_steps, samples_contributed=self.samples_contributed)
         if not all(bool(p.isfinite().all()) for p in self.model.parameters()):
             logger.warning("parameters became non-finite: reloading state from peers")
             self.load_state_from_peers()
         elif not self.options.auxiliary:  # an auxiliary peer averages gradients only: no parameters to be off
-            self._resynchronise_after_bad_rounds(outcomes)
+            self._resynchronise_after_bad_rounds(outcomes, self.optimizer.state_averager.settle_state_rounds())
         self.prometheus.epoch.set(self.optimizer.local_epoch)
         if self.callbacks.on_epoch is not None:
             self.callbacks.on_epoch(self)
         logger.info("epoch %d: loss %.3f, %d samples contributed so far", self.optimizer.local_epoch,
                     float("nan") if self.last_loss is None else self.last_loss, self.samples_contributed)
 
-    def _resynchronise_after_bad_rounds(self, outcomes: list[RoundOutcome]) -> None:
+    def _resynchronise_after_bad_rounds(self, outcomes: list[RoundOutcome], state_outcomes: list[RoundOutcome]) -> None:
         """After a partial or failed gradient round this peer stepped on values the others did not
         average, and its parameters are off the swarm's. It then offers its state only after the
         peers of its epoch that are not, and loads the state of one of them (_maybe_resynchronise).
-        When there is none (the whole group lost the same parts), the next state averaging round,
-        which every peer joins, brings them back together."""
+        When there is none (the whole group lost the same parts), a state averaging round that
+        averages every value with a group brings them back together; one that does not leaves this
+        peer off the swarm (`outcomes`: the gradient rounds, `state_outcomes`: the state averaging
+        rounds that ended since the last epoch)."""
         epoch = self.optimizer.local_epoch
         if self._stop.is_set():
             return  # the round was cancelled because this peer is leaving
@@ -428,9 +430,12 @@ class Peer:
                                "swarm's until it resynchronises", epoch, outcomes[-1].value)
             self._set_off_swarm(True)
             self._resync_after = time.monotonic() + RESYNC_DELAY
-        elif self.off_swarm and epoch % self.run_config.averaging.average_state_every == 0:
-            logger.info("back with the swarm: state averaged at epoch %d", epoch)
+        elif self.off_swarm and RoundOutcome.SUCCEEDED in state_outcomes:
+            logger.info("back with the swarm: state averaged with the group before epoch %d", epoch)
             self._set_off_swarm(False)
+        elif self.off_swarm and state_outcomes:
+            logger.warning("the state averaging round before epoch %d was %s: still off the swarm's parameters",
+                           epoch, state_outcomes[-1].value)
 
     def _maybe_resynchronise(self) -> None:
         """Load the state of a peer of this epoch whose rounds succeeded, once one offers it. The

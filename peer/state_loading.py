@@ -30,6 +30,8 @@ from hivemind.utils.nested import nested_flatten
 from hivemind.utils.timed_storage import ValueWithExpiration
 from tqdm.auto import tqdm
 
+from peer.averager import StateRoundsAverager
+
 logger = logging.getLogger("starling.peer")
 
 State = tuple[dict, list[torch.Tensor]]
@@ -143,7 +145,7 @@ class DonorCheckingAverager(DecentralizedAverager):
         return metadata, tensors
 
 
-class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager):
+class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRoundsAverager):
     """hivemind's TrainingStateAverager taking only state that fits its own: as many tensors, of the
     same shapes, finite, and optimizer metadata of the same layout."""
 

@@ -61,6 +61,10 @@ CONTRACT = [
     # peer/averager.py runs the all-reduce itself: with the run's runner class, measuring what came back averaged.
     Reliance(f"{AVERAGER}._aggregate_with_group", "peer/averager.py, benchmarks/allreduce.py",
              params=("group_info", "min_vector_size"), called_from=(f"{AVERAGER}._step",)),
+    # StateRoundsAverager sees every state averaging round because TrainingStateAverager starts them
+    # through the step below it (super().step), pre-scheduled or not.
+    Reliance(f"{AVERAGER}.step", "peer/averager.py", params=("wait",),
+             called_from=(f"{STATE_AVERAGER}._do", f"{STATE_AVERAGER}.schedule_step")),
     Reliance(f"{AVERAGER}._run_allreduce_inplace_", "peer/averager.py", params=("tensors", "group_info", "group_id"),
              called_from=(f"{AVERAGER}._aggregate_with_group",)),
     Reliance(AVERAGER, "peer/averager.py",
