@@ -7,7 +7,6 @@ runs a longer one and prints what happened.
 import json
 import os
 import random
-import re
 import signal
 import time
 from pathlib import Path
@@ -39,9 +38,9 @@ def open_files(pids: list[int]) -> int:
     return count
 
 
-def contributed(log: str) -> bool:
-    """Whether a peer's log says it contributed samples to an epoch."""
-    return any(int(samples) > 0 for samples in re.findall(r"(\d+) samples contributed so far", log))
+def contributed(events: list[dict]) -> bool:
+    """Whether a peer's events say it contributed samples to an epoch."""
+    return any(e["samples_contributed"] > 0 for e in events if e["event"] == "epoch")
 
 
 def stop_politely(peer, signalled: bool = False) -> dict | None:
@@ -51,7 +50,8 @@ def stop_politely(peer, signalled: bool = False) -> dict | None:
         peer.process.send_signal(signal.SIGTERM)
     if peer.process.wait(timeout=90) == 0:
         return peer.wait(timeout=0)
-    assert peer.process.returncode == -signal.SIGTERM and "joined the DHT" not in peer.log_text(), peer.log_text()[-3000:]
+    # Killed by the signal: it had not reached Peer.run (which turns SIGTERM into a polite stop).
+    assert peer.process.returncode == -signal.SIGTERM and not peer.events(), peer.log_text()[-3000:]
     return None
 
 
@@ -77,10 +77,10 @@ def test_churn_keeps_training_and_accounts_for_every_peer(tmp_path, write_run_co
                 if summary is not None:
                     polite.append((name, peer, summary))
             else:
-                log_before = peer.log_text()  # what it had contributed a few metrics periods before it died
+                events_before = peer.events()  # what it had contributed a few metrics periods before it died
                 time.sleep(5)
                 peer.kill()
-                killed.append((name, peer, log_before))
+                killed.append((name, peer, events_before))
         else:
             joined += 1
             live[f"churn{joined}"] = launch_peer(f"churn{joined}", initial_peers=[address])
@@ -112,8 +112,8 @@ def test_churn_keeps_training_and_accounts_for_every_peer(tmp_path, write_run_co
     for name, _, summary in polite + final:
         if summary["samples_contributed"] > 0:
             assert board.get(name, 0) > 0, name
-    for name, _, log_before in killed:
-        if contributed(log_before):
+    for name, _, events_before in killed:
+        if contributed(events_before):
             assert board.get(name, 0) > 0, name
     # Nothing leaked: every peer's helpers went with it, and the coordinator holds what it held before.
     for name, peer, _ in [*polite, *final, *killed]:

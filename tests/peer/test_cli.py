@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.harness import free_port
+from peer.events import read_events
 
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWKwHFESqhcjt2RFErZXU4PfSNEH16HN3vQ4ULa5EbhRrW"
 
@@ -98,10 +99,12 @@ def test_metrics_then_sigterm_exits_0_within_10_s_and_leaves_no_process(tmp_path
     log = open(tmp_path / "peer.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "peer.cli", "--initial-peers", bootstrap, "--config", str(run_toml),
-         "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4", "--metrics-port", str(port)],
+         "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4", "--metrics-port", str(port),
+         "--events", str(tmp_path / "events.jsonl")],
         stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
-    while "epoch 1:" not in (tmp_path / "peer.log").read_text():
+    events = tmp_path / "events.jsonl"
+    while not (events.exists() and any(e["event"] == "epoch" for e in read_events(events))):
         assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "peer.log").read_text()[-2000:]
         time.sleep(0.2)
     deadline = time.monotonic() + 10

@@ -9,7 +9,7 @@ device); with "start_after", the peer joins only once that file exists; with "ho
 joins, writes "joined" in its folder and starts training only once that file exists (so that
 peers of one test start training together, not one racing alone while another still joins); with "die_in_round", the peer's gradient averager SIGKILLs the worker's whole
 session (worker, averagers, p2p daemon: a machine lost) right after it sent its first part of its
-n-th all-reduce round; with "drop_reducer_in_round", the peer abandons its exchange with one
+n-th all-reduce round, writing n to died_in_round.txt first; with "drop_reducer_in_round", the peer abandons its exchange with one
 reducer in its n-th round (a partial round); with "model_overrides", the peer builds its model with those config fields
 changed while it keeps the run's configuration (a tampered client).
 The worker writes events.jsonl (peer.events), summary.json (with "processed": rows seen by forward) and
@@ -50,8 +50,9 @@ def save_round(peer: Peer, out: Path) -> None:
     (out / f"round-{epoch}.json").write_text(json.dumps({"samples": weight, "inner_steps": peer.inner_steps}))
 
 
-def die_in_round(round_number: int) -> None:
-    """Make the gradient averager (a forked process) kill the whole peer in the middle of a round."""
+def die_in_round(round_number: int, out: Path) -> None:
+    """Make the gradient averager (a forked process) kill the whole peer in the middle of a round,
+    after writing the round's number to died_in_round.txt."""
     base = averager.RUNNERS["centered-clip"]
 
     class DyingRunner(base):
@@ -65,7 +66,7 @@ def die_in_round(round_number: int) -> None:
             async for message in super()._generate_input_for_peer(peer_index):
                 yield message
                 if DyingRunner.rounds >= round_number:
-                    logging.getLogger(__name__).info(f"dying in all-reduce round {DyingRunner.rounds}")
+                    (out / "died_in_round.txt").write_text(str(DyingRunner.rounds))
                     os.killpg(0, signal.SIGKILL)
 
     averager.RUNNERS["centered-clip"] = DyingRunner
@@ -121,7 +122,7 @@ def main() -> None:
     while spec.get("start_after") and not Path(spec["start_after"]).exists():
         time.sleep(0.1)
     if spec.get("die_in_round"):
-        die_in_round(spec["die_in_round"])
+        die_in_round(spec["die_in_round"], out)
     if spec.get("drop_reducer_in_round"):
         drop_reducer_in_round(spec["drop_reducer_in_round"], out)
     if spec.get("model_overrides"):
