@@ -27,6 +27,8 @@ system-packages:
 	fi
 
 test: $(STAMP) system-packages
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 # A coordinator and two peers training the demo model on this machine; Ctrl-C (or DURATION=seconds) stops them.

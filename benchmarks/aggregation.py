@@ -52,9 +52,17 @@ def measure(senders: int, repeats: int) -> list[dict]:
     }
     seconds = median_seconds(steps, torch.device("cpu"), repeats)
     parts_per_round = GRADIENT_VALUES / senders / PART_VALUES
-    return [dict(senders=senders, aggregation=name, part_values=PART_VALUES, ms_per_part=1e3 * s,
-                 x_mean=s / seconds["mean"], ms_per_10m_round=1e3 * s * parts_per_round)
-            for name, s in seconds.items()]
+    return [
+        dict(
+            senders=senders,
+            aggregation=name,
+            part_values=PART_VALUES,
+            ms_per_part=1e3 * s,
+            x_mean=s / seconds["mean"],
+            ms_per_10m_round=1e3 * s * parts_per_round,
+        )
+        for name, s in seconds.items()
+    ]
 
 
 def main() -> None:
@@ -68,12 +76,20 @@ def main() -> None:
     for senders in args.senders:
         for row in measure(senders, args.repeats):
             rows.append(row)
-            print(f"{senders:>8}  {row['aggregation']:<32}{row['ms_per_part']:>12.2f}{row['x_mean']:>8.2f}"
-                  f"{row['ms_per_10m_round']:>20.1f}")
-    path = write_json("aggregation-cpu.json", dict(
-        device=machine(torch.device("cpu")), torch=torch.__version__, repeats=args.repeats,
-        command=" ".join(["python", "benchmarks/aggregation.py", *sys.argv[1:]]), rows=rows,
-    ))
+            print(
+                f"{senders:>8}  {row['aggregation']:<32}{row['ms_per_part']:>12.2f}{row['x_mean']:>8.2f}"
+                f"{row['ms_per_10m_round']:>20.1f}"
+            )
+    path = write_json(
+        "aggregation-cpu.json",
+        dict(
+            device=machine(torch.device("cpu")),
+            torch=torch.__version__,
+            repeats=args.repeats,
+            command=" ".join(["python", "benchmarks/aggregation.py", *sys.argv[1:]]),
+            rows=rows,
+        ),
+    )
     print(f"wrote {path}")
 
 

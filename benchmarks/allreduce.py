@@ -64,10 +64,11 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/, first
 
@@ -78,15 +79,22 @@ import torch.distributed as dist  # noqa: E402
 from hivemind.averaging.control import AveragingStage  # noqa: E402
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES  # noqa: E402
 from hivemind.compression import (  # noqa: E402
-    BlockwiseQuantization, CompressionBase, CompressionInfo, Float16Compression, NoCompression,
-    Quantile8BitQuantization, ScaledFloat16Compression, Uniform8BitQuantization, deserialize_torch_tensor,
+    BlockwiseQuantization,
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    Quantile8BitQuantization,
+    ScaledFloat16Compression,
+    Uniform8BitQuantization,
+    deserialize_torch_tensor,
     serialization,
 )
 
 from benchmarks.measure import write_json  # noqa: E402
+from peer.averager import AggregatingAverager  # noqa: E402
 from peer.codec import Blockwise8Bit, register  # noqa: E402
 from peer.compression import gradient_compression  # noqa: E402
-from peer.averager import AggregatingAverager  # noqa: E402
 from peer.run_config import AGGREGATIONS, AveragingSection  # noqa: E402
 
 CODECS: dict[str, Callable[[], CompressionBase]] = {
@@ -153,8 +161,9 @@ def _stat_seconds(path: Path) -> float:
 
 
 def children(pid: int) -> list[int]:
-    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
-            for child in (task / "children").read_text().split()]
+    return [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
 
 
 def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
@@ -257,8 +266,13 @@ class ProfiledAverager(AggregatingAverager):
         finally:
             self._loop_profile.disable()
             for tid, seconds in thread_cpu_seconds().items():
-                kind = ("event loop" if tid == threading.get_native_id()
-                        else "executors" if tid in self._executor.thread_ids else "other")
+                kind = (
+                    "event loop"
+                    if tid == threading.get_native_id()
+                    else "executors"
+                    if tid in self._executor.thread_ids
+                    else "other"
+                )
                 self._thread_cpu[kind] += seconds - before.get(tid, 0.0)
             self._loop_profile.dump_stats(self.folder / "loop.prof")
             if self._executor.profiles:
@@ -272,8 +286,11 @@ def profile_report(folder: Path, rounds: int, top: int = 20) -> str:
         return "no profiled round"
     threads = json.loads((folder / "threads.json").read_text())
     text = io.StringIO()
-    text.write("rank 0 averager process, CPU s per round by thread: "
-               + ", ".join(f"{kind} {seconds / rounds:.3f}" for kind, seconds in threads.items()) + "\n")
+    text.write(
+        "rank 0 averager process, CPU s per round by thread: "
+        + ", ".join(f"{kind} {seconds / rounds:.3f}" for kind, seconds in threads.items())
+        + "\n"
+    )
     for name, title in ("loop.prof", "event-loop thread"), ("executors.prof", "executor threads (all together)"):
         if (folder / name).exists():
             for order in "cumulative", "tottime":
@@ -282,9 +299,16 @@ def profile_report(folder: Path, rounds: int, top: int = 20) -> str:
     return text.getvalue()
 
 
-def timed_rounds(config: Config, barrier: Any, rank: int, prepare: Callable[[], float | None],
-                 one_round: Callable[[], float], check: Callable[[], float], pids: Callable[[], dict[str, list[int]]],
-                 on_timed: Callable[[], None] = lambda: None) -> list[dict]:
+def timed_rounds(
+    config: Config,
+    barrier: Any,
+    rank: int,
+    prepare: Callable[[], float | None],
+    one_round: Callable[[], float],
+    check: Callable[[], float],
+    pids: Callable[[], dict[str, list[int]]],
+    on_timed: Callable[[], None] = lambda: None,
+) -> list[dict]:
     """Warm-up rounds, then the timed ones (on_timed() before the first): per round, matchmaking and
     all-reduce seconds, the error of the result, the CPU seconds of each kind of process, (rank 0)
     the loopback bytes, and what went wrong if the round failed (the next round goes on)."""
@@ -311,8 +335,16 @@ def timed_rounds(config: Config, barrier: Any, rank: int, prepare: Callable[[], 
         cpu = {kind: seconds_after - cpu[kind] for kind, seconds_after in cpu_seconds(processes).items()}
         sent = loopback_bytes() - sent if rank == 0 else None
         if index >= config.warmup:
-            records.append(dict(matchmaking_s=matchmaking, allreduce_s=seconds, error=check(), cpu=cpu,
-                                loopback_bytes=sent, failed=failed))
+            records.append(
+                dict(
+                    matchmaking_s=matchmaking,
+                    allreduce_s=seconds,
+                    error=check(),
+                    cpu=cpu,
+                    loopback_bytes=sent,
+                    failed=failed,
+                )
+            )
     return records
 
 
@@ -328,18 +360,37 @@ def gloo_rounds(config: Config, barrier: Any, rank: int, inputs: torch.Tensor, m
         work.div_(config.world)
         return time.perf_counter() - start
 
-    return timed_rounds(config, barrier, rank, prepare, one_round, lambda: relative_error(work, mean),
-                        lambda: {"worker": [os.getpid()]})
+    return timed_rounds(
+        config, barrier, rank, prepare, one_round, lambda: relative_error(work, mean), lambda: {"worker": [os.getpid()]}
+    )
 
 
-def hivemind_rounds(config: Config, barrier: Any, rank: int, dht: hivemind.DHT, codec_name: str, part_size: int,
-                    buffer: torch.Tensor, inputs: torch.Tensor, mean: torch.Tensor) -> tuple[list[dict], str | None]:
+def hivemind_rounds(
+    config: Config,
+    barrier: Any,
+    rank: int,
+    dht: hivemind.DHT,
+    codec_name: str,
+    part_size: int,
+    buffer: torch.Tensor,
+    inputs: torch.Tensor,
+    mean: torch.Tensor,
+) -> tuple[list[dict], str | None]:
     """Rounds of one averager (codec_name, part_size) over buffer; with --profile, rank 0's profile as text."""
     codec = warmed_up(CODECS[codec_name]())
-    kwargs = dict(averaged_tensors=[buffer], dht=dht, prefix=f"allreduce_{codec_name}_{part_size}_{inputs.numel()}",
-                  target_group_size=config.world, min_group_size=config.world, compression=codec,
-                  part_size_bytes=part_size, allreduce_timeout=config.timeout, allow_state_sharing=False,
-                  aggregation=config.aggregation, start=False)
+    kwargs = dict(
+        averaged_tensors=[buffer],
+        dht=dht,
+        prefix=f"allreduce_{codec_name}_{part_size}_{inputs.numel()}",
+        target_group_size=config.world,
+        min_group_size=config.world,
+        compression=codec,
+        part_size_bytes=part_size,
+        allreduce_timeout=config.timeout,
+        allow_state_sharing=False,
+        aggregation=config.aggregation,
+        start=False,
+    )
     folder = Path(tempfile.mkdtemp(prefix="allreduce-profile-")) if config.profile and rank == 0 else None
     # Every rank runs the same class: hivemind names an averager's RPC protocols after its class.
     averager = ProfiledAverager(folder=folder, **kwargs) if config.profile else AggregatingAverager(**kwargs)
@@ -387,8 +438,9 @@ def hivemind_rounds(config: Config, barrier: Any, rank: int, dht: hivemind.DHT, 
         averager.recording.value = True
 
     try:
-        records = timed_rounds(config, barrier, rank, prepare, one_round, check, pids,
-                               start_recording if folder else lambda: None)
+        records = timed_rounds(
+            config, barrier, rank, prepare, one_round, check, pids, start_recording if folder else lambda: None
+        )
         return records, profile_report(folder, config.rounds) if folder else None
     finally:
         averager.shutdown()
@@ -416,8 +468,13 @@ def worker(rank: int, config: Config, barrier: Any, addresses: mp.Queue, message
                 addresses.put([str(address) for address in dht.get_visible_maddrs()])
         else:
             dht = hivemind.DHT(start=True, host_maddrs=[LOOPBACK], initial_peers=addresses.get(timeout=300))
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{config.gloo_port}", rank=rank,
-                                world_size=config.world, timeout=datetime.timedelta(seconds=config.timeout))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{config.gloo_port}",
+            rank=rank,
+            world_size=config.world,
+            timeout=datetime.timedelta(seconds=config.timeout),
+        )
         for numel in config.sizes:
             inputs = rank_data(numel, rank)
             mean = sum(rank_data(numel, other) for other in range(config.world)) / config.world
@@ -425,8 +482,9 @@ def worker(rank: int, config: Config, barrier: Any, addresses: mp.Queue, message
             buffer = torch.empty_like(inputs)
             for codec_name in config.codecs:
                 for part_size in config.part_sizes:
-                    records, profile = hivemind_rounds(config, barrier, rank, dht, codec_name, part_size, buffer,
-                                                       inputs, mean)
+                    records, profile = hivemind_rounds(
+                        config, barrier, rank, dht, codec_name, part_size, buffer, inputs, mean
+                    )
                     messages.put(((numel, codec_name, part_size), rank, records, profile))
             del inputs, mean, buffer
     except BaseException:
@@ -439,8 +497,7 @@ def worker(rank: int, config: Config, barrier: Any, addresses: mp.Queue, message
             dht.shutdown()
 
 
-def summarize(world: int, key: tuple, by_rank: dict[int, list[dict]], bandwidth: float,
-              gloo_s: float | None) -> dict:
+def summarize(world: int, key: tuple, by_rank: dict[int, list[dict]], bandwidth: float, gloo_s: float | None) -> dict:
     """One row from every rank's records of one method; times, bytes and errors of the rounds that
     did not fail on any rank."""
     numel, method, part_size = key
@@ -454,31 +511,48 @@ def summarize(world: int, key: tuple, by_rank: dict[int, list[dict]], bandwidth:
     cpu = {kind: statistics.mean(record["cpu"][kind] for record in records) for kind in records[0]["cpu"]}
     median = statistics.median(round_s) if good else float("nan")
     return dict(
-        peers=world, numel=numel, method=method, part_size_bytes=part_size,
-        round_s=median, rounds_s=round_s, x_gloo=median / gloo_s if gloo_s else 1.0,
-        matchmaking_s=None if method == GLOO else statistics.median(
-            max(record["matchmaking_s"] for record in ranks) for ranks in good) if good else float("nan"),
+        peers=world,
+        numel=numel,
+        method=method,
+        part_size_bytes=part_size,
+        round_s=median,
+        rounds_s=round_s,
+        x_gloo=median / gloo_s if gloo_s else 1.0,
+        matchmaking_s=None
+        if method == GLOO
+        else statistics.median(max(record["matchmaking_s"] for record in ranks) for ranks in good)
+        if good
+        else float("nan"),
         sent_bytes_per_peer=statistics.median(ranks[0]["loopback_bytes"] for ranks in good) / world if good else 0,
-        theory_bytes_per_peer=theory, bytes_per_value=bytes_per_value,
-        bound_s=theory / bandwidth, x_bound=median / (theory / bandwidth),
-        error=max(errors, default=float("nan")), errors=errors, codec_error=codec_error,
+        theory_bytes_per_peer=theory,
+        bytes_per_value=bytes_per_value,
+        bound_s=theory / bandwidth,
+        x_bound=median / (theory / bandwidth),
+        error=max(errors, default=float("nan")),
+        errors=errors,
+        codec_error=codec_error,
         rounds_too_wrong=sum(error > 4 * codec_error + 1e-5 for error in errors),
         rounds_failed=sorted({record["failed"] for record in records if record["failed"]}),
-        cpu_s_per_peer=sum(cpu.values()), cpu_s_by_process=cpu,
+        cpu_s_per_peer=sum(cpu.values()),
+        cpu_s_by_process=cpu,
     )
 
 
-HEADER = (f"{'peers':>5} {'values':>10}  {'method':<12}{'part KiB':>9}{'match s':>8}{'round s':>9}{'x gloo':>8}"
-          f"{'MB/peer':>9}{'theory':>8}{'x bound':>8}{'error':>9}{'cpu s':>7}")
+HEADER = (
+    f"{'peers':>5} {'values':>10}  {'method':<12}{'part KiB':>9}{'match s':>8}{'round s':>9}{'x gloo':>8}"
+    f"{'MB/peer':>9}{'theory':>8}{'x bound':>8}{'error':>9}{'cpu s':>7}"
+)
 
 
 def format_row(row: dict) -> str:
     part = "-" if row["part_size_bytes"] is None else f"{row['part_size_bytes'] // 1024}"
     matchmaking = "-" if row["matchmaking_s"] is None else f"{row['matchmaking_s']:.2f}"
-    line = (f"{row['peers']:>5} {row['numel']:>10}  {row['method']:<12}{part:>9}{matchmaking:>8}"
-            f"{row['round_s']:>9.3f}{row['x_gloo']:>8.1f}{row['sent_bytes_per_peer'] / 1e6:>9.1f}"
-            f"{row['theory_bytes_per_peer'] / 1e6:>8.1f}{row['x_bound']:>8.1f}{row['error']:>9.5f}"
-            f"{'!' if row['rounds_too_wrong'] else ' '}{row['cpu_s_per_peer']:>6.2f}")
+    line = (
+        f"{row['peers']:>5} {row['numel']:>10}  {row['method']:<12}{part:>9}{matchmaking:>8}"
+        f"{row['round_s']:>9.3f}{row['x_gloo']:>8.1f}{row['sent_bytes_per_peer'] / 1e6:>9.1f}"
+        f"{row['theory_bytes_per_peer'] / 1e6:>8.1f}{row['x_bound']:>8.1f}{row['error']:>9.5f}"
+        f"{'!' if row['rounds_too_wrong'] else ' '}{row['cpu_s_per_peer']:>6.2f}"
+    )
     failed = row["rounds_failed"]
     return line + "".join(f"\n      failed: {reason}" for reason in failed)
 
@@ -487,8 +561,10 @@ def run_peers(config: Config, bandwidth: float) -> list[dict]:
     """Runs config.world worker processes and returns one row per tensor size and method, printing each."""
     context = mp.get_context("spawn")
     barrier, addresses, messages = context.Barrier(config.world), context.Queue(), context.Queue()
-    workers = [context.Process(target=worker, args=(rank, config, barrier, addresses, messages))
-               for rank in range(config.world)]
+    workers = [
+        context.Process(target=worker, args=(rank, config, barrier, addresses, messages))
+        for rank in range(config.world)
+    ]
     for process in workers:
         process.start()
     pending: dict[tuple, dict[int, list[dict]]] = {}
@@ -513,8 +589,10 @@ def run_peers(config: Config, bandwidth: float) -> list[dict]:
                 rows.append(summarize(config.world, key, pending.pop(key), bandwidth, gloo))
                 print(format_row(rows[-1]), flush=True)
                 if config.profile and key[1] != GLOO:
-                    print("      CPU s per peer and round: " + ", ".join(
-                        f"{kind} {seconds:.3f}" for kind, seconds in rows[-1]["cpu_s_by_process"].items()))
+                    print(
+                        "      CPU s per peer and round: "
+                        + ", ".join(f"{kind} {seconds:.3f}" for kind, seconds in rows[-1]["cpu_s_by_process"].items())
+                    )
                     print(profiles.pop(key), flush=True)
     finally:
         for process in workers:  # after a failure too: the others stop at the broken barrier and clean up
@@ -532,16 +610,30 @@ def main() -> None:
     parser.add_argument("--skip", nargs="+", choices=list(CODECS), default=[], help="codecs to leave out")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before each method's timed ones")
-    parser.add_argument("--part-size-bytes", type=int, nargs="+", default=[DEFAULT_PART_SIZE_BYTES],
-                        help="hivemind's part_size_bytes; several values: one row each")
+    parser.add_argument(
+        "--part-size-bytes",
+        type=int,
+        nargs="+",
+        default=[DEFAULT_PART_SIZE_BYTES],
+        help="hivemind's part_size_bytes; several values: one row each",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each peer process")
-    parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds for one round's matchmaking or all-reduce before it counts as failed")
-    parser.add_argument("--aggregation", choices=AGGREGATIONS, default="mean",
-                        help="how reducers combine parts: hivemind's weighted mean, or Starling's CenteredClip "
-                             "(what peers run by default)")
-    parser.add_argument("--profile", action="store_true",
-                        help="CPU seconds per process, and a cProfile of rank 0's averager process")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds for one round's matchmaking or all-reduce before it counts as failed",
+    )
+    parser.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default="mean",
+        help="how reducers combine parts: hivemind's weighted mean, or Starling's CenteredClip "
+        "(what peers run by default)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="CPU seconds per process, and a cProfile of rank 0's averager process"
+    )
     args = parser.parse_args()
     if args.timeout < 10:
         parser.error("--timeout must leave room for hivemind's 5 s matchmaking window")
@@ -556,19 +648,42 @@ def main() -> None:
     for world in args.peers:
         with socket.create_server(("127.0.0.1", 0)) as probe:
             port = probe.getsockname()[1]
-        config = Config(world=world, sizes=args.sizes, codecs=codecs, part_sizes=args.part_size_bytes,
-                        rounds=args.rounds, warmup=args.warmup, threads=args.threads, profile=args.profile,
-                        aggregation=args.aggregation, gloo_port=port, timeout=args.timeout)
+        config = Config(
+            world=world,
+            sizes=args.sizes,
+            codecs=codecs,
+            part_sizes=args.part_size_bytes,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            threads=args.threads,
+            profile=args.profile,
+            aggregation=args.aggregation,
+            gloo_port=port,
+            timeout=args.timeout,
+        )
         rows += run_peers(config, bandwidth)
     suffix = "" if args.aggregation == "mean" else f"-{args.aggregation}"
-    path = write_json(f"allreduce-cpu{suffix}.json", dict(
-        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        load_average_before=load_before[0], load_average_after=os.getloadavg()[0],
-        python=platform.python_version(), torch=torch.__version__, hivemind=hivemind.__version__,
-        numpy=np.__version__, loopback_bytes_per_s=bandwidth, rounds=args.rounds, warmup=args.warmup,
-        threads=args.threads, profiled=args.profile, aggregation=args.aggregation, data="float32 N(0,1), seeded by rank",
-        command=" ".join(["python", "benchmarks/allreduce.py", *sys.argv[1:]]), rows=rows,
-    ))
+    path = write_json(
+        f"allreduce-cpu{suffix}.json",
+        dict(
+            machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            load_average_before=load_before[0],
+            load_average_after=os.getloadavg()[0],
+            python=platform.python_version(),
+            torch=torch.__version__,
+            hivemind=hivemind.__version__,
+            numpy=np.__version__,
+            loopback_bytes_per_s=bandwidth,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            threads=args.threads,
+            profiled=args.profile,
+            aggregation=args.aggregation,
+            data="float32 N(0,1), seeded by rank",
+            command=" ".join(["python", "benchmarks/allreduce.py", *sys.argv[1:]]),
+            rows=rows,
+        ),
+    )
     print(f"wrote {path}")
 
 

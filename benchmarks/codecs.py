@@ -5,7 +5,8 @@
     python benchmarks/codecs.py --threads 1              # one thread: steadier on a busy machine
 
 Data: float32 N(0,1) values. 2**19 values is about what one call codes inside an all-reduce:
-hivemind cuts tensors into parts of 512 KiB after compression, about 516 K values at 8 bits. Each codec encodes with compress() and decodes through hivemind's
+hivemind cuts tensors into parts of 512 KiB after compression, about 516 K values at 8 bits.
+Each codec encodes with compress() and decodes through hivemind's
 deserialize_torch_tensor (Starling's decoder installed with peer.codec.register()), warmed up
 first (bitsandbytes' first call costs seconds), then timed in interleaved rounds (medians).
 Columns: compress and decode GB/s are float32 bytes (4 per value) per second, bytes/value is
@@ -24,8 +25,15 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not be
 
 import torch  # noqa: E402
 from hivemind.compression import (  # noqa: E402
-    BlockwiseQuantization, CompressionBase, CompressionInfo, Float16Compression, NoCompression,
-    Quantile8BitQuantization, ScaledFloat16Compression, Uniform8BitQuantization, deserialize_torch_tensor,
+    BlockwiseQuantization,
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    Quantile8BitQuantization,
+    ScaledFloat16Compression,
+    Uniform8BitQuantization,
+    deserialize_torch_tensor,
 )
 
 from benchmarks.measure import machine, median_seconds, write_json  # noqa: E402
@@ -62,12 +70,18 @@ def measure(numel: int, repeats: int) -> list[dict]:
         decoded = deserialize_torch_tensor(message)
         assert decoded.dtype == x.dtype and decoded.shape == x.shape, name
         compress, decode = seconds[f"{name} compress"], seconds[f"{name} decode"]
-        rows.append(dict(
-            codec=name, numel=numel, compress_s=compress, decode_s=decode,
-            compress_gb_s=4 * numel / compress / 1e9, decode_gb_s=4 * numel / decode / 1e9,
-            bytes_per_value=len(message.buffer) / numel,
-            relative_error=((decoded - x).norm() / x.norm()).item(),
-        ))
+        rows.append(
+            dict(
+                codec=name,
+                numel=numel,
+                compress_s=compress,
+                decode_s=decode,
+                compress_gb_s=4 * numel / compress / 1e9,
+                decode_gb_s=4 * numel / decode / 1e9,
+                bytes_per_value=len(message.buffer) / numel,
+                relative_error=((decoded - x).norm() / x.norm()).item(),
+            )
+        )
         del decoded
     baseline = next(row for row in rows if row["codec"] == BASELINE)
     for row in rows:
@@ -84,17 +98,28 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    print(f"{'values':>11}  {'codec':<36}{'compress GB/s':>14}{'decode GB/s':>12}{'bytes/value':>12}"
-          f"{'error':>9}{'x blockwise':>12}")
+    print(
+        f"{'values':>11}  {'codec':<36}{'compress GB/s':>14}{'decode GB/s':>12}{'bytes/value':>12}"
+        f"{'error':>9}{'x blockwise':>12}"
+    )
     for numel in args.sizes:
         for row in measure(numel, args.repeats):
             rows.append(row)
-            print(f"{numel:>11}  {row['codec']:<36}{row['compress_gb_s']:>14.3f}{row['decode_gb_s']:>12.3f}"
-                  f"{row['bytes_per_value']:>12.4f}{row['relative_error']:>9.4f}{row['x_blockwise']:>12.2f}")
-    path = write_json("codecs-cpu.json", dict(
-        device=machine(torch.device("cpu")), torch=torch.__version__, repeats=args.repeats,
-        data="float32 N(0,1)", command=" ".join(["python", "benchmarks/codecs.py", *sys.argv[1:]]), rows=rows,
-    ))
+            print(
+                f"{numel:>11}  {row['codec']:<36}{row['compress_gb_s']:>14.3f}{row['decode_gb_s']:>12.3f}"
+                f"{row['bytes_per_value']:>12.4f}{row['relative_error']:>9.4f}{row['x_blockwise']:>12.2f}"
+            )
+    path = write_json(
+        "codecs-cpu.json",
+        dict(
+            device=machine(torch.device("cpu")),
+            torch=torch.__version__,
+            repeats=args.repeats,
+            data="float32 N(0,1)",
+            command=" ".join(["python", "benchmarks/codecs.py", *sys.argv[1:]]),
+            rows=rows,
+        ),
+    )
     print(f"wrote {path}")
 
 

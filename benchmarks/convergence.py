@@ -78,9 +78,14 @@ def loss_curve(peers: list[dict]) -> list[dict]:
             before[record["epoch"]] += record["samples_contributed"]
             if record["train_loss"] is not None:
                 losses[record["epoch"] - 1].append((record["train_loss"], record["micro_batches"]))
-    return [dict(epoch=epoch, samples=before[epoch],
-                 train_loss=sum(loss * n for loss, n in entries) / sum(n for _, n in entries))
-            for epoch, entries in sorted(losses.items())]
+    return [
+        dict(
+            epoch=epoch,
+            samples=before[epoch],
+            train_loss=sum(loss * n for loss, n in entries) / sum(n for _, n in entries),
+        )
+        for epoch, entries in sorted(losses.items())
+    ]
 
 
 def plot(configs: list[dict], title: str, path: Path) -> None:
@@ -92,8 +97,11 @@ def plot(configs: list[dict], title: str, path: Path) -> None:
     figure, axes = pyplot.subplots(figsize=(8, 5))
     for config in configs:
         curve = config["curve"]
-        (line,) = axes.plot([p["samples"] for p in curve], [p["train_loss"] for p in curve],
-                            label=f"{config['name']}, held-out {config['held_out_loss']:.3f}")
+        (line,) = axes.plot(
+            [p["samples"] for p in curve],
+            [p["train_loss"] for p in curve],
+            label=f"{config['name']}, held-out {config['held_out_loss']:.3f}",
+        )
         axes.plot([config["samples"]], [config["held_out_loss"]], marker="*", markersize=12, color=line.get_color())
     axes.set_xlabel("samples contributed")
     axes.set_ylabel("loss (lines: training, per epoch; stars: held-out, at the end)")
@@ -108,12 +116,18 @@ def plot(configs: list[dict], title: str, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_swarm_arguments(parser, peers=2)
-    parser.add_argument("--target-batch", type=int, default=64,
-                        help="samples per optimizer step, for every configuration")
+    parser.add_argument(
+        "--target-batch", type=int, default=64, help="samples per optimizer step, for every configuration"
+    )
     parser.add_argument("--epochs", type=int, default=30, help="optimizer steps of every configuration")
     parser.add_argument("--warmup-epochs", type=int, default=2, help="linear warm-up, then cosine decay over --epochs")
-    parser.add_argument("--compressions", nargs="+", default=list(COMPRESSIONS), choices=COMPRESSIONS,
-                        help="gradient codecs, one swarm each")
+    parser.add_argument(
+        "--compressions",
+        nargs="+",
+        default=list(COMPRESSIONS),
+        choices=COMPRESSIONS,
+        help="gradient codecs, one swarm each",
+    )
     parser.add_argument("--held-out", type=int, default=2, help="bundled plays kept out of training")
     parser.add_argument("--eval-sequences", type=int, default=128, help="held-out sequences the loss is measured on")
     args = parser.parse_args()
@@ -121,16 +135,29 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="starling-convergence-"))
     print(f"logs in {folder}", flush=True)
     train, test = split_corpus(folder, args.held_out)
-    settings = run_settings(args, target_batch_size=args.target_batch, warmup_epochs=args.warmup_epochs,
-                            total_epochs=args.epochs, data=str(train))
+    settings = run_settings(
+        args,
+        target_batch_size=args.target_batch,
+        warmup_epochs=args.warmup_epochs,
+        total_epochs=args.epochs,
+        data=str(train),
+    )
     swarm = swarm_options(args)
-    solo = SwarmOptions(peers=1, batch_size=args.peers * args.batch_size, threads=args.peers * args.threads,
-                        device=args.device, timeout=args.timeout)
-    plans = [("one process", "none", solo)] + [(f"{args.peers} peers, {codec}", codec, swarm)
-                                                 for codec in args.compressions]
+    solo = SwarmOptions(
+        peers=1,
+        batch_size=args.peers * args.batch_size,
+        threads=args.peers * args.threads,
+        device=args.device,
+        timeout=args.timeout,
+    )
+    plans = [("one process", "none", solo)] + [
+        (f"{args.peers} peers, {codec}", codec, swarm) for codec in args.compressions
+    ]
 
-    run_tomls = [replace(settings, compression=codec).write(folder / f"run-{index}.toml", run_id=f"convergence-{index}")
-                 for index, (_, codec, _) in enumerate(plans)]
+    run_tomls = [
+        replace(settings, compression=codec).write(folder / f"run-{index}.toml", run_id=f"convergence-{index}")
+        for index, (_, codec, _) in enumerate(plans)
+    ]
     run = RunConfig.load(run_tomls[0])  # the model and seed, the same in every configuration
     sequences = load_corpus(test, seq_len=args.seq_len).sequences[: args.eval_sequences]
     initial = held_out_loss(run, sequences, None)
@@ -139,38 +166,65 @@ def main() -> None:
         result = run_swarm(folder / f"run-{index}", run_toml, options, max_epochs=args.epochs)
         peers = result["peers"]
         params = load_file(folder / f"run-{index}" / "peer-0" / "params.safetensors")
-        configs.append(dict(
-            name=name, compression=codec, peers=options.peers, micro_batch=options.batch_size,
-            samples=sum(peer["samples_contributed"] for peer in peers), epochs=min(peer["epoch"] for peer in peers),
-            held_out_loss=held_out_loss(run, sequences, params),
-            training_s=max(peer["training_ended"] for peer in peers) - min(peer["training_started"] for peer in peers),
-            rounds_succeeded=sum(peer["rounds_succeeded"] for peer in peers),
-            rounds_failed=sum(peer["rounds_failed"] for peer in peers),
-            curve=loss_curve(peers),
-        ))
+        configs.append(
+            dict(
+                name=name,
+                compression=codec,
+                peers=options.peers,
+                micro_batch=options.batch_size,
+                samples=sum(peer["samples_contributed"] for peer in peers),
+                epochs=min(peer["epoch"] for peer in peers),
+                held_out_loss=held_out_loss(run, sequences, params),
+                training_s=max(peer["training_ended"] for peer in peers)
+                - min(peer["training_started"] for peer in peers),
+                rounds_succeeded=sum(peer["rounds_succeeded"] for peer in peers),
+                rounds_failed=sum(peer["rounds_failed"] for peer in peers),
+                curve=loss_curve(peers),
+            )
+        )
         print(f"{name}: held-out loss {configs[-1]['held_out_loss']:.4f}", flush=True)
 
     device = torch.device(args.device).type
-    path = write_json(f"convergence-{device}.json", dict(
-        preset=args.preset, peers=args.peers, batch_size=args.batch_size, seq_len=args.seq_len, threads=args.threads,
-        device=args.device, target_batch_size=args.target_batch, epochs=args.epochs, lr=args.lr,
-        warmup_epochs=args.warmup_epochs, matchmaking_time=args.matchmaking_time,
-        held_out_plays=[p.name for p in sorted(test.iterdir())], eval_sequences=len(sequences),
-        initial_held_out_loss=initial, configs=configs,
-    ))
-    plot(configs, f"{args.preset}, target batch {args.target_batch}, {args.epochs} epochs ({device})",
-         RESULTS / "convergence.png")
+    path = write_json(
+        f"convergence-{device}.json",
+        dict(
+            preset=args.preset,
+            peers=args.peers,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            threads=args.threads,
+            device=args.device,
+            target_batch_size=args.target_batch,
+            epochs=args.epochs,
+            lr=args.lr,
+            warmup_epochs=args.warmup_epochs,
+            matchmaking_time=args.matchmaking_time,
+            held_out_plays=[p.name for p in sorted(test.iterdir())],
+            eval_sequences=len(sequences),
+            initial_held_out_loss=initial,
+            configs=configs,
+        ),
+    )
+    plot(
+        configs,
+        f"{args.preset}, target batch {args.target_batch}, {args.epochs} epochs ({device})",
+        RESULTS / "convergence.png",
+    )
 
     baseline = configs[0]["held_out_loss"]
     print(f"initial held-out loss {initial:.4f} on {len(sequences)} sequences")
-    print("| configuration | samples | epochs | held-out loss | vs one process | last epoch's training loss | "
-          "training s | rounds ok/failed |")
+    print(
+        "| configuration | samples | epochs | held-out loss | vs one process | last epoch's training loss | "
+        "training s | rounds ok/failed |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for config in configs:
         last = config["curve"][-1]["train_loss"] if config["curve"] else float("nan")
-        print(f"| {config['name']} | {config['samples']} | {config['epochs']} | {config['held_out_loss']:.4f} | "
-              f"{config['held_out_loss'] - baseline:+.4f} | {last:.4f} | {config['training_s']:.1f} | "
-              f"{config['rounds_succeeded']}/{config['rounds_failed']} |")
+        print(
+            f"| {config['name']} | {config['samples']} | {config['epochs']} | {config['held_out_loss']:.4f} | "
+            f"{config['held_out_loss'] - baseline:+.4f} | {last:.4f} | {config['training_s']:.1f} | "
+            f"{config['rounds_succeeded']}/{config['rounds_failed']} |"
+        )
     print(f"written to {path} and {RESULTS / 'convergence.png'}")
 
 

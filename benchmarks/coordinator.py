@@ -58,13 +58,41 @@ def main() -> None:
     (folder / "run.toml").write_text(RUN_TOML.format(preset=args.preset))
     url = f"http://127.0.0.1:{args.dashboard_port}/"
     log = folder / "coordinator.log"
-    processes = [launch(["coordinator.cli", "--config", str(folder / "run.toml"), "--state-dir", str(folder),
-                         "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--dashboard-port", str(args.dashboard_port)], log)]
+    processes = [
+        launch(
+            [
+                "coordinator.cli",
+                "--config",
+                str(folder / "run.toml"),
+                "--state-dir",
+                str(folder),
+                "--host-maddrs",
+                "/ip4/127.0.0.1/tcp/0",
+                "--dashboard-port",
+                str(args.dashboard_port),
+            ],
+            log,
+        )
+    ]
     try:
         initial_peers = wait_for_state(url, processes[0], log)["initial_peers"]
         launched = time.monotonic()
-        processes.append(launch(["peer.cli", "--initial-peers", *initial_peers, "--name", "benchmark",
-                                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4"], folder / "peer.log"))
+        processes.append(
+            launch(
+                [
+                    "peer.cli",
+                    "--initial-peers",
+                    *initial_peers,
+                    "--name",
+                    "benchmark",
+                    "--host-maddrs",
+                    "/ip4/127.0.0.1/tcp/0",
+                    "--batch-size",
+                    "4",
+                ],
+                folder / "peer.log",
+            )
+        )
         appeared = contributed = None
         while contributed is None or len(WRITTEN.findall(log.read_text())) < args.checkpoints:
             peers = state(url)["peers"]
@@ -82,15 +110,24 @@ def main() -> None:
     written = [(int(e), float(mb), float(s)) for e, mb, s in WRITTEN.findall(text)]
     downloads = [float(s) for s in DOWNLOADED.findall(text)]
     result = dict(
-        preset=args.preset, peer_appears_s=appeared, peer_contributes_s=contributed,
-        checkpoint_mb=written[-1][1], checkpoint_download_s=statistics.median(downloads),
-        checkpoint_write_s=statistics.median(s for _, _, s in written), checkpoints=len(written),
+        preset=args.preset,
+        peer_appears_s=appeared,
+        peer_contributes_s=contributed,
+        checkpoint_mb=written[-1][1],
+        checkpoint_download_s=statistics.median(downloads),
+        checkpoint_write_s=statistics.median(s for _, _, s in written),
+        checkpoints=len(written),
     )
     path = write_json(f"coordinator-{args.preset}.json", result)
-    print("| preset | peer on dashboard s | peer contributing s | checkpoint MB | download s (median) | write s (median) |")
+    print(
+        "| preset | peer on dashboard s | peer contributing s | checkpoint MB "
+        "| download s (median) | write s (median) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
-    print(f"| {args.preset} | {appeared:.1f} | {contributed:.1f} | {written[-1][1]:.1f} | "
-          f"{result['checkpoint_download_s']:.2f} | {result['checkpoint_write_s']:.2f} |")
+    print(
+        f"| {args.preset} | {appeared:.1f} | {contributed:.1f} | {written[-1][1]:.1f} | "
+        f"{result['checkpoint_download_s']:.2f} | {result['checkpoint_write_s']:.2f} |"
+    )
     print(f"written to {path}")
 
 

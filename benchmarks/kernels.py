@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # Run as a script, the path starts at benchmarks/, whose model.py and kernels.py would shadow
 # the model package and the "kernels" package that transformers probes for.
@@ -79,7 +80,8 @@ def cases(config: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.de
         "rms_norm": 5 * tokens * hidden * size,  # x, y; x, dy, dx
         "swiglu": 8 * tokens * inter * size,  # gate, up, out; dout, gate, up, dgate, dup
         "rotary": 4 * tokens * heads * head_dim * size,  # q, k in place, then their gradients in place
-        "codec_roundtrip": 2 * codec_values * 4 + 2 * (codec_values + codec_values // 256 * 4),  # float32 <-> codes+scales
+        "codec_roundtrip": 2 * codec_values * 4
+        + 2 * (codec_values + codec_values // 256 * 4),  # float32 <-> codes+scales
     }
 
     def leaf(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -100,7 +102,12 @@ def cases(config: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.de
 
     def rotary_inputs():
         cos, sin = rope_cos_sin(torch.arange(seq, device=device).expand(batch, -1), head_dim, config.rope_theta, dtype)
-        return leaf(batch, config.num_attention_heads, seq, head_dim), leaf(batch, config.num_key_value_heads, seq, head_dim), cos, sin
+        return (
+            leaf(batch, config.num_attention_heads, seq, head_dim),
+            leaf(batch, config.num_key_value_heads, seq, head_dim),
+            cos,
+            sin,
+        )
 
     def rotary_step(op, q, k, cos, sin):
         q_out, k_out = op(q.clone(), k.clone(), cos, sin)  # clones: the fused path rotates in place
@@ -123,14 +130,21 @@ def cases(config: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.de
         ("rms_norm", rms_norm_reference, fused("rms_norm"), norm_inputs, norm_step, moved["rms_norm"]),
         ("swiglu", swiglu_reference, fused("swiglu"), swiglu_inputs, swiglu_step, moved["swiglu"]),
         ("rotary", rotary_reference, fused("rotary"), rotary_inputs, rotary_step, moved["rotary"]),
-        ("linear_cross_entropy", linear_cross_entropy_reference, fused("linear_cross_entropy"), ce_inputs, ce_step,
-         None),
+        (
+            "linear_cross_entropy",
+            linear_cross_entropy_reference,
+            fused("linear_cross_entropy"),
+            ce_inputs,
+            ce_step,
+            None,
+        ),
         ("codec_roundtrip", codec_reference, codec_fused, codec_inputs, codec_step, moved["codec_roundtrip"]),
     ]
 
 
-def providers(name: str, reference: Op, fused_op: Op, device: torch.device, compile_reference: bool,
-              liger: dict[str, Op]):
+def providers(
+    name: str, reference: Op, fused_op: Op, device: torch.device, compile_reference: bool, liger: dict[str, Op]
+):
     yield "torch", reference
     if compile_reference:
         yield "torch.compile", torch.compile(reference, dynamic=False)
@@ -146,8 +160,14 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    parser.add_argument("--tokens", type=int, nargs=2, default=None, metavar=("DEMO", "MISTRAL"),
-                        help="tokens per call for the two shapes (default: 1024 128 on CPU, 16384 8192 on CUDA)")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("DEMO", "MISTRAL"),
+        help="tokens per call for the two shapes (default: 1024 128 on CPU, 16384 8192 on CUDA)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -156,15 +176,17 @@ def main() -> None:
     torch.manual_seed(0)
 
     rows = []
-    print(f"{'shape':<12}{'operation':<22}{'provider':<15}{'ms':>10}{'x torch':>9}{'GB/s':>8}{'saved MiB':>11}"
-          f"{'peak MiB':>10}")
+    print(
+        f"{'shape':<12}{'operation':<22}{'provider':<15}{'ms':>10}{'x torch':>9}{'GB/s':>8}{'saved MiB':>11}"
+        f"{'peak MiB':>10}"
+    )
     for preset, n in zip(("demo", "mistral-7b"), tokens):
         config = ModelConfig.from_preset(preset)
         for name, reference, fused_op, make_inputs, step, moved in cases(config, n, dtype, device):
             steps = {}
             for provider, op in providers(name, reference, fused_op, device, not args.no_compile, liger):
                 inputs = make_inputs()
-                steps[provider] = lambda op=op, inputs=inputs: step(op, *inputs)
+                steps[provider] = lambda op=op, inputs=inputs, step=step: step(op, *inputs)
                 try:
                     steps[provider]()  # a provider that cannot run this case is reported, not fatal
                 except Exception as error:
@@ -173,18 +195,34 @@ def main() -> None:
                     print(f"{preset:<12}{name:<22}{provider:<15}  failed: {error!r:.60}")
             seconds = median_seconds(steps, device, args.repeats)
             for provider, run in steps.items():
-                row = dict(shape=preset, tokens=n, operation=name, provider=provider, ms=seconds[provider] * 1e3,
-                           speedup=seconds["torch"] / seconds[provider],
-                           gb_s=None if moved is None else moved / seconds[provider] / 1e9,
-                           saved_bytes=saved_bytes(run), peak_bytes=peak_bytes(run, device))
+                row = dict(
+                    shape=preset,
+                    tokens=n,
+                    operation=name,
+                    provider=provider,
+                    ms=seconds[provider] * 1e3,
+                    speedup=seconds["torch"] / seconds[provider],
+                    gb_s=None if moved is None else moved / seconds[provider] / 1e9,
+                    saved_bytes=saved_bytes(run),
+                    peak_bytes=peak_bytes(run, device),
+                )
                 rows.append(row)
                 gb_s = "-" if row["gb_s"] is None else f"{row['gb_s']:.1f}"
-                print(f"{preset:<12}{name:<22}{provider:<15}{row['ms']:>10.2f}{row['speedup']:>9.2f}{gb_s:>8}"
-                      f"{mib(row['saved_bytes']):>11}{mib(row['peak_bytes']):>10}")
-    path = write_json(f"kernels-{device.type}.json", dict(
-        device=machine(device), dtype=str(dtype), repeats=args.repeats, torch=torch.__version__,
-        command=" ".join(["python", "benchmarks/kernels.py", *sys.argv[1:]]), rows=rows,
-    ))
+                print(
+                    f"{preset:<12}{name:<22}{provider:<15}{row['ms']:>10.2f}{row['speedup']:>9.2f}{gb_s:>8}"
+                    f"{mib(row['saved_bytes']):>11}{mib(row['peak_bytes']):>10}"
+                )
+    path = write_json(
+        f"kernels-{device.type}.json",
+        dict(
+            device=machine(device),
+            dtype=str(dtype),
+            repeats=args.repeats,
+            torch=torch.__version__,
+            command=" ".join(["python", "benchmarks/kernels.py", *sys.argv[1:]]),
+            rows=rows,
+        ),
+    )
     print(f"wrote {path}")
 
 

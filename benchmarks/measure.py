@@ -6,8 +6,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -19,7 +20,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(steps: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 2) -> dict[str, float]:
+def median_seconds(
+    steps: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 2
+) -> dict[str, float]:
     """Median wall time of each step, timed in interleaved rounds so that a change in machine
     load affects all of them alike (their ratios are measured side by side)."""
     for step in steps.values():

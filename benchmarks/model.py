@@ -27,11 +27,18 @@ from model import ModelConfig, from_hf  # noqa: E402
 
 def hf_config(config: ModelConfig) -> MistralConfig:
     return MistralConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
-        sliding_window=config.sliding_window, rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
-        tie_word_embeddings=config.tie_word_embeddings, attn_implementation="sdpa",
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        sliding_window=config.sliding_window,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+        attn_implementation="sdpa",
     )
 
 
@@ -67,15 +74,32 @@ def main() -> None:
     rows = []
     print(f"{'model':<20}{'tokens/s':>12}{'x transformers':>16}{'saved MiB':>11}{'peak MiB':>10}")
     for name, run in steps.items():
-        row = dict(model=name, tokens_per_s=tokens / seconds[name], speedup=seconds["transformers"] / seconds[name],
-                   saved_bytes=saved_bytes(run), peak_bytes=peak_bytes(run, device))
+        row = dict(
+            model=name,
+            tokens_per_s=tokens / seconds[name],
+            speedup=seconds["transformers"] / seconds[name],
+            saved_bytes=saved_bytes(run),
+            peak_bytes=peak_bytes(run, device),
+        )
         rows.append(row)
-        print(f"{name:<20}{row['tokens_per_s']:>12.0f}{row['speedup']:>16.2f}{mib(row['saved_bytes']):>11}{mib(row['peak_bytes']):>10}")
-    path = write_json(f"model-{device.type}.json", dict(
-        device=machine(device), dtype=str(dtype), preset=args.preset, layers=config.num_hidden_layers,
-        batch=args.batch, seq=args.seq, repeats=args.repeats, torch=torch.__version__,
-        command=" ".join(["python", "benchmarks/model.py", *sys.argv[1:]]), rows=rows,
-    ))
+        print(
+            f"{name:<20}{row['tokens_per_s']:>12.0f}{row['speedup']:>16.2f}{mib(row['saved_bytes']):>11}{mib(row['peak_bytes']):>10}"
+        )
+    path = write_json(
+        f"model-{device.type}.json",
+        dict(
+            device=machine(device),
+            dtype=str(dtype),
+            preset=args.preset,
+            layers=config.num_hidden_layers,
+            batch=args.batch,
+            seq=args.seq,
+            repeats=args.repeats,
+            torch=torch.__version__,
+            command=" ".join(["python", "benchmarks/model.py", *sys.argv[1:]]),
+            rows=rows,
+        ),
+    )
     print(f"wrote {path}")
 
 

@@ -78,6 +78,7 @@ def why_no_nat() -> str | None:
 
 def remove_stale_labs() -> None:
     """Delete namespaces and interfaces of labs whose process no longer exists."""
+
     def stale(name: str) -> bool:
         match = STALE_NAME.match(name)
         return match is not None and not os.path.exists(f"/proc/{match.group(1)}")
@@ -94,8 +95,11 @@ def remove_stale_labs() -> None:
 
 def free_subnet() -> ipaddress.IPv4Network:
     """The first /24 of 10.77.0.0/16 that no interface of the root namespace has an address in."""
-    used = {ipaddress.ip_interface(word).network for line in sh("ip", "-4", "-o", "addr", "show").splitlines()
-            for word in line.split()[3:4]}
+    used = {
+        ipaddress.ip_interface(word).network
+        for line in sh("ip", "-4", "-o", "addr", "show").splitlines()
+        for word in line.split()[3:4]
+    }
     for subnet in SUBNETS.subnets(new_prefix=24):
         if not any(subnet.overlaps(network) for network in used):
             return subnet
@@ -144,12 +148,17 @@ class Lab:
             raise
 
     def _add_host(self, index: int) -> None:
-        host = Host(namespace=f"{self.prefix}p{index}", address=str(self.subnet.network_address + 1 + index),
-                    inner=f"{self.prefix}n{index}", outer=f"{self.prefix}h{index}")
+        host = Host(
+            namespace=f"{self.prefix}p{index}",
+            address=str(self.subnet.network_address + 1 + index),
+            inner=f"{self.prefix}n{index}",
+            outer=f"{self.prefix}h{index}",
+        )
         self._wire(host, self.hosts, self.gateway, self.subnet.prefixlen)
 
-    def _wire(self, host: Host, listed_in: list[Host], gateway: str, prefixlen: int,
-              outer_namespace: str | None = None) -> None:
+    def _wire(
+        self, host: Host, listed_in: list[Host], gateway: str, prefixlen: int, outer_namespace: str | None = None
+    ) -> None:
         """Make the host's namespace (listed for close()) and its veth pair: the outer end on the
         bridge, or in `outer_namespace` (a router's); the inner end with the host's address and a
         default route via `gateway`."""
@@ -170,26 +179,40 @@ class Lab:
         """A new host on a private network of its own behind a masquerading router on the bridge;
         its `address` is private (unreachable from the lab). Appended to `hosts`."""
         index = len(self.hosts) + 1
-        router = Host(namespace=f"{self.prefix}r{index}", address=str(self.subnet.network_address + 100 + index),
-                      inner=f"{self.prefix}w{index}", outer=f"{self.prefix}g{index}")
+        router = Host(
+            namespace=f"{self.prefix}r{index}",
+            address=str(self.subnet.network_address + 100 + index),
+            inner=f"{self.prefix}w{index}",
+            outer=f"{self.prefix}g{index}",
+        )
         self._wire(router, self.routers, self.gateway, self.subnet.prefixlen)
         in_router = ("ip", "netns", "exec", router.namespace)
         sh(*in_router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         private = ipaddress.ip_network(f"192.168.{index}.0/24")
         lan_gateway = str(private.network_address + 1)
-        host = Host(namespace=f"{self.prefix}p{index}", address=str(private.network_address + 2),
-                    inner=f"{self.prefix}n{index}", outer=f"{self.prefix}h{index}")
+        host = Host(
+            namespace=f"{self.prefix}p{index}",
+            address=str(private.network_address + 2),
+            inner=f"{self.prefix}n{index}",
+            outer=f"{self.prefix}h{index}",
+        )
         self._wire(host, self.hosts, lan_gateway, private.prefixlen, outer_namespace=router.namespace)
         sh(*in_router, "ip", "addr", "add", f"{lan_gateway}/{private.prefixlen}", "dev", host.outer)
         sh(*in_router, "ip", "link", "set", host.outer, "up")
-        sh(*in_router, "nft", "-f", "-", input=f"""
+        sh(
+            *in_router,
+            "nft",
+            "-f",
+            "-",
+            input=f"""
             table ip nat {{
                 chain postrouting {{
                     type nat hook postrouting priority srcnat; policy accept;
                     oifname "{router.inner}" masquerade
                 }}
             }}
-        """)
+        """,
+        )
         return host
 
     def maddr(self, port: int = 0) -> str:
@@ -205,8 +228,10 @@ class Lab:
 
     def uncap(self, host: Host) -> None:
         """Remove the host's bandwidth caps."""
-        subprocess.run(["ip", "netns", "exec", host.namespace, "tc", "qdisc", "del", "dev", host.inner, "root"],
-                       capture_output=True)
+        subprocess.run(
+            ["ip", "netns", "exec", host.namespace, "tc", "qdisc", "del", "dev", host.inner, "root"],
+            capture_output=True,
+        )
         subprocess.run(["tc", "qdisc", "del", "dev", host.outer, "root"], capture_output=True)
 
     def cut(self, host: Host) -> None:
@@ -234,7 +259,7 @@ class Lab:
         self.hosts, self.routers = [], []
         subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -37,33 +37,50 @@ def swarm_row(peers: int, mode: str, result: dict) -> dict:
     counts = {outcome: sum(peer[f"rounds_{outcome}"] for peer in summaries) for outcome in OUTCOMES}
     total = sum(counts.values())
     fractions = [fraction for peer in summaries for fraction in peer["partial_round_fractions"]]
-    epoch_seconds = [later["time"] - earlier["time"] for peer in summaries
-                     for earlier, later in zip(peer["epochs"], peer["epochs"][1:])]
-    return dict(peers=peers, mode=mode, rounds=total, **counts,
-                per_100={outcome: 100 * counts[outcome] / total if total else 0.0 for outcome in OUTCOMES},
-                median_partial_fraction=statistics.median(fractions) if fractions else None,
-                median_epoch_s=statistics.median(epoch_seconds) if epoch_seconds else None,
-                longest_epoch_s=max(epoch_seconds, default=None),
-                resyncs=sum(peer["resyncs"] for peer in summaries))
+    epoch_seconds = [
+        later["time"] - earlier["time"]
+        for peer in summaries
+        for earlier, later in zip(peer["epochs"], peer["epochs"][1:])
+    ]
+    return dict(
+        peers=peers,
+        mode=mode,
+        rounds=total,
+        **counts,
+        per_100={outcome: 100 * counts[outcome] / total if total else 0.0 for outcome in OUTCOMES},
+        median_partial_fraction=statistics.median(fractions) if fractions else None,
+        median_epoch_s=statistics.median(epoch_seconds) if epoch_seconds else None,
+        longest_epoch_s=max(epoch_seconds, default=None),
+        resyncs=sum(peer["resyncs"] for peer in summaries),
+    )
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| peers | code | rounds | succeeded /100 | partial /100 | failed /100 | median fraction in partial "
-          "| epoch s (median / longest) | resyncs |")
+    print(
+        "| peers | code | rounds | succeeded /100 | partial /100 | failed /100 | median fraction in partial "
+        "| epoch s (median / longest) | resyncs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         fraction = "-" if row["median_partial_fraction"] is None else f"{row['median_partial_fraction']:.3f}"
         per_100 = " | ".join(f"{row['per_100'][outcome]:.1f}" for outcome in OUTCOMES)
-        print(f"| {row['peers']} | {row['mode']} | {row['rounds']} | {per_100} | {fraction} | "
-              f"{row['median_epoch_s']:.1f} / {row['longest_epoch_s']:.1f} | {row['resyncs']} |")
+        print(
+            f"| {row['peers']} | {row['mode']} | {row['rounds']} | {per_100} | {fraction} | "
+            f"{row['median_epoch_s']:.1f} / {row['longest_epoch_s']:.1f} | {row['resyncs']} |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers-list", type=int, nargs="+", default=[2, 4, 8], help="swarm sizes, one swarm each")
     parser.add_argument("--epochs", type=int, default=25, help="epochs each swarm trains")
-    parser.add_argument("--modes", nargs="+", choices=["fixed", "hivemind"], default=["hivemind", "fixed"],
-                        help="fixed: Starling's peers as shipped; hivemind: without peer.hivemind_fixes")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["fixed", "hivemind"],
+        default=["hivemind", "fixed"],
+        help="fixed: Starling's peers as shipped; hivemind: without peer.hivemind_fixes",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one swarm may take")
     args = parser.parse_args()
 

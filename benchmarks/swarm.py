@@ -50,9 +50,15 @@ def peer_window(peer: dict, from_epoch: int) -> dict:
     samples = peer["samples_contributed"] - start["samples_contributed"]
     compute = peer["compute_seconds"] - start["compute_seconds"]
     training = peer["training_ended"] - start["time"]
-    return dict(started=start["time"], ended=peer["training_ended"], samples=samples, compute_s=compute,
-                training_s=training, outside_compute=1 - compute / training,
-                own_samples_per_s=samples / compute if compute > 0 else 0.0)
+    return dict(
+        started=start["time"],
+        ended=peer["training_ended"],
+        samples=samples,
+        compute_s=compute,
+        training_s=training,
+        outside_compute=1 - compute / training,
+        own_samples_per_s=samples / compute if compute > 0 else 0.0,
+    )
 
 
 def swarm_figures(windows: list[dict], epochs: int) -> dict:
@@ -60,10 +66,15 @@ def swarm_figures(windows: list[dict], epochs: int) -> dict:
     training = max(w["ended"] for w in windows) - min(w["started"] for w in windows)
     samples = sum(w["samples"] for w in windows)
     own = sum(w["own_samples_per_s"] for w in windows)
-    return dict(training_s=training, seconds_per_epoch=training / epochs, samples=samples,
-                samples_per_s=samples / training, own_samples_per_s_sum=own,
-                efficiency=samples / training / own if own > 0 else 0.0,
-                outside_compute_mean=statistics.fmean(w["outside_compute"] for w in windows))
+    return dict(
+        training_s=training,
+        seconds_per_epoch=training / epochs,
+        samples=samples,
+        samples_per_s=samples / training,
+        own_samples_per_s_sum=own,
+        efficiency=samples / training / own if own > 0 else 0.0,
+        outside_compute_mean=statistics.fmean(w["outside_compute"] for w in windows),
+    )
 
 
 def swarm_row(target_batch_size: int, result: dict) -> dict:
@@ -73,41 +84,63 @@ def swarm_row(target_batch_size: int, result: dict) -> dict:
     windows = [peer_window(peer, 0) for peer in summaries]
     figures = swarm_figures(windows, epochs)
     return dict(
-        target_batch_size=target_batch_size, epochs=epochs, startup_s=result["released"] - result["launched"],
+        target_batch_size=target_batch_size,
+        epochs=epochs,
+        startup_s=result["released"] - result["launched"],
         samples_per_s_with_startup=figures["samples"] / (max(w["ended"] for w in windows) - result["launched"]),
         **figures,
         from_epoch_1=swarm_figures([peer_window(peer, 1) for peer in summaries], epochs - 1) if epochs > 1 else None,
-        peers=[dict(name=f"peer-{index}", epoch=peer["epoch"], rounds_succeeded=peer["rounds_succeeded"],
-                    rounds_failed=peer["rounds_failed"], **window)
-               for index, (peer, window) in enumerate(zip(summaries, windows))],
+        peers=[
+            dict(
+                name=f"peer-{index}",
+                epoch=peer["epoch"],
+                rounds_succeeded=peer["rounds_succeeded"],
+                rounds_failed=peer["rounds_failed"],
+                **window,
+            )
+            for index, (peer, window) in enumerate(zip(summaries, windows))
+        ],
     )
 
 
 def print_tables(rows: list[dict]) -> None:
-    print("| target batch | peer | samples | compute s | training s | outside compute | own samples/s | "
-          "rounds ok/failed |")
+    print(
+        "| target batch | peer | samples | compute s | training s | outside compute | own samples/s | "
+        "rounds ok/failed |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         for peer in row["peers"]:
-            print(f"| {row['target_batch_size']} | {peer['name']} | {peer['samples']} | {peer['compute_s']:.1f} | "
-                  f"{peer['training_s']:.1f} | {peer['outside_compute']:.1%} | {peer['own_samples_per_s']:.2f} | "
-                  f"{peer['rounds_succeeded']}/{peer['rounds_failed']} |")
+            print(
+                f"| {row['target_batch_size']} | {peer['name']} | {peer['samples']} | {peer['compute_s']:.1f} | "
+                f"{peer['training_s']:.1f} | {peer['outside_compute']:.1%} | {peer['own_samples_per_s']:.2f} | "
+                f"{peer['rounds_succeeded']}/{peer['rounds_failed']} |"
+            )
     print()
-    print("| target batch | epochs | s per epoch | swarm samples/s | sum of own samples/s | efficiency | "
-          "outside compute (mean) | efficiency from epoch 1 | start-up s |")
+    print(
+        "| target batch | epochs | s per epoch | swarm samples/s | sum of own samples/s | efficiency | "
+        "outside compute (mean) | efficiency from epoch 1 | start-up s |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         later = "-" if row["from_epoch_1"] is None else f"{row['from_epoch_1']['efficiency']:.1%}"
-        print(f"| {row['target_batch_size']} | {row['epochs']} | {row['seconds_per_epoch']:.1f} | "
-              f"{row['samples_per_s']:.2f} | {row['own_samples_per_s_sum']:.2f} | {row['efficiency']:.1%} | "
-              f"{row['outside_compute_mean']:.1%} | {later} | {row['startup_s']:.1f} |")
+        print(
+            f"| {row['target_batch_size']} | {row['epochs']} | {row['seconds_per_epoch']:.1f} | "
+            f"{row['samples_per_s']:.2f} | {row['own_samples_per_s_sum']:.2f} | {row['efficiency']:.1%} | "
+            f"{row['outside_compute_mean']:.1%} | {later} | {row['startup_s']:.1f} |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_swarm_arguments(parser, peers=2)
-    parser.add_argument("--target-batches", type=int, nargs="+", default=[32, 64, 128, 256],
-                        help="target batch sizes (samples per epoch for the whole swarm), one swarm each")
+    parser.add_argument(
+        "--target-batches",
+        type=int,
+        nargs="+",
+        default=[32, 64, 128, 256],
+        help="target batch sizes (samples per epoch for the whole swarm), one swarm each",
+    )
     parser.add_argument("--epochs", type=int, default=5, help="epochs each swarm trains")
     parser.add_argument("--compression", default="adaptive-8bit", choices=COMPRESSIONS, help="gradient codec")
     args = parser.parse_args()
@@ -122,11 +155,21 @@ def main() -> None:
         rows.append(swarm_row(target, result))
         print(f"target batch {target}: efficiency {rows[-1]['efficiency']:.1%}", flush=True)
 
-    path = write_json(f"swarm-{torch.device(args.device).type}.json", dict(
-        preset=args.preset, peers=args.peers, batch_size=args.batch_size, seq_len=args.seq_len,
-        threads=args.threads, device=args.device, compression=args.compression,
-        matchmaking_time=args.matchmaking_time, epochs=args.epochs, rows=rows,
-    ))
+    path = write_json(
+        f"swarm-{torch.device(args.device).type}.json",
+        dict(
+            preset=args.preset,
+            peers=args.peers,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            threads=args.threads,
+            device=args.device,
+            compression=args.compression,
+            matchmaking_time=args.matchmaking_time,
+            epochs=args.epochs,
+            rows=rows,
+        ),
+    )
     print_tables(rows)
     print(f"written to {path}")
 

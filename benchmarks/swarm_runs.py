@@ -119,8 +119,12 @@ def add_swarm_arguments(parser: argparse.ArgumentParser, peers: int) -> None:
     add("--seq-len", type=int, default=128, help="tokens per sample")
     add("--lr", type=float, default=2e-3)
     add("--matchmaking-time", type=float, default=5.0, help="seconds peers wait to form an averaging group")
-    add("--average-state-every", type=int, default=AveragingSection.average_state_every,
-        help="epochs between two averagings of parameters and optimizer state")
+    add(
+        "--average-state-every",
+        type=int,
+        default=AveragingSection.average_state_every,
+        help="epochs between two averagings of parameters and optimizer state",
+    )
     add("--threads", type=int, default=1, help="torch threads per peer")
     add("--device", default="cpu", help="cpu or cuda[:N], for every peer")
     add("--timeout", type=float, default=3600.0, help="seconds one swarm may take before the benchmark gives up")
@@ -128,13 +132,20 @@ def add_swarm_arguments(parser: argparse.ArgumentParser, peers: int) -> None:
 
 def run_settings(args: argparse.Namespace, **fields: Any) -> RunSettings:
     """RunSettings from the shared options (add_swarm_arguments) and the benchmark's own fields."""
-    return RunSettings(preset=args.preset, seq_len=args.seq_len, lr=args.lr, matchmaking_time=args.matchmaking_time,
-                       average_state_every=args.average_state_every, **fields)
+    return RunSettings(
+        preset=args.preset,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        matchmaking_time=args.matchmaking_time,
+        average_state_every=args.average_state_every,
+        **fields,
+    )
 
 
 def swarm_options(args: argparse.Namespace) -> SwarmOptions:
-    return SwarmOptions(peers=args.peers, batch_size=args.batch_size, threads=args.threads, device=args.device,
-                        timeout=args.timeout)
+    return SwarmOptions(
+        peers=args.peers, batch_size=args.batch_size, threads=args.threads, device=args.device, timeout=args.timeout
+    )
 
 
 # ---- the peer process ----------------------------------------------------------------------
@@ -177,12 +188,17 @@ class BenchmarkPeer(Peer):
 
     def _after_epoch(self) -> None:
         super()._after_epoch()
-        self.epochs.append(dict(
-            epoch=self.optimizer.local_epoch, time=time.time(), micro_batches=len(self._losses),
-            train_loss=statistics.fmean(self._losses) if self._losses else None,
-            samples_contributed=self.samples_contributed, compute_seconds=self.compute_seconds,
-            step_seconds=self._step_seconds,
-        ))
+        self.epochs.append(
+            dict(
+                epoch=self.optimizer.local_epoch,
+                time=time.time(),
+                micro_batches=len(self._losses),
+                train_loss=statistics.fmean(self._losses) if self._losses else None,
+                samples_contributed=self.samples_contributed,
+                compute_seconds=self.compute_seconds,
+                step_seconds=self._step_seconds,
+            )
+        )
         self._losses = []
 
 
@@ -199,10 +215,16 @@ def worker(spec_path: Path) -> None:
     if peer.training_started is None:
         sys.exit("the peer stopped before training")
     if spec["save_params"]:
-        save_file({name: p.detach().cpu().contiguous() for name, p in peer.model.named_parameters()},
-                  out / "params.safetensors")
-    summary.update(micro_batch=peer.micro_batch, training_started=peer.training_started,
-                   training_ended=peer.training_ended, epochs=peer.epochs)
+        save_file(
+            {name: p.detach().cpu().contiguous() for name, p in peer.model.named_parameters()},
+            out / "params.safetensors",
+        )
+    summary.update(
+        micro_batch=peer.micro_batch,
+        training_started=peer.training_started,
+        training_ended=peer.training_ended,
+        epochs=peer.epochs,
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
@@ -232,18 +254,35 @@ def run_swarm(folder: Path, run_toml: Path, options: SwarmOptions, max_epochs: i
             host_maddr = "/ip4/127.0.0.1/tcp/0"
             if lab is not None:
                 command, host_maddr = lab.hosts[index].command(command), lab.hosts[index].maddr()
-            spec = dict(out=str(out), go=str(go), threads=options.threads, max_epochs=max_epochs,
-                        save_params=index == 0, hivemind_fixes=options.hivemind_fixes, options=dict(
-                            initial_peers=[str(bootstrap.get_visible_maddrs()[0])], config=str(run_toml),
-                            batch_size=options.batch_size, device=options.device, name=f"peer-{index}",
-                            host_maddrs=[host_maddr]))
+            spec = dict(
+                out=str(out),
+                go=str(go),
+                threads=options.threads,
+                max_epochs=max_epochs,
+                save_params=index == 0,
+                hivemind_fixes=options.hivemind_fixes,
+                options=dict(
+                    initial_peers=[str(bootstrap.get_visible_maddrs()[0])],
+                    config=str(run_toml),
+                    batch_size=options.batch_size,
+                    device=options.device,
+                    name=f"peer-{index}",
+                    host_maddrs=[host_maddr],
+                ),
+            )
             (out / "spec.json").write_text(json.dumps(spec))
             with open(out / "log.txt", "w") as log:
                 # A session of its own, so that stop() reaches hivemind's helper processes too.
-                processes.append(subprocess.Popen(
-                    command, cwd=REPO,
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                    env={**os.environ, "OMP_NUM_THREADS": str(options.threads)}))
+                processes.append(
+                    subprocess.Popen(
+                        command,
+                        cwd=REPO,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        env={**os.environ, "OMP_NUM_THREADS": str(options.threads)},
+                    )
+                )
         deadline = time.monotonic() + min(options.timeout, START_LINE_TIMEOUT)
         while not all((out / "ready").exists() for out in peer_folders):
             for process, out in zip(processes, peer_folders):
@@ -265,8 +304,11 @@ def run_swarm(folder: Path, run_toml: Path, options: SwarmOptions, max_epochs: i
     finally:
         stop(processes)
         bootstrap.shutdown()
-    return dict(launched=launched, released=released,
-                peers=[json.loads((out / "summary.json").read_text()) for out in peer_folders])
+    return dict(
+        launched=launched,
+        released=released,
+        peers=[json.loads((out / "summary.json").read_text()) for out in peer_folders],
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,7 @@ import torch  # noqa: E402
 from benchmarks.measure import write_json  # noqa: E402
 from benchmarks.netlab import Host, Lab, why_no_lab  # noqa: E402
 from benchmarks.swarm import swarm_row  # noqa: E402
-from benchmarks.swarm_runs import (RunSettings, add_swarm_arguments, run_settings, run_swarm,  # noqa: E402
-                                   swarm_options)
+from benchmarks.swarm_runs import RunSettings, add_swarm_arguments, run_settings, run_swarm, swarm_options  # noqa: E402
 from peer.run_config import MODES, PSEUDO_GRADIENT_COMPRESSIONS  # noqa: E402
 
 LINK_PORT = 5001
@@ -66,12 +65,18 @@ connection.close()
 
 def link_bytes_per_second(sender: Host, receiver: Host) -> float:
     """Bytes per second of one TCP stream from sender to receiver for LINK_SECONDS."""
-    listening = subprocess.Popen(receiver.command([sys.executable, "-c", RECEIVER, receiver.address]),
-                                 stdout=subprocess.PIPE, text=True)
+    listening = subprocess.Popen(
+        receiver.command([sys.executable, "-c", RECEIVER, receiver.address]), stdout=subprocess.PIPE, text=True
+    )
     try:
         for _ in range(50):  # until the receiver listens
-            if subprocess.run(sender.command([sys.executable, "-c", SENDER, receiver.address, str(LINK_SECONDS)]),
-                              capture_output=True).returncode == 0:
+            if (
+                subprocess.run(
+                    sender.command([sys.executable, "-c", SENDER, receiver.address, str(LINK_SECONDS)]),
+                    capture_output=True,
+                ).returncode
+                == 0
+            ):
                 break
             time.sleep(0.1)
         return float(listening.communicate(timeout=30)[0])
@@ -85,10 +90,11 @@ def step_seconds(result: dict) -> float:
     return statistics.median(steps) if steps else float("nan")
 
 
-def measure_cap(lab: Lab, mbit: float, folder: Path, run_toml: Path, args: argparse.Namespace,
-                settings: RunSettings, epochs: int) -> dict:
+def measure_cap(
+    lab: Lab, mbit: float, folder: Path, run_toml: Path, args: argparse.Namespace, settings: RunSettings, epochs: int
+) -> dict:
     """Cap every host at `mbit` and train one swarm; the row of the table."""
-    hosts = lab.hosts[:args.peers]
+    hosts = lab.hosts[: args.peers]
     for host in hosts:
         lab.cap(host, mbit)
     link = link_bytes_per_second(hosts[0], hosts[1])
@@ -96,20 +102,31 @@ def measure_cap(lab: Lab, mbit: float, folder: Path, run_toml: Path, args: argpa
     result = run_swarm(folder, run_toml, swarm_options(args), max_epochs=epochs, lab=lab)
     moved = [sum(lab.bytes_through(host)) - sum(start) for host, start in zip(hosts, before)]
     row = swarm_row(settings.samples_per_epoch, result)
-    return dict(mode=settings.mode, cap_mbit=mbit, link_mbit=link * 8 / 1e6, step_s=step_seconds(result),
-                bytes_per_s_per_peer=statistics.fmean(moved) / row["training_s"], bytes_per_peer=moved,
-                bytes_per_sample=sum(moved) / row["samples"], **row)
+    return dict(
+        mode=settings.mode,
+        cap_mbit=mbit,
+        link_mbit=link * 8 / 1e6,
+        step_s=step_seconds(result),
+        bytes_per_s_per_peer=statistics.fmean(moved) / row["training_s"],
+        bytes_per_peer=moved,
+        bytes_per_sample=sum(moved) / row["samples"],
+        **row,
+    )
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| mode | cap Mbit/s | link Mbit/s | epochs | step s | s per epoch | samples/s | MB/s per peer "
-          "| kB per sample | rounds ok/failed |")
+    print(
+        "| mode | cap Mbit/s | link Mbit/s | epochs | step s | s per epoch | samples/s | MB/s per peer "
+        "| kB per sample | rounds ok/failed |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         rounds = " ".join(f"{peer['rounds_succeeded']}/{peer['rounds_failed']}" for peer in row["peers"])
-        print(f"| {row['mode']} | {row['cap_mbit']:g} | {row['link_mbit']:.1f} | {row['epochs']} | {row['step_s']:.2f} | "
-              f"{row['seconds_per_epoch']:.1f} | {row['samples_per_s']:.2f} | "
-              f"{row['bytes_per_s_per_peer'] / 1e6:.2f} | {row['bytes_per_sample'] / 1e3:.1f} | {rounds} |")
+        print(
+            f"| {row['mode']} | {row['cap_mbit']:g} | {row['link_mbit']:.1f} | {row['epochs']} | {row['step_s']:.2f} | "
+            f"{row['seconds_per_epoch']:.1f} | {row['samples_per_s']:.2f} | "
+            f"{row['bytes_per_s_per_peer'] / 1e6:.2f} | {row['bytes_per_sample'] / 1e3:.1f} | {rounds} |"
+        )
 
 
 def main() -> None:
@@ -122,8 +139,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["batch"], help="training modes to measure")
     parser.add_argument("--samples-per-round", type=int, default=1024, help="DiLoCo: samples per outer round")
     parser.add_argument("--inner-batch", type=int, default=16, help="DiLoCo: samples per inner step")
-    parser.add_argument("--diloco-compression", choices=PSEUDO_GRADIENT_COMPRESSIONS, default="adaptive-8bit",
-                        help="DiLoCo: the pseudo-gradients' codec")
+    parser.add_argument(
+        "--diloco-compression",
+        choices=PSEUDO_GRADIENT_COMPRESSIONS,
+        default="adaptive-8bit",
+        help="DiLoCo: the pseudo-gradients' codec",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="outer rounds each DiLoCo swarm trains")
     args = parser.parse_args()
     if args.peers < 2:
@@ -137,24 +158,46 @@ def main() -> None:
     with Lab(hosts=args.peers) as lab:
         for mbit in args.caps:
             for mode in args.modes:
-                settings = run_settings(args, target_batch_size=args.target_batch, mode=mode,
-                                        samples_per_round=args.samples_per_round, inner_batch_size=args.inner_batch,
-                                        diloco_compression=args.diloco_compression)
+                settings = run_settings(
+                    args,
+                    target_batch_size=args.target_batch,
+                    mode=mode,
+                    samples_per_round=args.samples_per_round,
+                    inner_batch_size=args.inner_batch,
+                    diloco_compression=args.diloco_compression,
+                )
                 name = f"{mode}-{mbit:g}"
                 run_toml = settings.write(folder / f"run-{name}.toml", run_id=f"wan-{name}")
                 epochs = args.rounds if mode == "diloco" else args.epochs
                 rows.append(measure_cap(lab, mbit, folder / f"cap-{name}", run_toml, args, settings, epochs))
-                print(f"{mode}, {mbit:g} Mbit/s: {rows[-1]['samples_per_s']:.2f} samples/s, "
-                      f"{rows[-1]['bytes_per_sample'] / 1e3:.1f} kB per sample", flush=True)
+                print(
+                    f"{mode}, {mbit:g} Mbit/s: {rows[-1]['samples_per_s']:.2f} samples/s, "
+                    f"{rows[-1]['bytes_per_sample'] / 1e3:.1f} kB per sample",
+                    flush=True,
+                )
 
     suffix = "" if args.modes == ["batch"] else "-modes"
-    path = write_json(f"wan-{torch.device(args.device).type}{suffix}.json", dict(
-        command=" ".join(["python", *sys.argv]), preset=args.preset, peers=args.peers, batch_size=args.batch_size,
-        seq_len=args.seq_len, threads=args.threads, device=args.device, target_batch_size=args.target_batch,
-        matchmaking_time=args.matchmaking_time, average_state_every=args.average_state_every, epochs=args.epochs,
-        samples_per_round=args.samples_per_round, inner_batch=args.inner_batch,
-        diloco_compression=args.diloco_compression, rounds=args.rounds, rows=rows,
-    ))
+    path = write_json(
+        f"wan-{torch.device(args.device).type}{suffix}.json",
+        dict(
+            command=" ".join(["python", *sys.argv]),
+            preset=args.preset,
+            peers=args.peers,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            threads=args.threads,
+            device=args.device,
+            target_batch_size=args.target_batch,
+            matchmaking_time=args.matchmaking_time,
+            average_state_every=args.average_state_every,
+            epochs=args.epochs,
+            samples_per_round=args.samples_per_round,
+            inner_batch=args.inner_batch,
+            diloco_compression=args.diloco_compression,
+            rounds=args.rounds,
+            rows=rows,
+        ),
+    )
     print_table(rows)
     print(f"written to {path}")
 

@@ -140,10 +140,12 @@ class CheckpointStore:
     @staticmethod
     def _write(folder: Path, model: CausalLM, state: TrainingState) -> None:
         model.save_pretrained(folder, safe_serialization=True)
-        save_file({f"optimizer.{i}": t.contiguous() for i, t in enumerate(state.optimizer_tensors)},
-                  folder / TRAINING_TENSORS)
-        (folder / TRAINING_METADATA).write_text(json.dumps(
-            {"epoch": state.epoch, "optimizer_metadata": state.optimizer_metadata, "time": time.time()}))
+        save_file(
+            {f"optimizer.{i}": t.contiguous() for i, t in enumerate(state.optimizer_tensors)}, folder / TRAINING_TENSORS
+        )
+        (folder / TRAINING_METADATA).write_text(
+            json.dumps({"epoch": state.epoch, "optimizer_metadata": state.optimizer_metadata, "time": time.time()})
+        )
         for file in folder.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -161,7 +163,7 @@ class CheckpointStore:
         shutil.rmtree(self._set_aside(folder), ignore_errors=True)
 
     def _prune(self) -> None:
-        for old in self.all()[:-self.keep]:
+        for old in self.all()[: -self.keep]:
             self._discard(old.path)
             logger.info("removed old checkpoint %s", old.path)
         for leftover in [*self.root.glob(".epoch-*.partial-*"), *self.root.glob(".epoch-*.removed-*")]:

@@ -1,8 +1,8 @@
 """starling-coordinator: organise a training run (bootstrap, run record, monitor, checkpoints, dashboard).
 
-  starling-coordinator --config run.toml                 run the coordinator
-  starling-coordinator token issue --user NAME --ttl 24h print an access token for a moderated run
-  starling-coordinator token revoke --user NAME        refuse that user's tokens from now on
+starling-coordinator --config run.toml                 run the coordinator
+starling-coordinator token issue --user NAME --ttl 24h print an access token for a moderated run
+starling-coordinator token revoke --user NAME        refuse that user's tokens from now on
 """
 
 from __future__ import annotations
@@ -37,20 +37,41 @@ def port(text: str) -> int:
 
 
 def build_parser() -> OneLineParser:
-    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
-                           epilog="Each option also reads from STARLING_<OPTION> (e.g. STARLING_CONFIG).")
+    parser = OneLineParser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        epilog="Each option also reads from STARLING_<OPTION> (e.g. STARLING_CONFIG).",
+    )
     add = parser.add_argument
-    add("--config", default=env_default("--config"), required=env_default("--config") is None,
-        help="run.toml: the model, data, batch, optimizer, compression, checkpoints and auth of the run")
-    add("--host-maddrs", nargs="+", default=env_default("--host-maddrs", ["/ip4/127.0.0.1/tcp/31337"], multiple=True),
-        metavar="MULTIADDR", help="where the DHT listens (use /ip4/0.0.0.0/tcp/PORT to accept peers from elsewhere)")
-    add("--announce-maddrs", nargs="+", default=env_default("--announce-maddrs", [], multiple=True),
-        metavar="MULTIADDR", help="public addresses to give peers (behind NAT or port forwarding)")
+    add(
+        "--config",
+        default=env_default("--config"),
+        required=env_default("--config") is None,
+        help="run.toml: the model, data, batch, optimizer, compression, checkpoints and auth of the run",
+    )
+    add(
+        "--host-maddrs",
+        nargs="+",
+        default=env_default("--host-maddrs", ["/ip4/127.0.0.1/tcp/31337"], multiple=True),
+        metavar="MULTIADDR",
+        help="where the DHT listens (use /ip4/0.0.0.0/tcp/PORT to accept peers from elsewhere)",
+    )
+    add(
+        "--announce-maddrs",
+        nargs="+",
+        default=env_default("--announce-maddrs", [], multiple=True),
+        metavar="MULTIADDR",
+        help="public addresses to give peers (behind NAT or port forwarding)",
+    )
     add("--identity", default=env_default("--identity"), help="key file of the coordinator (default: in the state dir)")
     add("--dashboard-host", default=env_default("--dashboard-host", "127.0.0.1"), help="address of the dashboard")
     add("--dashboard-port", type=port, default=env_default("--dashboard-port", "8080"), help="port of the dashboard")
     add("--checkpoint-dir", default=env_default("--checkpoint-dir"), help="default: <state dir>/checkpoints")
-    add("--state-dir", default=env_default("--state-dir"), help="identity, history and checkpoints (default: runs/<run_id>)")
+    add(
+        "--state-dir",
+        default=env_default("--state-dir"),
+        help="identity, history and checkpoints (default: runs/<run_id>)",
+    )
     add("--duration", type=float, default=env_default("--duration"), help="stop after this many seconds")
     add("--log-level", default=env_default("--log-level", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -61,7 +82,9 @@ def build_token_parser() -> OneLineParser:
     add = parser.add_argument
     add("--user", required=True, help="the volunteer's name (shown on the leaderboard of refusals and logs)")
     add("--ttl", type=duration, default="24h", help="how long the token is valid: 90s, 30m, 24h, 7d")
-    add("--config", default=env_default("--config"), required=env_default("--config") is None, help="the run's run.toml")
+    add(
+        "--config", default=env_default("--config"), required=env_default("--config") is None, help="the run's run.toml"
+    )
     add("--identity", default=env_default("--identity"), help="the coordinator's key file (default: in the state dir)")
     add("--state-dir", default=env_default("--state-dir"), help="the coordinator's state dir (default: runs/<run_id>)")
     return parser
@@ -88,11 +111,14 @@ def issue_token_command(argv: list[str]) -> int:
 
 
 def build_revoke_parser() -> OneLineParser:
-    parser = OneLineParser(prog=f"{PROG} token revoke",
-                           description="Refuse a user's tokens from now on, also while the coordinator runs.")
+    parser = OneLineParser(
+        prog=f"{PROG} token revoke", description="Refuse a user's tokens from now on, also while the coordinator runs."
+    )
     add = parser.add_argument
     add("--user", required=True, help="the name the user's tokens were issued to")
-    add("--config", default=env_default("--config"), required=env_default("--config") is None, help="the run's run.toml")
+    add(
+        "--config", default=env_default("--config"), required=env_default("--config") is None, help="the run's run.toml"
+    )
     add("--state-dir", default=env_default("--state-dir"), help="the coordinator's state dir (default: runs/<run_id>)")
     return parser
 
@@ -128,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["token"]:
         commands = {"issue": issue_token_command, "revoke": revoke_token_command}
         if argv[1:2] == [] or argv[1] not in commands:
-            print(f"{PROG}: error: expected 'token issue' or 'token revoke', got {' '.join(argv[:2])!r}",
-                  file=sys.stderr)
+            print(
+                f"{PROG}: error: expected 'token issue' or 'token revoke', got {' '.join(argv[:2])!r}", file=sys.stderr
+            )
             return 2
         return commands[argv[1]](argv[2:])
     args = build_parser().parse_or_exit_code(argv)
@@ -140,11 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     from peer.run_config import RunConfigError
 
     try:
-        coordinator = Coordinator(CoordinatorOptions(
-            config=args.config, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
-            identity=args.identity, dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port,
-            checkpoint_dir=args.checkpoint_dir, state_dir=args.state_dir,
-        ))
+        coordinator = Coordinator(
+            CoordinatorOptions(
+                config=args.config,
+                host_maddrs=args.host_maddrs,
+                announce_maddrs=args.announce_maddrs,
+                identity=args.identity,
+                dashboard_host=args.dashboard_host,
+                dashboard_port=args.dashboard_port,
+                checkpoint_dir=args.checkpoint_dir,
+                state_dir=args.state_dir,
+            )
+        )
         coordinator.run(duration=args.duration)
     except (CoordinatorError, RunConfigError, ValueError, OSError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

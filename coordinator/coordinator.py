@@ -73,16 +73,18 @@ class Coordinator:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.identity_path = Path(options.identity or self.state_dir / "identity.key")
         self.key = load_or_create_identity(self.identity_path)
-        self.checkpoints = CheckpointStore(options.checkpoint_dir or self.state_dir / "checkpoints",
-                                           keep=self.run_config.coordinator.keep_checkpoints)
+        self.checkpoints = CheckpointStore(
+            options.checkpoint_dir or self.state_dir / "checkpoints", keep=self.run_config.coordinator.keep_checkpoints
+        )
         if self.run_config.model.init_from:
             self._start_from_pretrained(self.run_config.model.init_from)
         self.latest_checkpoint = self.checkpoints.latest()  # kept here: the views ask for it on every request
         self.checkpoint_error: str | None = None  # why the last checkpoint failed, until one succeeds
         self.history = History(self.state_dir / "history.sqlite3")
         points = self.history.points(limit=1)
-        self.swarm = SwarmState(epoch=points[-1].epoch if points else 0,
-                                target_batch_size=self.run_config.samples_per_epoch)
+        self.swarm = SwarmState(
+            epoch=points[-1].epoch if points else 0, target_batch_size=self.run_config.samples_per_epoch
+        )
         self.started_at = time.time()
         self._stop = threading.Event()
         self._checkpointing = threading.Lock()
@@ -111,15 +113,25 @@ class Coordinator:
     def start(self) -> None:
         run_id = self.run_config.run_id
         try:
-            self.server = DashboardServer(self.options.dashboard_host, self.options.dashboard_port, self.snapshot,
-                                          self._history_points, registry_for(self.snapshot))
+            self.server = DashboardServer(
+                self.options.dashboard_host,
+                self.options.dashboard_port,
+                self.snapshot,
+                self._history_points,
+                registry_for(self.snapshot),
+            )
         except OSError as error:
-            raise CoordinatorError(f"cannot serve the dashboard on {self.options.dashboard_host}:"
-                                   f"{self.options.dashboard_port}: {error.strerror} (is another coordinator "
-                                   "running? choose another --dashboard-port)") from None
+            raise CoordinatorError(
+                f"cannot serve the dashboard on {self.options.dashboard_host}:"
+                f"{self.options.dashboard_port}: {error.strerror} (is another coordinator "
+                "running? choose another --dashboard-port)"
+            ) from None
         self.signer = RSASignatureValidator(self.key)
-        validators = [self.signer, SchemaValidator(metrics.MetricsSchema, prefix=run_id),
-                      SchemaValidator(TrainingProgressSchema, prefix=self.run_config.training_key())]
+        validators = [
+            self.signer,
+            SchemaValidator(metrics.MetricsSchema, prefix=run_id),
+            SchemaValidator(TrainingProgressSchema, prefix=self.run_config.training_key()),
+        ]
         known = self._known_peers()  # peers seen before a restart are its way back into the swarm
         try:
             try:
@@ -130,8 +142,9 @@ class Coordinator:
                 logger.info("none of the %d peers seen before answered: starting a new swarm", len(known))
                 self.dht = self._start_dht(validators, [])
         except P2PDaemonError as error:
-            raise CoordinatorError(f"the DHT could not listen on {' '.join(self.options.host_maddrs)}: "
-                                   f"{str(error).splitlines()[-1]}") from None
+            raise CoordinatorError(
+                f"the DHT could not listen on {' '.join(self.options.host_maddrs)}: {str(error).splitlines()[-1]}"
+            ) from None
         self.averager = CheckpointAverager(self.dht, self.run_config.training_key(), self._parameters)
         latest = self.latest_checkpoint
         if latest is not None:
@@ -144,10 +157,16 @@ class Coordinator:
         print(f"join this run with:\n  {self.join_command()}\ndashboard: {self.server.url}", flush=True)
 
     def _start_dht(self, validators: list, initial_peers: list[str]) -> hivemind.DHT:
-        return hivemind.DHT(initial_peers=initial_peers, ensure_bootstrap_success=False,
-                            host_maddrs=self.options.host_maddrs, announce_maddrs=self.options.announce_maddrs or None,
-                            identity_path=str(self.identity_path), record_validators=validators,
-                            authorizer=self._authorizer(), start=True)
+        return hivemind.DHT(
+            initial_peers=initial_peers,
+            ensure_bootstrap_success=False,
+            host_maddrs=self.options.host_maddrs,
+            announce_maddrs=self.options.announce_maddrs or None,
+            identity_path=str(self.identity_path),
+            record_validators=validators,
+            authorizer=self._authorizer(),
+            start=True,
+        )
 
     def _known_peers(self) -> list[str]:
         try:
@@ -180,8 +199,9 @@ class Coordinator:
         return command + (" --token TOKEN" if self.run_config.coordinator.auth == "token" else "")
 
     def _publish(self) -> None:
-        stored = run_record.publish(self.dht, self.signer, self.run_config,
-                                    {"peer_id": str(self.dht.peer_id), "version": VERSION})
+        stored = run_record.publish(
+            self.dht, self.signer, self.run_config, {"peer_id": str(self.dht.peer_id), "version": VERSION}
+        )
         self._published_at = time.monotonic()
         if not stored:
             logger.warning("the run record could not be stored in the DHT; retrying later")
@@ -222,21 +242,34 @@ class Coordinator:
         for report in reports:
             if report.time > self._last_report_time.get(report.peer_id, 0.0):
                 self._last_report_time[report.peer_id] = report.time
-                self.history.record_sighting(report.peer_id, report.name, peer_kind(report), report.device_name,
-                                             report.samples_contributed, now)
+                self.history.record_sighting(
+                    report.peer_id, report.name, peer_kind(report), report.device_name, report.samples_contributed, now
+                )
         self._remember_peers([r for r in reports if now - r.time <= ONLINE_WITHIN])
         previous_epoch = self.swarm.epoch
-        self.swarm = summarize(progress, reports, self.history.contributors(), run.samples_per_epoch,
-                               run.data.seq_len, self.swarm.epoch, now)
+        self.swarm = summarize(
+            progress,
+            reports,
+            self.history.contributors(),
+            run.samples_per_epoch,
+            run.data.seq_len,
+            self.swarm.epoch,
+            now,
+        )
         if self.swarm.epoch != previous_epoch:
-            logger.info("epoch %d: loss %s, %.1f samples/s, %d active peers", self.swarm.epoch,
-                        "n/a" if self.swarm.loss is None else f"{self.swarm.loss:.3f}",
-                        self.swarm.samples_per_second, self.swarm.active_peers["total"])
+            logger.info(
+                "epoch %d: loss %s, %.1f samples/s, %d active peers",
+                self.swarm.epoch,
+                "n/a" if self.swarm.loss is None else f"{self.swarm.loss:.3f}",
+                self.swarm.samples_per_second,
+                self.swarm.active_peers["total"],
+            )
 
     def _add_point(self) -> None:
         s = self.swarm
-        self.history.add_point(Point(time.time(), s.epoch, s.loss, s.samples_per_second, s.tokens_per_second,
-                                     s.active_peers["total"]))
+        self.history.add_point(
+            Point(time.time(), s.epoch, s.loss, s.samples_per_second, s.tokens_per_second, s.active_peers["total"])
+        )
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -262,8 +295,13 @@ class Coordinator:
                 self.latest_checkpoint, self.checkpoint_error = checkpoint, None
                 bar.update()
             self.averager.serve(state)
-            logger.info("checkpoint of epoch %d written to %s (%.1f MB in %.1f s)", checkpoint.epoch,
-                        checkpoint.path, checkpoint.size_bytes / 1e6, time.perf_counter() - started)
+            logger.info(
+                "checkpoint of epoch %d written to %s (%.1f MB in %.1f s)",
+                checkpoint.epoch,
+                checkpoint.path,
+                checkpoint.size_bytes / 1e6,
+                time.perf_counter() - started,
+            )
         except Exception as error:  # a failed checkpoint must not stop the coordinator
             self.checkpoint_error = f"{type(error).__name__}: {error}"
             logger.error("checkpoint failed (training goes on, the previous checkpoint is kept): %s", error)
@@ -276,16 +314,27 @@ class Coordinator:
         """The run as served at /api/v1/state."""
         s, checkpoint, board = self.swarm, self.latest_checkpoint, self.history.leaderboard()
         return {
-            "run_id": self.run_config.run_id, "mode": self.run_config.training.mode, "version": VERSION,
+            "run_id": self.run_config.run_id,
+            "mode": self.run_config.training.mode,
+            "version": VERSION,
             "time": time.time(),
             "coordinator": {"peer_id": str(self.dht.peer_id) if self.dht else None, "started_at": self.started_at},
             "initial_peers": self.initial_peers if self.dht else [],
             "join_command": self.join_command() if self.dht else "",
-            "epoch": s.epoch, "target_batch_size": s.target_batch_size, "samples_this_epoch": s.samples_this_epoch,
-            "eta_seconds": s.eta_seconds, "loss": s.loss, "samples_per_second": s.samples_per_second,
-            "tokens_per_second": s.tokens_per_second, "samples_total": sum(entry["samples"] for entry in board),
-            "active_peers": s.active_peers, "rounds": s.rounds, "peers": s.peers, "leaderboard": board,
-            "checkpoint": checkpoint.as_dict() if checkpoint else None, "checkpoint_error": self.checkpoint_error,
+            "epoch": s.epoch,
+            "target_batch_size": s.target_batch_size,
+            "samples_this_epoch": s.samples_this_epoch,
+            "eta_seconds": s.eta_seconds,
+            "loss": s.loss,
+            "samples_per_second": s.samples_per_second,
+            "tokens_per_second": s.tokens_per_second,
+            "samples_total": sum(entry["samples"] for entry in board),
+            "active_peers": s.active_peers,
+            "rounds": s.rounds,
+            "peers": s.peers,
+            "leaderboard": board,
+            "checkpoint": checkpoint.as_dict() if checkpoint else None,
+            "checkpoint_error": self.checkpoint_error,
             "config": self.run_config.to_dict(),
         }
 

@@ -26,8 +26,13 @@ STOP_GRACE = 30.0
 def launch(args: list[str], log: Path) -> subprocess.Popen:
     handle = open(log, "w")
     # Each in a session of its own so that stopping it reaches its helper processes too.
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def wait_for_state(url: str, coordinator: subprocess.Popen, log: Path) -> dict:
@@ -64,8 +69,12 @@ def stop(processes: list[subprocess.Popen]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m coordinator.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=float(os.environ.get("DURATION") or 0) or None,
-                        help="stop after this many seconds (default: until Ctrl-C; also DURATION=)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=float(os.environ.get("DURATION") or 0) or None,
+        help="stop after this many seconds (default: until Ctrl-C; also DURATION=)",
+    )
     parser.add_argument("--peers", type=int, default=2, help="peers to start")
     parser.add_argument("--dashboard-port", type=int, default=8080)
     parser.add_argument("--state-dir", default="runs/demo", help="coordinator state, checkpoints and logs")
@@ -75,17 +84,45 @@ def main() -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     config = resources.files("coordinator") / "run.example.toml"
     url = f"http://127.0.0.1:{args.dashboard_port}/"
-    processes = [launch(["coordinator.cli", "--config", str(config), "--state-dir", str(state_dir),
-                         "--dashboard-port", str(args.dashboard_port)], state_dir / "coordinator.log")]
+    processes = [
+        launch(
+            [
+                "coordinator.cli",
+                "--config",
+                str(config),
+                "--state-dir",
+                str(state_dir),
+                "--dashboard-port",
+                str(args.dashboard_port),
+            ],
+            state_dir / "coordinator.log",
+        )
+    ]
     try:
         state = wait_for_state(url, processes[0], state_dir / "coordinator.log")
         for index in range(args.peers):
             name = f"demo-peer-{index + 1}"
-            processes.append(launch(["peer.cli", "--initial-peers", *state["initial_peers"], "--name", name,
-                                     "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4"],
-                                    state_dir / f"{name}.log"))
-        print(f"dashboard:  {url}\njoin with:  {state['join_command']}\nlogs:       {state_dir}/*.log\n"
-              f"running {'for %.0f s' % args.duration if args.duration else 'until Ctrl-C'}", flush=True)
+            processes.append(
+                launch(
+                    [
+                        "peer.cli",
+                        "--initial-peers",
+                        *state["initial_peers"],
+                        "--name",
+                        name,
+                        "--host-maddrs",
+                        "/ip4/127.0.0.1/tcp/0",
+                        "--batch-size",
+                        "4",
+                    ],
+                    state_dir / f"{name}.log",
+                )
+            )
+        print(
+            f"dashboard:  {url}\njoin with:  {state['join_command']}\nlogs:       {state_dir}/*.log\n"
+            f"running {f'for {args.duration:.0f} s' if args.duration else 'until Ctrl-C'}",
+            flush=True,
+        )
         started = time.monotonic()
         while args.duration is None or time.monotonic() - started < args.duration:
             if any(process.poll() is not None for process in processes):

@@ -22,8 +22,11 @@ from peer.optimizer import make_state_optimizer, make_state_scheduler
 from peer.run_config import RunConfig, RunConfigError
 
 # The fields that define an architecture: ModelConfig's own arguments, less the kernel choice.
-ARCHITECTURE_FIELDS = [name for name, parameter in inspect.signature(ModelConfig.__init__).parameters.items()
-                       if name not in ("self", "kwargs", "kernels")]
+ARCHITECTURE_FIELDS = [
+    name
+    for name, parameter in inspect.signature(ModelConfig.__init__).parameters.items()
+    if name not in ("self", "kwargs", "kernels")
+]
 
 
 def load_pretrained(path: str | Path) -> CausalLM:
@@ -51,8 +54,10 @@ def adopt_architecture(run: RunConfig, config: ModelConfig) -> None:
     rebuilt = run.model_config()
     for name in ARCHITECTURE_FIELDS:
         if getattr(rebuilt, name) != getattr(config, name):
-            raise RunConfigError(f"model.init_from: the run's [model] overrides {name} "
-                                 f"to {getattr(rebuilt, name)!r}, the checkpoint has {getattr(config, name)!r}")
+            raise RunConfigError(
+                f"model.init_from: the run's [model] overrides {name} "
+                f"to {getattr(rebuilt, name)!r}, the checkpoint has {getattr(config, name)!r}"
+            )
 
 
 def initial_state(model: CausalLM, run: RunConfig) -> TrainingState:
@@ -64,5 +69,9 @@ def initial_state(model: CausalLM, run: RunConfig) -> TrainingState:
     make_state_scheduler(optimizer, run)  # peers' state has its fields
     state_averager.initialize_optimizer_state_(optimizer)  # as peers do, with peer.hivemind_fixes
     metadata, tensors = dump_optimizer_state(optimizer)
-    return TrainingState(epoch=0, parameters=[p.detach() for p in model.parameters()],
-                         optimizer_tensors=tensors, optimizer_metadata=metadata)
+    return TrainingState(
+        epoch=0,
+        parameters=[p.detach() for p in model.parameters()],
+        optimizer_tensors=tensors,
+        optimizer_metadata=metadata,
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -24,37 +24,52 @@ class SwarmCollector:
     def collect(self):
         state = self._snapshot()
         yield GaugeMetricFamily("starling_epoch", "Global epoch of the run", value=state["epoch"])
-        active = GaugeMetricFamily("starling_active_peers", "Peers reporting in the last seconds, by kind",
-                                   labels=["kind"])
+        active = GaugeMetricFamily(
+            "starling_active_peers", "Peers reporting in the last seconds, by kind", labels=["kind"]
+        )
         for kind in KINDS:
             active.add_metric([kind], state["active_peers"][kind])
         yield active
-        rounds = GaugeMetricFamily("starling_averaging_rounds",
-                                   "Gradient rounds of the peers reporting now, by outcome: succeeded (every value "
-                                   "averaged), partial (only part), failed (none)", labels=["outcome"])
+        rounds = GaugeMetricFamily(
+            "starling_averaging_rounds",
+            "Gradient rounds of the peers reporting now, by outcome: succeeded (every value "
+            "averaged), partial (only part), failed (none)",
+            labels=["outcome"],
+        )
         for outcome in ROUND_OUTCOMES:
             rounds.add_metric([outcome], state["rounds"][outcome])
         yield rounds
-        yield CounterMetricFamily("starling_samples", "Samples contributed by all peers since the run began",
-                                  value=state["samples_total"])
-        yield GaugeMetricFamily("starling_samples_per_second", "Swarm throughput in samples per second",
-                                value=state["samples_per_second"])
-        yield GaugeMetricFamily("starling_tokens_per_second", "Swarm throughput in tokens per second",
-                                value=state["tokens_per_second"])
-        yield GaugeMetricFamily("starling_samples_this_epoch", "Samples accumulated toward the next epoch",
-                                value=state["samples_this_epoch"])
-        yield GaugeMetricFamily("starling_target_batch_size", "Samples per epoch",
-                                value=state["target_batch_size"])
+        yield CounterMetricFamily(
+            "starling_samples", "Samples contributed by all peers since the run began", value=state["samples_total"]
+        )
+        yield GaugeMetricFamily(
+            "starling_samples_per_second", "Swarm throughput in samples per second", value=state["samples_per_second"]
+        )
+        yield GaugeMetricFamily(
+            "starling_tokens_per_second", "Swarm throughput in tokens per second", value=state["tokens_per_second"]
+        )
+        yield GaugeMetricFamily(
+            "starling_samples_this_epoch",
+            "Samples accumulated toward the next epoch",
+            value=state["samples_this_epoch"],
+        )
+        yield GaugeMetricFamily("starling_target_batch_size", "Samples per epoch", value=state["target_batch_size"])
         if state["loss"] is not None:
             yield GaugeMetricFamily("starling_loss", "Training loss, weighted by the peers' speed", value=state["loss"])
         if state["checkpoint"] is not None:
-            yield GaugeMetricFamily("starling_checkpoint_epoch", "Epoch of the latest checkpoint",
-                                    value=state["checkpoint"]["epoch"])
-            yield GaugeMetricFamily("starling_checkpoint_timestamp_seconds", "When the latest checkpoint was written",
-                                    value=state["checkpoint"]["time"])
-        contributed = CounterMetricFamily("starling_contributor_samples",
-                                          f"Samples contributed, top {TOP_CONTRIBUTORS} contributors and other",
-                                          labels=["name"])
+            yield GaugeMetricFamily(
+                "starling_checkpoint_epoch", "Epoch of the latest checkpoint", value=state["checkpoint"]["epoch"]
+            )
+            yield GaugeMetricFamily(
+                "starling_checkpoint_timestamp_seconds",
+                "When the latest checkpoint was written",
+                value=state["checkpoint"]["time"],
+            )
+        contributed = CounterMetricFamily(
+            "starling_contributor_samples",
+            f"Samples contributed, top {TOP_CONTRIBUTORS} contributors and other",
+            labels=["name"],
+        )
         board = state["leaderboard"]
         for entry in board[:TOP_CONTRIBUTORS]:
             contributed.add_metric([entry["name"]], entry["samples"])

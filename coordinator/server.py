@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Callable
 from urllib.parse import parse_qs, urlparse
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -34,8 +34,14 @@ def _json_safe(value):
 class DashboardServer:
     """Serves `/`, `/api/v1/state`, `/api/v1/history?since=T`, `/metrics` and `/healthz` in a thread."""
 
-    def __init__(self, host: str, port: int, state: Callable[[], dict], history: Callable[[float], list[dict]],
-                 registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        state: Callable[[], dict],
+        history: Callable[[float], list[dict]],
+        registry: CollectorRegistry,
+    ) -> None:
         handler = self._handler_class(state, history, registry)
         self.httpd = ThreadingHTTPServer((host, port), handler)  # OSError if the port is taken
         self.httpd.daemon_threads = True

@@ -33,15 +33,20 @@ class CheckpointAverager(DonorCheckingAverager):
         self._served: TrainingState | None = None
         self._served_lock = threading.Lock()
         super().__init__(
-            averaged_tensors=[torch.zeros(1)], dht=dht, prefix=f"{training_key}_state_averager",
-            state_compression=NoCompression(), allow_state_sharing=False, start=True, **kwargs,
+            averaged_tensors=[torch.zeros(1)],
+            dht=dht,
+            prefix=f"{training_key}_state_averager",
+            state_compression=NoCompression(),
+            allow_state_sharing=False,
+            start=True,
+            **kwargs,
         )
 
     def check_state(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
         """The run's parameters come first, finite and of the model's shapes; peers check the rest."""
         if len(tensors) < len(self._parameters):
             return f"it sent {len(tensors)} tensors, at least {len(self._parameters)} expected"
-        return check_tensors(tensors[:len(self._parameters)], self._parameters)
+        return check_tensors(tensors[: len(self._parameters)], self._parameters)
 
     def serve(self, state: TrainingState) -> None:
         """Offer `state` to peers that ask for the run's state."""
@@ -54,10 +59,13 @@ class CheckpointAverager(DonorCheckingAverager):
         with self._served_lock:
             state = self._served
         assert state is not None, "state sharing is only allowed once serve() was called"
-        parameter_infos = [CompressionInfo.from_tensor(p, key=i, role=TensorRole.PARAMETER)
-                           for i, p in enumerate(state.parameters)]
-        optimizer_infos = [CompressionInfo.from_tensor(t, key=i, role=TensorRole.OPTIMIZER)
-                           for i, t in enumerate(state.optimizer_tensors)]
+        parameter_infos = [
+            CompressionInfo.from_tensor(p, key=i, role=TensorRole.PARAMETER) for i, p in enumerate(state.parameters)
+        ]
+        optimizer_infos = [
+            CompressionInfo.from_tensor(t, key=i, role=TensorRole.OPTIMIZER)
+            for i, t in enumerate(state.optimizer_tensors)
+        ]
         metadata = dict(epoch=state.epoch, group_bits="", optimizer_metadata=state.optimizer_metadata)
         return metadata, [*state.parameters, *state.optimizer_tensors], [*parameter_infos, *optimizer_infos]
 

@@ -2,8 +2,8 @@
 
 Two kinds of records are read: hivemind's ProgressTracker records (`{training_key}_progress`, see
 RunConfig.training_key: epoch, samples accumulated toward the next epoch, speed) and Starling's
-peer metrics (`{run_id}_metrics`: name, device, loss, samples contributed; see peer/metrics.py). Both are signed by their peers' keys
-and checked by the DHT's validators, so a forged record never gets this far.
+peer metrics (`{run_id}_metrics`: name, device, loss, samples contributed; see peer/metrics.py).
+Both are signed by their peers' keys and checked by the DHT's validators, so a forged record never gets this far.
 """
 
 from __future__ import annotations
@@ -61,8 +61,15 @@ class SwarmState:
     peers: list[dict] = field(default_factory=list)
 
 
-def summarize(progress: list[LocalTrainingProgress], reports: list[PeerMetrics], contributors: list[Contributor],
-              target_batch_size: int, seq_len: int, known_epoch: int, now: float) -> SwarmState:
+def summarize(
+    progress: list[LocalTrainingProgress],
+    reports: list[PeerMetrics],
+    contributors: list[Contributor],
+    target_batch_size: int,
+    seq_len: int,
+    known_epoch: int,
+    now: float,
+) -> SwarmState:
     """The swarm at a glance: the global epoch and how far the next one is, throughput, the loss
     (weighted by each peer's speed), active peers by kind, and the peer table."""
     state = SwarmState(target_batch_size=target_batch_size)
@@ -89,20 +96,28 @@ def summarize(progress: list[LocalTrainingProgress], reports: list[PeerMetrics],
         if now - contributor.last_seen > LISTED_FOR:
             continue
         report = latest.get(contributor.peer_id)
-        state.peers.append({
-            "peer_id": contributor.peer_id, "name": contributor.name, "kind": contributor.kind,
-            "device": report.device if report else None, "device_name": contributor.device_name,
-            "client_mode": report.client_mode if report else contributor.kind == "client",
-            "auxiliary": report.auxiliary if report else contributor.kind == "auxiliary",
-            "epoch": report.epoch if report else None,
-            "loss": report.loss if report and math.isfinite(report.loss) else None,
-            "samples": contributor.samples,
-            "samples_per_second": report.samples_per_second if report else 0.0,
-            "micro_batch": report.micro_batch if report else None,
-            "rounds": {outcome: getattr(report, f"rounds_{outcome}") for outcome in ROUND_OUTCOMES} if report else None,
-            "inner_steps": report.inner_steps if report and report.mode == "diloco" else None,
-            "status": peer_status(contributor.last_seen, now),
-            "first_seen": contributor.first_seen, "last_seen": contributor.last_seen,
-            "online_seconds": contributor.online_seconds,
-        })
+        state.peers.append(
+            {
+                "peer_id": contributor.peer_id,
+                "name": contributor.name,
+                "kind": contributor.kind,
+                "device": report.device if report else None,
+                "device_name": contributor.device_name,
+                "client_mode": report.client_mode if report else contributor.kind == "client",
+                "auxiliary": report.auxiliary if report else contributor.kind == "auxiliary",
+                "epoch": report.epoch if report else None,
+                "loss": report.loss if report and math.isfinite(report.loss) else None,
+                "samples": contributor.samples,
+                "samples_per_second": report.samples_per_second if report else 0.0,
+                "micro_batch": report.micro_batch if report else None,
+                "rounds": {outcome: getattr(report, f"rounds_{outcome}") for outcome in ROUND_OUTCOMES}
+                if report
+                else None,
+                "inner_steps": report.inner_steps if report and report.mode == "diloco" else None,
+                "status": peer_status(contributor.last_seen, now),
+                "first_seen": contributor.first_seen,
+                "last_seen": contributor.last_seen,
+                "online_seconds": contributor.online_seconds,
+            }
+        )
     return state

@@ -12,10 +12,10 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     the odd-indexed slopes of the next power of two (as in the ALiBi paper and BLOOM)."""
     closest = 2 ** math.floor(math.log2(num_heads))
     base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
-    slopes = [base ** i for i in range(1, closest + 1)]
+    slopes = [base**i for i in range(1, closest + 1)]
     if closest != num_heads:
         extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
-        slopes += [extra_base ** i for i in range(1, 2 * (num_heads - closest), 2)]
+        slopes += [extra_base**i for i in range(1, 2 * (num_heads - closest), 2)]
     return torch.tensor(slopes, dtype=torch.float32)
 
 

@@ -104,5 +104,5 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             # A cache may keep only the most recent keys: they end at the current position.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., -k.shape[2]:], enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., -k.shape[2] :], enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

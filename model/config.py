@@ -16,35 +16,73 @@ _MISTRAL_VOCAB = 32000
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests: a few hundred thousand parameters besides the embeddings; a step in milliseconds.
     "tiny": dict(
-        vocab_size=_MISTRAL_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        sliding_window=64, tie_word_embeddings=True,
+        vocab_size=_MISTRAL_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=64,
+        tie_word_embeddings=True,
     ),
     # The demo run: about 21M parameters, trains visibly on two CPU cores.
     "demo": dict(
-        vocab_size=_MISTRAL_VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+        vocab_size=_MISTRAL_VOCAB,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
         sliding_window=256,
     ),
     # Mistral 7B v0.1: 7,241,732,096 parameters.
     "mistral-7b": dict(
-        vocab_size=_MISTRAL_VOCAB, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-        sliding_window=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+        vocab_size=_MISTRAL_VOCAB,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
     ),
     # Mixtral 8x7B v0.1: 46,702,792,704 parameters.
     "mixtral-8x7b": dict(
-        vocab_size=_MISTRAL_VOCAB, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-        sliding_window=None, rope_theta=1e6, rms_norm_eps=1e-5,
-        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+        vocab_size=_MISTRAL_VOCAB,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        sliding_window=None,
+        rope_theta=1e6,
+        rms_norm_eps=1e-5,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.02,
     ),
     # BLOOM-560m: 559,214,592 parameters.
     "bloom-560m": dict(
-        vocab_size=250880, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
-        sliding_window=None, position_embedding="alibi", norm="layernorm", mlp="gelu",
-        attention_bias=True, mlp_bias=True, embedding_layernorm=True, tie_word_embeddings=True,
+        vocab_size=250880,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        sliding_window=None,
+        position_embedding="alibi",
+        norm="layernorm",
+        mlp="gelu",
+        attention_bias=True,
+        mlp_bias=True,
+        embedding_layernorm=True,
+        tie_word_embeddings=True,
         rms_norm_eps=1e-5,
     ),
 }
@@ -114,8 +152,11 @@ class ModelConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.kernels = kernels
         super().__init__(
-            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            tie_word_embeddings=tie_word_embeddings, **kwargs,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
         )
         self.validate_fields()
 
@@ -130,8 +171,15 @@ class ModelConfig(PretrainedConfig):
 
     def validate_fields(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -149,8 +197,12 @@ class ModelConfig(PretrainedConfig):
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.attention_head_dim}")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ValueError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
-        for name, choices in (("kernels", KERNEL_CHOICES), ("position_embedding", POSITION_CHOICES),
-                              ("norm", NORM_CHOICES), ("mlp", MLP_CHOICES)):
+        for name, choices in (
+            ("kernels", KERNEL_CHOICES),
+            ("position_embedding", POSITION_CHOICES),
+            ("norm", NORM_CHOICES),
+            ("mlp", MLP_CHOICES),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.num_local_experts < 0:
@@ -170,9 +222,22 @@ class ModelConfig(PretrainedConfig):
         routing fields only for a mixture of experts. Models whose configs agree on these compute the
         same function of the same weights (to_hf checks an export with them)."""
         names = [
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "attention_head_dim", "sliding_window", "rms_norm_eps", "position_embedding",
-            "norm", "mlp", "attention_bias", "mlp_bias", "embedding_layernorm", "tie_word_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "attention_head_dim",
+            "sliding_window",
+            "rms_norm_eps",
+            "position_embedding",
+            "norm",
+            "mlp",
+            "attention_bias",
+            "mlp_bias",
+            "embedding_layernorm",
+            "tie_word_embeddings",
             "num_local_experts",
         ]
         if self.position_embedding == "rope":
@@ -182,7 +247,7 @@ class ModelConfig(PretrainedConfig):
         return {name: getattr(self, name) for name in names}
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """Build a named preset (see PRESETS), with optional field overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

@@ -8,8 +8,8 @@ Users may point at their own text file or folder instead. Tokenised corpora are 
 from __future__ import annotations
 
 import hashlib
-import io
 import importlib.resources
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -86,8 +86,9 @@ def tokenize_files(files: list[Path], tokenizer: Tokenizer) -> np.ndarray:
         os.replace(temporary, cached)
     except OSError as error:  # a full disk or a read-only cache costs the next start a re-tokenisation, no more
         temporary.unlink(missing_ok=True)
-        logger.warning("tokens not cached at %s: %s (set STARLING_CACHE to a writable folder)", cached,
-                       error.strerror or error)
+        logger.warning(
+            "tokens not cached at %s: %s (set STARLING_CACHE to a writable folder)", cached, error.strerror or error
+        )
     else:
         logger.info("tokenised %d files into %d tokens (cached at %s)", len(files), len(tokens), cached)
     return tokens
@@ -118,7 +119,9 @@ class PackedCorpus:
         """Row indices of each shard: a seeded permutation cut into near-equal parts.
         Shards are disjoint, together cover every sequence, and do not depend on the caller."""
         if not 0 < num_shards <= len(self):
-            raise ValueError(f"num_shards must be between 1 and {len(self)} (the number of sequences), got {num_shards}")
+            raise ValueError(
+                f"num_shards must be between 1 and {len(self)} (the number of sequences), got {num_shards}"
+            )
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed))
         return list(torch.tensor_split(order, num_shards))
 

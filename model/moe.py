@@ -22,7 +22,9 @@ class SparseMoE(nn.Module):
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
         self.router = nn.Linear(config.hidden_size, self.num_experts, bias=False)
-        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * config.intermediate_size, config.hidden_size))
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(self.num_experts, 2 * config.intermediate_size, config.hidden_size)
+        )
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, config.intermediate_size))
         self.kernels_mode = config.kernels
 

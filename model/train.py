@@ -1,6 +1,6 @@
 """Single-process training of a preset on a corpus: the baseline a swarm is compared against.
 
-    starling-train --preset demo --steps 200
+starling-train --preset demo --steps 200
 """
 
 from __future__ import annotations
@@ -64,8 +64,14 @@ def train(model: CausalLM, corpus: PackedCorpus, settings: TrainSettings, log_ev
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             tokens_per_s = (step + 1) * batch.numel() / (time.perf_counter() - started)
-            logger.info("step %d/%d  loss %.3f  lr %.2e  %.0f tokens/s",
-                        step + 1, settings.steps, losses[-1], lr_at(step, settings), tokens_per_s)
+            logger.info(
+                "step %d/%d  loss %.3f  lr %.2e  %.0f tokens/s",
+                step + 1,
+                settings.steps,
+                losses[-1],
+                lr_at(step, settings),
+                tokens_per_s,
+            )
     return losses
 
 
@@ -96,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.manual_seed(args.seed)
     model = CausalLM(config)
-    logger.info("preset %s: %.1fM parameters; corpus: %d sequences of %d tokens",
-                args.preset, model.num_parameters() / 1e6, len(corpus), corpus.seq_len)
+    logger.info(
+        "preset %s: %.1fM parameters; corpus: %d sequences of %d tokens",
+        args.preset,
+        model.num_parameters() / 1e6,
+        len(corpus),
+        corpus.seq_len,
+    )
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     losses = train(model, corpus, settings)
     logger.info("loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))

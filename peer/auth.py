@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Container
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from hivemind.proto.auth_pb2 import AccessToken
@@ -79,12 +79,11 @@ def _decode(text: str) -> bytes:
 
 def _check_fresh(grant: Grant, now: float) -> None:
     if grant.expires_at <= now:
-        when = datetime.fromtimestamp(grant.expires_at, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        when = datetime.fromtimestamp(grant.expires_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
         raise TokenError(f"token for {grant.user!r} expired at {when}")
 
 
-def issue_token(authority: RSAPrivateKey, run_id: str, user: str, ttl_seconds: float,
-                now: float | None = None) -> str:
+def issue_token(authority: RSAPrivateKey, run_id: str, user: str, ttl_seconds: float, now: float | None = None) -> str:
     """A token for `user` in run `run_id`, valid for `ttl_seconds` from `now` (default: the current time)."""
     now = time.time() if now is None else now
     key = authority.get_public_key().to_bytes().decode()
@@ -110,8 +109,11 @@ def parse_token(text: str, now: float | None = None) -> Grant:
     if not isinstance(payload, dict) or payload.get("v") != TOKEN_VERSION:
         raise TokenError(f"malformed token: expected a version {TOKEN_VERSION} payload")
     fields = {"run": str, "user": str, "exp": (int, float), "key": str}
-    wrong = [name for name, kind in fields.items()
-             if not isinstance(payload.get(name), kind) or isinstance(payload.get(name), bool)]
+    wrong = [
+        name
+        for name, kind in fields.items()
+        if not isinstance(payload.get(name), kind) or isinstance(payload.get(name), bool)
+    ]
     if wrong:
         raise TokenError(f"malformed token: missing or mistyped {', '.join(wrong)}")
     try:
@@ -120,8 +122,14 @@ def parse_token(text: str, now: float | None = None) -> Grant:
         raise TokenError("malformed token: 'key' is not an RSA public key in OpenSSH form") from None
     if not key.verify(payload_bytes, base64.b64encode(signature)):
         raise TokenError("bad token signature: the token was altered or not signed by the key it names")
-    grant = Grant(run_id=payload["run"], user=payload["user"], expires_at=float(payload["exp"]),
-                  authority_key=key, payload=payload_bytes, signature=signature)
+    grant = Grant(
+        run_id=payload["run"],
+        user=payload["user"],
+        expires_at=float(payload["exp"]),
+        authority_key=key,
+        payload=payload_bytes,
+        signature=signature,
+    )
     _check_fresh(grant, time.time() if now is None else now)
     return grant
 
@@ -130,8 +138,10 @@ def check_grant_for(grant: Grant, initial_peers: list[str]) -> None:
     """Raises TokenError unless the grant's authority is one of `initial_peers` (by its `/p2p/<id>`)."""
     peer_ids = {peer_id_in_multiaddr(address) for address in initial_peers if "/p2p/" in address}
     if grant.authority_peer_id not in peer_ids:
-        raise TokenError(f"token was not issued by the coordinator at {', '.join(initial_peers) or '(no address)'}"
-                         f" (it was signed by peer {grant.authority_peer_id})")
+        raise TokenError(
+            f"token was not issued by the coordinator at {', '.join(initial_peers) or '(no address)'}"
+            f" (it was signed by peer {grant.authority_peer_id})"
+        )
 
 
 class RunAuthorizer(TokenAuthorizerBase):
@@ -142,8 +152,9 @@ class RunAuthorizer(TokenAuthorizerBase):
     are refused whatever their token says.
     """
 
-    def __init__(self, grant: Grant, local_private_key: RSAPrivateKey | None = None,
-                 revoked: Container[str] = frozenset()) -> None:
+    def __init__(
+        self, grant: Grant, local_private_key: RSAPrivateKey | None = None, revoked: Container[str] = frozenset()
+    ) -> None:
         super().__init__(local_private_key)
         self.grant = grant
         self.revoked = revoked
@@ -159,8 +170,12 @@ class RunAuthorizer(TokenAuthorizerBase):
                 logger.warning(f"{error}: this node can no longer talk to the run's DHT")
                 self._expiry_logged = True
             raise
-        return AccessToken(username=self.grant.user, public_key=self.local_public_key.to_bytes(),
-                           expiration_time=str(self.grant.expires_at), signature=self.grant.token.encode())
+        return AccessToken(
+            username=self.grant.user,
+            public_key=self.local_public_key.to_bytes(),
+            expiration_time=str(self.grant.expires_at),
+            signature=self.grant.token.encode(),
+        )
 
     def is_token_valid(self, access_token: AccessToken) -> bool:
         """Whether a peer's token carries an unexpired, unrevoked grant for this run from this node's authority."""

@@ -60,12 +60,20 @@ class AggregatingAverager(DecentralizedAverager):
         finally:
             self._averaged_fractions.pop(group_info.group_id, None)
 
-    async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
-                                      group_id: bytes | None = None, **kwargs) -> None:
+    async def _run_allreduce_inplace_(
+        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs
+    ) -> None:
         """DecentralizedAverager's in-place all-reduce, with runner_class in place of AllReduceRunner."""
         group_id = group_info.group_id if group_id is None else group_id
-        runner = self.runner_class(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
-                                   group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+        runner = self.runner_class(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
         assert group_id in self._running_groups, f"group {group_id} was not registered for all-reduce"
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
@@ -114,8 +122,11 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
         outcome, fraction = round_outcome(control)
         if outcome is RoundOutcome.PARTIAL:
             self.partial_fractions.append(fraction)
-            logger.warning("partial averaging round: %.1f%% of the gradient was averaged with the group, "
-                           "the rest is this peer's own", 100 * fraction)
+            logger.warning(
+                "partial averaging round: %.1f%% of the gradient was averaged with the group, "
+                "the rest is this peer's own",
+                100 * fraction,
+            )
         self.rounds[outcome] += 1
         return outcome
 

@@ -36,8 +36,7 @@ import threading
 import warnings
 
 import torch
-from hivemind.compression import CompressionBase, CompressionInfo
-from hivemind.compression import serialization
+from hivemind.compression import CompressionBase, CompressionInfo, serialization
 from hivemind.proto import runtime_pb2
 
 from model.kernels import BLOCK_SIZE, dequantize_blockwise, packed_size, quantize_blockwise
@@ -81,8 +80,13 @@ class _BlockwiseCodec(CompressionBase):
 
     def _message(self, buffer: bytes, tensor: torch.Tensor) -> runtime_pb2.Tensor:
         """hivemind's message for a payload of `tensor` (its shape, dtype and autograd flag)."""
-        return runtime_pb2.Tensor(compression=self.compression_type, buffer=buffer, size=tensor.shape,
-                                  dtype=str(tensor.dtype).removeprefix("torch."), requires_grad=tensor.requires_grad)
+        return runtime_pb2.Tensor(
+            compression=self.compression_type,
+            buffer=buffer,
+            size=tensor.shape,
+            dtype=str(tensor.dtype).removeprefix("torch."),
+            requires_grad=tensor.requires_grad,
+        )
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         return (self.bits + 32 / self.block_size) / torch.finfo(info.descriptor.dtype).bits
@@ -104,9 +108,9 @@ class Blockwise8Bit(_BlockwiseCodec):
         payload = _payload_buffer(_HEADER.size + packed_size(values.numel(), self.block_size))
         ctypes.memmove(payload.data_ptr(), _HEADER.pack(MAGIC, self.block_size, values.numel()), _HEADER.size)
         if values.device.type == "cpu":
-            quantize_blockwise(values, self.block_size, out=payload[_HEADER.size:])
+            quantize_blockwise(values, self.block_size, out=payload[_HEADER.size :])
         else:
-            payload[_HEADER.size:].copy_(quantize_blockwise(values, self.block_size))
+            payload[_HEADER.size :].copy_(quantize_blockwise(values, self.block_size))
         return self._message(ctypes.string_at(payload.data_ptr(), payload.numel()), tensor)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
@@ -209,16 +213,20 @@ def quantize_4bit(values: torch.Tensor, block_size: int = BLOCK_SIZE_4BIT) -> tu
     absmax = grid.abs().amax(dim=1)
     scale = torch.where(absmax > 0, _LEVELS_4BIT / absmax, torch.zeros_like(absmax))
     codes = torch.zeros(padded.numel(), dtype=torch.uint8)
-    codes[: blocks * block_size] = (torch.round(grid * scale[:, None]).clamp_(-_LEVELS_4BIT, _LEVELS_4BIT)
-                                    + (_LEVELS_4BIT + 1)).to(torch.uint8).view(-1)
+    codes[: blocks * block_size] = (
+        (torch.round(grid * scale[:, None]).clamp_(-_LEVELS_4BIT, _LEVELS_4BIT) + (_LEVELS_4BIT + 1))
+        .to(torch.uint8)
+        .view(-1)
+    )
     codes = codes[: 2 * -(-numel // 2)]
     if codes.numel() > numel:
         codes[numel:] = _LEVELS_4BIT + 1  # the pad decodes to zero
     return absmax, codes[0::2] | (codes[1::2] << 4)
 
 
-def dequantize_4bit(absmax: torch.Tensor, nibbles: torch.Tensor, numel: int,
-                    block_size: int = BLOCK_SIZE_4BIT) -> torch.Tensor:
+def dequantize_4bit(
+    absmax: torch.Tensor, nibbles: torch.Tensor, numel: int, block_size: int = BLOCK_SIZE_4BIT
+) -> torch.Tensor:
     """The float32 values [numel] that quantize_4bit encoded."""
     codes = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=1).view(-1)[:numel]
     signed = codes.float() - (_LEVELS_4BIT + 1)
@@ -256,14 +264,22 @@ def _decode_4bit(buffer: bytes, serialized_tensor: runtime_pb2.Tensor) -> torch.
     shape = torch.Size(serialized_tensor.size)
     blocks = -(-numel // block_size) if block_size else -1
     if block_size == 0 or shape.numel() != numel or len(buffer) != _HEADER.size + 4 * blocks + -(-numel // 2):
-        raise ValueError(f"payload of {len(buffer)} bytes for {numel} values (block size {block_size}) "
-                         f"does not match the shape {tuple(shape)}")
-    absmax = torch.frombuffer(buffer, dtype=torch.float32, count=blocks, offset=_HEADER.size) if blocks else \
-        torch.empty(0)
-    nibbles = torch.frombuffer(buffer, dtype=torch.uint8, offset=_HEADER.size + 4 * blocks) if numel else \
-        torch.empty(0, dtype=torch.uint8)
+        raise ValueError(
+            f"payload of {len(buffer)} bytes for {numel} values (block size {block_size}) "
+            f"does not match the shape {tuple(shape)}"
+        )
+    absmax = (
+        torch.frombuffer(buffer, dtype=torch.float32, count=blocks, offset=_HEADER.size) if blocks else torch.empty(0)
+    )
+    nibbles = (
+        torch.frombuffer(buffer, dtype=torch.uint8, offset=_HEADER.size + 4 * blocks)
+        if numel
+        else torch.empty(0, dtype=torch.uint8)
+    )
     values = dequantize_4bit(absmax, nibbles, numel, block_size)
-    return values.to(getattr(torch, serialized_tensor.dtype)).view(shape).requires_grad_(serialized_tensor.requires_grad)
+    return (
+        values.to(getattr(torch, serialized_tensor.dtype)).view(shape).requires_grad_(serialized_tensor.requires_grad)
+    )
 
 
 class _Blockwise4BitEntry(Blockwise4Bit):

@@ -17,8 +17,8 @@ It runs on hivemind.Optimizer's machinery with the roles of its parts changed:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import hivemind
 import torch
@@ -27,8 +27,13 @@ from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 
 from peer.averager import CountingGradientAverager
 from peer.compression import pseudo_gradient_compression
-from peer.optimizer import (CollaborativeOptimizer, lr_multiplier, make_inner_optimizer, make_state_optimizer,
-                            swarm_options)
+from peer.optimizer import (
+    CollaborativeOptimizer,
+    lr_multiplier,
+    make_inner_optimizer,
+    make_state_optimizer,
+    swarm_options,
+)
 from peer.run_config import RunConfig
 from peer.state_loading import CheckedStateAverager
 
@@ -70,9 +75,13 @@ class ErrorFeedback:
         """The values the all-reduce sends of tensor `index`: hivemind's TensorPartContainer cuts
         each tensor into parts of part_size_bytes after compression and compresses each alone."""
         info = CompressionInfo.from_tensor(tensor, key=index)
-        part_values = int(self.part_size_bytes / (tensor.element_size() * self.compression.estimate_compression_ratio(info)))
-        parts = [deserialize_torch_tensor(self.compression.compress(part, info.get_part(i, part_values)))
-                 for i, part in enumerate(tensor.reshape(-1).split(part_values))]
+        part_values = int(
+            self.part_size_bytes / (tensor.element_size() * self.compression.estimate_compression_ratio(info))
+        )
+        parts = [
+            deserialize_torch_tensor(self.compression.compress(part, info.get_part(i, part_values)))
+            for i, part in enumerate(tensor.reshape(-1).split(part_values))
+        ]
         return torch.cat(parts).view_as(tensor)
 
 
@@ -212,8 +221,14 @@ class DilocoOptimizer(CollaborativeOptimizer):
         return applied
 
 
-def make_diloco_optimizer(model: torch.nn.Module, dht: hivemind.DHT, run: RunConfig, batch_size_per_step: int | None,
-                          auxiliary: bool = False, verbose: bool = False) -> DilocoOptimizer:
+def make_diloco_optimizer(
+    model: torch.nn.Module,
+    dht: hivemind.DHT,
+    run: RunConfig,
+    batch_size_per_step: int | None,
+    auxiliary: bool = False,
+    verbose: bool = False,
+) -> DilocoOptimizer:
     """The collaborative optimizer of a DiLoCo-mode run (see the module docstring)."""
     averaging, diloco = run.averaging, run.diloco
     compression = pseudo_gradient_compression(diloco, averaging)
@@ -227,7 +242,11 @@ def make_diloco_optimizer(model: torch.nn.Module, dht: hivemind.DHT, run: RunCon
         target_batch_size=run.samples_per_epoch,
         offload_optimizer=True,  # the outer state lives on the CPU, in float32
         grad_compression=compression,
-        grad_averager_factory=partial(PseudoGradientAverager, aggregation=averaging.aggregation,
-                                      request_timeout=averaging.request_timeout, error_feedback=error_feedback),
+        grad_averager_factory=partial(
+            PseudoGradientAverager,
+            aggregation=averaging.aggregation,
+            request_timeout=averaging.request_timeout,
+            error_feedback=error_feedback,
+        ),
         **swarm_options(dht, run, batch_size_per_step, auxiliary, verbose),
     )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
 
 import hivemind
-from hivemind.utils import get_dht_time
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.utils import get_dht_time
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
 # hivemind's schema validator works with pydantic's v1 API.
 from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -45,12 +45,12 @@ class PeerMetrics(BaseModel):
     rounds_failed: StrictInt = 0
     mode: StrictStr = "batch"  # the run's training mode (peer.run_config.MODES)
     inner_steps: StrictInt = 0  # DiLoCo mode: local optimizer steps so far
-    addresses: List[StrictStr]  # where others can reach it (empty in client mode)
+    addresses: list[StrictStr]  # where others can reach it (empty in client mode)
     time: StrictFloat
 
 
 class MetricsSchema(BaseModel):
-    metrics: Dict[BytesWithPublicKey, PeerMetrics]
+    metrics: dict[BytesWithPublicKey, PeerMetrics]
 
 
 def schema_validator(run_id: str) -> SchemaValidator:
@@ -90,7 +90,7 @@ class PrometheusMetrics:
     rounds: dict[RoundOutcome, Counter]
 
     @classmethod
-    def create(cls) -> "PrometheusMetrics":
+    def create(cls) -> PrometheusMetrics:
         registry = CollectorRegistry()
         metrics = cls(
             registry=registry,
@@ -98,8 +98,10 @@ class PrometheusMetrics:
             loss=Gauge("starling_peer_loss", "Training loss of the latest micro-batch", registry=registry),
             samples_per_second=Gauge("starling_peer_samples_per_second", "This peer's throughput", registry=registry),
             epoch=Gauge("starling_peer_epoch", "Global epoch this peer is on", registry=registry),
-            rounds={outcome: Counter(f"starling_peer_averaging_rounds_{outcome.value}", help_text, registry=registry)
-                    for outcome, help_text in ROUND_HELP.items()},
+            rounds={
+                outcome: Counter(f"starling_peer_averaging_rounds_{outcome.value}", help_text, registry=registry)
+                for outcome, help_text in ROUND_HELP.items()
+            },
         )
         metrics.loss.set(float("nan"))  # no loss until the first micro-batch
         return metrics
@@ -107,5 +109,3 @@ class PrometheusMetrics:
     def serve(self, port: int, host: str = "127.0.0.1"):
         """Serve /metrics on host:port (loopback by default); returns (server, thread)."""
         return start_http_server(port, addr=host, registry=self.registry)
-
-

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Callable, Iterable
 
 import hivemind
 import torch
@@ -26,7 +26,9 @@ def inner_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return {"adamw8bit": bnb.optim.AdamW8bit, "lamb8bit": bnb.optim.LAMB8bit}[name]
 
 
-def with_gradient_clipping(optimizer_class: type[torch.optim.Optimizer], max_norm: float) -> type[torch.optim.Optimizer]:
+def with_gradient_clipping(
+    optimizer_class: type[torch.optim.Optimizer], max_norm: float
+) -> type[torch.optim.Optimizer]:
     """A subclass whose step() first clips the (averaged) gradients to a global norm."""
 
     class Clipped(optimizer_class):
@@ -72,7 +74,9 @@ def make_state_optimizer(params: Iterable, run: RunConfig) -> torch.optim.Optimi
     return make_inner_optimizer(params, run.training)
 
 
-def make_state_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+def make_state_scheduler(
+    optimizer: torch.optim.Optimizer, run: RunConfig
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The learning-rate schedule by epoch of the state optimizer: none for DiLoCo's outer steps."""
     if run.training.mode == "diloco":
         return None
@@ -90,17 +94,31 @@ class CollaborativeOptimizer(hivemind.Optimizer):
     def _make_state_averager(self, **kwargs) -> CheckedStateAverager:
         # hivemind.Optimizer's own settings for its TrainingStateAverager
         return self.state_averager_class(
-            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
-            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
-            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
-            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
-            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
         )
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> RunProgressTracker:
-        return RunProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
-                                  client_mode=self.client_mode, status_loglevel=self.status_loglevel,
-                                  start=True, **kwargs)
+        return RunProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
 
     def load_state_from_peers(self, **kwargs) -> bool:
         """hivemind.Optimizer's load (keyword arguments go to CheckedStateAverager's); returns whether
@@ -111,8 +129,11 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         return self.state_averager.states_received > received
 
     def _scheduled_rounds(self) -> list[StepControl]:
-        return [control for control in (self.scheduled_grads, self.scheduled_state)
-                if control is not None and not control.done()]
+        return [
+            control
+            for control in (self.scheduled_grads, self.scheduled_state)
+            if control is not None and not control.done()
+        ]
 
     def leave_matchmaking(self) -> None:
         """Cancel the rounds still looking for a group; safe from another thread. A stopping peer
@@ -165,14 +186,16 @@ def make_collaborative_optimizer(
         offload_optimizer=averaging.offload_optimizer,
         delay_optimizer_step=averaging.delay_optimizer_step,
         grad_compression=gradient_compression(averaging),
-        grad_averager_factory=partial(CountingGradientAverager, aggregation=averaging.aggregation,
-                                      request_timeout=averaging.request_timeout),
+        grad_averager_factory=partial(
+            CountingGradientAverager, aggregation=averaging.aggregation, request_timeout=averaging.request_timeout
+        ),
         **swarm_options(dht, run, batch_size_per_step, auxiliary, verbose),
     )
 
 
-def swarm_options(dht: hivemind.DHT, run: RunConfig, batch_size_per_step: int | None, auxiliary: bool,
-                  verbose: bool) -> dict:
+def swarm_options(
+    dht: hivemind.DHT, run: RunConfig, batch_size_per_step: int | None, auxiliary: bool, verbose: bool
+) -> dict:
     """hivemind.Optimizer's settings that both modes share: the records, timeouts, state averaging."""
     averaging = run.averaging
     return dict(

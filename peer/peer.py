@@ -8,9 +8,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import hivemind
 import torch
@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 from model import CausalLM
 from model.data import load_corpus
 from peer import metrics, run_record
-from peer.events import EventLog
 from peer.auth import RunAuthorizer, check_grant_for, parse_token
 from peer.averager import CountingGradientAverager, RoundOutcome
 from peer.device import device_name, largest_micro_batch, resolve_device
-from peer.identity import check_multiaddrs
 from peer.diloco import DilocoOptimizer
+from peer.events import EventLog
+from peer.identity import check_multiaddrs
 from peer.optimizer import make_collaborative_optimizer
 from peer.run_config import RunConfig
 from peer.shards import ShardReader
@@ -68,8 +68,11 @@ class PeerOptions:
 
     def check(self) -> None:
         """Raise ValueError naming the first option a volunteer got wrong."""
-        for option, addresses in (("initial_peers", self.initial_peers), ("host_maddrs", self.host_maddrs),
-                                  ("announce_maddrs", self.announce_maddrs)):
+        for option, addresses in (
+            ("initial_peers", self.initial_peers),
+            ("host_maddrs", self.host_maddrs),
+            ("announce_maddrs", self.announce_maddrs),
+        ):
             check_multiaddrs(option, addresses)
         for address in self.initial_peers:
             if "/p2p/" not in address:
@@ -93,10 +96,10 @@ class PeerCallbacks:
     """Functions a harness, a notebook or a test gives a peer; each is called with the peer, in its
     training thread."""
 
-    on_epoch: Callable[["Peer"], None] | None = None  # an epoch ended (after the peer's own checks)
+    on_epoch: Callable[[Peer], None] | None = None  # an epoch ended (after the peer's own checks)
     # DiLoCo mode: the round's inner steps are over; the model holds this peer's local parameters,
     # about to become the pseudo-gradient (optimizer.grad_averager.local_samples_accumulated: its weight).
-    on_round_end: Callable[["Peer"], None] | None = None
+    on_round_end: Callable[[Peer], None] | None = None
 
 
 @dataclass
@@ -141,14 +144,17 @@ def _stop_on_sigterm(stop: threading.Event):
 class Peer:
     """A training peer. `Peer(initial_peers=[...], **options).run(duration=None, max_epochs=None)`."""
 
-    def __init__(self, initial_peers: list[str] | tuple[str, ...] = (), callbacks: PeerCallbacks | None = None,
-                 **options) -> None:
+    def __init__(
+        self, initial_peers: list[str] | tuple[str, ...] = (), callbacks: PeerCallbacks | None = None, **options
+    ) -> None:
         self.options = PeerOptions(initial_peers=list(initial_peers), **options)
         self.callbacks = callbacks or PeerCallbacks()
         self.options.check()
         self.device = resolve_device(self.options.device)
         if not self.options.initial_peers and self.options.config is None:
-            raise ValueError("initial_peers: give the addresses the coordinator printed (or --config for an offline run)")
+            raise ValueError(
+                "initial_peers: give the addresses the coordinator printed (or --config for an offline run)"
+            )
         # Offline runs read the run from a file; otherwise it comes from the coordinator through the DHT.
         self.run_config = RunConfig.load(self.options.config) if self.options.config else None
         self.grant = parse_token(self.options.token) if self.options.token else None
@@ -196,12 +202,16 @@ class Peer:
             if "bootstrap failed" not in str(error):
                 raise
             hint = "check that your --token is current" if self.grant else "if the run is moderated, pass --token"
-            raise PeerError(f"the initial peers ({', '.join(self.options.initial_peers)}) did not accept this peer: "
-                            f"{hint}") from None
+            raise PeerError(
+                f"the initial peers ({', '.join(self.options.initial_peers)}) did not accept this peer: {hint}"
+            ) from None
         self.peer_id = str(self.dht.peer_id)
         self._addresses = [str(a) for a in self.dht.get_visible_maddrs()]
-        logger.info("joined the DHT as %s; others can join with --initial-peers %s", self.peer_id,
-                    " ".join(str(a) for a in self.dht.get_visible_maddrs()))
+        logger.info(
+            "joined the DHT as %s; others can join with --initial-peers %s",
+            self.peer_id,
+            " ".join(str(a) for a in self.dht.get_visible_maddrs()),
+        )
 
     def _join_run(self) -> None:
         """Read the run's configuration from the coordinator's signed record, unless given a file."""
@@ -229,7 +239,11 @@ class Peer:
 
     def _start_optimizer(self) -> None:
         self.optimizer = make_collaborative_optimizer(
-            self.model, self.dht, self.run_config, self.micro_batch or None, auxiliary=self.options.auxiliary,
+            self.model,
+            self.dht,
+            self.run_config,
+            self.micro_batch or None,
+            auxiliary=self.options.auxiliary,
         )
         if isinstance(self.optimizer, DilocoOptimizer) and self.callbacks.on_round_end is not None:
             self.optimizer.before_outer_step = lambda: self.callbacks.on_round_end(self)
@@ -285,8 +299,12 @@ class Peer:
         """Ask a running peer to finish its current step and shut down."""
         self._stop.set()
 
-    def run(self, duration: float | None = None, max_epochs: int | None = None,
-            start_line: Callable[["Peer"], None] | None = None) -> PeerSummary:
+    def run(
+        self,
+        duration: float | None = None,
+        max_epochs: int | None = None,
+        start_line: Callable[[Peer], None] | None = None,
+    ) -> PeerSummary:
         """Train until `duration` seconds pass, the run's epoch reaches `max_epochs`, stop() is
         called, or the process is interrupted (Ctrl-C, SIGTERM). Returns what this peer did.
         `start_line`, if given, is called once the peer has joined the run and loaded its state, just
@@ -305,8 +323,13 @@ class Peer:
             self._join_run()
             self._build_model()
             self._start_optimizer()
-            self._emit("joined", peer_id=self.peer_id, run_id=self.run_config.run_id, epoch=self.epoch,
-                       addresses=self._addresses)
+            self._emit(
+                "joined",
+                peer_id=self.peer_id,
+                run_id=self.run_config.run_id,
+                epoch=self.epoch,
+                addresses=self._addresses,
+            )
             threading.Thread(target=self._leave_matchmaking_on_stop, name="starling-stop", daemon=True).start()
             if start_line is not None:
                 start_line(self)
@@ -400,8 +423,14 @@ class Peer:
         """A collaborative step happened: reload state if our parameters went bad or off the swarm's."""
         averager = self._grad_averager
         outcomes = averager.settle_rounds() if isinstance(averager, CountingGradientAverager) else []
-        self._emit("epoch", epoch=self.optimizer.local_epoch, rounds=[outcome.value for outcome in outcomes],
-                   off_swarm=self.off_swarm, inner_steps=self.inner_steps, samples_contributed=self.samples_contributed)
+        self._emit(
+            "epoch",
+            epoch=self.optimizer.local_epoch,
+            rounds=[outcome.value for outcome in outcomes],
+            off_swarm=self.off_swarm,
+            inner_steps=self.inner_steps,
+            samples_contributed=self.samples_contributed,
+        )
         if not all(bool(p.isfinite().all()) for p in self.model.parameters()):
             logger.warning("parameters became non-finite: reloading state from peers")
             self.load_state_from_peers()
@@ -410,8 +439,12 @@ class Peer:
         self.prometheus.epoch.set(self.optimizer.local_epoch)
         if self.callbacks.on_epoch is not None:
             self.callbacks.on_epoch(self)
-        logger.info("epoch %d: loss %.3f, %d samples contributed so far", self.optimizer.local_epoch,
-                    float("nan") if self.last_loss is None else self.last_loss, self.samples_contributed)
+        logger.info(
+            "epoch %d: loss %.3f, %d samples contributed so far",
+            self.optimizer.local_epoch,
+            float("nan") if self.last_loss is None else self.last_loss,
+            self.samples_contributed,
+        )
 
     def _resynchronise_after_bad_rounds(self, outcomes: list[RoundOutcome], state_outcomes: list[RoundOutcome]) -> None:
         """After a partial or failed gradient round this peer stepped on values the others did not
@@ -426,16 +459,23 @@ class Peer:
             return  # the round was cancelled because this peer is leaving
         if RoundOutcome.PARTIAL in outcomes or RoundOutcome.FAILED in outcomes:
             if not self.off_swarm:
-                logger.warning("the gradient round before epoch %d was %s: this peer's parameters are off the "
-                               "swarm's until it resynchronises", epoch, outcomes[-1].value)
+                logger.warning(
+                    "the gradient round before epoch %d was %s: this peer's parameters are off the "
+                    "swarm's until it resynchronises",
+                    epoch,
+                    outcomes[-1].value,
+                )
             self._set_off_swarm(True)
             self._resync_after = time.monotonic() + RESYNC_DELAY
         elif self.off_swarm and RoundOutcome.SUCCEEDED in state_outcomes:
             logger.info("back with the swarm: state averaged with the group before epoch %d", epoch)
             self._set_off_swarm(False)
         elif self.off_swarm and state_outcomes:
-            logger.warning("the state averaging round before epoch %d was %s: still off the swarm's parameters",
-                           epoch, state_outcomes[-1].value)
+            logger.warning(
+                "the state averaging round before epoch %d was %s: still off the swarm's parameters",
+                epoch,
+                state_outcomes[-1].value,
+            )
 
     def _maybe_resynchronise(self) -> None:
         """Load the state of a peer of this epoch whose rounds succeeded, once one offers it. The
@@ -469,28 +509,33 @@ class Peer:
         self._reported_rounds = rounds
         self.prometheus.samples_per_second.set(self.samples_per_second)
         seq_len = self.run_config.data.seq_len
-        self._pending_publish = metrics.publish(self.dht, self.run_config.run_id, self.signer, metrics.PeerMetrics(
-            peer_id=self.peer_id,
-            name=self.options.name or self.peer_id[-8:],
-            epoch=self.optimizer.local_epoch,
-            loss=float(self.last_loss if self.last_loss is not None else float("nan")),
-            samples_per_second=float(self.samples_per_second),
-            tokens_per_second=float(self.samples_per_second * seq_len),
-            samples_contributed=self.samples_contributed,
-            device=self.device.type,
-            device_name=device_name(self.device),
-            micro_batch=self.micro_batch,
-            client_mode=self.options.client_mode,
-            auxiliary=self.options.auxiliary,
-            version=VERSION,
-            rounds_succeeded=rounds[RoundOutcome.SUCCEEDED],
-            rounds_partial=rounds[RoundOutcome.PARTIAL],
-            rounds_failed=rounds[RoundOutcome.FAILED],
-            mode=self.run_config.training.mode,
-            inner_steps=self.inner_steps,
-            addresses=[] if self.options.client_mode else self._addresses,
-            time=time.time(),
-        ))
+        self._pending_publish = metrics.publish(
+            self.dht,
+            self.run_config.run_id,
+            self.signer,
+            metrics.PeerMetrics(
+                peer_id=self.peer_id,
+                name=self.options.name or self.peer_id[-8:],
+                epoch=self.optimizer.local_epoch,
+                loss=float(self.last_loss if self.last_loss is not None else float("nan")),
+                samples_per_second=float(self.samples_per_second),
+                tokens_per_second=float(self.samples_per_second * seq_len),
+                samples_contributed=self.samples_contributed,
+                device=self.device.type,
+                device_name=device_name(self.device),
+                micro_batch=self.micro_batch,
+                client_mode=self.options.client_mode,
+                auxiliary=self.options.auxiliary,
+                version=VERSION,
+                rounds_succeeded=rounds[RoundOutcome.SUCCEEDED],
+                rounds_partial=rounds[RoundOutcome.PARTIAL],
+                rounds_failed=rounds[RoundOutcome.FAILED],
+                mode=self.run_config.training.mode,
+                inner_steps=self.inner_steps,
+                addresses=[] if self.options.client_mode else self._addresses,
+                time=time.time(),
+            ),
+        )
 
     # ---- shutdown ----------------------------------------------------------------------------
 
@@ -543,4 +588,3 @@ class Peer:
             state_loads=self.state_loads,
             resyncs=self.resyncs,
         )
-

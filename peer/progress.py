@@ -32,6 +32,9 @@ class RunProgressTracker(ProgressTracker):
     def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
         self._latest_records = metadata
         if isinstance(metadata, dict) and self.ignored_peers:
-            metadata = {key: record for key, record in metadata.items()
-                        if not (isinstance(record.value, dict) and record.value.get("peer_id") in self.ignored_peers)}
+            metadata = {
+                key: record
+                for key, record in metadata.items()
+                if not (isinstance(record.value, dict) and record.value.get("peer_id") in self.ignored_peers)
+            }
         return super()._parse_swarm_progress_data(metadata)

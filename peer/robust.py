@@ -32,8 +32,9 @@ ITERATIONS = 20
 TOLERANCE = 1e-4  # stop once the centre moves by less than this fraction of the radius
 
 
-def centered_clip(parts: Sequence[torch.Tensor], weights: torch.Tensor, clip_factor: float = CLIP_FACTOR,
-                  iterations: int = ITERATIONS) -> torch.Tensor:
+def centered_clip(
+    parts: Sequence[torch.Tensor], weights: torch.Tensor, clip_factor: float = CLIP_FACTOR, iterations: int = ITERATIONS
+) -> torch.Tensor:
     """The robust weighted centre of equally shaped parts (see the module docstring); a tensor
     [senders, values] works as the sequence of its rows. All-NaN when no part with positive
     weight is finite.
@@ -91,7 +92,7 @@ class _PartCollector:
         self.parts: list[torch.Tensor] = []
         self.weights: list[float] = []
 
-    def add_(self, part: torch.Tensor, alpha: float = 1.0) -> "_PartCollector":
+    def add_(self, part: torch.Tensor, alpha: float = 1.0) -> _PartCollector:
         self.parts.append(part.float())
         self.weights.append(alpha)
         return self

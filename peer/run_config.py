@@ -150,25 +150,29 @@ class RunConfig:
         run id averages with nobody of this run and never counts toward its epochs. Local choices
         (kernels, the corpus path, averaging and coordinator settings) are left out; the outer rounds
         ([diloco]) are in it when the run trains in that mode."""
-        agreed = {"model": {"preset": self.model.preset, "overrides": self.model.overrides},
-                  "data": {"seq_len": self.data.seq_len, "num_shards": self.data.num_shards},
-                  "training": dataclasses.asdict(self.training)}
+        agreed = {
+            "model": {"preset": self.model.preset, "overrides": self.model.overrides},
+            "data": {"seq_len": self.data.seq_len, "num_shards": self.data.num_shards},
+            "training": dataclasses.asdict(self.training),
+        }
         if self.training.mode == "diloco":
             agreed["diloco"] = dataclasses.asdict(self.diloco)
         digest = hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()
         return f"{self.run_id}_{digest[:12]}"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "run config") -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "run config") -> RunConfig:
         config = _build(cls, data, source, prefix="")
         if "diloco" in data and config.training.mode != "diloco":
-            raise RunConfigError(f"{source}: [diloco] is only for training.mode = \"diloco\" "
-                                 f"(this run's mode is {config.training.mode!r})")
+            raise RunConfigError(
+                f'{source}: [diloco] is only for training.mode = "diloco" '
+                f"(this run's mode is {config.training.mode!r})"
+            )
         config.validate(source)
         return config
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def load(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -180,30 +184,45 @@ class RunConfig:
 
     def validate(self, source: str = "run config") -> None:
         checks = [
-            ("run_id", bool(self.run_id) and self.run_id.replace("-", "").replace("_", "").isalnum(),
-             "letters, digits, '-' and '_' only"),
+            (
+                "run_id",
+                bool(self.run_id) and self.run_id.replace("-", "").replace("_", "").isalnum(),
+                "letters, digits, '-' and '_' only",
+            ),
             ("data.seq_len", self.data.seq_len >= 2, "at least 2"),
             ("data.num_shards", self.data.num_shards >= 1, "at least 1"),
             ("training.mode", self.training.mode in MODES, f"one of {', '.join(MODES)}"),
             ("training.target_batch_size", self.training.target_batch_size >= 1, "at least 1"),
             ("training.optimizer", self.training.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("training.lr", self.training.lr > 0, "positive"),
-            ("training.betas", len(self.training.betas) == 2 and all(0 <= b < 1 for b in self.training.betas),
-             "two numbers in [0, 1)"),
+            (
+                "training.betas",
+                len(self.training.betas) == 2 and all(0 <= b < 1 for b in self.training.betas),
+                "two numbers in [0, 1)",
+            ),
             ("training.total_epochs", self.training.total_epochs >= 1, "at least 1"),
             ("training.warmup_epochs", 0 <= self.training.warmup_epochs, "non-negative"),
             ("training.max_grad_norm", self.training.max_grad_norm > 0, "positive"),
             ("diloco.inner_batch_size", self.diloco.inner_batch_size >= 1, "at least 1"),
-            ("diloco.samples_per_round", self.diloco.samples_per_round >= self.diloco.inner_batch_size,
-             "at least diloco.inner_batch_size (one inner step)"),
+            (
+                "diloco.samples_per_round",
+                self.diloco.samples_per_round >= self.diloco.inner_batch_size,
+                "at least diloco.inner_batch_size (one inner step)",
+            ),
             ("diloco.outer_lr", 0 < self.diloco.outer_lr <= MAX_OUTER_LR, f"in (0, {MAX_OUTER_LR}]"),
             ("diloco.outer_momentum", 0 <= self.diloco.outer_momentum < 1, "in [0, 1)"),
-            ("diloco.compression", self.diloco.compression in PSEUDO_GRADIENT_COMPRESSIONS,
-             f"one of {', '.join(PSEUDO_GRADIENT_COMPRESSIONS)}"),
+            (
+                "diloco.compression",
+                self.diloco.compression in PSEUDO_GRADIENT_COMPRESSIONS,
+                f"one of {', '.join(PSEUDO_GRADIENT_COMPRESSIONS)}",
+            ),
             ("averaging.matchmaking_time", self.averaging.matchmaking_time > 0, "positive"),
             ("averaging.averaging_timeout", self.averaging.averaging_timeout > 0, "positive"),
-            ("averaging.part_timeout", 0 < self.averaging.part_timeout <= self.averaging.averaging_timeout,
-             "positive and at most averaging.averaging_timeout"),
+            (
+                "averaging.part_timeout",
+                0 < self.averaging.part_timeout <= self.averaging.averaging_timeout,
+                "positive and at most averaging.averaging_timeout",
+            ),
             ("averaging.compression", self.averaging.compression in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}"),
             ("averaging.aggregation", self.averaging.aggregation in AGGREGATIONS, f"one of {', '.join(AGGREGATIONS)}"),
             ("averaging.average_state_every", self.averaging.average_state_every >= 1, "at least 1"),

@@ -33,8 +33,9 @@ class RunRecordMissing(LookupError):
 def publish(dht: hivemind.DHT, signer: RSASignatureValidator, run: RunConfig, coordinator: dict) -> bool:
     """Store the signed run record; `coordinator` says where to find the coordinator's services."""
     value = {"format": RECORD_FORMAT, "config": run.to_dict(), "coordinator": coordinator, "published": time.time()}
-    return dht.store(RUN_KEY, subkey=signer.local_public_key, value=value,
-                     expiration_time=get_dht_time() + RECORD_EXPIRATION)
+    return dht.store(
+        RUN_KEY, subkey=signer.local_public_key, value=value, expiration_time=get_dht_time() + RECORD_EXPIRATION
+    )
 
 
 def _publisher_peer_id(subkey: bytes) -> str | None:
@@ -63,8 +64,10 @@ def fetch(dht: hivemind.DHT, initial_peers: list[str], timeout: float = 15.0) ->
                 continue
             record = entry.value
             if record.get("format") != RECORD_FORMAT:
-                raise RunConfigError(f"the run uses record format {record.get('format')!r}, this peer reads "
-                                     f"format {RECORD_FORMAT}: install the Starling version the run asks for")
+                raise RunConfigError(
+                    f"the run uses record format {record.get('format')!r}, this peer reads "
+                    f"format {RECORD_FORMAT}: install the Starling version the run asks for"
+                )
             config = RunConfig.from_dict(record.get("config"), source="the run's published configuration")
             return config, record.get("coordinator") or {}
         if time.monotonic() >= deadline:

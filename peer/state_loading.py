@@ -15,7 +15,8 @@ import math
 import multiprocessing
 import random
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -98,8 +99,11 @@ class DonorCheckingAverager(DecentralizedAverager):
                     self._refused_donors.add(donor.to_bytes())
                     continue
                 if state[0]["epoch"] < self._min_state_epoch.value:
-                    logger.info("%s sent the state of epoch %d, older than this peer's; asking the next donor",
-                                donor, state[0]["epoch"])
+                    logger.info(
+                        "%s sent the state of epoch %d, older than this peer's; asking the next donor",
+                        donor,
+                        state[0]["epoch"],
+                    )
                     continue
                 self._states_received.value += 1
                 future.set_result(state)
@@ -111,10 +115,16 @@ class DonorCheckingAverager(DecentralizedAverager):
 
     def _donors_by_priority(self) -> list[PeerID]:
         """Peers offering their state, highest priority (latest epoch) first, ties in random order."""
-        priority = {peer: (value, random.random()) for peer, value in state_offers(self.dht, self.prefix).items()
-                    if value >= self._min_donor_priority.value}
-        return [peer for peer in sorted(priority, key=priority.get, reverse=True)
-                if peer != self.peer_id and peer.to_bytes() not in self._refused_donors]
+        priority = {
+            peer: (value, random.random())
+            for peer, value in state_offers(self.dht, self.prefix).items()
+            if value >= self._min_donor_priority.value
+        }
+        return [
+            peer
+            for peer in sorted(priority, key=priority.get, reverse=True)
+            if peer != self.peer_id and peer.to_bytes() not in self._refused_donors
+        ]
 
     async def _download_state(self, donor: PeerID, timeout: float | None) -> State | None:
         started = time.monotonic()
@@ -159,11 +169,13 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
     def state_sharing_priority(self, value: float) -> None:
         """hivemind offers a peer's state with its epoch as priority; a peer off the swarm offers it
         with OFF_SWARM_PENALTY less, after every peer of its epoch that is not."""
-        DecentralizedAverager.state_sharing_priority.fset(self, value - OFF_SWARM_PENALTY if self.off_swarm and value
-                                                          else value)
+        DecentralizedAverager.state_sharing_priority.fset(
+            self, value - OFF_SWARM_PENALTY if self.off_swarm and value else value
+        )
 
-    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None,
-                              min_donor_priority: float = -math.inf):
+    def load_state_from_peers(
+        self, wait: bool = True, timeout: float | None = None, min_donor_priority: float = -math.inf
+    ):
         """TrainingStateAverager's load from the first donor by priority whose state fits, asking
         only donors that offer at least min_donor_priority. hivemind discards a state older than its
         local epoch after downloading it: such a donor is passed over before."""
@@ -184,8 +196,11 @@ def state_offers(dht: DHT, prefix: str) -> dict[PeerID, float]:
     epoch of their state; the coordinator's checkpoint counts half an epoch more)."""
     found = dht.get(f"{prefix}.all_averagers", latest=True)
     offers = found.value if found is not None and isinstance(found.value, dict) else {}
-    return {PeerID(peer_id): float(offer.value) for peer_id, offer in offers.items()
-            if isinstance(offer, ValueWithExpiration) and isinstance(offer.value, (float, int))}
+    return {
+        PeerID(peer_id): float(offer.value)
+        for peer_id, offer in offers.items()
+        if isinstance(offer, ValueWithExpiration) and isinstance(offer.value, (float, int))
+    }
 
 
 def check_metadata_epoch(metadata: Any) -> str | None:

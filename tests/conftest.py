@@ -53,14 +53,27 @@ def write_run_config():
     diloco={...} makes it a DiLoCo-mode run with those [diloco] keys."""
 
     def write(folder: Path, diloco: dict | None = None, **overrides) -> Path:
-        values = dict(run_id=f"test-{folder.name[-12:].replace('_', '-')}", seq_len=32, target_batch_size=64,
-                      lr=1e-3, num_shards=64, matchmaking_time=2.0, compression="adaptive-8bit", average_state_every=1,
-                      checkpoint_every=10, auth="open", mode="batch", optimizer="adamw", max_grad_norm=1.0,
-                      diloco_section="")
+        values = dict(
+            run_id=f"test-{folder.name[-12:].replace('_', '-')}",
+            seq_len=32,
+            target_batch_size=64,
+            lr=1e-3,
+            num_shards=64,
+            matchmaking_time=2.0,
+            compression="adaptive-8bit",
+            average_state_every=1,
+            checkpoint_every=10,
+            auth="open",
+            mode="batch",
+            optimizer="adamw",
+            max_grad_norm=1.0,
+            diloco_section="",
+        )
         if diloco is not None:
             values["mode"] = "diloco"
-            values["diloco_section"] = "[diloco]\n" + "".join(f"{key} = {json.dumps(value)}\n"
-                                                              for key, value in diloco.items())
+            values["diloco_section"] = "[diloco]\n" + "".join(
+                f"{key} = {json.dumps(value)}\n" for key, value in diloco.items()
+            )
         values.update(overrides)
         path = folder / "run.toml"
         path.write_text(RUN_TOML.format(**values))
@@ -89,9 +102,13 @@ class WorkerPeer:
         (folder / "spec.json").write_text(json.dumps(spec))
         self.log = open(folder / "log.txt", "w")
         # One compute thread per peer: several peers share this machine's cores.
-        self.process = subprocess.Popen([*wrap, sys.executable, str(PEER_WORKER), str(folder / "spec.json")],
-                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.process = subprocess.Popen(
+            [*wrap, sys.executable, str(PEER_WORKER), str(folder / "spec.json")],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
 
     def wait(self, timeout: float) -> dict:
         code = self.process.wait(timeout=timeout)
@@ -133,20 +150,42 @@ class WorkerPeer:
 @pytest.fixture
 def launch_peer(tmp_path):
     """launch_peer(name, duration=, max_epochs=, slow=, start_after=, hold=, snapshots=, die_in_round=,
-    drop_reducer_in_round=, model_overrides=, wrap=, **peer_options) -> WorkerPeer (see tests/workers/peer_worker.py). A peer
-    launched with hold=True joins, then waits for release_peers to start training."""
+    drop_reducer_in_round=, model_overrides=, wrap=, **peer_options) -> WorkerPeer (see
+    tests/workers/peer_worker.py). A peer launched with hold=True joins, then waits for
+    release_peers to start training."""
     started = []
 
-    def launch(name: str, duration=None, max_epochs=None, slow=None, start_after=None, hold=False,
-               snapshots=False, die_in_round=None, drop_reducer_in_round=None, model_overrides=None, wrap=(),
-               **options) -> WorkerPeer:
+    def launch(
+        name: str,
+        duration=None,
+        max_epochs=None,
+        slow=None,
+        start_after=None,
+        hold=False,
+        snapshots=False,
+        die_in_round=None,
+        drop_reducer_in_round=None,
+        model_overrides=None,
+        wrap=(),
+        **options,
+    ) -> WorkerPeer:
         options = {"batch_size": 4, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "name": name, **options}
-        worker = WorkerPeer(tmp_path / name, dict(options=options, duration=duration, max_epochs=max_epochs,
-                                                        slow=slow, start_after=start_after and str(start_after),
-                                                        hold_until=str(tmp_path / RELEASE_FILE) if hold else None,
-                                                        snapshots=snapshots, die_in_round=die_in_round,
-                                                        drop_reducer_in_round=drop_reducer_in_round,
-                                                        model_overrides=model_overrides), wrap)
+        worker = WorkerPeer(
+            tmp_path / name,
+            dict(
+                options=options,
+                duration=duration,
+                max_epochs=max_epochs,
+                slow=slow,
+                start_after=start_after and str(start_after),
+                hold_until=str(tmp_path / RELEASE_FILE) if hold else None,
+                snapshots=snapshots,
+                die_in_round=die_in_round,
+                drop_reducer_in_round=drop_reducer_in_round,
+                model_overrides=model_overrides,
+            ),
+            wrap,
+        )
         started.append(worker)
         return worker
 
@@ -201,10 +240,24 @@ class CoordinatorProcess:
         self.log = open(self.folder / f"coordinator-{self.starts}.log", "w")
         # A session of its own, so that a SIGKILL can take down its helper processes with it.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "--config", str(self.run_toml), "--state-dir", str(self.state_dir),
-             "--host-maddrs", f"/ip4/127.0.0.1/tcp/{self.dht_port}", "--dashboard-port", str(self.dashboard_port)],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"})
+            [
+                sys.executable,
+                "-m",
+                "coordinator.cli",
+                "--config",
+                str(self.run_toml),
+                "--state-dir",
+                str(self.state_dir),
+                "--host-maddrs",
+                f"/ip4/127.0.0.1/tcp/{self.dht_port}",
+                "--dashboard-port",
+                str(self.dashboard_port),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log_text()[-3000:]
@@ -277,14 +330,14 @@ def coordinator(tmp_path):
         process.kill()
 
 
-
 class SmallFilesystem:
     """A tmpfs of a few kilobytes mounted on a folder: a disk that fills up, or turns read-only."""
 
     def __init__(self, path: Path, kilobytes: int) -> None:
         self.path = path
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(path)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(path)], capture_output=True, text=True
+        )
         if result.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
 

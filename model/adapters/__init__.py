@@ -26,7 +26,9 @@ def from_hf(hf_model_or_dir: PreTrainedModel | str | os.PathLike, **config_overr
             raise FileNotFoundError(f"from_hf: {path!r} is not a directory holding a transformers checkpoint")
         model_type = AutoConfig.from_pretrained(path).model_type
         if model_type not in ADAPTERS:
-            raise ValueError(f"from_hf: unsupported model_type {model_type!r} in {path}; supported: {', '.join(ADAPTERS)}")
+            raise ValueError(
+                f"from_hf: unsupported model_type {model_type!r} in {path}; supported: {', '.join(ADAPTERS)}"
+            )
         hf_model_or_dir = AutoModelForCausalLM.from_pretrained(path)
     model_type = hf_model_or_dir.config.model_type
     if model_type not in ADAPTERS:

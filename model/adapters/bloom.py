@@ -44,14 +44,16 @@ def config_to_hf(config: ModelConfig) -> BloomConfig:
 
 def key_map(config: ModelConfig) -> KeyMap:
     """How BloomForCausalLM's state dict holds a Starling model's tensors."""
-    keys = KeyMap(renamed={
-        "embed_tokens.weight": "transformer.word_embeddings.weight",
-        "embed_norm.weight": "transformer.word_embeddings_layernorm.weight",
-        "embed_norm.bias": "transformer.word_embeddings_layernorm.bias",
-        "norm.weight": "transformer.ln_f.weight",
-        "norm.bias": "transformer.ln_f.bias",
-        "lm_head.weight": "lm_head.weight",
-    })
+    keys = KeyMap(
+        renamed={
+            "embed_tokens.weight": "transformer.word_embeddings.weight",
+            "embed_norm.weight": "transformer.word_embeddings_layernorm.weight",
+            "embed_norm.bias": "transformer.word_embeddings_layernorm.bias",
+            "norm.weight": "transformer.ln_f.weight",
+            "norm.bias": "transformer.ln_f.bias",
+            "lm_head.weight": "lm_head.weight",
+        }
+    )
     renames = {
         "input_norm": "input_layernorm",
         "post_attention_norm": "post_attention_layernorm",

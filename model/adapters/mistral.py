@@ -11,9 +11,19 @@ from model.config import ModelConfig
 
 # Fields that MistralConfig, MixtralConfig and ModelConfig name and mean alike.
 SAME_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "max_position_embeddings", "sliding_window", "rms_norm_eps", "tie_word_embeddings",
-    "bos_token_id", "eos_token_id", "pad_token_id",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "sliding_window",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
 )
 
 
@@ -46,11 +56,13 @@ def config_to_hf(
 
 def shared_keys(config: ModelConfig) -> KeyMap:
     """Embeddings, norms and attention: the parts Mistral and Mixtral share."""
-    keys = KeyMap(renamed={
-        "embed_tokens.weight": "model.embed_tokens.weight",
-        "norm.weight": "model.norm.weight",
-        "lm_head.weight": "lm_head.weight",
-    })
+    keys = KeyMap(
+        renamed={
+            "embed_tokens.weight": "model.embed_tokens.weight",
+            "norm.weight": "model.norm.weight",
+            "lm_head.weight": "lm_head.weight",
+        }
+    )
     q_rows = config.num_attention_heads * config.attention_head_dim
     kv_rows = config.num_key_value_heads * config.attention_head_dim
     for i in range(config.num_hidden_layers):
@@ -73,7 +85,8 @@ def key_map(config: ModelConfig) -> KeyMap:
         ours, theirs = f"layers.{i}.mlp.", f"model.layers.{i}.mlp."
         rows = config.intermediate_size
         keys.fused[ours + "gate_up_proj.weight"] = [
-            (theirs + "gate_proj.weight", rows), (theirs + "up_proj.weight", rows)
+            (theirs + "gate_proj.weight", rows),
+            (theirs + "up_proj.weight", rows),
         ]
         keys.renamed[ours + "down_proj.weight"] = theirs + "down_proj.weight"
     return keys

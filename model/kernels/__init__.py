@@ -14,16 +14,28 @@ import torch
 from model.kernels._triton import FLOAT_DTYPES, check_device, cuda_available
 from model.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_reference, linear_cross_entropy_triton
 from model.kernels.quantize import (
-    BLOCK_SIZE, dequantize_blockwise_reference, dequantize_blockwise_triton, packed_size,
-    quantize_blockwise_reference, quantize_blockwise_triton, triton_supports,
+    BLOCK_SIZE,
+    dequantize_blockwise_reference,
+    dequantize_blockwise_triton,
+    packed_size,
+    quantize_blockwise_reference,
+    quantize_blockwise_triton,
+    triton_supports,
 )
 from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from model.kernels.rotary import rotary_reference, rotary_triton
 from model.kernels.swiglu import swiglu_reference, swiglu_triton
 
 __all__ = [
-    "BLOCK_SIZE", "IGNORE_INDEX", "dequantize_blockwise", "linear_cross_entropy", "packed_size",
-    "quantize_blockwise", "rms_norm", "rotary", "swiglu",
+    "BLOCK_SIZE",
+    "IGNORE_INDEX",
+    "dequantize_blockwise",
+    "linear_cross_entropy",
+    "packed_size",
+    "quantize_blockwise",
+    "rms_norm",
+    "rotary",
+    "swiglu",
 ]
 
 _MODES = ("auto", "torch", "triton")
@@ -73,9 +85,16 @@ def rotary(
     """Rotary embedding of q and k [batch, heads, seq, head_dim] (see model.kernels.rotary).
     The fused path rotates q and k in place; use the returned tensors."""
     supported = (
-        q.dim() == 4 and k.dim() == 4 and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:] and q.numel() > 0
-        and cos.shape == sin.shape == (cos.shape[0], q.shape[2], q.shape[3]) and cos.shape[0] in (1, q.shape[0])
-        and q.stride(-1) == 1 and k.stride(-1) == 1 and not (cos.requires_grad or sin.requires_grad)
+        q.dim() == 4
+        and k.dim() == 4
+        and q.shape[0] == k.shape[0]
+        and q.shape[2:] == k.shape[2:]
+        and q.numel() > 0
+        and cos.shape == sin.shape == (cos.shape[0], q.shape[2], q.shape[3])
+        and cos.shape[0] in (1, q.shape[0])
+        and q.stride(-1) == 1
+        and k.stride(-1) == 1
+        and not (cos.requires_grad or sin.requires_grad)
     )
     if _fused(mode, q, k, cos, sin, supported=supported):
         return rotary_triton(q, k, cos, sin)
@@ -83,22 +102,30 @@ def rotary(
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-    ignore_index: int = IGNORE_INDEX, mode: str = "auto",
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    mode: str = "auto",
 ) -> torch.Tensor:
     """Mean cross-entropy of hidden @ weight.T against labels (see model.kernels.cross_entropy);
     the fused path never materialises the [tokens, vocab] logits."""
     supported = (
-        hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
-        and labels.shape == hidden.shape[:1] and hidden.dtype == weight.dtype and hidden.shape[0] > 0
+        hidden.dim() == 2
+        and weight.dim() == 2
+        and hidden.shape[1] == weight.shape[1]
+        and labels.shape == hidden.shape[:1]
+        and hidden.dtype == weight.dtype
+        and hidden.shape[0] > 0
     )
     if _fused(mode, hidden, weight, labels, supported=supported):
         return linear_cross_entropy_triton(hidden, weight, labels, ignore_index)
     return linear_cross_entropy_reference(hidden, weight, labels, ignore_index)
 
 
-def quantize_blockwise(x: torch.Tensor, block_size: int = BLOCK_SIZE, mode: str = "auto",
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+def quantize_blockwise(
+    x: torch.Tensor, block_size: int = BLOCK_SIZE, mode: str = "auto", out: torch.Tensor | None = None
+) -> torch.Tensor:
     """x read flat, as packed 8-bit blockwise codes (layout in model.kernels.quantize), written
     into out (a contiguous uint8 tensor of packed_size bytes on x's device) when given."""
     if _fused(mode, x, supported=triton_supports(block_size)):
@@ -107,8 +134,12 @@ def quantize_blockwise(x: torch.Tensor, block_size: int = BLOCK_SIZE, mode: str 
 
 
 def dequantize_blockwise(
-    packed: torch.Tensor, numel: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32,
-    mode: str = "auto", out: torch.Tensor | None = None,
+    packed: torch.Tensor,
+    numel: int,
+    block_size: int = BLOCK_SIZE,
+    dtype: torch.dtype = torch.float32,
+    mode: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The flat tensor of numel values that quantize_blockwise packed, written into out (a contiguous
     flat tensor of numel values of dtype on packed's device) when given."""

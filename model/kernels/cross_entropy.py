@@ -28,8 +28,15 @@ def linear_cross_entropy_reference(
 
 @jit
 def _loss_and_grad_kernel(
-    logits_ptr, labels_ptr, loss_ptr, scale_ptr, rows, vocab, ignore_index,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr,
+    labels_ptr,
+    loss_ptr,
+    scale_ptr,
+    rows,
+    vocab,
+    ignore_index,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Per row: loss = logsumexp(logits) - logits[label]; logits <- (softmax - onehot(label)) * scale,
     scale being 1 / (counted tokens). Rows whose label is ignore_index get loss 0 and a zero gradient."""
@@ -87,8 +94,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden_chunk = hidden[start:stop]
             logits = hidden_chunk @ weight.t()
             _loss_and_grad_kernel[(triton.cdiv(stop - start, block_m),)](
-                logits, labels[start:stop], losses[start:stop], scale, stop - start, vocab, ignore_index,
-                BLOCK_M=block_m, BLOCK_V=block_v,
+                logits,
+                labels[start:stop],
+                losses[start:stop],
+                scale,
+                stop - start,
+                vocab,
+                ignore_index,
+                BLOCK_M=block_m,
+                BLOCK_V=block_v,
             )
             if need_hidden_grad:
                 torch.mm(logits, weight, out=grad_hidden[start:stop])
@@ -103,7 +117,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (
             None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
             None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
-            None, None,
+            None,
+            None,
         )
 
 

@@ -41,11 +41,12 @@ def _split(packed: torch.Tensor, numel: int, block_size: int) -> tuple[torch.Ten
             f"got {packed.dtype} of shape {tuple(packed.shape)}"
         )
     blocks = -(-numel // block_size)
-    return packed[: 4 * blocks].view(torch.float32), packed[4 * blocks:].view(torch.int8)
+    return packed[: 4 * blocks].view(torch.float32), packed[4 * blocks :].view(torch.int8)
 
 
-def _quantize_rows(rows: torch.Tensor, absmax: torch.Tensor, codes: torch.Tensor, scaled: torch.Tensor,
-                   work: torch.Tensor) -> None:
+def _quantize_rows(
+    rows: torch.Tensor, absmax: torch.Tensor, codes: torch.Tensor, scaled: torch.Tensor, work: torch.Tensor
+) -> None:
     """Quantises float32 rows [k, block_size] into absmax [k] and codes [k, block_size] (int8),
     using the float32 scratch tensors scaled and work of the rows' shape (work may be rows)."""
     torch.abs(rows, out=scaled)
@@ -67,13 +68,16 @@ def _output(x: torch.Tensor, block_size: int, out: torch.Tensor | None) -> torch
     if out is None:
         return torch.empty(size, dtype=torch.uint8, device=x.device)
     if out.dtype != torch.uint8 or out.shape != (size,) or out.device != x.device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous uint8 tensor of {size} bytes on {x.device}, "
-                         f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
+        raise ValueError(
+            f"out must be a contiguous uint8 tensor of {size} bytes on {x.device}, "
+            f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}"
+        )
     return out
 
 
-def quantize_blockwise_reference(x: torch.Tensor, block_size: int = BLOCK_SIZE,
-                                 out: torch.Tensor | None = None) -> torch.Tensor:
+def quantize_blockwise_reference(
+    x: torch.Tensor, block_size: int = BLOCK_SIZE, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Packs x (any shape and float dtype, read flat) into the uint8 layout above, in out if given.
 
     Works through _CHUNK values at a time with reused float32 scratch, so that its few passes
@@ -89,17 +93,22 @@ def quantize_blockwise_reference(x: torch.Tensor, block_size: int = BLOCK_SIZE,
     work = torch.empty_like(scaled)
     for first in range(0, full, rows_per_chunk):
         k = min(full - first, rows_per_chunk)
-        rows = flat[first * block_size:(first + k) * block_size].view(k, block_size)
+        rows = flat[first * block_size : (first + k) * block_size].view(k, block_size)
         if rows.dtype != torch.float32:
             rows = work[:k].copy_(rows)
-        _quantize_rows(rows, absmax_out[first:first + k], codes_out[first * block_size:(first + k) * block_size]
-                       .view(k, block_size), scaled[:k], work[:k])
+        _quantize_rows(
+            rows,
+            absmax_out[first : first + k],
+            codes_out[first * block_size : (first + k) * block_size].view(k, block_size),
+            scaled[:k],
+            work[:k],
+        )
     if numel > full * block_size:  # the short last block, zero-padded
         tail = torch.zeros(1, block_size, dtype=torch.float32, device=x.device)
-        tail[0, :numel - full * block_size] = flat[full * block_size:]
+        tail[0, : numel - full * block_size] = flat[full * block_size :]
         codes = torch.empty(1, block_size, dtype=torch.int8, device=x.device)
         _quantize_rows(tail, absmax_out[full:], codes, scaled[:1], work[:1])
-        codes_out[full * block_size:] = codes[0, :numel - full * block_size]
+        codes_out[full * block_size :] = codes[0, : numel - full * block_size]
     return packed
 
 
@@ -108,13 +117,18 @@ def _decoded_output(packed: torch.Tensor, numel: int, dtype: torch.dtype, out: t
     if out is None:
         return torch.empty(numel, dtype=dtype, device=packed.device)
     if out.dtype != dtype or out.shape != (numel,) or out.device != packed.device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous flat {dtype} tensor of {numel} values on {packed.device}, "
-                         f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
+        raise ValueError(
+            f"out must be a contiguous flat {dtype} tensor of {numel} values on {packed.device}, "
+            f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}"
+        )
     return out
 
 
 def dequantize_blockwise_reference(
-    packed: torch.Tensor, numel: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32,
+    packed: torch.Tensor,
+    numel: int,
+    block_size: int = BLOCK_SIZE,
+    dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decodes numel values from a packed buffer into a flat tensor of dtype (computed in float32),
@@ -124,8 +138,10 @@ def dequantize_blockwise_reference(
     out = _decoded_output(packed, numel, dtype, out)
     blocks = step.numel()
     rows_per_chunk = max(1, _CHUNK // block_size)
-    scratch = None if dtype == torch.float32 else torch.empty(
-        min(blocks, rows_per_chunk), block_size, dtype=torch.float32, device=packed.device
+    scratch = (
+        None
+        if dtype == torch.float32
+        else torch.empty(min(blocks, rows_per_chunk), block_size, dtype=torch.float32, device=packed.device)
     )
     full = numel // block_size
     for first in range(0, full, rows_per_chunk):
@@ -133,18 +149,23 @@ def dequantize_blockwise_reference(
         span = slice(first * block_size, (first + k) * block_size)
         target = out[span].view(k, block_size)
         values = target if scratch is None else scratch[:k]
-        values.copy_(codes[span].view(k, block_size)).mul_(step[first:first + k, None])
+        values.copy_(codes[span].view(k, block_size)).mul_(step[first : first + k, None])
         if scratch is not None:
             target.copy_(values)
     if numel > full * block_size:
-        out[full * block_size:] = (codes[full * block_size:].to(torch.float32) * step[full:]).to(dtype)
+        out[full * block_size :] = (codes[full * block_size :].to(torch.float32) * step[full:]).to(dtype)
     return out
 
 
 @jit
 def _quantize_kernel(
-    x_ptr, absmax_ptr, codes_ptr, numel, blocks,
-    BLOCK_SIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+    x_ptr,
+    absmax_ptr,
+    codes_ptr,
+    numel,
+    blocks,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
     block = tl.program_id(0) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     index = block[:, None].to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
@@ -162,8 +183,13 @@ def _quantize_kernel(
 
 @jit
 def _dequantize_kernel(
-    absmax_ptr, codes_ptr, out_ptr, numel, blocks,
-    BLOCK_SIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+    absmax_ptr,
+    codes_ptr,
+    out_ptr,
+    numel,
+    blocks,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
     block = tl.program_id(0) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     index = block[:, None].to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
@@ -189,8 +215,9 @@ def _check_block_size(block_size: int) -> None:
         raise ValueError(f"the Triton codec needs a power-of-two block_size, got {block_size}")
 
 
-def quantize_blockwise_triton(x: torch.Tensor, block_size: int = BLOCK_SIZE,
-                              out: torch.Tensor | None = None) -> torch.Tensor:
+def quantize_blockwise_triton(
+    x: torch.Tensor, block_size: int = BLOCK_SIZE, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Same bytes as quantize_blockwise_reference, one pass over x."""
     _check_block_size(block_size)
     flat = x.reshape(-1).contiguous()
@@ -206,7 +233,10 @@ def quantize_blockwise_triton(x: torch.Tensor, block_size: int = BLOCK_SIZE,
 
 
 def dequantize_blockwise_triton(
-    packed: torch.Tensor, numel: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32,
+    packed: torch.Tensor,
+    numel: int,
+    block_size: int = BLOCK_SIZE,
+    dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same values as dequantize_blockwise_reference."""

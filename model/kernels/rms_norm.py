@@ -19,8 +19,15 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 @jit
 def _forward_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    rstd_ptr,
+    rows,
+    cols,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
@@ -36,8 +43,16 @@ def _forward_kernel(
 
 @jit
 def _backward_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, rows, cols,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    rows,
+    cols,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -85,8 +100,16 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty_like(x2)
         dw_partial = torch.empty(programs, cols, dtype=torch.float32, device=x2.device)
         _backward_kernel[(programs,)](
-            dy.reshape(rows, cols).contiguous(), x2, weight, rstd, dx, dw_partial, rows, cols,
-            BLOCK_M=block_m, BLOCK_N=block_n,
+            dy.reshape(rows, cols).contiguous(),
+            x2,
+            weight,
+            rstd,
+            dx,
+            dw_partial,
+            rows,
+            cols,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
         )
         return dx.view(dy.shape[:-1] + (cols,)), dw_partial.sum(0).to(weight.dtype), None
 

@@ -28,9 +28,21 @@ def rotary_reference(
 
 @jit
 def _rotate_kernel(
-    x_ptr, cos_ptr, sin_ptr, rows, heads, seq, half,
-    x_stride_b, x_stride_h, x_stride_s, table_stride_b, table_stride_s,
-    TRANSPOSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    rows,
+    heads,
+    seq,
+    half,
+    x_stride_b,
+    x_stride_h,
+    x_stride_s,
+    table_stride_b,
+    table_stride_s,
+    TRANSPOSE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Rotates a tile of the (batch, head, position) rows of x in place; TRANSPOSE applies
     the inverse rotation (the backward pass)."""
@@ -59,8 +71,21 @@ def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: b
     rows = batch * heads * seq
     block_r = rows_per_program(rows, block_d)
     _rotate_kernel[(triton.cdiv(rows, block_r),)](
-        x, cos, sin, rows, heads, seq, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-        TRANSPOSE=transpose, BLOCK_R=block_r, BLOCK_D=block_d,
+        x,
+        cos,
+        sin,
+        rows,
+        heads,
+        seq,
+        half,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        cos.stride(0),
+        cos.stride(1),
+        TRANSPOSE=transpose,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
     )
 
 

@@ -20,8 +20,15 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @jit
 def _forward_kernel(
-    gate_ptr, up_ptr, out_ptr, rows, cols, gate_stride, up_stride,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    gate_ptr,
+    up_ptr,
+    out_ptr,
+    rows,
+    cols,
+    gate_stride,
+    up_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -34,8 +41,17 @@ def _forward_kernel(
 
 @jit
 def _backward_kernel(
-    dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, rows, cols, gate_stride, up_stride,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dout_ptr,
+    gate_ptr,
+    up_ptr,
+    dgate_ptr,
+    dup_ptr,
+    rows,
+    cols,
+    gate_stride,
+    up_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -82,8 +98,18 @@ class _SwiGLU(torch.autograd.Function):
         dgate = torch.empty(rows, cols, dtype=gate2.dtype, device=gate2.device)
         dup = torch.empty_like(dgate)
         _launch(
-            _backward_kernel, rows, cols, dout.reshape(rows, cols).contiguous(), gate2, up2, dgate, dup,
-            rows, cols, gate2.stride(0), up2.stride(0),
+            _backward_kernel,
+            rows,
+            cols,
+            dout.reshape(rows, cols).contiguous(),
+            gate2,
+            up2,
+            dgate,
+            dup,
+            rows,
+            cols,
+            gate2.stride(0),
+            up2.stride(0),
         )
         return dgate.view(dout.shape), dup.view(dout.shape)
 

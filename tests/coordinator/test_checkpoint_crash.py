@@ -29,8 +29,11 @@ def test_killed_checkpoint_writes_leave_the_previous_checkpoint_loadable(tmp_pat
     interrupted = 0
     for _ in range(KILLS):
         with open(tmp_path / "writer.log", "a") as log:
-            writer = subprocess.Popen([sys.executable, str(WRITER), str(tmp_path), str(OPTIMIZER_VALUES)],
-                                      stdout=log, stderr=subprocess.STDOUT)
+            writer = subprocess.Popen(
+                [sys.executable, str(WRITER), str(tmp_path), str(OPTIMIZER_VALUES)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         done_before = len(written(tmp_path))
         deadline = time.monotonic() + 120
         while len(written(tmp_path)) == done_before:  # kill only after it has written at least once

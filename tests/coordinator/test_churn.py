@@ -17,8 +17,11 @@ MAX_CHURNING_PEERS = 2  # besides the two anchors, which stay throughout
 
 def session_processes(pid: int) -> list[int]:
     """Processes of the session (process group) a process started: itself and its helpers."""
-    return [int(entry.name) for entry in Path("/proc").iterdir()
-            if entry.name.isdigit() and _process_group(int(entry.name)) == pid]
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _process_group(int(entry.name)) == pid
+    ]
 
 
 def _process_group(pid: int) -> int | None:
@@ -95,10 +98,17 @@ def test_churn_keeps_training_and_accounts_for_every_peer(tmp_path, write_run_co
             final.append((name, peer, summary))
     time.sleep(3)  # the coordinator reads the final reports
     board = {entry["name"]: entry["samples"] for entry in coord.state()["leaderboard"]}
-    figures = dict(seconds=CHURN_SECONDS, joined=joined, left_politely=len(polite),
-                   killed=len(killed), epochs=last["epoch"] - first["epoch"], loss=[first["loss"], last["loss"]],
-                   rounds_succeeded=sum(summary["rounds_succeeded"] for _, _, summary in polite + final),
-                   rounds_failed=sum(summary["rounds_failed"] for _, _, summary in polite + final), leaderboard=board)
+    figures = dict(
+        seconds=CHURN_SECONDS,
+        joined=joined,
+        left_politely=len(polite),
+        killed=len(killed),
+        epochs=last["epoch"] - first["epoch"],
+        loss=[first["loss"], last["loss"]],
+        rounds_succeeded=sum(summary["rounds_succeeded"] for _, _, summary in polite + final),
+        rounds_failed=sum(summary["rounds_failed"] for _, _, summary in polite + final),
+        leaderboard=board,
+    )
     print(json.dumps(figures))
 
     assert joined >= 3 and killed and polite, "the seeded schedule did not churn"

@@ -6,26 +6,29 @@ import subprocess
 import sys
 
 import pytest
-
 from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.auth import issue_token
 
 
 def run_coordinator(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
-@pytest.mark.parametrize("toml, culprit", [
-    ('run_id = "x"\n[training]\nbatch = 4\n', "unknown key 'training.batch'"),
-    ('[training]\ntarget_batch_size = "many"\n', "training.target_batch_size must be int"),
-    ('[model]\npreset = "tiny"\noverrides = { num_attention_heads = 3 }\n', "[model] does not validate"),
-    ('[coordinator]\nauth = "password"\n', "coordinator.auth must be one of open, token"),
-    ('run_id = "x"\n[model\n', "not valid TOML"),
-    ('[diloco]\nouter_lr = 0.5\n', "[diloco] is only for training.mode"),
-    ('[training]\nmode = "diloco"\n[diloco]\nouter_momentum = 1.5\n', "diloco.outer_momentum must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "toml, culprit",
+    [
+        ('run_id = "x"\n[training]\nbatch = 4\n', "unknown key 'training.batch'"),
+        ('[training]\ntarget_batch_size = "many"\n', "training.target_batch_size must be int"),
+        ('[model]\npreset = "tiny"\noverrides = { num_attention_heads = 3 }\n', "[model] does not validate"),
+        ('[coordinator]\nauth = "password"\n', "coordinator.auth must be one of open, token"),
+        ('run_id = "x"\n[model\n', "not valid TOML"),
+        ("[diloco]\nouter_lr = 0.5\n", "[diloco] is only for training.mode"),
+        ('[training]\nmode = "diloco"\n[diloco]\nouter_momentum = 1.5\n', "diloco.outer_momentum must be in [0, 1)"),
+    ],
+)
 def test_bad_run_config_exits_2_naming_the_key(tmp_path, toml, culprit):
     run_toml = tmp_path / "run.toml"
     run_toml.write_text(toml)
@@ -39,36 +42,61 @@ def test_dashboard_port_in_use_is_named(tmp_path, write_run_config):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_coordinator("--config", str(write_run_config(tmp_path)), "--state-dir", str(tmp_path / "state"),
-                                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--dashboard-port", str(port))
+        result = run_coordinator(
+            "--config",
+            str(write_run_config(tmp_path)),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--host-maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--dashboard-port",
+            str(port),
+        )
     assert result.returncode == 2
     assert f"cannot serve the dashboard on 127.0.0.1:{port}: Address already in use" in result.stderr
 
 
-@pytest.mark.parametrize("args, culprit", [
-    (["token", "issue", "--user", "alice", "--ttl", "soon"], "--ttl"),
-    (["token", "forget"], "expected 'token issue' or 'token revoke'"),
-    (["token", "revoke"], "--user"),
-    (["--dashboard-port", "http"], "--dashboard-port"),
-    (["--host-maddrs", "/ip4/127.0.0.1/tcp/abc"], "host_maddrs: '/ip4/127.0.0.1/tcp/abc' is not a valid multiaddr"),
-])
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["token", "issue", "--user", "alice", "--ttl", "soon"], "--ttl"),
+        (["token", "forget"], "expected 'token issue' or 'token revoke'"),
+        (["token", "revoke"], "--user"),
+        (["--dashboard-port", "http"], "--dashboard-port"),
+        (["--host-maddrs", "/ip4/127.0.0.1/tcp/abc"], "host_maddrs: '/ip4/127.0.0.1/tcp/abc' is not a valid multiaddr"),
+    ],
+)
 def test_bad_options_exit_2(tmp_path, write_run_config, args, culprit):
     result = run_coordinator(*args, "--config", str(write_run_config(tmp_path)))
     assert result.returncode == 2 and culprit in result.stderr, result.stderr[-2000:]
 
 
-def test_moderated_run_refuses_peers_without_a_valid_or_with_a_revoked_token(tmp_path, write_run_config, coordinator, launch_peer):
+def test_moderated_run_refuses_peers_without_a_valid_or_with_a_revoked_token(
+    tmp_path, write_run_config, coordinator, launch_peer
+):
     run_toml = write_run_config(tmp_path, auth="token")
     coord = coordinator(run_toml)
-    issued = run_coordinator("token", "issue", "--user", "alice", "--ttl", "1h", "--config", str(run_toml),
-                             "--state-dir", str(coord.state_dir))
+    issued = run_coordinator(
+        "token",
+        "issue",
+        "--user",
+        "alice",
+        "--ttl",
+        "1h",
+        "--config",
+        str(run_toml),
+        "--state-dir",
+        str(coord.state_dir),
+    )
     assert issued.returncode == 0, issued.stderr
     token = issued.stdout.strip()
     forged = issue_token(RSAPrivateKey(), coord.state()["run_id"], "mallory", ttl_seconds=3600)
-    eve = run_coordinator("token", "issue", "--user", "eve", "--ttl", "1h", "--config", str(run_toml),
-                          "--state-dir", str(coord.state_dir)).stdout.strip()
-    revoked = run_coordinator("token", "revoke", "--user", "eve", "--config", str(run_toml),
-                              "--state-dir", str(coord.state_dir))  # while the coordinator runs
+    eve = run_coordinator(
+        "token", "issue", "--user", "eve", "--ttl", "1h", "--config", str(run_toml), "--state-dir", str(coord.state_dir)
+    ).stdout.strip()
+    revoked = run_coordinator(
+        "token", "revoke", "--user", "eve", "--config", str(run_toml), "--state-dir", str(coord.state_dir)
+    )  # while the coordinator runs
     assert revoked.returncode == 0 and "revoked 'eve'" in revoked.stdout, revoked.stderr
 
     no_token = launch_peer("nobody", initial_peers=[coord.address], max_epochs=1)

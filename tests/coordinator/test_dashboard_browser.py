@@ -9,8 +9,14 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 # As root, Chromium needs --no-sandbox; the other flags keep it from reaching out on its own.
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 PEERS = ("ada", "grace")
 
 
@@ -63,8 +69,11 @@ def test_dashboard_follows_a_live_run(tmp_path, write_run_config, coordinator, l
 
     # Left open, the page follows the run.
     epoch = figure(page, "#epoch")
-    page.wait_for_function("epoch => Number(document.querySelector('#epoch').textContent.replace(/,/g, '')) > epoch",
-                           arg=epoch, timeout=60_000)
+    page.wait_for_function(
+        "epoch => Number(document.querySelector('#epoch').textContent.replace(/,/g, '')) > epoch",
+        arg=epoch,
+        timeout=60_000,
+    )
     expect(page.locator("#leaderboard-table tbody tr")).to_have_count(len(PEERS))
     assert figure(page, "#samples-per-second") > 0 and figure(page, "#loss") > 0
     expect(page.locator("#checkpoint-epoch")).not_to_have_text("—", timeout=90_000)  # every 2 epochs

@@ -10,9 +10,18 @@ from peer.run_config import RunConfig
 
 def save_tiny_mistral(folder) -> MistralForCausalLM:
     torch.manual_seed(1)
-    hf = MistralForCausalLM(MistralConfig(
-        vocab_size=32000, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=64, sliding_window=None))
+    hf = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=32000,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            sliding_window=None,
+        )
+    )
     hf.save_pretrained(folder)
     return hf
 
@@ -23,8 +32,9 @@ def test_the_run_adopts_the_checkpoints_architecture_and_fresh_optimizer_state(t
     run = RunConfig.from_dict({"model": {"preset": "tiny", "init_from": str(tmp_path / "pretrained")}})
     adopt_architecture(run, pretrained.config)
     assert run.model.overrides["hidden_size"] == 48 and run.model.overrides["num_attention_heads"] == 6
-    assert [p.shape for p in type(pretrained)(run.model_config()).parameters()] == \
-        [p.shape for p in pretrained.parameters()]
+    assert [p.shape for p in type(pretrained)(run.model_config()).parameters()] == [
+        p.shape for p in pretrained.parameters()
+    ]
     state = initial_state(pretrained, run)
     assert state.epoch == 0 and all(a is not b for a, b in zip(state.parameters, pretrained.parameters()))
     # AdamW's moments start at zero, as on peers before their first step.
@@ -34,8 +44,9 @@ def test_the_run_adopts_the_checkpoints_architecture_and_fresh_optimizer_state(t
 def test_peers_of_a_new_run_start_from_the_pretrained_weights(tmp_path, write_run_config, coordinator, launch_peer):
     hf = save_tiny_mistral(tmp_path / "pretrained")
     run_toml = write_run_config(tmp_path, target_batch_size=16, lr=1e-9)
-    run_toml.write_text(run_toml.read_text().replace('preset = "tiny"\n',
-                                                     f'preset = "tiny"\ninit_from = "{tmp_path / "pretrained"}"\n'))
+    run_toml.write_text(
+        run_toml.read_text().replace('preset = "tiny"\n', f'preset = "tiny"\ninit_from = "{tmp_path / "pretrained"}"\n')
+    )
     coord = coordinator(run_toml)
     assert coord.state()["checkpoint"]["epoch"] == 0
     peer = launch_peer("first", initial_peers=[coord.address], max_epochs=1, snapshots=True)

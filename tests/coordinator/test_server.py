@@ -12,16 +12,23 @@ EXPECTED_STATUSES = {200, 400, 404, 414, 501}
 
 paths = st.one_of(
     st.sampled_from(KNOWN_PATHS),
-    st.builds(lambda prefix, text: prefix + quote(text, safe="/?=&%"), st.sampled_from(KNOWN_PATHS + [""]),
-              st.text(max_size=80)),
+    st.builds(
+        lambda prefix, text: prefix + quote(text, safe="/?=&%"),
+        st.sampled_from(KNOWN_PATHS + [""]),
+        st.text(max_size=80),
+    ),
     st.text(alphabet=string.printable.strip(), max_size=200).map(lambda s: "/" + s.replace(" ", "")),
 )
 queries = st.one_of(
     st.just(""),
-    st.builds(lambda v: "?since=" + quote(v), st.one_of(
-        st.text(max_size=30), st.sampled_from(["nan", "inf", "-inf", "1e400", "-1", "0x10", ""]),
-        st.floats(allow_nan=True).map(str),
-    )),
+    st.builds(
+        lambda v: "?since=" + quote(v),
+        st.one_of(
+            st.text(max_size=30),
+            st.sampled_from(["nan", "inf", "-inf", "1e400", "-1", "0x10", ""]),
+            st.floats(allow_nan=True).map(str),
+        ),
+    ),
     st.text(max_size=60).map(lambda s: "?" + quote(s, safe="=&")),
 )
 methods = st.sampled_from(["GET", "GET", "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])

@@ -14,21 +14,29 @@ def contributions(state: dict) -> dict[str, int]:
     return {peer["name"]: peer["samples"] for peer in state["peers"]}
 
 
-
-def test_state_metrics_and_a_checkpoint_equal_to_the_peers(tmp_path, write_run_config, coordinator, launch_peer,
-                                                          release_peers):
+def test_state_metrics_and_a_checkpoint_equal_to_the_peers(
+    tmp_path, write_run_config, coordinator, launch_peer, release_peers
+):
     run_toml = write_run_config(tmp_path, target_batch_size=32, checkpoint_every=2)
     coord = coordinator(run_toml)
-    peers = [launch_peer(name, initial_peers=[coord.address], max_epochs=6, snapshots=True, hold=True)
-             for name in ("alice", "bob")]
+    peers = [
+        launch_peer(name, initial_peers=[coord.address], max_epochs=6, snapshots=True, hold=True)
+        for name in ("alice", "bob")
+    ]
     release_peers(peers)
 
-    first = coord.wait_for(lambda s: all(contributions(s).get(n, 0) > 0 for n in ("alice", "bob")), 180,
-                           "both peers to contribute")
+    first = coord.wait_for(
+        lambda s: all(contributions(s).get(n, 0) > 0 for n in ("alice", "bob")), 180, "both peers to contribute"
+    )
     # Each peer reports its samples at the end of its own epochs, which may lag the swarm's by one.
-    later = coord.wait_for(lambda s: s["epoch"] >= first["epoch"] + 2 and all(
-        contributions(s)[n] > contributions(first)[n] for n in ("alice", "bob")), 180,
-        "two more epochs with more samples from both peers")
+    later = coord.wait_for(
+        lambda s: (
+            s["epoch"] >= first["epoch"] + 2
+            and all(contributions(s)[n] > contributions(first)[n] for n in ("alice", "bob"))
+        ),
+        180,
+        "two more epochs with more samples from both peers",
+    )
     assert later["active_peers"]["cpu"] == 2 and later["active_peers"]["total"] == 2
     assert later["samples_per_second"] > 0 and math.isfinite(later["loss"])
     assert {p["status"] for p in later["peers"]} == {"online"}
@@ -62,14 +70,17 @@ def test_state_metrics_and_a_checkpoint_equal_to_the_peers(tmp_path, write_run_c
 
 
 def test_peers_outlive_the_coordinator_and_a_restarted_swarm_resumes_from_the_checkpoint(
-        tmp_path, write_run_config, coordinator, launch_peer):
+    tmp_path, write_run_config, coordinator, launch_peer
+):
     run_toml = write_run_config(tmp_path, target_batch_size=32, checkpoint_every=2)
     coord = coordinator(run_toml)
     address, coordinator_id = coord.address, coord.state()["coordinator"]["peer_id"]
     peers = [launch_peer(name, initial_peers=[address]) for name in ("alice", "bob")]
-    before = coord.wait_for(lambda s: s["checkpoint"] is not None and all(contributions(s).get(n, 0) > 0
-                                                                           for n in ("alice", "bob")),
-                            240, "a checkpoint and both peers contributing")
+    before = coord.wait_for(
+        lambda s: s["checkpoint"] is not None and all(contributions(s).get(n, 0) > 0 for n in ("alice", "bob")),
+        240,
+        "a checkpoint and both peers contributing",
+    )
 
     coord.kill()  # SIGKILL, helpers included
     killed_at = time.time()
@@ -80,8 +91,11 @@ def test_peers_outlive_the_coordinator_and_a_restarted_swarm_resumes_from_the_ch
     assert max(peer.logged_epoch() for peer in peers) >= epoch_at_kill + 2, "the peers stopped without the coordinator"
 
     coord.start()
-    after = coord.wait_for(lambda s: s["epoch"] > epoch_at_kill and len(contributions(s)) == 2, 60,
-                           "the restarted coordinator to see the swarm")
+    after = coord.wait_for(
+        lambda s: s["epoch"] > epoch_at_kill and len(contributions(s)) == 2,
+        60,
+        "the restarted coordinator to see the swarm",
+    )
     assert after["coordinator"]["peer_id"] == coordinator_id and after["initial_peers"][0] == address
     board = {entry["name"]: entry["samples"] for entry in after["leaderboard"]}
     assert all(board[name] >= samples for name, samples in contributions(before).items())

@@ -32,16 +32,23 @@ class PrometheusServer:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": hosts}]}
-                               for job, hosts in targets.items()],
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": hosts}]} for job, hosts in targets.items()
+            ],
         }
         (folder / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = open(folder / "prometheus.log", "w")
         self.process = subprocess.Popen(
-            [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'tsdb'}",
-             f"--web.listen-address={self.url.removeprefix('http://')}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={folder / 'tsdb'}",
+                f"--web.listen-address={self.url.removeprefix('http://')}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def ready(self) -> bool:
         assert self.process.poll() is None, (self.folder / "prometheus.log").read_text()[-3000:]
@@ -81,7 +88,8 @@ def prometheus_server(prometheus, tmp_path):
 
 
 def test_every_dashboard_query_returns_samples_from_a_live_swarm(
-        tmp_path, write_run_config, coordinator, launch_peer, prometheus_server, queries):
+    tmp_path, write_run_config, coordinator, launch_peer, prometheus_server, queries
+):
     coord = coordinator(write_run_config(tmp_path, target_batch_size=32, checkpoint_every=2))
     peer_hosts = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     for name, host in zip(("alice", "bob"), peer_hosts):
@@ -89,19 +97,35 @@ def test_every_dashboard_query_returns_samples_from_a_live_swarm(
     coordinator_host = f"127.0.0.1:{coord.dashboard_port}"
     server = prometheus_server({"starling-coordinator": [coordinator_host], "starling-peers": peer_hosts})
 
-    coord.wait_for(lambda s: s["epoch"] >= 2 and s["checkpoint"] is not None and len(s["peers"]) == 2, 300,
-                   "two epochs and a checkpoint")
-    health = poll(lambda: {t["labels"]["instance"]: t["health"] for t in server.api("targets")["activeTargets"]},
-                  lambda found: set(found.values()) == {"up"}, 30)
+    coord.wait_for(
+        lambda s: s["epoch"] >= 2 and s["checkpoint"] is not None and len(s["peers"]) == 2,
+        300,
+        "two epochs and a checkpoint",
+    )
+    health = poll(
+        lambda: {t["labels"]["instance"]: t["health"] for t in server.api("targets")["activeTargets"]},
+        lambda found: set(found.values()) == {"up"},
+        30,
+    )
     assert health == {host: "up" for host in [coordinator_host, *peer_hosts]}
 
-    empty = poll(lambda: [expr for expr in queries if not server.api("query", query=expr)["result"]],
-                 lambda found: not found, 60)
+    empty = poll(
+        lambda: [expr for expr in queries if not server.api("query", query=expr)["result"]], lambda found: not found, 60
+    )
     assert not empty, f"no samples for {empty}"
 
-    rules = poll(lambda: {rule["name"]: rule["health"] for group in server.api("rules")["groups"]
-                          for rule in group["rules"]},
-                 lambda found: set(found.values()) == {"ok"}, 30)
-    assert rules == {name: "ok" for name in ("StarlingCoordinatorDown", "StarlingNoActivePeers",
-                                             "StarlingEpochStalled", "StarlingAveragingFailing",
-                                             "StarlingAveragingPartial")}
+    rules = poll(
+        lambda: {rule["name"]: rule["health"] for group in server.api("rules")["groups"] for rule in group["rules"]},
+        lambda found: set(found.values()) == {"ok"},
+        30,
+    )
+    assert rules == {
+        name: "ok"
+        for name in (
+            "StarlingCoordinatorDown",
+            "StarlingNoActivePeers",
+            "StarlingEpochStalled",
+            "StarlingAveragingFailing",
+            "StarlingAveragingPartial",
+        )
+    }

@@ -30,15 +30,18 @@ def test_overrides_apply():
     assert config.num_hidden_layers == 3 and config.kernels == "torch"
 
 
-@pytest.mark.parametrize("fields, culprit", [
-    (dict(num_attention_heads=6, num_key_value_heads=4), "num_key_value_heads"),
-    (dict(num_local_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
-    (dict(kernels="cuda"), "kernels"),
-    (dict(hidden_size=-8), "hidden_size"),
-    (dict(position_embedding="learned"), "position_embedding"),
-    (dict(sliding_window=0), "sliding_window"),
-    (dict(hidden_size=66, num_attention_heads=4), "hidden_size"),
-])
+@pytest.mark.parametrize(
+    "fields, culprit",
+    [
+        (dict(num_attention_heads=6, num_key_value_heads=4), "num_key_value_heads"),
+        (dict(num_local_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(kernels="cuda"), "kernels"),
+        (dict(hidden_size=-8), "hidden_size"),
+        (dict(position_embedding="learned"), "position_embedding"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(hidden_size=66, num_attention_heads=4), "hidden_size"),
+    ],
+)
 def test_inconsistent_fields_raise_value_error_naming_the_field(fields, culprit):
     with pytest.raises(ValueError, match=culprit):
         ModelConfig.from_preset("tiny", **fields)

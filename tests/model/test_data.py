@@ -45,10 +45,13 @@ def test_user_folder_corpus(tmp_path):
     assert len(corpus) > 10
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p / "nowhere", "does not exist"),
-    (lambda p: p, "holds no"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "nowhere", "does not exist"),
+        (lambda p: p, "holds no"),
+    ],
+)
 def test_missing_or_empty_corpus_gives_a_clear_error(tmp_path, make, message):
     with pytest.raises((FileNotFoundError, ValueError), match=message):
         load_corpus(make(tmp_path))
@@ -79,10 +82,12 @@ class RecordedLogs(logging.Handler):
         self.records.append(record)
 
 
-@pytest.mark.parametrize("trouble, message", [("full", "No space left on device"),
-                                              ("read-only", "Read-only file system")])
-def test_a_cache_that_cannot_be_written_costs_nothing_but_a_warning(tmp_path, small_filesystem, monkeypatch,
-                                                                    trouble, message):
+@pytest.mark.parametrize(
+    "trouble, message", [("full", "No space left on device"), ("read-only", "Read-only file system")]
+)
+def test_a_cache_that_cannot_be_written_costs_nothing_but_a_warning(
+    tmp_path, small_filesystem, monkeypatch, trouble, message
+):
     corpus_folder = tmp_path / "corpus"
     corpus_folder.mkdir()
     (corpus_folder / "play.txt").write_text("Now is the winter of our discontent, made glorious summer. " * 400)
@@ -94,7 +99,7 @@ def test_a_cache_that_cannot_be_written_costs_nothing_but_a_warning(tmp_path, sm
         filesystem.remount_read_only()
     monkeypatch.setenv("STARLING_CACHE", str(filesystem.path / "cache"))
     records = RecordedLogs()
-    logger = logging.getLogger("model.data")
+    logger = logging.getLogger("starling.model")
     logger.addHandler(records)
     try:
         corpus = load_corpus(corpus_folder, seq_len=32)

@@ -3,7 +3,12 @@
 import pytest
 import torch
 from transformers import (
-    BloomConfig, BloomForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+    BloomConfig,
+    BloomForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
 )
 
 from model import CausalLM, from_hf
@@ -12,25 +17,51 @@ VOCAB, SEQ, BATCH = 101, 24, 2
 
 
 def tiny_mistral():
-    return MistralForCausalLM(MistralConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, sliding_window=7, max_position_embeddings=64, attn_implementation="eager",
-    ))
+    return MistralForCausalLM(
+        MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            sliding_window=7,
+            max_position_embeddings=64,
+            attn_implementation="eager",
+        )
+    )
 
 
 def tiny_mixtral():
-    return MixtralForCausalLM(MixtralConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
-        max_position_embeddings=64, output_router_logits=True, router_aux_loss_coef=0.05,
-        attn_implementation="eager",
-    ))
+    return MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=None,
+            max_position_embeddings=64,
+            output_router_logits=True,
+            router_aux_loss_coef=0.05,
+            attn_implementation="eager",
+        )
+    )
 
 
 def tiny_bloom():
-    return BloomForCausalLM(BloomConfig(
-        vocab_size=VOCAB, hidden_size=60, n_layer=2, n_head=6, attn_implementation="eager",
-    ))
+    return BloomForCausalLM(
+        BloomConfig(
+            vocab_size=VOCAB,
+            hidden_size=60,
+            n_layer=2,
+            n_head=6,
+            attn_implementation="eager",
+        )
+    )
 
 
 BUILDERS = {"mistral": tiny_mistral, "mixtral": tiny_mixtral, "bloom": tiny_bloom}

@@ -12,8 +12,13 @@ from model.alibi import alibi_slopes
 
 # The tiny preset turned into a BLOOM-style model: ALiBi, LayerNorm, GELU MLP, biases.
 ALIBI = dict(
-    position_embedding="alibi", norm="layernorm", mlp="gelu", attention_bias=True, mlp_bias=True,
-    embedding_layernorm=True, sliding_window=None,
+    position_embedding="alibi",
+    norm="layernorm",
+    mlp="gelu",
+    attention_bias=True,
+    mlp_bias=True,
+    embedding_layernorm=True,
+    sliding_window=None,
 )
 
 
@@ -139,8 +144,14 @@ def test_residual_projections_start_smaller_by_the_square_root_of_twice_the_dept
     """Attention output and MLP down projections (every expert's too) draw std / sqrt(2 * layers)."""
     layers = 8
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-                         num_attention_heads=4, **overrides)
+    config = ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        **overrides,
+    )
     model = CausalLM(config)
     std = config.initializer_range
     for name, param in model.named_parameters():

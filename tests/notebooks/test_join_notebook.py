@@ -36,8 +36,13 @@ def execute(notebook: NotebookNode, saved_as: Path, **client_options) -> Noteboo
     """Run every cell but those tagged skip-execution (the install cell), from the notebook's folder.
     The executed notebook, outputs and all, is saved for a look afterwards, and whatever is left of
     the kernel's session (hivemind's helper processes) is killed."""
-    client = NotebookClient(notebook, kernel_name="python3", startup_timeout=120,
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}, **client_options)
+    client = NotebookClient(
+        notebook,
+        kernel_name="python3",
+        startup_timeout=120,
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+        **client_options,
+    )
     try:
         return client.execute()
     finally:
@@ -79,8 +84,11 @@ def test_notebook_joins_a_live_run(tmp_path, write_run_config, coordinator, laun
     launch_peer("worker", initial_peers=[coord.address], duration=300)
     coord.wait_for(lambda s: s["epoch"] >= 1, 120, "the run to be under way")
 
-    executed = execute(prepared(INITIAL_PEERS=[coord.address], NAME="notebook", DURATION=30, BATCH_SIZE=4),
-                       tmp_path / "join.ipynb", timeout=300)
+    executed = execute(
+        prepared(INITIAL_PEERS=[coord.address], NAME="notebook", DURATION=30, BATCH_SIZE=4),
+        tmp_path / "join.ipynb",
+        timeout=300,
+    )
 
     summary = summary_of(executed)
     # It joined a run in progress: it downloaded the model, then averaged its gradients with the worker.
@@ -95,9 +103,12 @@ def test_interrupting_the_kernel_stops_the_peer_cleanly(tmp_path, write_run_conf
     coord = coordinator(write_run_config(tmp_path, target_batch_size=32))
     duration = 60
     # The kernel is interrupted 30 s into the training cell, as the notebook's stop button does.
-    executed = execute(prepared(INITIAL_PEERS=[coord.address], NAME="notebook", DURATION=duration, BATCH_SIZE=4),
-                       tmp_path / "join.ipynb", timeout_func=lambda cell: 30 if ".run(" in cell.source else 300,
-                       interrupt_on_timeout=True)
+    executed = execute(
+        prepared(INITIAL_PEERS=[coord.address], NAME="notebook", DURATION=duration, BATCH_SIZE=4),
+        tmp_path / "join.ipynb",
+        timeout_func=lambda cell: 30 if ".run(" in cell.source else 300,
+        interrupt_on_timeout=True,
+    )
 
     summary = summary_of(executed)
     assert summary["samples_contributed"] > 0

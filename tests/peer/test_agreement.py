@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from swarm_checks import assert_parameters_agree, wait_until
 
 from peer.events import read_events
 from peer.run_config import RunConfig
-from swarm_checks import assert_parameters_agree, wait_until
 
 STARLING_PEER = Path(sys.executable).with_name("starling-peer")
 # Runs of the two-volunteer test in the suite; STARLING_PAIR_RUNS=10 for the issue's ten in a row.
@@ -44,13 +44,16 @@ def test_three_peers_average_every_round_and_agree_after_every_epoch(tmp_path, s
     wait_until(lambda: any(e["event"] == "epoch" for e in first.events()), 120, "the first peer's first epoch")
     joiners = [start_peer(f"joiner{i}", run_toml, duration=900, snapshots=True) for i in range(2)]
     peers = [first, *joiners]
-    joined = max(wait_until(lambda: [e["epoch"] for e in peer.events() if e["event"] == "joined"], 120, "joining")[0]
-                 for peer in joiners)
+    joined = max(
+        wait_until(lambda peer=peer: [e["epoch"] for e in peer.events() if e["event"] == "joined"], 120, "joining")[0]
+        for peer in joiners
+    )
     averaged = (joined // every + 1) * every  # the first state averaging with all three
     last = averaged + epochs
     # (A peer that loads a state may enter an epoch without an epoch event, and so without its snapshot.)
-    wait_until(lambda: all(max(e.get("epoch", 0) for e in peer.events()) >= last for peer in peers), 400,
-               f"epoch {last}")
+    wait_until(
+        lambda: all(max(e.get("epoch", 0) for e in peer.events()) >= last for peer in peers), 400, f"epoch {last}"
+    )
     for peer in peers:
         peer.process.send_signal(signal.SIGTERM)
     for peer in peers:
@@ -61,11 +64,15 @@ def test_three_peers_average_every_round_and_agree_after_every_epoch(tmp_path, s
     # their state: the epochs compared are those that every peer reached through a round.
     reached = [{e["epoch"]: e["rounds"] for e in peer.events() if e["event"] == "epoch"} for peer in peers]
     for name, rounds in zip(("joiner0", "joiner1"), reached[1:]):
-        missed = {epoch: outcome for epoch, outcome in rounds.items()
-                  if averaged < epoch <= last and outcome != ["succeeded"]}
+        missed = {
+            epoch: outcome for epoch, outcome in rounds.items() if averaged < epoch <= last and outcome != ["succeeded"]
+        }
         assert not missed, (name, missed, timeline(peers))
-    compared = [epoch for epoch in range(averaged + 1, last + 1)
-                if all(rounds.get(epoch) == ["succeeded"] for rounds in reached)]
+    compared = [
+        epoch
+        for epoch in range(averaged + 1, last + 1)
+        if all(rounds.get(epoch) == ["succeeded"] for rounds in reached)
+    ]
     assert len(compared) >= epochs // 2, compared
     for epoch in compared:
         rounds = epoch - (epoch - 1) // every * every  # since the parameters were last averaged
@@ -74,18 +81,35 @@ def test_three_peers_average_every_round_and_agree_after_every_epoch(tmp_path, s
 
 def timeline(peers) -> list[tuple]:
     """Every peer's joins, loads and epochs in time order: what a failure message needs."""
-    events = [(round(e["time"], 2), peer.folder.name, e["event"], e.get("epoch"), e.get("rounds"))
-              for peer in peers for e in peer.events() if e["event"] in ("joined", "state_loaded", "epoch")]
+    events = [
+        (round(e["time"], 2), peer.folder.name, e["event"], e.get("epoch"), e.get("rounds"))
+        for peer in peers
+        for e in peer.events()
+        if e["event"] in ("joined", "state_loaded", "epoch")
+    ]
     return sorted(events)
 
 
 def start_volunteer(folder: Path, run_toml: Path, duration: float, initial_peers: list[str]) -> subprocess.Popen:
     folder.mkdir()
-    command = [str(STARLING_PEER), "--config", str(run_toml), "--batch-size", "4", "--duration", str(duration),
-               "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--events", str(folder / "events.jsonl"),
-               *(["--initial-peers", *initial_peers] if initial_peers else [])]
+    command = [
+        str(STARLING_PEER),
+        "--config",
+        str(run_toml),
+        "--batch-size",
+        "4",
+        "--duration",
+        str(duration),
+        "--host-maddrs",
+        "/ip4/127.0.0.1/tcp/0",
+        "--events",
+        str(folder / "events.jsonl"),
+        *(["--initial-peers", *initial_peers] if initial_peers else []),
+    ]
     with open(folder / "log.txt", "w") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
 
 
 def wait_for_event(path: Path, event: str, process: subprocess.Popen, timeout: float = 120) -> dict:

@@ -4,7 +4,7 @@ import asyncio
 import base64
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import hivemind
 import pytest
@@ -66,7 +66,7 @@ def test_signature_by_another_key_is_refused(authority, forger):
 
 
 def test_expired_token_is_refused(authority):
-    expiry = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc).timestamp()
+    expiry = datetime(2026, 11, 28, 12, 0, tzinfo=UTC).timestamp()
     token = issue_token(authority, RUN, "alice", 60, now=expiry - 60)
     assert parse_token(token, now=expiry - 1).user == "alice"
     with pytest.raises(TokenError) as caught:
@@ -74,18 +74,25 @@ def test_expired_token_is_refused(authority):
     assert str(caught.value) == "token for 'alice' expired at 2026-11-28 12:00 UTC"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "malformed token: expected two base64url parts"),
-    ("hello", "malformed token: expected two base64url parts"),
-    ("a.b.c", "malformed token: expected two base64url parts"),
-    ("!!!.???", "malformed token: expected two base64url parts"),
-    (f"{b64url(b'not json')}.{b64url(b'x')}", "malformed token: the payload is not JSON"),
-    (f"{b64url(b'[1]')}.{b64url(b'x')}", "malformed token: expected a version 1 payload"),
-    (f"{b64url(json.dumps({'v': 1, 'run': 'r', 'user': 7, 'exp': True}).encode())}.{b64url(b'x')}",
-     "malformed token: missing or mistyped user, exp, key"),
-    (f"{b64url(json.dumps({'v': 1, 'run': 'r', 'user': 'u', 'exp': 1, 'key': 'ssh-rsa AAAA'}).encode())}.eA",
-     "malformed token: 'key' is not an RSA public key"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "malformed token: expected two base64url parts"),
+        ("hello", "malformed token: expected two base64url parts"),
+        ("a.b.c", "malformed token: expected two base64url parts"),
+        ("!!!.???", "malformed token: expected two base64url parts"),
+        (f"{b64url(b'not json')}.{b64url(b'x')}", "malformed token: the payload is not JSON"),
+        (f"{b64url(b'[1]')}.{b64url(b'x')}", "malformed token: expected a version 1 payload"),
+        (
+            f"{b64url(json.dumps({'v': 1, 'run': 'r', 'user': 7, 'exp': True}).encode())}.{b64url(b'x')}",
+            "malformed token: missing or mistyped user, exp, key",
+        ),
+        (
+            f"{b64url(json.dumps({'v': 1, 'run': 'r', 'user': 'u', 'exp': 1, 'key': 'ssh-rsa AAAA'}).encode())}.eA",
+            "malformed token: 'key' is not an RSA public key",
+        ),
+    ],
+)
 def test_garbage_is_malformed(text, message):
     with pytest.raises(TokenError, match=f"^{message}"):
         parse_token(text)
@@ -102,8 +109,12 @@ def test_authorizer_checks_authority_run_expiry_user_and_revocation(authority, f
     judge = RunAuthorizer(grant(authority, "coordinator"), revoked={"eve"})
 
     def token_of(member: Grant) -> AccessToken:
-        return AccessToken(username=member.user, public_key=judge.local_public_key.to_bytes(),
-                           expiration_time=str(member.expires_at), signature=member.token.encode())
+        return AccessToken(
+            username=member.user,
+            public_key=judge.local_public_key.to_bytes(),
+            expiration_time=str(member.expires_at),
+            signature=member.token.encode(),
+        )
 
     assert judge.is_token_valid(asyncio.run(RunAuthorizer(grant(authority, "alice")).get_token()))
     assert not judge.is_token_valid(token_of(grant(forger, "alice")))
@@ -126,8 +137,11 @@ def test_expired_grant_cannot_sign(authority):
 @pytest.fixture(scope="module")
 def authority_dht(authority):
     """The coordinator's DHT node, admitting members of RUN by tokens it signed; user 'eve' is revoked."""
-    dht = hivemind.DHT(host_maddrs=LOOPBACK, start=True,
-                       authorizer=RunAuthorizer(grant(authority, "coordinator"), authority, revoked={"eve"}))
+    dht = hivemind.DHT(
+        host_maddrs=LOOPBACK,
+        start=True,
+        authorizer=RunAuthorizer(grant(authority, "coordinator"), authority, revoked={"eve"}),
+    )
     assert dht.store("x", "from the coordinator", get_dht_time() + 600)
     yield dht
     dht.shutdown()

@@ -22,8 +22,9 @@ EIGHT_BIT_TOLERANCE, FP16_TOLERANCE = 0.02, 2e-3
 
 
 def test_three_peers_average_known_gradients(tmp_path, write_run_config):
-    run_toml = write_run_config(tmp_path, target_batch_size=240, matchmaking_time=3.0,
-                                average_state_every=100)  # no state averaging: parameters show the step alone
+    run_toml = write_run_config(
+        tmp_path, target_batch_size=240, matchmaking_time=3.0, average_state_every=100
+    )  # no state averaging: parameters show the step alone
     run = RunConfig.load(run_toml)
     bootstrap = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     try:
@@ -62,8 +63,10 @@ def test_three_peers_average_known_gradients(tmp_path, write_run_config):
             averaged = result[f"grad.{position}"]
             error = (averaged - expected).norm() / expected.norm()
             tolerance = EIGHT_BIT_TOLERANCE if expected.numel() >= threshold else FP16_TOLERANCE
-            assert error < tolerance, (f"peer {peer}, parameter {position}: relative error {error:.4f} of the average "
-                                       f"(norms {averaged.norm():.4g} received, {expected.norm():.4g} expected)")
+            assert error < tolerance, (
+                f"peer {peer}, parameter {position}: relative error {error:.4f} of the average "
+                f"(norms {averaged.norm():.4g} received, {expected.norm():.4g} expected)"
+            )
 
     # Each peer then took exactly the optimizer step on the average it received.
     before = [p.detach().clone() for p in params]

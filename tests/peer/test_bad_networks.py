@@ -13,9 +13,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for benchmarks/
+from swarm_checks import wait_until  # noqa: E402
+
 from benchmarks import netlab  # noqa: E402
 from peer.run_config import RunConfig  # noqa: E402
-from swarm_checks import wait_until  # noqa: E402
 
 NO_LAB = netlab.why_no_lab()
 pytestmark = pytest.mark.skipif(NO_LAB is not None, reason=str(NO_LAB))
@@ -38,8 +39,14 @@ def lab_peer(lab, launch_peer):
     address = str(bootstrap.get_visible_maddrs()[0])
 
     def start(host: netlab.Host, name: str, run_toml: Path, **kwargs):
-        return launch_peer(name, wrap=host.command([]), host_maddrs=[host.maddr()], initial_peers=[address],
-                           config=str(run_toml), **kwargs)
+        return launch_peer(
+            name,
+            wrap=host.command([]),
+            host_maddrs=[host.maddr()],
+            initial_peers=[address],
+            config=str(run_toml),
+            **kwargs,
+        )
 
     yield start
     bootstrap.shutdown()
@@ -53,8 +60,9 @@ def assert_together(peers, atol: float = 5e-3) -> None:
             torch.testing.assert_close(other[key], value, atol=atol, rtol=0)
 
 
-def join_after_first_epoch(lab_peer, first_host, joiner_host, run_toml, epochs: int, first_slow: float = 0.5,
-                           **joiner_options):
+def join_after_first_epoch(
+    lab_peer, first_host, joiner_host, run_toml, epochs: int, first_slow: float = 0.5, **joiner_options
+):
     """A peer on `first_host` trains; once it has taken its first epoch (alone), a second on
     `joiner_host` joins it as volunteers do, loading its state. Peers started together race: the
     first to reach the target batch takes its epoch alone (it counts the others only once they

@@ -25,16 +25,19 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("starling-peer: error:")]
 
 
-@pytest.mark.parametrize("args, culprit", [
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--batch-size", "zero"], "--batch-size"),
-    (["--initial-peers", "/ip4/127.0.0.1/tcp/abc"], "'/ip4/127.0.0.1/tcp/abc' is not a valid multiaddr"),
-    (["--initial-peers", "/ip4/127.0.0.1/tcp/31337"], "lacks the /p2p/<peer id> part"),
-    (["--device", "cuda:3"], "--device cuda:3"),
-    (["--device", "tpu"], "--device tpu"),
-    (["--config", "/nonexistent/run.toml"], "config: '/nonexistent/run.toml' is not a file"),
-    (["--client-mode", "--auxiliary"], "client_mode and auxiliary"),
-])
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--batch-size", "zero"], "--batch-size"),
+        (["--initial-peers", "/ip4/127.0.0.1/tcp/abc"], "'/ip4/127.0.0.1/tcp/abc' is not a valid multiaddr"),
+        (["--initial-peers", "/ip4/127.0.0.1/tcp/31337"], "lacks the /p2p/<peer id> part"),
+        (["--device", "cuda:3"], "--device cuda:3"),
+        (["--device", "tpu"], "--device tpu"),
+        (["--config", "/nonexistent/run.toml"], "config: '/nonexistent/run.toml' is not a file"),
+        (["--client-mode", "--auxiliary"], "client_mode and auxiliary"),
+    ],
+)
 def test_bad_input_gives_one_line_and_exit_2(args, culprit):
     result = run_peer(*args)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -59,8 +62,13 @@ def test_unreachable_initial_peers_name_the_address(tmp_path):
 
 
 def test_environment_variables_set_options():
-    result = subprocess.run([sys.executable, "-m", "peer.cli"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "STARLING_DEVICE": "cuda:7"})
+    result = subprocess.run(
+        [sys.executable, "-m", "peer.cli"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "STARLING_DEVICE": "cuda:7"},
+    )
     assert result.returncode == 2 and "--device cuda:7" in result.stderr
 
 
@@ -98,10 +106,26 @@ def test_metrics_then_sigterm_exits_0_within_10_s_and_leaves_no_process(tmp_path
     port = free_port()
     log = open(tmp_path / "peer.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "peer.cli", "--initial-peers", bootstrap, "--config", str(run_toml),
-         "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4", "--metrics-port", str(port),
-         "--events", str(tmp_path / "events.jsonl")],
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "peer.cli",
+            "--initial-peers",
+            bootstrap,
+            "--config",
+            str(run_toml),
+            "--host-maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--batch-size",
+            "4",
+            "--metrics-port",
+            str(port),
+            "--events",
+            str(tmp_path / "events.jsonl"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     events = tmp_path / "events.jsonl"
     while not (events.exists() and any(e["event"] == "epoch" for e in read_events(events))):

@@ -6,9 +6,13 @@ import pickle
 import pytest
 import torch
 from hivemind.compression import (
-    BlockwiseQuantization, CompressionInfo, Uniform8BitQuantization, deserialize_torch_tensor, serialize_torch_tensor,
+    BlockwiseQuantization,
+    CompressionInfo,
+    Uniform8BitQuantization,
+    deserialize_torch_tensor,
+    serialization,
+    serialize_torch_tensor,
 )
-from hivemind.compression import serialization
 from hivemind.proto import runtime_pb2
 
 from model.kernels import dequantize_blockwise, quantize_blockwise

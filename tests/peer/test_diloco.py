@@ -37,15 +37,18 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_an_outer_round_steps_every_peer_on_the_weighted_average_pseudo_gradient(
-        tmp_path, write_run_config, start_peer, release_peers):
+    tmp_path, write_run_config, start_peer, release_peers
+):
     """Three peers, one slowed down by 0.3 s a micro-batch, released together: in the first round each takes its
     own inner steps (the fast ones more), then every peer's parameters are the round-start ones
     minus the Nesterov outer step on the sample-weighted average of the three pseudo-gradients,
     within the codec's error; no part of the round is missing."""
     run_toml = write_run_config(tmp_path, average_state_every=5, diloco=dict(samples_per_round=360, inner_batch_size=8))
     run = RunConfig.load(run_toml)
-    peers = [start_peer(name, run_toml, max_epochs=1, hold=True, snapshots=True, slow=slow)
-             for name, slow in (("fast-a", None), ("fast-b", None), ("slow", 0.3))]
+    peers = [
+        start_peer(name, run_toml, max_epochs=1, hold=True, snapshots=True, slow=slow)
+        for name, slow in (("fast-a", None), ("fast-b", None), ("slow", 0.3))
+    ]
     release_peers(peers)
     summaries = [peer.wait(timeout=240) for peer in peers]
     for peer in peers:
@@ -59,8 +62,9 @@ def test_an_outer_round_steps_every_peer_on_the_weighted_average_pseudo_gradient
     assert [s["samples_contributed"] for s in summaries] == weights  # one round: the weight is every sample
 
     start = initial_parameters(run)
-    pseudo_gradients = [{name: start[name] - local[name] for name in start}
-                        for local in (load_round(peer) for peer in peers)]
+    pseudo_gradients = [
+        {name: start[name] - local[name] for name in start} for local in (load_round(peer) for peer in peers)
+    ]
     step = run.diloco.outer_lr * (1 + run.diloco.outer_momentum)  # Nesterov's first step: (1 + momentum) x lr
     true_mean = sum(w * flat(pg) for w, pg in zip(weights, pseudo_gradients)) / sum(weights)
     plain_mean = sum(flat(pg) for pg in pseudo_gradients) / len(pseudo_gradients)
@@ -82,9 +86,10 @@ def test_error_feedback_sends_every_pseudo_gradient_in_the_end():
     """With the 4-bit codec, what was sent over several rounds plus the residual is the sum of the
     true pseudo-gradients, and what encode_() leaves is exactly what the all-reduce sends."""
     torch.manual_seed(0)
-    codec = pseudo_gradient_compression(RunConfig.from_dict({"training": {"mode": "diloco"},
-                                                              "diloco": {"compression": "blockwise-4bit"}}).diloco,
-                                        RunConfig().averaging)
+    codec = pseudo_gradient_compression(
+        RunConfig.from_dict({"training": {"mode": "diloco"}, "diloco": {"compression": "blockwise-4bit"}}).diloco,
+        RunConfig().averaging,
+    )
     feedback = ErrorFeedback(codec)
     shapes = [(300, 257), (1000,), (70000,)]  # a tensor above the 4-bit threshold, one below, one of odd shape
     true_sum = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
@@ -140,8 +145,14 @@ def test_with_plain_sgd_inside_and_an_outer_lr_of_1_a_round_is_batch_sgd(tmp_pat
     the same steps.) The inner learning rate follows the schedule by the swarm's progress within
     the round: it differs from the reference's by the cosine's change over a fraction of an epoch,
     under 1e-5 relative at these epochs."""
-    run_toml = write_run_config(tmp_path, optimizer="sgd", lr=0.05, max_grad_norm=1e6, num_shards=1, diloco=dict(
-        samples_per_round=16, inner_batch_size=16, outer_lr=1.0, outer_momentum=0.0, compression="none"))
+    run_toml = write_run_config(
+        tmp_path,
+        optimizer="sgd",
+        lr=0.05,
+        max_grad_norm=1e6,
+        num_shards=1,
+        diloco=dict(samples_per_round=16, inner_batch_size=16, outer_lr=1.0, outer_momentum=0.0, compression="none"),
+    )
     run = RunConfig.load(run_toml)
     peer = launch_peer("lone", config=str(run_toml), max_epochs=4, snapshots=True)
     summary = peer.wait(timeout=180)
@@ -152,14 +163,17 @@ def test_with_plain_sgd_inside_and_an_outer_lr_of_1_a_round_is_batch_sgd(tmp_pat
     assert relative(flat(peer.params()) - start, reference - start) < 1e-4
 
 
-@pytest.mark.parametrize("diloco, culprit", [
-    ({"outer_lr": 2.5}, "diloco.outer_lr"),
-    ({"outer_lr": 0.0}, "diloco.outer_lr"),
-    ({"outer_momentum": 1.0}, "diloco.outer_momentum"),
-    ({"compression": "int3"}, "diloco.compression"),
-    ({"samples_per_round": 4, "inner_batch_size": 8}, "diloco.samples_per_round"),
-    ({"inner_batch_size": 0}, "diloco.inner_batch_size"),
-])
+@pytest.mark.parametrize(
+    "diloco, culprit",
+    [
+        ({"outer_lr": 2.5}, "diloco.outer_lr"),
+        ({"outer_lr": 0.0}, "diloco.outer_lr"),
+        ({"outer_momentum": 1.0}, "diloco.outer_momentum"),
+        ({"compression": "int3"}, "diloco.compression"),
+        ({"samples_per_round": 4, "inner_batch_size": 8}, "diloco.samples_per_round"),
+        ({"inner_batch_size": 0}, "diloco.inner_batch_size"),
+    ],
+)
 def test_inconsistent_round_settings_are_refused_by_name(diloco, culprit):
     with pytest.raises(RunConfigError, match=culprit):
         RunConfig.from_dict({"training": {"mode": "diloco"}, "diloco": diloco})

@@ -18,8 +18,7 @@ def held_out_loss(run: RunConfig, params: dict) -> float:
         return model(batch, labels=batch).loss.item()
 
 
-def test_two_peers_match_one_process_on_the_same_global_batch(tmp_path, write_run_config, start_peer,
-                                                              release_peers):
+def test_two_peers_match_one_process_on_the_same_global_batch(tmp_path, write_run_config, start_peer, release_peers):
     settings = dict(target_batch_size=32, lr=3e-3)
     (tmp_path / "solo").mkdir()
     (tmp_path / "swarm").mkdir()

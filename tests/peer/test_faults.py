@@ -4,9 +4,9 @@ import time
 
 import pytest
 import torch
+from swarm_checks import mode_settings
 
 from peer.run_config import RunConfig
-from swarm_checks import mode_settings
 
 
 @pytest.mark.parametrize("mode", ["batch", "diloco"])

@@ -9,8 +9,9 @@ import time
 import torch
 
 
-def test_peers_of_another_configuration_or_shape_average_with_nobody_of_the_run(tmp_path, write_run_config,
-                                                                              start_peer, release_peers):
+def test_peers_of_another_configuration_or_shape_average_with_nobody_of_the_run(
+    tmp_path, write_run_config, start_peer, release_peers
+):
     run_id, epochs = "foreign-peers", 4
     run_toml = write_run_config(tmp_path, run_id=run_id, target_batch_size=48)
     (tmp_path / "other").mkdir()

@@ -59,41 +59,85 @@ SERVICER = "hivemind.p2p.ServicerBase"
 
 CONTRACT = [
     # peer/averager.py runs the all-reduce itself: with the run's runner class, measuring what came back averaged.
-    Reliance(f"{AVERAGER}._aggregate_with_group", "peer/averager.py, benchmarks/allreduce.py",
-             params=("group_info", "min_vector_size"), called_from=(f"{AVERAGER}._step",)),
+    Reliance(
+        f"{AVERAGER}._aggregate_with_group",
+        "peer/averager.py, benchmarks/allreduce.py",
+        params=("group_info", "min_vector_size"),
+        called_from=(f"{AVERAGER}._step",),
+    ),
     # StateRoundsAverager sees every state averaging round because TrainingStateAverager starts them
     # through the step below it (super().step), pre-scheduled or not.
-    Reliance(f"{AVERAGER}.step", "peer/averager.py", params=("wait",),
-             called_from=(f"{STATE_AVERAGER}._do", f"{STATE_AVERAGER}.schedule_step")),
-    Reliance(f"{AVERAGER}._run_allreduce_inplace_", "peer/averager.py", params=("tensors", "group_info", "group_id"),
-             called_from=(f"{AVERAGER}._aggregate_with_group",)),
-    Reliance(AVERAGER, "peer/averager.py",
-             attrs=("_p2p", "_running_groups", "_averaging_alpha", "_state_updated", "last_updated", "prefix")),
-    Reliance(ALLREDUCE, "peer/averager.py, peer/robust.py, tests/workers/peer_worker.py",
-             params=("p2p", "servicer_type", "prefix", "tensors", "group_id", "ordered_peer_ids"),
-             attrs=("modes", "tensor_part_container", "tensor_part_reducer", "ordered_peer_ids", "peer_id")),
+    Reliance(
+        f"{AVERAGER}.step",
+        "peer/averager.py",
+        params=("wait",),
+        called_from=(f"{STATE_AVERAGER}._do", f"{STATE_AVERAGER}.schedule_step"),
+    ),
+    Reliance(
+        f"{AVERAGER}._run_allreduce_inplace_",
+        "peer/averager.py",
+        params=("tensors", "group_info", "group_id"),
+        called_from=(f"{AVERAGER}._aggregate_with_group",),
+    ),
+    Reliance(
+        AVERAGER,
+        "peer/averager.py",
+        attrs=("_p2p", "_running_groups", "_averaging_alpha", "_state_updated", "last_updated", "prefix"),
+    ),
+    Reliance(
+        ALLREDUCE,
+        "peer/averager.py, peer/robust.py, tests/workers/peer_worker.py",
+        params=("p2p", "servicer_type", "prefix", "tensors", "group_id", "ordered_peer_ids"),
+        attrs=("modes", "tensor_part_container", "tensor_part_reducer", "ordered_peer_ids", "peer_id"),
+    ),
     Reliance("hivemind.averaging.allreduce.AveragingMode.AUX", "peer/averager.py"),
-    Reliance(CONTAINER, "peer/averager.py, tests/workers/peer_worker.py",
-             attrs=("failed_size", "total_size", "_input_parts_by_peer")),
+    Reliance(
+        CONTAINER,
+        "peer/averager.py, tests/workers/peer_worker.py",
+        attrs=("failed_size", "total_size", "_input_parts_by_peer"),
+    ),
     Reliance("hivemind.averaging.group_info.GroupInfo", "peer/averager.py", params=("group_id", "peer_ids")),
-    Reliance(f"{GRAD_AVERAGER}.step", "peer/averager.py, peer/diloco.py", params=("wait", "reset_accumulators"),
-             called_from=("hivemind.Optimizer._begin_averaging_gradients",)),
-    Reliance(f"{GRAD_AVERAGER}.load_state_from_peers", "peer/averager.py", params=("wait", "timeout"),
-             called_from=("hivemind.Optimizer.load_state_from_peers",)),
+    Reliance(
+        f"{GRAD_AVERAGER}.step",
+        "peer/averager.py, peer/diloco.py",
+        params=("wait", "reset_accumulators"),
+        called_from=("hivemind.Optimizer._begin_averaging_gradients",),
+    ),
+    Reliance(
+        f"{GRAD_AVERAGER}.load_state_from_peers",
+        "peer/averager.py",
+        params=("wait", "timeout"),
+        called_from=("hivemind.Optimizer.load_state_from_peers",),
+    ),
     Reliance("hivemind.utils.asyncio.as_aiter", "peer/averager.py"),
     Reliance("hivemind.utils.asyncio.azip", "peer/averager.py"),
     Reliance("hivemind.utils.timed_storage.get_dht_time", "peer/averager.py, peer/auth.py"),
     # tests/workers/peer_worker.py breaks rounds on purpose through AllReduceRunner subclasses.
-    Reliance(f"{ALLREDUCE}._communicate_with_peer", "tests/workers/peer_worker.py", params=("peer_id",),
-             called_from=(f"{ALLREDUCE}.run",)),
-    Reliance(f"{ALLREDUCE}._generate_input_for_peer", "tests/workers/peer_worker.py", params=("peer_index",),
-             called_from=(f"{ALLREDUCE}._communicate_with_peer",)),
+    Reliance(
+        f"{ALLREDUCE}._communicate_with_peer",
+        "tests/workers/peer_worker.py",
+        params=("peer_id",),
+        called_from=(f"{ALLREDUCE}.run",),
+    ),
+    Reliance(
+        f"{ALLREDUCE}._generate_input_for_peer",
+        "tests/workers/peer_worker.py",
+        params=("peer_index",),
+        called_from=(f"{ALLREDUCE}._communicate_with_peer",),
+    ),
     Reliance(f"{CONTAINER}.register_failed_reducer", "tests/workers/peer_worker.py", params=("peer_index",)),
     # peer/robust.py swaps the reducer's accumulator for one that keeps every part (_PartCollector).
-    Reliance(REDUCER, "peer/robust.py", params=("part_shapes", "num_senders"),
-             attrs=("accumulator", "finished", "num_parts", "num_senders")),
-    Reliance(f"{REDUCER}.reset_accumulators", "peer/robust.py",
-             called_from=(f"{REDUCER}.__init__", f"{REDUCER}.check_current_part_finished")),
+    Reliance(
+        REDUCER,
+        "peer/robust.py",
+        params=("part_shapes", "num_senders"),
+        attrs=("accumulator", "finished", "num_parts", "num_senders"),
+    ),
+    Reliance(
+        f"{REDUCER}.reset_accumulators",
+        "peer/robust.py",
+        called_from=(f"{REDUCER}.__init__", f"{REDUCER}.check_current_part_finished"),
+    ),
     Reliance(f"{REDUCER}.accumulate_part", "peer/robust.py", source_has=("self.accumulator.add_(",)),
     Reliance(f"{REDUCER}.check_current_part_finished", "peer/robust.py", source_has=("self.accumulator.div_(",)),
     # peer/hivemind_fixes.py replaces StepControl.cancel and initialize_optimizer_state_ (once patched, their
@@ -101,121 +145,239 @@ CONTRACT = [
     Reliance("hivemind.averaging.control.StepControl.cancel", "peer/hivemind_fixes.py"),
     Reliance("hivemind.averaging.control.StepControl", "peer/hivemind_fixes.py", attrs=("_trigger", "_cancel")),
     Reliance("hivemind.utils.mpfuture.MPFuture.cancel", "peer/hivemind_fixes.py"),
-    Reliance("hivemind.optim.state_averager.initialize_optimizer_state_",
-             "peer/hivemind_fixes.py, coordinator/initial_state.py",
-             called_from=(f"{STATE_AVERAGER}._init_components",)),  # looked up at call time: the patch applies
+    Reliance(
+        "hivemind.optim.state_averager.initialize_optimizer_state_",
+        "peer/hivemind_fixes.py, coordinator/initial_state.py",
+        called_from=(f"{STATE_AVERAGER}._init_components",),
+    ),  # looked up at call time: the patch applies
     # peer/state_loading.py downloads state itself, donor by donor, under TrainingStateAverager's RPC names.
-    Reliance(f"{AVERAGER}._load_state_from_peers", "peer/state_loading.py", params=("future", "timeout"),
-             called_from=(f"{AVERAGER}.load_state_from_peers",)),
-    Reliance(f"{AVERAGER}.load_state_from_peers", "peer/state_loading.py, coordinator/state_sharing.py",
-             params=("wait", "timeout")),
+    Reliance(
+        f"{AVERAGER}._load_state_from_peers",
+        "peer/state_loading.py",
+        params=("future", "timeout"),
+        called_from=(f"{AVERAGER}.load_state_from_peers",),
+    ),
+    Reliance(
+        f"{AVERAGER}.load_state_from_peers",
+        "peer/state_loading.py, coordinator/state_sharing.py",
+        params=("wait", "timeout"),
+    ),
     Reliance(AVERAGER, "peer/state_loading.py", attrs=("_outer_pipe", "_p2p", "dht", "prefix", "next_chunk_timeout")),
     # refused_donors() sends a (method, args, kwargs) call through _outer_pipe
-    Reliance(f"{AVERAGER}._run_internal", "peer/state_loading.py",
-             source_has=("method, args, kwargs = self._inner_pipe.recv()", "getattr(self, method)(*args, **kwargs)")),
+    Reliance(
+        f"{AVERAGER}._run_internal",
+        "peer/state_loading.py",
+        source_has=("method, args, kwargs = self._inner_pipe.recv()", "getattr(self, method)(*args, **kwargs)"),
+    ),
     # state_offers() reads the state offers under this key
-    Reliance(f"{AVERAGER}._declare_for_download_periodically", "peer/state_loading.py, peer/peer.py",
-             source_has=('.all_averagers"',)),
+    Reliance(
+        f"{AVERAGER}._declare_for_download_periodically",
+        "peer/state_loading.py, peer/peer.py",
+        source_has=('.all_averagers"',),
+    ),
     Reliance(f"{AVERAGER}.get_stub", "peer/state_loading.py", params=("p2p", "peer", "namespace")),
     Reliance(f"{AVERAGER}.rpc_download_state", "peer/state_loading.py"),
     Reliance(f"{AVERAGER}.serializer", "peer/state_loading.py"),
     Reliance(f"{AVERAGER}.request_timeout", "peer/state_loading.py"),
     Reliance(f"{AVERAGER}.state_sharing_priority.fset", "peer/state_loading.py"),
-    Reliance(f"{STATE_AVERAGER}._get_handle_name", "peer/state_loading.py", params=("namespace", "method_name"),
-             called_from=(f"{SERVICER}.add_p2p_handlers", f"{SERVICER}._make_rpc_caller")),
-    Reliance(f"{SERVICER}._get_handle_name", "peer/state_loading.py, benchmarks/allreduce.py",
-             source_has=("cls.__name__",)),  # RPC names follow the class: the overrides keep them
-    Reliance(f"{STATE_AVERAGER}.load_state_from_peers", "peer/state_loading.py",
-             called_from=("hivemind.Optimizer.load_state_from_peers",)),
-    Reliance(STATE_AVERAGER, "peer/state_loading.py, peer/diloco.py",
-             attrs=("local_epoch", "optimizer", "extra_tensors", "main_parameters", "finished_averaging_round")),
+    Reliance(
+        f"{STATE_AVERAGER}._get_handle_name",
+        "peer/state_loading.py",
+        params=("namespace", "method_name"),
+        called_from=(f"{SERVICER}.add_p2p_handlers", f"{SERVICER}._make_rpc_caller"),
+    ),
+    Reliance(
+        f"{SERVICER}._get_handle_name", "peer/state_loading.py, benchmarks/allreduce.py", source_has=("cls.__name__",)
+    ),  # RPC names follow the class: the overrides keep them
+    Reliance(
+        f"{STATE_AVERAGER}.load_state_from_peers",
+        "peer/state_loading.py",
+        called_from=("hivemind.Optimizer.load_state_from_peers",),
+    ),
+    Reliance(
+        STATE_AVERAGER,
+        "peer/state_loading.py, peer/diloco.py",
+        attrs=("local_epoch", "optimizer", "extra_tensors", "main_parameters", "finished_averaging_round"),
+    ),
     # check_state() reads this metadata; coordinator/state_sharing.py serves the same
-    Reliance(f"{STATE_AVERAGER}.get_current_state", "peer/state_loading.py, coordinator/state_sharing.py",
-             source_has=("epoch=self.local_epoch", "group_bits=", "optimizer_metadata=optimizer_metadata")),
+    Reliance(
+        f"{STATE_AVERAGER}.get_current_state",
+        "peer/state_loading.py, coordinator/state_sharing.py",
+        source_has=("epoch=self.local_epoch", "group_bits=", "optimizer_metadata=optimizer_metadata"),
+    ),
     # optimizer_state_layout() flattens an optimizer's state the same way
-    Reliance("hivemind.optim.state_averager.dump_optimizer_state",
-             "peer/state_loading.py, coordinator/initial_state.py",
-             source_has=('dict(type="tensor", index=len(flat_tensors))', 'dict(type="value", value=elem)')),
+    Reliance(
+        "hivemind.optim.state_averager.dump_optimizer_state",
+        "peer/state_loading.py, coordinator/initial_state.py",
+        source_has=('dict(type="tensor", index=len(flat_tensors))', 'dict(type="value", value=elem)'),
+    ),
     Reliance("hivemind.proto.averaging_pb2.DownloadRequest", "peer/state_loading.py"),
-    Reliance("hivemind.proto.averaging_pb2.DownloadData", "peer/state_loading.py",
-             params=("metadata", "tensor_part")),
+    Reliance("hivemind.proto.averaging_pb2.DownloadData", "peer/state_loading.py", params=("metadata", "tensor_part")),
     Reliance("hivemind.utils.asyncio.aiter_with_timeout", "peer/state_loading.py", params=("iterable", "timeout")),
     Reliance("hivemind.utils.nested.nested_flatten", "peer/state_loading.py"),
-    Reliance("hivemind.utils.timed_storage.ValueWithExpiration", "peer/state_loading.py",
-             params=("value", "expiration_time")),
+    Reliance(
+        "hivemind.utils.timed_storage.ValueWithExpiration", "peer/state_loading.py", params=("value", "expiration_time")
+    ),
     # peer/progress.py filters the swarm's progress records; coordinator/swarm.py reads them.
-    Reliance(TRACKER, "peer/progress.py, peer/optimizer.py, peer/diloco.py, peer/peer.py",
-             params=("dht", "prefix", "target_batch_size", "client_mode", "status_loglevel", "start",
-                     "min_refresh_period", "max_refresh_period", "default_refresh_period"),
-             attrs=("lock_global_progress", "global_progress", "fetched_global_progress_this_epoch")),
-    Reliance(f"{TRACKER}._parse_swarm_progress_data", "peer/progress.py", params=("metadata",),
-             called_from=(f"{TRACKER}.__init__", f"{TRACKER}._progress_fetcher")),
+    Reliance(
+        TRACKER,
+        "peer/progress.py, peer/optimizer.py, peer/diloco.py, peer/peer.py",
+        params=(
+            "dht",
+            "prefix",
+            "target_batch_size",
+            "client_mode",
+            "status_loglevel",
+            "start",
+            "min_refresh_period",
+            "max_refresh_period",
+            "default_refresh_period",
+        ),
+        attrs=("lock_global_progress", "global_progress", "fetched_global_progress_this_epoch"),
+    ),
+    Reliance(
+        f"{TRACKER}._parse_swarm_progress_data",
+        "peer/progress.py",
+        params=("metadata",),
+        called_from=(f"{TRACKER}.__init__", f"{TRACKER}._progress_fetcher"),
+    ),
     Reliance(f"{TRACKER}.__init__", "coordinator/swarm.py", source_has=('f"{self.prefix}_progress"',)),
-    Reliance("hivemind.optim.progress_tracker.GlobalTrainingProgress", "peer/progress.py, peer/diloco.py",
-             params=("samples_accumulated",)),
-    Reliance("hivemind.optim.progress_tracker.LocalTrainingProgress", "peer/progress.py, coordinator/swarm.py",
-             params=("peer_id", "epoch", "samples_accumulated", "samples_per_second")),
-    Reliance("hivemind.optim.progress_tracker.TrainingProgressSchema", "coordinator/coordinator.py",
-             params=("progress",)),
+    Reliance(
+        "hivemind.optim.progress_tracker.GlobalTrainingProgress",
+        "peer/progress.py, peer/diloco.py",
+        params=("samples_accumulated",),
+    ),
+    Reliance(
+        "hivemind.optim.progress_tracker.LocalTrainingProgress",
+        "peer/progress.py, coordinator/swarm.py",
+        params=("peer_id", "epoch", "samples_accumulated", "samples_per_second"),
+    ),
+    Reliance(
+        "hivemind.optim.progress_tracker.TrainingProgressSchema", "coordinator/coordinator.py", params=("progress",)
+    ),
     # peer/optimizer.py and peer/diloco.py build hivemind.Optimizer's parts themselves and step differently.
-    Reliance("hivemind.Optimizer._make_state_averager", "peer/optimizer.py",
-             called_from=("hivemind.Optimizer.__init__",)),
-    Reliance("hivemind.Optimizer._make_progress_tracker", "peer/optimizer.py", params=("target_batch_size",),
-             called_from=("hivemind.Optimizer.__init__",)),
-    Reliance("hivemind.Optimizer._make_gradient_averager", "peer/diloco.py", params=("factory",),
-             called_from=("hivemind.Optimizer.__init__",)),
-    Reliance("hivemind.Optimizer._check_and_accumulate_gradients", "peer/diloco.py",
-             params=("batch_size", "grad_scaler"), called_from=("hivemind.Optimizer.step",)),
-    Reliance("hivemind.Optimizer._update_global_epoch", "peer/diloco.py", params=("grad_scaler",),
-             called_from=("hivemind.Optimizer.step",)),
-    Reliance("hivemind.Optimizer", "peer/optimizer.py, peer/diloco.py, peer/peer.py",
-             attrs=("dht", "run_id", "matchmaking_time", "allreduce_timeout", "shutdown_timeout", "offload_optimizer",
-                    "status_loglevel", "next_chunk_timeout", "client_mode", "auxiliary", "scheduled_grads",
-                    "scheduled_state", "tracker", "state_averager", "grad_averager")),
+    Reliance(
+        "hivemind.Optimizer._make_state_averager", "peer/optimizer.py", called_from=("hivemind.Optimizer.__init__",)
+    ),
+    Reliance(
+        "hivemind.Optimizer._make_progress_tracker",
+        "peer/optimizer.py",
+        params=("target_batch_size",),
+        called_from=("hivemind.Optimizer.__init__",),
+    ),
+    Reliance(
+        "hivemind.Optimizer._make_gradient_averager",
+        "peer/diloco.py",
+        params=("factory",),
+        called_from=("hivemind.Optimizer.__init__",),
+    ),
+    Reliance(
+        "hivemind.Optimizer._check_and_accumulate_gradients",
+        "peer/diloco.py",
+        params=("batch_size", "grad_scaler"),
+        called_from=("hivemind.Optimizer.step",),
+    ),
+    Reliance(
+        "hivemind.Optimizer._update_global_epoch",
+        "peer/diloco.py",
+        params=("grad_scaler",),
+        called_from=("hivemind.Optimizer.step",),
+    ),
+    Reliance(
+        "hivemind.Optimizer",
+        "peer/optimizer.py, peer/diloco.py, peer/peer.py",
+        attrs=(
+            "dht",
+            "run_id",
+            "matchmaking_time",
+            "allreduce_timeout",
+            "shutdown_timeout",
+            "offload_optimizer",
+            "status_loglevel",
+            "next_chunk_timeout",
+            "client_mode",
+            "auxiliary",
+            "scheduled_grads",
+            "scheduled_state",
+            "tracker",
+            "state_averager",
+            "grad_averager",
+        ),
+    ),
     Reliance("hivemind.averaging.control.AveragingStage.LOOKING_FOR_GROUP", "peer/optimizer.py"),
     Reliance("hivemind.averaging.control.AveragingStage.AWAITING_TRIGGER", "benchmarks/allreduce.py"),
     # peer/diloco.py: pseudo-gradients in the gradient averager, outer steps in the state averager.
-    Reliance(GRAD_AVERAGER, "peer/diloco.py", params=("reuse_grad_buffers",),
-             attrs=("parameters", "local_samples_accumulated", "local_times_accumulated",
-                    "_accumulators_used_in_step")),
-    Reliance(f"{GRAD_AVERAGER}.load_accumulators_into_averager_", "peer/diloco.py",
-             called_from=(f"{GRAD_AVERAGER}.step",)),
-    Reliance(f"{GRAD_AVERAGER}.reset_accumulated_grads_", "peer/diloco.py",
-             called_from=("hivemind.Optimizer._update_global_epoch", "hivemind.Optimizer.load_state_from_peers")),
-    Reliance(f"{STATE_AVERAGER}._apply_averaging_results_", "peer/diloco.py",
-             called_from=(f"{STATE_AVERAGER}.step",)),
-    Reliance(f"{STATE_AVERAGER}._apply_optimizer_parameters_", "peer/diloco.py",
-             called_from=(f"{STATE_AVERAGER}.step",)),
+    Reliance(
+        GRAD_AVERAGER,
+        "peer/diloco.py",
+        params=("reuse_grad_buffers",),
+        attrs=("parameters", "local_samples_accumulated", "local_times_accumulated", "_accumulators_used_in_step"),
+    ),
+    Reliance(
+        f"{GRAD_AVERAGER}.load_accumulators_into_averager_", "peer/diloco.py", called_from=(f"{GRAD_AVERAGER}.step",)
+    ),
+    Reliance(
+        f"{GRAD_AVERAGER}.reset_accumulated_grads_",
+        "peer/diloco.py",
+        called_from=("hivemind.Optimizer._update_global_epoch", "hivemind.Optimizer.load_state_from_peers"),
+    ),
+    Reliance(f"{STATE_AVERAGER}._apply_averaging_results_", "peer/diloco.py", called_from=(f"{STATE_AVERAGER}.step",)),
+    Reliance(
+        f"{STATE_AVERAGER}._apply_optimizer_parameters_", "peer/diloco.py", called_from=(f"{STATE_AVERAGER}.step",)
+    ),
     Reliance("hivemind.averaging.partition.DEFAULT_PART_SIZE_BYTES", "peer/diloco.py, benchmarks/allreduce.py"),
     # ErrorFeedback.round_trip() cuts tensors into parts as TensorPartContainer does
-    Reliance("hivemind.compression.CompressionInfo.get_part", "peer/diloco.py", params=("part_index", "part_size"),
-             called_from=(f"{CONTAINER}.__init__",)),
-    Reliance("hivemind.compression.CompressionBase.estimate_compression_ratio", "peer/diloco.py, peer/codec.py",
-             params=("info",), called_from=(f"{CONTAINER}.__init__",)),
-    Reliance("hivemind.compression.CompressionInfo", "peer/codec.py, peer/diloco.py, coordinator/state_sharing.py",
-             params=("key", "descriptor", "role")),
+    Reliance(
+        "hivemind.compression.CompressionInfo.get_part",
+        "peer/diloco.py",
+        params=("part_index", "part_size"),
+        called_from=(f"{CONTAINER}.__init__",),
+    ),
+    Reliance(
+        "hivemind.compression.CompressionBase.estimate_compression_ratio",
+        "peer/diloco.py, peer/codec.py",
+        params=("info",),
+        called_from=(f"{CONTAINER}.__init__",),
+    ),
+    Reliance(
+        "hivemind.compression.CompressionInfo",
+        "peer/codec.py, peer/diloco.py, coordinator/state_sharing.py",
+        params=("key", "descriptor", "role"),
+    ),
     # peer/codec.py installs its decoders in hivemind's registry, under two closed enum values.
-    Reliance(f"{SERIALIZATION}._BASE_COMPRESSION_TYPES",
-             "peer/codec.py, benchmarks/allreduce.py, tests/peer/test_codec.py",
-             params=("BLOCKWISE_8BIT", "UNIFORM_8BIT"),
-             called_from=(f"{SERIALIZATION}.serialize_torch_tensor", f"{SERIALIZATION}.deserialize_torch_tensor")),
+    Reliance(
+        f"{SERIALIZATION}._BASE_COMPRESSION_TYPES",
+        "peer/codec.py, benchmarks/allreduce.py, tests/peer/test_codec.py",
+        params=("BLOCKWISE_8BIT", "UNIFORM_8BIT"),
+        called_from=(f"{SERIALIZATION}.serialize_torch_tensor", f"{SERIALIZATION}.deserialize_torch_tensor"),
+    ),
     # reducers send averaged parts back through the registry
-    Reliance(f"{SERIALIZATION}.serialize_torch_tensor", "peer/codec.py",
-             called_from=(f"{ALLREDUCE}._accumulate_parts_streaming",)),
+    Reliance(
+        f"{SERIALIZATION}.serialize_torch_tensor",
+        "peer/codec.py",
+        called_from=(f"{ALLREDUCE}._accumulate_parts_streaming",),
+    ),
     Reliance("hivemind.proto.runtime_pb2.BLOCKWISE_8BIT", "peer/codec.py"),
     Reliance("hivemind.proto.runtime_pb2.UNIFORM_8BIT", "peer/codec.py"),
     Reliance("hivemind.proto.runtime_pb2.CompressionType.Name", "peer/codec.py"),
-    Reliance("hivemind.proto.runtime_pb2.Tensor", "peer/codec.py",
-             params=("compression", "buffer", "size", "dtype", "requires_grad")),
+    Reliance(
+        "hivemind.proto.runtime_pb2.Tensor",
+        "peer/codec.py",
+        params=("compression", "buffer", "size", "dtype", "requires_grad"),
+    ),
     # peer/identity.py, peer/run_record.py, peer/auth.py, peer/metrics.py: keys, signed records, tokens.
-    Reliance("hivemind.utils.crypto.RSAPrivateKey", "peer/identity.py",
-             attrs=("_private_key",)),  # _private_key_from_der() wraps a loaded key in one
+    Reliance(
+        "hivemind.utils.crypto.RSAPrivateKey", "peer/identity.py", attrs=("_private_key",)
+    ),  # _private_key_from_der() wraps a loaded key in one
     Reliance("hivemind.utils.crypto.RSAPublicKey", "peer/identity.py, peer/run_record.py", attrs=("_public_key",)),
     Reliance("hivemind.utils.crypto.RSAPublicKey.from_bytes", "peer/run_record.py, peer/auth.py"),
     Reliance("hivemind.p2p.p2p_daemon_bindings.datastructures.PeerID.from_base58", "peer/identity.py"),
     # peer_id_of() derives a peer id from a public key the same way
-    Reliance("hivemind.p2p.p2p_daemon_bindings.datastructures.PeerID.from_identity", "peer/identity.py",
-             source_has=("crypto_pb2.PublicKey(", "hashlib.sha256(", 'multihash.coerce_code("sha2-256")')),
+    Reliance(
+        "hivemind.p2p.p2p_daemon_bindings.datastructures.PeerID.from_identity",
+        "peer/identity.py",
+        source_has=("crypto_pb2.PublicKey(", "hashlib.sha256(", 'multihash.coerce_code("sha2-256")'),
+    ),
     Reliance("hivemind.proto.crypto_pb2.PrivateKey", "peer/identity.py", params=("key_type", "data")),
     Reliance("hivemind.proto.crypto_pb2.PublicKey", "peer/identity.py", params=("key_type", "data")),
     Reliance("hivemind.proto.crypto_pb2.KeyType.RSA", "peer/identity.py"),
@@ -223,30 +385,49 @@ CONTRACT = [
     Reliance("hivemind.utils.multiaddr.Multiaddr", "peer/identity.py"),
     Reliance("hivemind.dht.crypto.RSASignatureValidator._PUBLIC_KEY_RE", "peer/run_record.py"),
     Reliance("hivemind.dht.crypto.RSASignatureValidator.local_public_key", "peer/metrics.py, peer/run_record.py"),
-    Reliance("hivemind.dht.schema.SchemaValidator", "peer/metrics.py, coordinator/coordinator.py",
-             params=("schema", "prefix")),
+    Reliance(
+        "hivemind.dht.schema.SchemaValidator",
+        "peer/metrics.py, coordinator/coordinator.py",
+        params=("schema", "prefix"),
+    ),
     # records live under {prefix}_{field}: {run_id}_metrics, {training_key}_progress
-    Reliance("hivemind.dht.schema.SchemaValidator.__init__", "peer/metrics.py, coordinator/swarm.py",
-             source_has=('f"{prefix}_{field.name}"',)),
+    Reliance(
+        "hivemind.dht.schema.SchemaValidator.__init__",
+        "peer/metrics.py, coordinator/swarm.py",
+        source_has=('f"{prefix}_{field.name}"',),
+    ),
     # PeerMetrics is a pydantic.v1 model because hivemind's record schemas are
     Reliance("hivemind.dht.schema", "peer/metrics.py", source_has=("import pydantic.v1 as pydantic",)),
     Reliance("hivemind.dht.schema.BytesWithPublicKey", "peer/metrics.py"),
     Reliance(AUTHORIZER, "peer/auth.py", params=("local_private_key",)),
     Reliance(f"{AUTHORIZER}.get_token", "peer/auth.py", called_from=(f"{AUTHORIZER}.refresh_token_if_needed",)),
-    Reliance(f"{AUTHORIZER}.is_token_valid", "peer/auth.py",
-             called_from=(f"{AUTHORIZER}.validate_request", f"{AUTHORIZER}.validate_response")),
-    Reliance(f"{AUTHORIZER}.does_token_need_refreshing", "peer/auth.py",
-             called_from=(f"{AUTHORIZER}.refresh_token_if_needed",)),
+    Reliance(
+        f"{AUTHORIZER}.is_token_valid",
+        "peer/auth.py",
+        called_from=(f"{AUTHORIZER}.validate_request", f"{AUTHORIZER}.validate_response"),
+    ),
+    Reliance(
+        f"{AUTHORIZER}.does_token_need_refreshing",
+        "peer/auth.py",
+        called_from=(f"{AUTHORIZER}.refresh_token_if_needed",),
+    ),
     Reliance(f"{AUTHORIZER}.local_public_key", "peer/auth.py"),
-    Reliance("hivemind.proto.auth_pb2.AccessToken", "peer/auth.py",
-             params=("username", "public_key", "expiration_time", "signature")),
+    Reliance(
+        "hivemind.proto.auth_pb2.AccessToken",
+        "peer/auth.py",
+        params=("username", "public_key", "expiration_time", "signature"),
+    ),
     # peer/command_line.py sends hivemind's records through Starling's one handler.
     Reliance("hivemind.utils.logging.use_hivemind_log_handler", "peer/command_line.py", params=("where",)),
     # coordinator/state_sharing.py serves checkpoints as a state averager would.
-    Reliance(AVERAGER, "coordinator/state_sharing.py",
-             params=("averaged_tensors", "dht", "prefix", "state_compression", "allow_state_sharing", "start")),
-    Reliance(f"{AVERAGER}.get_current_state", "coordinator/state_sharing.py",
-             called_from=(f"{AVERAGER}.__init__",)),  # served from a thread __init__ starts
+    Reliance(
+        AVERAGER,
+        "coordinator/state_sharing.py",
+        params=("averaged_tensors", "dht", "prefix", "state_compression", "allow_state_sharing", "start"),
+    ),
+    Reliance(
+        f"{AVERAGER}.get_current_state", "coordinator/state_sharing.py", called_from=(f"{AVERAGER}.__init__",)
+    ),  # served from a thread __init__ starts
 ]
 
 
@@ -279,8 +460,11 @@ def parameters(found: object) -> set[str]:
     if hasattr(descriptor, "fields_by_name"):
         return set(descriptor.fields_by_name)
     if isinstance(found, type):
-        inits = [klass.__dict__["__init__"] for klass in found.__mro__
-                 if klass.__module__.startswith("hivemind") and "__init__" in klass.__dict__]
+        inits = [
+            klass.__dict__["__init__"]
+            for klass in found.__mro__
+            if klass.__module__.startswith("hivemind") and "__init__" in klass.__dict__
+        ]
         if inits:
             return {name for init in inits for name in inspect.signature(init).parameters}
     return set(inspect.signature(found).parameters)
@@ -289,15 +473,21 @@ def parameters(found: object) -> set[str]:
 @functools.cache
 def assigned_to_self(klass: type) -> frozenset[str]:
     """The names a class's own methods assign to `self.<name>`."""
-    return frozenset(node.attr for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(klass))))
-                     if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
-                     and isinstance(node.value, ast.Name) and node.value.id == "self")
+    return frozenset(
+        node.attr
+        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(klass))))
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.ctx, ast.Store)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    )
 
 
 def instance_attributes(cls: type) -> set[str]:
     """Attributes of cls, and the names the methods of its hivemind bases assign to `self.<name>`."""
-    return set(dir(cls)).union(*(assigned_to_self(klass) for klass in cls.__mro__
-                                 if klass.__module__.startswith("hivemind")))
+    return set(dir(cls)).union(
+        *(assigned_to_self(klass) for klass in cls.__mro__ if klass.__module__.startswith("hivemind"))
+    )
 
 
 def referenced_names(function: object) -> set[str]:
@@ -330,12 +520,14 @@ def broken(reliance: Reliance) -> list[str]:
     problems = []
     if reliance.params:
         present = parameters(found)
-        problems += [f"{member} no longer has {name!r}: {users} relies on it"
-                     for name in reliance.params if name not in present]
+        problems += [
+            f"{member} no longer has {name!r}: {users} relies on it" for name in reliance.params if name not in present
+        ]
     if reliance.attrs:
         present = instance_attributes(found)
-        problems += [f"{member} no longer sets .{name}: {users} relies on it"
-                     for name in reliance.attrs if name not in present]
+        problems += [
+            f"{member} no longer sets .{name}: {users} relies on it" for name in reliance.attrs if name not in present
+        ]
     name = member.rsplit(".", 1)[-1]
     for caller in reliance.called_from:
         try:
@@ -346,8 +538,11 @@ def broken(reliance: Reliance) -> list[str]:
             problems.append(f"{caller} no longer calls {name}: {users} relies on it")
     if reliance.source_has:
         source = source_of(found)
-        problems += [f"{member} no longer holds {text!r}: {users} relies on it"
-                     for text in reliance.source_has if text not in source]
+        problems += [
+            f"{member} no longer holds {text!r}: {users} relies on it"
+            for text in reliance.source_has
+            if text not in source
+        ]
     return problems
 
 
@@ -376,7 +571,8 @@ def test_every_internal_import_is_listed():
     listed = {reliance.member for reliance in CONTRACT}
     unlisted = sorted(
         f"{name} ({path.relative_to(ROOT)})"
-        for folder in STARLING_CODE for path in sorted((ROOT / folder).rglob("*.py"))
+        for folder in STARLING_CODE
+        for path in sorted((ROOT / folder).rglob("*.py"))
         for name in internal_imports(path)
         if not any(member == name or member.startswith(f"{name}.") for member in listed)
     )
@@ -405,11 +601,17 @@ def test_the_collaborative_optimizer_builds_its_parts_with_hivemind_s_settings(f
 def test_a_broken_reliance_is_named_in_one_line():
     """What a failure looks like: the member, what is wrong, and who relies on it."""
     assert broken(Reliance(f"{ALLREDUCE}._communicate_with_peers", "peer/averager.py")) == [
-        f"{ALLREDUCE}._communicate_with_peers is gone: peer/averager.py relies on it"]
-    assert broken(Reliance(f"{ALLREDUCE}._communicate_with_peer", "x.py", params=("peer",),
-                           called_from=(f"{ALLREDUCE}.__init__",))) == [
+        f"{ALLREDUCE}._communicate_with_peers is gone: peer/averager.py relies on it"
+    ]
+    assert broken(
+        Reliance(
+            f"{ALLREDUCE}._communicate_with_peer", "x.py", params=("peer",), called_from=(f"{ALLREDUCE}.__init__",)
+        )
+    ) == [
         f"{ALLREDUCE}._communicate_with_peer no longer has 'peer': x.py relies on it",
-        f"{ALLREDUCE}.__init__ no longer calls _communicate_with_peer: x.py relies on it"]
+        f"{ALLREDUCE}.__init__ no longer calls _communicate_with_peer: x.py relies on it",
+    ]
     assert broken(Reliance(REDUCER, "x.py", attrs=("accumulators",), source_has=("nowhere",))) == [
         f"{REDUCER} no longer sets .accumulators: x.py relies on it",
-        f"{REDUCER} no longer holds 'nowhere': x.py relies on it"]
+        f"{REDUCER} no longer holds 'nowhere': x.py relies on it",
+    ]

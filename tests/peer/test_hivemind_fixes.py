@@ -3,7 +3,6 @@
 import math
 
 import torch
-
 from hivemind.averaging.control import StepControl
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
@@ -37,8 +36,9 @@ def test_a_cancelled_step_reads_cancelled_before_the_averager_is_signalled():
     """The averager's process wakes on the trigger or cancel signal and then reads step.cancelled();
     with hivemind's order it could read False and keep matching the cancelled step into groups."""
     MPFuture()  # starts this process's future backend (a StepControl first would start it on its own class)
-    step = StepControl(scheduled_time=get_dht_time() + 5, deadline=math.inf, allow_retries=True, weight=1.0,
-                       data_for_gather=b"")
+    step = StepControl(
+        scheduled_time=get_dht_time() + 5, deadline=math.inf, allow_retries=True, weight=1.0, data_for_gather=b""
+    )
     trigger, cancel = SignalProbe(), SignalProbe()
     trigger.step = cancel.step = step
     step.attach(trigger, cancel)
@@ -56,8 +56,10 @@ def test_creating_the_optimizer_state_leaves_the_parameters_as_they_were():
     from hivemind.optim import state_averager
 
     torch.manual_seed(0)
-    for make in (lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
-                 lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1)):
+    for make in (
+        lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
+    ):
         parameters = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
         before = [p.detach().clone() for p in parameters]
         optimizer = make(parameters)

@@ -9,9 +9,9 @@ import signal
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
+from swarm_checks import parameter_gap, parameters_agree_bound, wait_until
 
 from peer.run_config import RunConfig
-from swarm_checks import parameter_gap, parameters_agree_bound, wait_until
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -21,7 +21,8 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def test_a_partial_round_is_counted_with_its_fraction_and_the_peer_resynchronises(
-        tmp_path, write_run_config, start_peer, unused_port):
+    tmp_path, write_run_config, start_peer, unused_port
+):
     """One of three peers abandons one reducer in its second round: that round is partial for it
     alone, with the fraction of its values the other reducers averaged. Its metric rises, and within
     the next epochs it loads the state of a peer whose rounds succeeded, after which its parameters
@@ -32,19 +33,34 @@ def test_a_partial_round_is_counted_with_its_fraction_and_the_peer_resynchronise
     # The others join the first peer as volunteers do, loading its state: all start on the same parameters.
     first = start_peer("first", run_toml, duration=600, snapshots=True)
     wait_until(lambda: any(e["event"] == "epoch" for e in first.events()), 120, "the first peer's first epoch")
-    dropper = start_peer("dropper", run_toml, duration=600, drop_reducer_in_round=2, metrics_port=unused_port,
-                         snapshots=True)
+    dropper = start_peer(
+        "dropper", run_toml, duration=600, drop_reducer_in_round=2, metrics_port=unused_port, snapshots=True
+    )
     other = start_peer("other", run_toml, duration=600, snapshots=True)
 
-    partial = wait_until(lambda: next((e for e in dropper.events() if "partial" in e.get("rounds", [])), None),
-                         180, "the dropper's partial round")
-    wait_until(lambda: scrape(unused_port).get("starling_peer_averaging_rounds_partial_total") == 1.0, 20,
-               "starling_peer_averaging_rounds_partial_total to reach 1")
-    resync = wait_until(lambda: next((e for e in dropper.events() if e["event"] == "state_loaded" and e["resync"]),
-                                     None), 60, "the dropper to resynchronise")
+    partial = wait_until(
+        lambda: next((e for e in dropper.events() if "partial" in e.get("rounds", [])), None),
+        180,
+        "the dropper's partial round",
+    )
+    wait_until(
+        lambda: scrape(unused_port).get("starling_peer_averaging_rounds_partial_total") == 1.0,
+        20,
+        "starling_peer_averaging_rounds_partial_total to reach 1",
+    )
+    resync = wait_until(
+        lambda: next((e for e in dropper.events() if e["event"] == "state_loaded" and e["resync"]), None),
+        60,
+        "the dropper to resynchronise",
+    )
     back = resync["epoch"] + 2  # two rounds after the resynchronisation
-    wait_until(lambda: dropper.snapshot_path(back).exists() and any(
-        peer.snapshot_path(back).exists() for peer in (first, other)), 60, f"epoch {back}")
+    wait_until(
+        lambda: (
+            dropper.snapshot_path(back).exists() and any(peer.snapshot_path(back).exists() for peer in (first, other))
+        ),
+        60,
+        f"epoch {back}",
+    )
     for peer in (first, dropper, other):
         peer.process.send_signal(signal.SIGTERM)
     summaries = {peer.folder.name: peer.wait(timeout=60) for peer in (first, dropper, other)}
@@ -57,17 +73,20 @@ def test_a_partial_round_is_counted_with_its_fraction_and_the_peer_resynchronise
     assert summaries["dropper"]["resyncs"] >= 1
 
     events = dropper.events()
-    off_epochs = [e["epoch"] for e in events[events.index(partial):events.index(resync)] if e["event"] == "epoch"]
+    off_epochs = [e["epoch"] for e in events[events.index(partial) : events.index(resync)] if e["event"] == "epoch"]
     assert len(off_epochs) <= 3, f"the dropper resynchronised only after epochs {off_epochs}"
     lr = run.training.lr
     # After its resynchronisation it is back with the swarm: within the codec's drift of the peer
     # it took its state from. (Right after the partial round it was 0.04-0.1 lr from the others,
     # against 0.002-0.005 lr between peers that average in full: see tests/peer/swarm_checks.py.)
-    after_resync = [e for e in events[events.index(resync):] if e["event"] == "epoch"]
+    after_resync = [e for e in events[events.index(resync) :] if e["event"] == "epoch"]
     for event in after_resync[:2]:
         if event["rounds"] != ["succeeded"]:
             break  # a later partial round of its own
         epoch = event["epoch"]
-        gaps = [parameter_gap(dropper.snapshot(epoch), peer.snapshot(epoch), lr)
-                for peer in (first, other) if peer.snapshot_path(epoch).exists()]
+        gaps = [
+            parameter_gap(dropper.snapshot(epoch), peer.snapshot(epoch), lr)
+            for peer in (first, other)
+            if peer.snapshot_path(epoch).exists()
+        ]
         assert min(gaps, default=0.0) <= parameters_agree_bound(rounds=epoch - resync["epoch"]), (epoch, gaps)

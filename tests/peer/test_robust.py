@@ -39,8 +39,13 @@ def test_a_scaled_or_non_finite_minority_moves_the_result_by_at_most_its_clipped
     # is CLIP_FACTOR median distances from an honest medoid, at most the largest honest pairwise distance.
     radius = CLIP_FACTOR * torch.cdist(honest, honest).max()
     bound = 1.01 * radius / 4
-    for attack in [1e6 * honest[0], -1e6 * honest[0], torch.full_like(honest[0], float("nan")),
-                   torch.full_like(honest[0], float("inf")), 1e30 * torch.ones_like(honest[0])]:
+    for attack in [
+        1e6 * honest[0],
+        -1e6 * honest[0],
+        torch.full_like(honest[0], float("nan")),
+        torch.full_like(honest[0], float("inf")),
+        1e30 * torch.ones_like(honest[0]),
+    ]:
         result = centered_clip(torch.cat([honest, attack[None]]), weights)
         assert result.isfinite().all()
         assert (result - expected).norm() <= bound, f"moved by {(result - expected).norm():.3f}, bound {bound:.3f}"
@@ -74,8 +79,13 @@ def test_all_reduce_keeps_honest_average_when_one_peer_sends_scaled_or_non_finit
     from peer.run_config import AveragingSection
 
     shapes = [(300, 1000), (1000,)]
-    honest = [[honest_parts(2, values=int(torch.tensor(shape).prod()), seed=s)[i].view(shape)
-               for s, shape in enumerate(shapes)] for i in range(2)]
+    honest = [
+        [
+            honest_parts(2, values=int(torch.tensor(shape).prod()), seed=s)[i].view(shape)
+            for s, shape in enumerate(shapes)
+        ]
+        for i in range(2)
+    ]
     expected = [(a + b) / 2 for a, b in zip(*honest)]
     compression = gradient_compression(AveragingSection())
     # A scaled sender moves each part by at most its weight share (1/3) times the clip radius (3
@@ -83,15 +93,24 @@ def test_all_reduce_keeps_honest_average_when_one_peer_sends_scaled_or_non_finit
     # is left out, and the two honest parts average exactly, up to the 8-bit codec's error.
     for attack, bound in [(lambda g: g * 1e6, 0.25), (lambda g: torch.full_like(g, float("nan")), 0.03)]:
         gradients = honest + [[attack(g) for g in honest[0]]]
-        dhts = [hivemind.DHT(initial_peers=[bootstrap], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True) for _ in range(3)]
+        dhts = [
+            hivemind.DHT(initial_peers=[bootstrap], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True) for _ in range(3)
+        ]
         averagers, params = [], []
         for dht, grads in zip(dhts, gradients):
             peer_params = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
             for param, grad in zip(peer_params, grads):
                 param.grad = grad.clone()
-            averager = CountingGradientAverager(peer_params, dht=dht, prefix="robust_test", target_group_size=3,
-                                                min_group_size=3, min_matchmaking_time=3.0, compression=compression,
-                                                start=True)
+            averager = CountingGradientAverager(
+                peer_params,
+                dht=dht,
+                prefix="robust_test",
+                target_group_size=3,
+                min_group_size=3,
+                min_matchmaking_time=3.0,
+                compression=compression,
+                start=True,
+            )
             averager.accumulate_grads_(batch_size=8)
             averagers.append(averager)
             params.append(peer_params)

@@ -21,7 +21,10 @@ def write(tmp_path, text: str):
 
 
 def test_defaults_and_overrides(tmp_path):
-    run = RunConfig.load(write(tmp_path, """
+    run = RunConfig.load(
+        write(
+            tmp_path,
+            """
 run_id = "my-run"
 [model]
 preset = "tiny"
@@ -29,7 +32,9 @@ overrides = { num_hidden_layers = 3 }
 [training]
 target_batch_size = 128
 lr = 1
-"""))
+""",
+        )
+    )
     assert run.run_id == "my-run" and run.training.target_batch_size == 128
     assert run.training.lr == 1.0 and isinstance(run.training.lr, float)
     assert run.model_config().num_hidden_layers == 3
@@ -37,22 +42,28 @@ lr = 1
     assert RunConfig.from_dict(run.to_dict()) == run
 
 
-@pytest.mark.parametrize("text, culprit", [
-    ("[training]\nlrr = 0.1\n", "unknown key 'training.lrr'"),
-    ("colour = 'blue'\n", "unknown key 'colour'"),
-    ('[averaging]\n"\\n" = 1\n', "unknown key 'averaging.\\n'"),  # quoted, so the error stays one line
-    ("[training]\ntarget_batch_size = 'many'\n", "training.target_batch_size must be int, got str"),
-    ("[training]\ntarget_batch_size = true\n", "training.target_batch_size must be int"),
-    ("[training]\noptimizer = 'sgdm'\n", "training.optimizer must be one of"),
-    ("[averaging]\ncompression = 'zip'\n", "averaging.compression must be one of"),
-    ("[averaging]\naveraging_timeout = 20\npart_timeout = 30\n", "averaging.part_timeout must be positive and at most"),
-    ("[training]\nlr = inf\n", "training.lr must be a finite number, got inf"),
-    ("[model]\npreset = 'tiny'\noverrides = { num_key_value_heads = 3 }\n", "[model] does not validate"),
-    ("[model]\npreset = 'gpt-5'\n", "unknown preset 'gpt-5'"),
-    ("training = 3\n", "[training] must be a table"),
-    ("run_id = 'a b'\n", "run_id must be"),
-    ("[training\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, culprit",
+    [
+        ("[training]\nlrr = 0.1\n", "unknown key 'training.lrr'"),
+        ("colour = 'blue'\n", "unknown key 'colour'"),
+        ('[averaging]\n"\\n" = 1\n', "unknown key 'averaging.\\n'"),  # quoted, so the error stays one line
+        ("[training]\ntarget_batch_size = 'many'\n", "training.target_batch_size must be int, got str"),
+        ("[training]\ntarget_batch_size = true\n", "training.target_batch_size must be int"),
+        ("[training]\noptimizer = 'sgdm'\n", "training.optimizer must be one of"),
+        ("[averaging]\ncompression = 'zip'\n", "averaging.compression must be one of"),
+        (
+            "[averaging]\naveraging_timeout = 20\npart_timeout = 30\n",
+            "averaging.part_timeout must be positive and at most",
+        ),
+        ("[training]\nlr = inf\n", "training.lr must be a finite number, got inf"),
+        ("[model]\npreset = 'tiny'\noverrides = { num_key_value_heads = 3 }\n", "[model] does not validate"),
+        ("[model]\npreset = 'gpt-5'\n", "unknown preset 'gpt-5'"),
+        ("training = 3\n", "[training] must be a table"),
+        ("run_id = 'a b'\n", "run_id must be"),
+        ("[training\n", "not valid TOML"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path, text, culprit):
     with pytest.raises(RunConfigError) as error:
         RunConfig.load(write(tmp_path, text))
@@ -67,16 +78,41 @@ def test_missing_file(tmp_path):
 def _known_keys() -> dict[str, list[str]]:
     """Section name -> key names, from the dataclasses behind run.toml."""
     sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-    return {name: [f.name for f in dataclasses.fields(getattr(run_config, kind))]
-            for name, kind in sections.items() if isinstance(kind, str) and hasattr(run_config, kind)}
+    return {
+        name: [f.name for f in dataclasses.fields(getattr(run_config, kind))]
+        for name, kind in sections.items()
+        if isinstance(kind, str) and hasattr(run_config, kind)
+    }
 
 
 SECTIONS = _known_keys()
 values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
-              st.sampled_from(["tiny", "demo", "adamw", "adaptive-8bit", "open", "token", "fp16", "none", "batch",
-                              "diloco", "blockwise-4bit", "sgd"])),
-    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=10), children, max_size=3)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(),
+        st.text(max_size=20),
+        st.sampled_from(
+            [
+                "tiny",
+                "demo",
+                "adamw",
+                "adaptive-8bit",
+                "open",
+                "token",
+                "fp16",
+                "none",
+                "batch",
+                "diloco",
+                "blockwise-4bit",
+                "sgd",
+            ]
+        ),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(max_size=10), children, max_size=3)
+    ),
     max_leaves=6,
 )
 sections = st.dictionaries(
@@ -161,8 +197,10 @@ def test_the_example_run_config_shows_every_option_and_no_other():
     """coordinator/run.example.toml is where users look options up: each option of RunConfig is in
     it (set or commented out), and nothing else is."""
     shown, _ = _example_options()
-    assert set(shown) == set(DEFAULTS), (f"not options of RunConfig: {sorted(set(shown) - set(DEFAULTS))}; "
-                                         f"missing from the example: {sorted(set(DEFAULTS) - set(shown))}")
+    assert set(shown) == set(DEFAULTS), (
+        f"not options of RunConfig: {sorted(set(shown) - set(DEFAULTS))}; "
+        f"missing from the example: {sorted(set(DEFAULTS) - set(shown))}"
+    )
 
 
 def test_the_example_run_config_holds_the_defaults():
@@ -172,7 +210,10 @@ def test_the_example_run_config_holds_the_defaults():
     None (model.init_from, data.path) shows what a value looks like, as there is no default to write.
     Loaded as it is, the example is the default run."""
     shown, commented = _example_options()
-    differing = {key: (value, DEFAULTS[key]) for key, value in shown.items()
-                 if key in DEFAULTS and value != DEFAULTS[key] and not (key in commented and DEFAULTS[key] is None)}
+    differing = {
+        key: (value, DEFAULTS[key])
+        for key, value in shown.items()
+        if key in DEFAULTS and value != DEFAULTS[key] and not (key in commented and DEFAULTS[key] is None)
+    }
     assert differing == {}, f"(example, default) by key: {differing}"
     assert RunConfig.load(EXAMPLE) == RunConfig()

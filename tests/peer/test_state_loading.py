@@ -40,12 +40,15 @@ def test_tensors_of_another_shape_count_or_with_nan_are_refused():
     assert check_tensors(poisoned, expected) == "tensor 2 holds non-finite values"
 
 
-@pytest.mark.parametrize("metadata, reason", [
-    (None, "its metadata is a NoneType, not a dict"),
-    ({"epoch": "3"}, "its epoch is '3'"),
-    ({"epoch": -1}, "its epoch is -1"),
-    ({"epoch": True}, "its epoch is True"),
-])
+@pytest.mark.parametrize(
+    "metadata, reason",
+    [
+        (None, "its metadata is a NoneType, not a dict"),
+        ({"epoch": "3"}, "its epoch is '3'"),
+        ({"epoch": -1}, "its epoch is -1"),
+        ({"epoch": True}, "its epoch is True"),
+    ],
+)
 def test_metadata_without_a_valid_epoch_is_refused(metadata, reason):
     assert check_metadata_epoch(metadata) == reason
 
@@ -54,9 +57,11 @@ def test_optimizer_metadata_of_another_layout_is_refused():
     _, metadata, _ = adamw_state()
     assert "entries" in check_optimizer_metadata(metadata[:-1], metadata)
     lr = next(i for i, entry in enumerate(metadata) if entry == {"type": "value", "value": 1e-3})
-    as_text = [*metadata[:lr], {"type": "value", "value": "1e-3"}, *metadata[lr + 1:]]
-    assert check_optimizer_metadata(as_text, metadata) == f"optimizer metadata entry {lr} is '1e-3', like 0.001 expected"
+    as_text = [*metadata[:lr], {"type": "value", "value": "1e-3"}, *metadata[lr + 1 :]]
+    assert (
+        check_optimizer_metadata(as_text, metadata) == f"optimizer metadata entry {lr} is '1e-3', like 0.001 expected"
+    )
     tensor = next(i for i, entry in enumerate(metadata) if entry["type"] == "tensor")
-    moved = [*metadata[:tensor], {"type": "tensor", "index": 99}, *metadata[tensor + 1:]]
+    moved = [*metadata[:tensor], {"type": "tensor", "index": 99}, *metadata[tensor + 1 :]]
     assert check_optimizer_metadata(moved, metadata) == f"optimizer metadata entry {tensor} points at tensor 99"
-    assert "a tensor expected" in check_optimizer_metadata([*metadata[:tensor], 5, *metadata[tensor + 1:]], metadata)
+    assert "a tensor expected" in check_optimizer_metadata([*metadata[:tensor], 5, *metadata[tensor + 1 :]], metadata)

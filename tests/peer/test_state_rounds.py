@@ -21,10 +21,17 @@ def two_averagers():
     first = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
     second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=LOOPBACK, start=True)
     averagers = [
-        CheckedStateAverager(dht=dht, optimizer=partial(torch.optim.SGD, lr=0.1),
-                             params=[torch.nn.Parameter(torch.full((1000,), value))], prefix="state_rounds",
-                             min_matchmaking_time=MATCHMAKING_TIME, request_timeout=1.0, start=True)
-        for dht, value in ((first, 1.0), (second, 3.0))]
+        CheckedStateAverager(
+            dht=dht,
+            optimizer=partial(torch.optim.SGD, lr=0.1),
+            params=[torch.nn.Parameter(torch.full((1000,), value))],
+            prefix="state_rounds",
+            min_matchmaking_time=MATCHMAKING_TIME,
+            request_timeout=1.0,
+            start=True,
+        )
+        for dht, value in ((first, 1.0), (second, 3.0))
+    ]
     yield averagers
     for averager in averagers:
         if averager.is_alive():

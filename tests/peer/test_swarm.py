@@ -4,13 +4,13 @@ import signal
 
 import pytest
 import torch
-
 from swarm_checks import mode_settings, wait_until
 
 
 @pytest.mark.parametrize("mode", ["batch", "diloco"])
-def test_heterogeneous_client_and_auxiliary_peers_all_take_part(tmp_path, write_run_config, start_peer, release_peers,
-                                                                mode):
+def test_heterogeneous_client_and_auxiliary_peers_all_take_part(
+    tmp_path, write_run_config, start_peer, release_peers, mode
+):
     run_toml = write_run_config(tmp_path, **mode_settings(mode, 48))
     epochs = 4
     peers = {

@@ -25,8 +25,12 @@ def main() -> None:
     epoch = latest.epoch + 1 if latest else 1
     while True:
         for _ in range(2):
-            state = TrainingState(epoch, [torch.full_like(p, float(epoch)) for p in parameters],
-                                  [torch.full((optimizer_values,), float(epoch))], [{"type": "tensor", "index": 0}])
+            state = TrainingState(
+                epoch,
+                [torch.full_like(p, float(epoch)) for p in parameters],
+                [torch.full((optimizer_values,), float(epoch))],
+                [{"type": "tensor", "index": 0}],
+            )
             store.save(state, config)
             with open(folder / "written.txt", "a") as log:
                 log.write(f"{epoch}\n")

@@ -4,19 +4,24 @@
 
 SPEC_JSON holds {"options": Peer keyword arguments, "duration": s, "max_epochs": n, "slow": s,
 "out": folder, "start_after": file, "hold_until": file, "snapshots": bool, "die_in_round": n,
-"drop_reducer_in_round": n, "model_overrides": {...}}. With "slow", every forward pass first sleeps that long (an injected slow
-device); with "start_after", the peer joins only once that file exists; with "hold_until", the peer
-joins, writes "joined" in its folder and starts training only once that file exists (so that
-peers of one test start training together, not one racing alone while another still joins); with "die_in_round", the peer's gradient averager SIGKILLs the worker's whole
-session (worker, averagers, p2p daemon: a machine lost) right after it sent its first part of its
-n-th all-reduce round, writing n to died_in_round.txt first; with "drop_reducer_in_round", the peer abandons its exchange with one
-reducer in its n-th round (a partial round); with "model_overrides", the peer builds its model with those config fields
-changed while it keeps the run's configuration (a tampered client).
-The worker writes events.jsonl (peer.events), summary.json (with "processed": rows seen by forward) and
-params.safetensors, and
-with "snapshots" the parameters of every epoch it reaches as epoch-N.safetensors; in DiLoCo mode
-also, for the round that started at epoch N, its local parameters before the outer step as
-round-N.safetensors and its averaging weight (samples) and inner steps in round-N.json.
+"drop_reducer_in_round": n, "model_overrides": {...}}.
+- "slow": every forward pass first sleeps that long (an injected slow device);
+- "start_after": the peer joins only once that file exists;
+- "hold_until": the peer joins, writes "joined" in its folder and starts training only once that
+  file exists (so that peers of one test start training together, not one racing alone while
+  another still joins);
+- "die_in_round": the peer's gradient averager SIGKILLs the worker's whole session (worker,
+  averagers, p2p daemon: a machine lost) right after it sent its first part of its n-th all-reduce
+  round, writing n to died_in_round.txt first;
+- "drop_reducer_in_round": the peer abandons its exchange with one reducer in its n-th round (a
+  partial round);
+- "model_overrides": the peer builds its model with those config fields changed while it keeps the
+  run's configuration (a tampered client).
+The worker writes events.jsonl (peer.events), summary.json (with "processed": rows seen by forward)
+and params.safetensors, and with "snapshots" the parameters of every epoch it reaches as
+epoch-N.safetensors; in DiLoCo mode also, for the round that started at epoch N, its local
+parameters before the outer step as round-N.safetensors and its averaging weight (samples) and
+inner steps in round-N.json.
 """
 
 import json
@@ -30,12 +35,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from peer import Peer
-from peer import averager
-from peer.peer import PeerCallbacks
-from peer.command_line import setup_logging
-from peer.run_config import RunConfig
 from model import CausalLM, ModelConfig
+from peer import Peer, averager
+from peer.command_line import setup_logging
+from peer.peer import PeerCallbacks
+from peer.run_config import RunConfig
 
 
 def save_params(model: CausalLM, path: Path) -> None:
@@ -129,7 +133,9 @@ def main() -> None:
         tamper_model(spec["model_overrides"])
     callbacks = PeerCallbacks()
     if spec.get("snapshots"):
-        callbacks.on_epoch = lambda peer: save_params(peer.model, out / f"epoch-{peer.optimizer.local_epoch}.safetensors")
+        callbacks.on_epoch = lambda peer: save_params(
+            peer.model, out / f"epoch-{peer.optimizer.local_epoch}.safetensors"
+        )
         callbacks.on_round_end = partial(save_round, out=out)
     peer = Peer(**spec["options"], events=str(out / "events.jsonl"), callbacks=callbacks)
     processed = 0
@@ -144,8 +150,12 @@ def main() -> None:
         return original_forward(self, input_ids, *args, **kwargs)
 
     CausalLM.forward = counted_forward
-    start_line = partial(wait_at_start_line, out=out, release=Path(spec["hold_until"])) if spec.get("hold_until") else None
-    summary = peer.run(duration=spec.get("duration"), max_epochs=spec.get("max_epochs"), start_line=start_line).as_dict()
+    start_line = (
+        partial(wait_at_start_line, out=out, release=Path(spec["hold_until"])) if spec.get("hold_until") else None
+    )
+    summary = peer.run(
+        duration=spec.get("duration"), max_epochs=spec.get("max_epochs"), start_line=start_line
+    ).as_dict()
     summary["processed"] = processed
     save_params(peer.model, out / "params.safetensors")
     (out / "summary.json").write_text(json.dumps(summary))

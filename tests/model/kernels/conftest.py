@@ -11,7 +11,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-from typing import Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -40,8 +40,6 @@ def assert_matches() -> Callable[..., None]:
 
     def check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
         tol = TOLERANCES[dtype]
-        torch.testing.assert_close(
-            actual.float(), expected.float(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale
-        )
+        torch.testing.assert_close(actual.float(), expected.float(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale)
 
     return check

@@ -10,7 +10,9 @@ VOCAB, BATCH, SEQ, STEPS = 128, 2, 16, 20
 
 def build(mode: str, state: dict | None = None) -> CausalLM:
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig.from_preset("tiny", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, kernels=mode))
+    model = CausalLM(
+        ModelConfig.from_preset("tiny", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, kernels=mode)
+    )
     if state is not None:
         model.load_state_dict(state)
     return model.train()

@@ -17,7 +17,7 @@ def test_reference_layout_and_error_bound(numel):
     blocks = -(-numel // 256)
     assert packed.dtype == torch.uint8 and packed.numel() == 4 * blocks + numel == packed_size(numel)
     absmax = packed[: 4 * blocks].view(torch.float32)
-    codes = packed[4 * blocks:].view(torch.int8)
+    codes = packed[4 * blocks :].view(torch.int8)
     padded = torch.nn.functional.pad(x, (0, blocks * 256 - numel)).view(blocks, 256)
     torch.testing.assert_close(absmax, padded.abs().amax(1), atol=0, rtol=0)
     assert codes.abs().max() == 127

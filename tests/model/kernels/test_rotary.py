@@ -13,7 +13,7 @@ def project(x, weight, heads, kv_heads, head_dim):
     """q and k as the model slices them out of one projection (strided single views)."""
     batch, seq, _ = x.shape
     qkv = (x @ weight).view(batch, seq, -1, head_dim)
-    return qkv[:, :, :heads].transpose(1, 2), qkv[:, :, heads:heads + kv_heads].transpose(1, 2)
+    return qkv[:, :, :heads].transpose(1, 2), qkv[:, :, heads : heads + kv_heads].transpose(1, 2)
 
 
 def run(mode, x, weight, cos, sin, heads, kv_heads, grads):
@@ -35,7 +35,10 @@ def test_matches_reference(batch, seq, heads, kv_heads, head_dim, dtype, assert_
     weight = torch.randn(16, (heads + 2 * kv_heads) * head_dim, dtype=dtype) / 4
     positions = torch.arange(3, 3 + seq).expand(batch, -1)
     cos, sin = rope_cos_sin(positions, head_dim, 10000.0, dtype)
-    grads = (torch.randn(batch, heads, seq, head_dim, dtype=dtype), torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype))
+    grads = (
+        torch.randn(batch, heads, seq, head_dim, dtype=dtype),
+        torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
+    )
     fused = run("triton", x, weight, cos, sin, heads, kv_heads, grads)
     reference = run("torch", x, weight, cos, sin, heads, kv_heads, grads)
     assert_matches(fused[0], reference[0], dtype)
