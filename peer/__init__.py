@@ -9,6 +9,10 @@ __all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
+    if name == "PeerOptions":
+        from peer.options import PeerOptions
+
+        return PeerOptions
     if name in _PUBLIC:
         from peer import peer
 

@@ -11,22 +11,12 @@ import json
 import logging
 import os
 import sys
+from dataclasses import MISSING, Field, fields
 
 from peer.command_line import OneLineParser, env_default, setup_logging
+from peer.options import PeerOptions
 
 PROG = "starling-peer"
-
-
-def positive_int_or_auto(value: str):
-    if value == "auto":
-        return value
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {value!r}")
-    return number
 
 
 def build_parser() -> OneLineParser:
@@ -35,61 +25,12 @@ def build_parser() -> OneLineParser:
         description=__doc__.splitlines()[0],
         epilog="Each option also reads from STARLING_<OPTION> (e.g. STARLING_INITIAL_PEERS).",
     )
+    for spec in fields(PeerOptions):
+        add_option(parser, spec)
+    # How long this command runs and what it reports: arguments of Peer.run and of this command.
     add = parser.add_argument
-    add(
-        "--initial-peers",
-        nargs="*",
-        default=env_default("--initial-peers", [], multiple=True),
-        metavar="MULTIADDR",
-        help="multiaddrs of peers already in the run (printed by the coordinator)",
-    )
-    add("--config", default=env_default("--config"), help="run.toml with the run's settings (offline use)")
-    add("--device", default=env_default("--device", "auto"), help="auto, cpu or cuda[:N]")
-    add(
-        "--batch-size",
-        type=positive_int_or_auto,
-        default=env_default("--batch-size", "auto"),
-        help="micro-batch: auto finds the largest that fits the device",
-    )
-    add("--name", default=env_default("--name"), help="your name on the leaderboard")
-    add("--token", default=env_default("--token"), help="access token for a moderated run (from its organiser)")
-    add(
-        "--client-mode",
-        action="store_true",
-        default=env_default("--client-mode", False, bool),
-        help="behind NAT or a firewall: make only outgoing connections",
-    )
-    add(
-        "--auxiliary",
-        action="store_true",
-        default=env_default("--auxiliary", False, bool),
-        help="help average without computing gradients (a CPU helper)",
-    )
-    add("--identity", default=env_default("--identity"), help="key file that keeps your peer id across restarts")
-    add(
-        "--host-maddrs",
-        nargs="+",
-        default=env_default("--host-maddrs", ["/ip4/0.0.0.0/tcp/0"], multiple=True),
-        metavar="MULTIADDR",
-        help="addresses to listen on",
-    )
-    add(
-        "--announce-maddrs",
-        nargs="+",
-        default=env_default("--announce-maddrs", [], multiple=True),
-        metavar="MULTIADDR",
-        help="public addresses to announce to other peers",
-    )
-    add("--metrics-port", type=int, default=env_default("--metrics-port"), help="serve Prometheus metrics on this port")
-    add("--metrics-host", default=env_default("--metrics-host", "127.0.0.1"), help="address for the metrics server")
     add("--max-epochs", type=int, default=env_default("--max-epochs"), help="stop once the run reaches this epoch")
     add("--duration", type=float, default=env_default("--duration"), help="stop after this many seconds")
-    add("--data", default=env_default("--data"), help="train on this text file or folder instead of the run's corpus")
-    add(
-        "--events",
-        default=env_default("--events"),
-        help="append what this peer does to this file as JSON lines (joined, epoch, round outcomes, stopped)",
-    )
     add("--summary-json", default=env_default("--summary-json"), help="write what this peer did to this file")
     add(
         "--log-level",
@@ -98,6 +39,19 @@ def build_parser() -> OneLineParser:
         help="how much to log",
     )
     return parser
+
+
+def add_option(parser: argparse.ArgumentParser, spec: Field) -> None:
+    """The flag of one PeerOptions field: --name-with-dashes, its default from STARLING_<NAME> or the field."""
+    flag = "--" + spec.name.replace("_", "-")
+    settings = dict(spec.metadata)
+    default = spec.default_factory() if spec.default is MISSING else spec.default
+    if isinstance(default, bool):
+        parser.add_argument(flag, action="store_true", default=env_default(flag, default, bool), **settings)
+    elif isinstance(default, list):
+        parser.add_argument(flag, default=env_default(flag, default, multiple=True), **settings)
+    else:
+        parser.add_argument(flag, default=env_default(flag, default), **settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,23 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from peer.run_config import RunConfigError
 
     try:
-        peer = Peer(
-            initial_peers=args.initial_peers,
-            config=args.config,
-            device=args.device,
-            batch_size=args.batch_size,
-            name=args.name,
-            client_mode=args.client_mode,
-            auxiliary=args.auxiliary,
-            identity=args.identity,
-            host_maddrs=args.host_maddrs,
-            announce_maddrs=args.announce_maddrs,
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-            data=args.data,
-            token=args.token,
-            events=args.events,
-        )
+        peer = Peer(**{spec.name: getattr(args, spec.name) for spec in fields(PeerOptions)})
         summary = peer.run(duration=args.duration, max_epochs=args.max_epochs)
     except (PeerError, RunConfigError, ValueError, FileNotFoundError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

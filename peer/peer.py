@@ -9,8 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import hivemind
 import torch
@@ -26,8 +25,8 @@ from peer.averager import CountingGradientAverager, RoundOutcome
 from peer.device import device_name, largest_micro_batch, resolve_device
 from peer.diloco import DilocoOptimizer
 from peer.events import EventLog
-from peer.identity import check_multiaddrs
 from peer.optimizer import make_collaborative_optimizer
+from peer.options import PeerOptions
 from peer.run_config import RunConfig
 from peer.shards import ShardReader
 from peer.state_loading import state_offers
@@ -44,51 +43,6 @@ RESYNC_DELAY = 1.0  # seconds between two looks for a donor, the first after the
 
 class PeerError(RuntimeError):
     """A peer cannot start: the message says what to check."""
-
-
-@dataclass
-class PeerOptions:
-    """What a volunteer may choose; the run itself comes from the run configuration."""
-
-    initial_peers: list[str] = field(default_factory=list)
-    config: str | None = None
-    device: str = "auto"
-    batch_size: int | str = "auto"
-    name: str | None = None
-    client_mode: bool = False
-    auxiliary: bool = False
-    identity: str | None = None
-    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
-    announce_maddrs: list[str] = field(default_factory=list)
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    data: str | None = None
-    token: str | None = None
-    events: str | None = None  # a JSON-lines file of what the peer does (peer.events)
-
-    def check(self) -> None:
-        """Raise ValueError naming the first option a volunteer got wrong."""
-        for option, addresses in (
-            ("initial_peers", self.initial_peers),
-            ("host_maddrs", self.host_maddrs),
-            ("announce_maddrs", self.announce_maddrs),
-        ):
-            check_multiaddrs(option, addresses)
-        for address in self.initial_peers:
-            if "/p2p/" not in address:
-                raise ValueError(f"initial_peers: {address!r} lacks the /p2p/<peer id> part")
-        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ValueError(f"batch_size must be 'auto' or a positive integer, got {self.batch_size!r}")
-        if self.client_mode and self.auxiliary:
-            raise ValueError("client_mode and auxiliary exclude each other: an auxiliary peer must be reachable")
-        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
-            raise ValueError(f"metrics_port must be between 1 and 65535, got {self.metrics_port}")
-        if self.identity is not None and not Path(self.identity).parent.is_dir():
-            raise ValueError(f"identity: folder {str(Path(self.identity).parent)!r} does not exist")
-        if self.config is not None and not Path(self.config).is_file():
-            raise ValueError(f"config: {self.config!r} is not a file")
-        if self.events is not None and not Path(self.events).parent.is_dir():
-            raise ValueError(f"events: folder {str(Path(self.events).parent)!r} does not exist")
 
 
 @dataclass

@@ -6,13 +6,16 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.harness import free_port
+from peer.cli import build_parser
 from peer.events import read_events
+from peer.options import PeerOptions
 
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWKwHFESqhcjt2RFErZXU4PfSNEH16HN3vQ4ULa5EbhRrW"
 
@@ -70,6 +73,23 @@ def test_environment_variables_set_options():
         env={**os.environ, "STARLING_DEVICE": "cuda:7"},
     )
     assert result.returncode == 2 and "--device cuda:7" in result.stderr
+
+
+def test_the_command_line_takes_every_peer_option_with_its_default(monkeypatch):
+    """starling-peer's flags are built from PeerOptions: each option is there, with the API's default
+    and type, and its environment variable sets it."""
+    for name in os.environ:
+        if name.startswith("STARLING_"):
+            monkeypatch.delenv(name)
+    defaults = PeerOptions()
+    parsed = build_parser().parse_args([])
+    assert {spec.name: getattr(parsed, spec.name) for spec in fields(PeerOptions)} == asdict(defaults)
+    monkeypatch.setenv("STARLING_BATCH_SIZE", "8")
+    monkeypatch.setenv("STARLING_CLIENT_MODE", "1")
+    monkeypatch.setenv("STARLING_ANNOUNCE_MADDRS", "/ip4/203.0.113.7/tcp/1 /ip4/203.0.113.7/tcp/2")
+    parsed = build_parser().parse_args(["--metrics-port", "9100"])
+    assert (parsed.batch_size, parsed.client_mode, parsed.metrics_port) == (8, True, 9100)
+    assert parsed.announce_maddrs == ["/ip4/203.0.113.7/tcp/1", "/ip4/203.0.113.7/tcp/2"]
 
 
 def child_pids(pid: int) -> set[int]:
