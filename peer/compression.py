@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, SizeAdaptiveCompression
 
 from peer.codec import Blockwise4Bit, Blockwise8Bit
@@ -18,6 +20,21 @@ def pseudo_gradient_compression(diloco: DilocoSection, averaging: AveragingSecti
     return codec_named(diloco.compression, averaging.compression_threshold)
 
 
+def _size_adaptive(large: type[CompressionBase]) -> Callable[[int], CompressionBase]:
+    return lambda threshold: SizeAdaptiveCompression(
+        threshold=threshold, less=Float16Compression(), greater_equal=large()
+    )
+
+
+# The codecs a run config may name, each made for the run's compression_threshold.
+CODECS: dict[str, Callable[[int], CompressionBase]] = {
+    "adaptive-8bit": _size_adaptive(Blockwise8Bit),
+    "blockwise-4bit": _size_adaptive(Blockwise4Bit),
+    "fp16": lambda threshold: Float16Compression(),
+    "none": lambda threshold: NoCompression(),
+}
+
+
 def codec_named(name: str, threshold: int) -> CompressionBase:
     """A codec of the run config for tensors to average.
 
@@ -29,12 +46,9 @@ def codec_named(name: str, threshold: int) -> CompressionBase:
     "blockwise-4bit" is the same with peer.codec's 4-bit codec for large tensors (relative error
     about 0.1: for pseudo-gradients sent with error feedback).
     """
-    if name in ("adaptive-8bit", "blockwise-4bit"):
-        large = Blockwise8Bit() if name == "adaptive-8bit" else Blockwise4Bit()
-        return SizeAdaptiveCompression(threshold=threshold, less=Float16Compression(), greater_equal=large)
-    if name == "fp16":
-        return Float16Compression()
-    return NoCompression()
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}: one of {', '.join(CODECS)}")
+    return CODECS[name](threshold)
 
 
 def state_compression() -> CompressionBase:

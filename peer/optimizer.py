@@ -18,12 +18,23 @@ from peer.run_config import RunConfig, TrainingSection
 from peer.state_loading import CheckedStateAverager
 
 
-def inner_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    if name in ("adamw", "sgd"):
-        return {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+def _bitsandbytes_optimizer(name: str) -> type[torch.optim.Optimizer]:
     import bitsandbytes as bnb  # only runs that ask for 8-bit optimizers need it
 
-    return {"adamw8bit": bnb.optim.AdamW8bit, "lamb8bit": bnb.optim.LAMB8bit}[name]
+    return getattr(bnb.optim, name)
+
+
+# The inner optimizers a run config may name.
+INNER_OPTIMIZERS: dict[str, Callable[[], type[torch.optim.Optimizer]]] = {
+    "adamw": lambda: torch.optim.AdamW,
+    "sgd": lambda: torch.optim.SGD,
+    "adamw8bit": lambda: _bitsandbytes_optimizer("AdamW8bit"),
+    "lamb8bit": lambda: _bitsandbytes_optimizer("LAMB8bit"),
+}
+
+
+def inner_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    return INNER_OPTIMIZERS[name]()
 
 
 def with_gradient_clipping(
