@@ -15,6 +15,7 @@ from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 
 from peer import hivemind_fixes
+from peer.faults import FaultPlan
 from peer.robust import CenteredClipAllReduceRunner
 
 hivemind_fixes.apply()  # every process that averages imports this module
@@ -45,8 +46,8 @@ class AggregatingAverager(DecentralizedAverager):
     """hivemind's DecentralizedAverager whose reducers combine their parts with the run's aggregation
     ("centered-clip" or hivemind's weighted "mean")."""
 
-    def __init__(self, *args, aggregation: str = "centered-clip", **kwargs) -> None:
-        self.runner_class = RUNNERS[aggregation]
+    def __init__(self, *args, aggregation: str = "centered-clip", faults: FaultPlan | None = None, **kwargs) -> None:
+        self.runner_class = faults.runner_class(RUNNERS[aggregation]) if faults else RUNNERS[aggregation]
         self._averaged_fractions: dict[bytes, float] = {}  # by group id, in the averager's process
         super().__init__(*args, **kwargs)
 

@@ -27,6 +27,7 @@ from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 
 from peer.averager import CountingGradientAverager
 from peer.compression import pseudo_gradient_compression
+from peer.faults import FaultPlan
 from peer.optimizer import (
     CollaborativeOptimizer,
     lr_multiplier,
@@ -228,6 +229,7 @@ def make_diloco_optimizer(
     batch_size_per_step: int | None,
     auxiliary: bool = False,
     verbose: bool = False,
+    faults: FaultPlan | None = None,
 ) -> DilocoOptimizer:
     """The collaborative optimizer of a DiLoCo-mode run (see the module docstring)."""
     averaging, diloco = run.averaging, run.diloco
@@ -247,6 +249,7 @@ def make_diloco_optimizer(
             aggregation=averaging.aggregation,
             request_timeout=averaging.request_timeout,
             error_feedback=error_feedback,
+            faults=faults,
         ),
         **swarm_options(dht, run, batch_size_per_step, auxiliary, verbose),
     )

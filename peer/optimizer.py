@@ -13,6 +13,7 @@ from hivemind.averaging.control import AveragingStage, StepControl
 
 from peer.averager import CountingGradientAverager
 from peer.compression import gradient_compression, state_compression
+from peer.faults import FaultPlan
 from peer.progress import RunProgressTracker
 from peer.run_config import RunConfig, TrainingSection
 from peer.state_loading import CheckedStateAverager
@@ -180,14 +181,18 @@ def make_collaborative_optimizer(
     batch_size_per_step: int | None,
     auxiliary: bool = False,
     verbose: bool = False,
+    faults: FaultPlan | None = None,
 ) -> CollaborativeOptimizer:
     """The collaborative optimizer for this run. In batch mode gradients accumulate toward
     target_batch_size, are averaged with the run's compression, and every peer takes the same
-    optimizer step each epoch; in DiLoCo mode, see peer.diloco."""
+    optimizer step each epoch; in DiLoCo mode, see peer.diloco. `faults`: those a test declares for
+    this peer's gradient averager (peer.faults)."""
     if run.training.mode == "diloco":
         from peer.diloco import make_diloco_optimizer  # peer.diloco builds on this module
 
-        return make_diloco_optimizer(model, dht, run, batch_size_per_step, auxiliary=auxiliary, verbose=verbose)
+        return make_diloco_optimizer(
+            model, dht, run, batch_size_per_step, auxiliary=auxiliary, verbose=verbose, faults=faults
+        )
     averaging = run.averaging
     return CollaborativeOptimizer(
         params=model.parameters(),
@@ -198,7 +203,10 @@ def make_collaborative_optimizer(
         delay_optimizer_step=averaging.delay_optimizer_step,
         grad_compression=gradient_compression(averaging),
         grad_averager_factory=partial(
-            CountingGradientAverager, aggregation=averaging.aggregation, request_timeout=averaging.request_timeout
+            CountingGradientAverager,
+            aggregation=averaging.aggregation,
+            request_timeout=averaging.request_timeout,
+            faults=faults,
         ),
         **swarm_options(dht, run, batch_size_per_step, auxiliary, verbose),
     )

@@ -17,7 +17,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2PDaemonError
 from tqdm.auto import tqdm
 
-from model import CausalLM
+from model import CausalLM, ModelConfig
 from model.data import load_corpus
 from peer import metrics, run_record
 from peer.auth import RunAuthorizer, check_grant_for, parse_token
@@ -25,6 +25,7 @@ from peer.averager import CountingGradientAverager, RoundOutcome
 from peer.device import device_name, largest_micro_batch, resolve_device
 from peer.diloco import DilocoOptimizer
 from peer.events import EventLog
+from peer.faults import FaultPlan
 from peer.optimizer import make_collaborative_optimizer
 from peer.options import PeerOptions
 from peer.run_config import RunConfig
@@ -99,10 +100,15 @@ class Peer:
     """A training peer. `Peer(initial_peers=[...], **options).run(duration=None, max_epochs=None)`."""
 
     def __init__(
-        self, initial_peers: list[str] | tuple[str, ...] = (), callbacks: PeerCallbacks | None = None, **options
+        self,
+        initial_peers: list[str] | tuple[str, ...] = (),
+        callbacks: PeerCallbacks | None = None,
+        faults: FaultPlan | None = None,
+        **options,
     ) -> None:
         self.options = PeerOptions(initial_peers=list(initial_peers), **options)
         self.callbacks = callbacks or PeerCallbacks()
+        self.faults = faults or FaultPlan()  # failures a test declares (peer.faults); none for a volunteer
         self.options.check()
         self.device = resolve_device(self.options.device)
         if not self.options.initial_peers and self.options.config is None:
@@ -181,7 +187,10 @@ class Peer:
     def _build_model(self) -> None:
         run = self.run_config
         torch.manual_seed(run.training.seed)  # every peer starts from the same weights
-        self.model = CausalLM(run.model_config()).to(self.device)
+        config = run.model_config()
+        if self.faults.model_overrides:
+            config = ModelConfig.from_dict({**config.to_dict(), **self.faults.model_overrides})
+        self.model = CausalLM(config).to(self.device)
         self.corpus = load_corpus(self.options.data or run.data.path, seq_len=run.data.seq_len, seed=run.training.seed)
         self.reader = ShardReader(self.corpus, self.peer_id, run.data.num_shards)
         if self.options.auxiliary:
@@ -198,6 +207,7 @@ class Peer:
             self.run_config,
             self.micro_batch or None,
             auxiliary=self.options.auxiliary,
+            faults=self.faults,
         )
         if isinstance(self.optimizer, DilocoOptimizer) and self.callbacks.on_round_end is not None:
             self.optimizer.before_outer_step = lambda: self.callbacks.on_round_end(self)
@@ -351,6 +361,8 @@ class Peer:
         """Forward and backward on one micro-batch; contribute it if loss and gradients are finite."""
         computing = time.perf_counter()
         batch = self.reader.next_batch(epoch, self.micro_batch).to(self.device)
+        if self.faults.slow_forward:
+            time.sleep(self.faults.slow_forward)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             loss = self.model(batch, labels=batch).loss
         loss.backward()

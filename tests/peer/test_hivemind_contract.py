@@ -86,14 +86,14 @@ CONTRACT = [
     ),
     Reliance(
         ALLREDUCE,
-        "peer/averager.py, peer/robust.py, tests/workers/peer_worker.py",
+        "peer/averager.py, peer/robust.py, peer/faults.py",
         params=("p2p", "servicer_type", "prefix", "tensors", "group_id", "ordered_peer_ids"),
         attrs=("modes", "tensor_part_container", "tensor_part_reducer", "ordered_peer_ids", "peer_id"),
     ),
     Reliance("hivemind.averaging.allreduce.AveragingMode.AUX", "peer/averager.py"),
     Reliance(
         CONTAINER,
-        "peer/averager.py, tests/workers/peer_worker.py",
+        "peer/averager.py, peer/faults.py",
         attrs=("failed_size", "total_size", "_input_parts_by_peer"),
     ),
     Reliance("hivemind.averaging.group_info.GroupInfo", "peer/averager.py", params=("group_id", "peer_ids")),
@@ -112,20 +112,20 @@ CONTRACT = [
     Reliance("hivemind.utils.asyncio.as_aiter", "peer/averager.py"),
     Reliance("hivemind.utils.asyncio.azip", "peer/averager.py"),
     Reliance("hivemind.utils.timed_storage.get_dht_time", "peer/averager.py, peer/auth.py"),
-    # tests/workers/peer_worker.py breaks rounds on purpose through AllReduceRunner subclasses.
+    # peer/faults.py breaks rounds on purpose (for the tests) through AllReduceRunner subclasses.
     Reliance(
         f"{ALLREDUCE}._communicate_with_peer",
-        "tests/workers/peer_worker.py",
+        "peer/faults.py",
         params=("peer_id",),
         called_from=(f"{ALLREDUCE}.run",),
     ),
     Reliance(
         f"{ALLREDUCE}._generate_input_for_peer",
-        "tests/workers/peer_worker.py",
+        "peer/faults.py",
         params=("peer_index",),
         called_from=(f"{ALLREDUCE}._communicate_with_peer",),
     ),
-    Reliance(f"{CONTAINER}.register_failed_reducer", "tests/workers/peer_worker.py", params=("peer_index",)),
+    Reliance(f"{CONTAINER}.register_failed_reducer", "peer/faults.py", params=("peer_index",)),
     # peer/robust.py swaps the reducer's accumulator for one that keeps every part (_PartCollector).
     Reliance(
         REDUCER,

@@ -1,0 +1,69 @@
+"""Failures declared for a peer, so that the multi-process tests inject them the same way every
+time: the harness gives `Peer(faults=FaultPlan(...))`, and the peer brings each fault about at its
+own place (a slow forward pass, a machine lost in the middle of an all-reduce, a reducer abandoned,
+a tampered model). What a fault did is written to files in `record_to`, for the test to read.
+
+A peer without a plan (every volunteer's) runs none of this.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hivemind.averaging.allreduce import AllReduceRunner
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """The faults one peer injects."""
+
+    slow_forward: float = 0.0  # seconds every training forward pass sleeps first: a slow device
+    # SIGKILL the peer's whole session (peer, averagers, libp2p daemon: a machine lost) right after
+    # it sent its first part in its n-th gradient all-reduce; n goes to died_in_round.txt first.
+    die_in_round: int | None = None
+    # In its n-th gradient all-reduce, abandon the exchange with one other reducer before sending it
+    # anything: that reducer's parts stay the peer's own (a partial round for this peer alone). The
+    # fraction the peer should report averaged goes to expected_fraction.txt.
+    drop_reducer_in_round: int | None = None
+    # Build the model with these config fields changed, keeping the run's configuration: a peer
+    # whose model does not match the run's (a tampered client).
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    record_to: str | None = None  # the folder of the files above
+
+    def runner_class(self, base: type[AllReduceRunner]) -> type[AllReduceRunner]:
+        """The all-reduce runner class of this peer's gradient averager: `base`, with the faults above."""
+        if self.die_in_round is None and self.drop_reducer_in_round is None:
+            return base
+        plan, record_to = self, Path(self.record_to or ".")
+
+        class FaultyRunner(base):
+            rounds = 0  # this averager process's all-reduce rounds so far
+
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, **kwargs)
+                FaultyRunner.rounds += 1
+                others = [peer for peer in self.ordered_peer_ids if peer != self.peer_id]
+                dropping = FaultyRunner.rounds == plan.drop_reducer_in_round and others
+                self.dropped = others[0] if dropping else None
+
+            async def _generate_input_for_peer(self, peer_index: int):
+                async for message in super()._generate_input_for_peer(peer_index):
+                    yield message
+                    if plan.die_in_round is not None and FaultyRunner.rounds >= plan.die_in_round:
+                        (record_to / "died_in_round.txt").write_text(str(FaultyRunner.rounds))
+                        os.killpg(0, signal.SIGKILL)
+
+            async def _communicate_with_peer(self, peer_id):
+                if peer_id != self.dropped:
+                    return await super()._communicate_with_peer(peer_id)
+                parts = self.tensor_part_container
+                index = self.ordered_peer_ids.index(peer_id)
+                dropped = sum(part.numel() for part, _ in parts._input_parts_by_peer[index])
+                (record_to / "expected_fraction.txt").write_text(repr(1.0 - dropped / parts.total_size))
+                parts.register_failed_reducer(index)
+
+        return FaultyRunner
