@@ -154,7 +154,10 @@ def test_metrics_then_sigterm_exits_0_within_10_s_and_leaves_no_process(tmp_path
     deadline = time.monotonic() + 10
     while (metrics := scrape(port)).get("starling_peer_epoch", 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.5)  # the exported figures refresh every few seconds
-    assert metrics["starling_peer_epoch"] >= 1 and metrics["starling_peer_samples_total"] >= 64
+    # The counter holds at least what the peer had contributed when its first epoch ended (hivemind
+    # may end an epoch before the target batch, when its estimated time is up).
+    contributed = next(e["samples_contributed"] for e in read_events(events) if e["event"] == "epoch")
+    assert metrics["starling_peer_epoch"] >= 1 and metrics["starling_peer_samples_total"] >= contributed > 0
     assert 0 < metrics["starling_peer_loss"] < 12
     children = child_pids(process.pid)
     assert children, "a training peer runs helper processes (DHT, libp2p daemon)"
