@@ -103,7 +103,8 @@ def measure_cap(
     moved = [sum(lab.bytes_through(host)) - sum(start) for host, start in zip(hosts, before)]
     row = swarm_row(settings.samples_per_epoch, result)
     return dict(
-        mode=settings.mode,
+        mode=settings.mode + (" overlap" if settings.mode == "diloco" and settings.overlap else ""),
+        compression=settings.diloco_compression if settings.mode == "diloco" else settings.compression,
         cap_mbit=mbit,
         link_mbit=link * 8 / 1e6,
         step_s=step_seconds(result),
@@ -146,6 +147,9 @@ def main() -> None:
         help="DiLoCo: the pseudo-gradients' codec",
     )
     parser.add_argument("--rounds", type=int, default=3, help="outer rounds each DiLoCo swarm trains")
+    parser.add_argument(
+        "--overlap", nargs="+", choices=["off", "on"], default=["off"], help="DiLoCo: with and/or without overlap"
+    )
     args = parser.parse_args()
     if args.peers < 2:
         parser.error("--peers must be at least 2")
@@ -157,7 +161,8 @@ def main() -> None:
     rows = []
     with Lab(hosts=args.peers) as lab:
         for mbit in args.caps:
-            for mode in args.modes:
+            variants = [(mode, overlap == "on") for mode in args.modes for overlap in args.overlap]
+            for mode, overlap in dict.fromkeys((m, o and m == "diloco") for m, o in variants):
                 settings = run_settings(
                     args,
                     target_batch_size=args.target_batch,
@@ -165,13 +170,14 @@ def main() -> None:
                     samples_per_round=args.samples_per_round,
                     inner_batch_size=args.inner_batch,
                     diloco_compression=args.diloco_compression,
+                    overlap=overlap,
                 )
-                name = f"{mode}-{mbit:g}"
+                name = f"{mode}{'-overlap' if overlap else ''}-{mbit:g}"
                 run_toml = settings.write(folder / f"run-{name}.toml", run_id=f"wan-{name}")
                 epochs = args.rounds if mode == "diloco" else args.epochs
                 rows.append(measure_cap(lab, mbit, folder / f"cap-{name}", run_toml, args, settings, epochs))
                 print(
-                    f"{mode}, {mbit:g} Mbit/s: {rows[-1]['samples_per_s']:.2f} samples/s, "
+                    f"{rows[-1]['mode']}, {mbit:g} Mbit/s: {rows[-1]['samples_per_s']:.2f} samples/s, "
                     f"{rows[-1]['bytes_per_sample'] / 1e3:.1f} kB per sample",
                     flush=True,
                 )
@@ -195,6 +201,7 @@ def main() -> None:
             inner_batch=args.inner_batch,
             diloco_compression=args.diloco_compression,
             rounds=args.rounds,
+            overlap=args.overlap,
             rows=rows,
         ),
     )

@@ -73,6 +73,7 @@ def build_parser() -> OneLineParser:
         help="identity, history and checkpoints (default: runs/<run_id>)",
     )
     add("--duration", type=float, default=env_default("--duration"), help="stop after this many seconds")
+    add("--events", default=env_default("--events"), help="append what the coordinator does to this JSON-lines file")
     add("--log-level", default=env_default("--log-level", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 dashboard_port=args.dashboard_port,
                 checkpoint_dir=args.checkpoint_dir,
                 state_dir=args.state_dir,
+                events=args.events,
             )
         )
         coordinator.run(duration=args.duration)

@@ -33,6 +33,7 @@ from coordinator.state_sharing import CheckpointAverager
 from coordinator.swarm import ONLINE_WITHIN, SwarmState, peer_kind, read_progress, summarize
 from model import CausalLM, ModelConfig
 from peer import metrics, run_record
+from peer.events import EventLog
 from peer.identity import check_multiaddrs, load_or_create_identity
 from peer.run_config import RunConfig
 from peer.version import VERSION
@@ -59,6 +60,7 @@ class CoordinatorOptions:
     dashboard_port: int = 8080
     checkpoint_dir: str | None = None  # default: <state dir>/checkpoints
     state_dir: str | None = None  # default: runs/<run_id>
+    events: str | None = None  # a JSON-lines file of what the coordinator does (see _emit)
 
 
 class Coordinator:
@@ -92,6 +94,7 @@ class Coordinator:
         self.dht: hivemind.DHT | None = None
         self.averager: CheckpointAverager | None = None
         self.server: DashboardServer | None = None
+        self.events = EventLog(options.events) if options.events else None
         with torch.device("meta"):
             self._parameters = list(CausalLM(self.run_config.model_config()).parameters())  # shapes only
 
@@ -155,6 +158,9 @@ class Coordinator:
         self.server.start()
         logger.info("run %s: coordinator %s, dashboard %s", run_id, self.dht.peer_id, self.server.url)
         print(f"join this run with:\n  {self.join_command()}\ndashboard: {self.server.url}", flush=True)
+        self._emit(
+            "started", peer_id=str(self.dht.peer_id), initial_peers=self.initial_peers, dashboard=self.server.url
+        )
 
     def _start_dht(self, validators: list, initial_peers: list[str]) -> hivemind.DHT:
         return hivemind.DHT(
@@ -284,7 +290,9 @@ class Coordinator:
         try:
             with tqdm(total=2, desc="checkpoint", unit="step", leave=False) as bar:
                 bar.set_postfix_str("downloading state")
+                started = time.perf_counter()
                 state = self.averager.download(timeout=STATE_DOWNLOAD_TIMEOUT)
+                download_seconds = time.perf_counter() - started
                 bar.update()
                 if state is None:
                     logger.warning("checkpoint skipped: no peer sent its state")
@@ -294,16 +302,26 @@ class Coordinator:
                 checkpoint = self.checkpoints.save(state, self.run_config.model_config())
                 self.latest_checkpoint, self.checkpoint_error = checkpoint, None
                 bar.update()
+            write_seconds = time.perf_counter() - started
             self.averager.serve(state)
             logger.info(
                 "checkpoint of epoch %d written to %s (%.1f MB in %.1f s)",
                 checkpoint.epoch,
                 checkpoint.path,
                 checkpoint.size_bytes / 1e6,
-                time.perf_counter() - started,
+                write_seconds,
+            )
+            self._emit(
+                "checkpoint",
+                epoch=checkpoint.epoch,
+                path=str(checkpoint.path),
+                size_bytes=checkpoint.size_bytes,
+                download_seconds=download_seconds,
+                write_seconds=write_seconds,
             )
         except Exception as error:  # a failed checkpoint must not stop the coordinator
             self.checkpoint_error = f"{type(error).__name__}: {error}"
+            self._emit("checkpoint_failed", error=self.checkpoint_error)
             logger.error("checkpoint failed (training goes on, the previous checkpoint is kept): %s", error)
         finally:
             self._checkpointing.release()
@@ -338,6 +356,12 @@ class Coordinator:
             "config": self.run_config.to_dict(),
         }
 
+    def _emit(self, event: str, **fields) -> None:
+        """An event for harnesses and tools: "started" (peer_id, initial_peers, dashboard), "checkpoint"
+        (epoch, path, size_bytes, download_seconds, write_seconds), "checkpoint_failed" (error), "stopped"."""
+        if self.events is not None:
+            self.events.write(event, **fields)
+
     def _history_points(self, since: float) -> list[dict]:
         return [vars(point) for point in self.history.points(since=since)]
 
@@ -351,3 +375,7 @@ class Coordinator:
         if self.dht is not None:
             self.dht.shutdown()
         self.history.close()
+        self._emit("stopped", epoch=self.swarm.epoch)
+        if self.events is not None:
+            self.events.close()
+            self.events = None

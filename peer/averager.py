@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -94,11 +94,26 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
     """hivemind's GradientAverager with the run's aggregation (AggregatingAverager), counting its
     all-reduce rounds by outcome (RoundOutcome), and loading no state."""
 
+    # The epoch this peer's next round ends (set by CollaborativeOptimizer): every round gathers it
+    # from each member, so that a peer whose epoch is behind its group's learns it.
+    round_epoch: Callable[[], int] | None = None
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rounds = {outcome: 0 for outcome in RoundOutcome}
         self.partial_fractions: list[float] = []  # the averaged fraction of each partial round
+        self.epochs_behind_group = 0  # in the latest succeeded round settled, unless taken (take_epochs_behind)
         self._unsettled: list = []  # StepControls of rounds not counted yet, oldest first
+
+    def schedule_step(self, *args, **kwargs):
+        if self.round_epoch is not None:
+            kwargs.setdefault("gather", self.round_epoch())
+        return super().schedule_step(*args, **kwargs)
+
+    def take_epochs_behind(self) -> int:
+        """How many epochs this peer was behind the others of its latest succeeded round (0: none)."""
+        epochs, self.epochs_behind_group = self.epochs_behind_group, 0
+        return epochs
 
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None, **kwargs) -> None:
         """Nothing to load. hivemind.Optimizer downloads its gradient averager's state (another
@@ -121,6 +136,10 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
 
     def _outcome(self, control) -> RoundOutcome:
         outcome, fraction = round_outcome(control)
+        if outcome is RoundOutcome.SUCCEEDED:
+            epochs = {peer: epoch for peer, epoch in control.result().items() if isinstance(epoch, int)}
+            if self.peer_id in epochs:
+                self.epochs_behind_group = max(0, max(epochs.values()) - epochs[self.peer_id])
         if outcome is RoundOutcome.PARTIAL:
             self.partial_fractions.append(fraction)
             logger.warning(

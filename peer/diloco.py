@@ -12,6 +12,11 @@ It runs on hivemind.Optimizer's machinery with the roles of its parts changed:
 - the inner optimizer (the run's [training] optimizer) steps the model's parameters after every
   inner_batch_size samples. After the outer step hivemind copies the outer parameters into the
   model's, and the next round starts from them.
+
+With [diloco] overlap, hivemind's delayed optimizer step does the averaging and the outer step in
+the background while the model trains on: the next round's inner steps start from this peer's own
+parameters at the round's end, and once the outer step is done the model moves by what it changed
+(outer parameters minus those round-end parameters), keeping the inner progress made meanwhile.
 """
 
 from __future__ import annotations
@@ -91,12 +96,18 @@ class PseudoGradientAverager(CountingGradientAverager):
     parameters (`anchors`, set by DilocoOptimizer) minus the model's, weighted by the samples this
     peer processed in the round; the model's gradients themselves stay with the inner optimizer."""
 
-    def __init__(self, *args, error_feedback: ErrorFeedback | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, error_feedback: ErrorFeedback | None = None, keep_round_end: bool = False, **kwargs
+    ) -> None:
         # reuse_grad_buffers: no accumulators of its own (the gradients are the inner optimizer's)
         kwargs["reuse_grad_buffers"] = True
         super().__init__(*args, **kwargs)
         self.anchors: list[torch.Tensor] = []
         self.error_feedback = error_feedback
+        # Overlap: the model's parameters when the round's pseudo-gradient was taken (float32, beside
+        # the anchors), until the outer step that averaged it is applied (DilocoStateAverager).
+        self.keep_round_end = keep_round_end
+        self.round_end: list[torch.Tensor] | None = None
 
     def accumulate_grads_(self, batch_size: int) -> None:
         """Count the samples of a micro-batch (the averaging weight); the inner step took its gradient."""
@@ -105,10 +116,17 @@ class PseudoGradientAverager(CountingGradientAverager):
 
     @torch.no_grad()
     def load_accumulators_into_averager_(self) -> None:
-        """Put this round's pseudo-gradient in the averager's buffers (through error feedback)."""
+        """Put this round's pseudo-gradient in the averager's buffers (through error feedback). With
+        overlap, a failed all-reduce loads it again in the background while the model trains on: it
+        is taken from the round-end parameters kept at the first load, not from the model."""
+        if self.keep_round_end and self.round_end is None:
+            self.round_end = [
+                p.detach().to(a.device, a.dtype, copy=True) for a, p in zip(self.anchors, self.parameters)
+            ]
+        ends = self.round_end if self.keep_round_end else [p.detach() for p in self.parameters]
         with self.get_tensors() as buffers:
-            for buffer, anchor, parameter in zip(buffers, self.anchors, self.parameters):
-                torch.sub(anchor, parameter.detach().to(anchor.device, anchor.dtype), out=buffer)
+            for buffer, anchor, end in zip(buffers, self.anchors, ends):
+                torch.sub(anchor, end.to(anchor.device, anchor.dtype), out=buffer)
             if self.error_feedback is not None:
                 self.error_feedback.encode_(list(buffers))
 
@@ -128,22 +146,40 @@ class DilocoStateAverager(CheckedStateAverager):
     """The state averager of DiLoCo mode. hivemind applies a state averaging round that finished in
     the background at the next step, by copying the averaged (outer) parameters into the model's;
     in DiLoCo mode these hold the round's inner progress by then, so the model's parameters move by
-    what the averaging changed in the outer ones instead."""
+    what the averaging changed in the outer ones instead. With overlap, an outer step done in the
+    background moves them by the outer parameters minus the round-end parameters it started from."""
 
     _model_moved = False
+    pseudo_gradients: PseudoGradientAverager | None = None  # set by DilocoOptimizer
+
+    def outer_parameters(self) -> list[torch.Tensor]:
+        """The outer optimizer's parameters: the round's anchors, on the CPU in float32."""
+        return [param for group in self.optimizer.param_groups for param in group["params"]]
+
+    def _move_model_(self, new: list[torch.Tensor], old: list[torch.Tensor]) -> None:
+        for model_param, after, before in zip(self.main_parameters, new, old):
+            model_param.add_((after - before).to(model_param.device, model_param.dtype))
 
     @torch.no_grad()
     def _apply_averaging_results_(self) -> None:
-        if not self.finished_averaging_round.is_set():  # awaited right after the outer step: copied as usual
+        pending_round = self.pseudo_gradients is not None and self.pseudo_gradients.round_end is not None
+        if not self.finished_averaging_round.is_set() or pending_round:
+            # awaited right after the outer step, or averaged after an outer step not applied yet
+            # (whose move of the model takes this in): the outer parameters only, as usual
             return super()._apply_averaging_results_()
-        outer = [param for group in self.optimizer.param_groups for param in group["params"]]
-        before = [param.detach().clone() for param in outer]
+        before = [param.detach().clone() for param in self.outer_parameters()]
         super()._apply_averaging_results_()
-        for model_param, param, old in zip(self.main_parameters, outer, before):
-            model_param.add_((param - old).to(model_param.device, model_param.dtype))
+        self._move_model_(self.outer_parameters(), before)
         self._model_moved = True
 
+    @torch.no_grad()
     def _apply_optimizer_parameters_(self) -> None:
+        round_end = self.pseudo_gradients.round_end if self.pseudo_gradients is not None else None
+        if round_end is not None:  # overlap: the outer step of a round the model has trained past
+            self._move_model_(self.outer_parameters(), round_end)
+            self.pseudo_gradients.round_end = None
+            self._model_moved = False
+            return
         if self._model_moved:  # hivemind's copy that follows background averaging results: already moved
             self._model_moved = False
             return
@@ -171,7 +207,8 @@ class DilocoOptimizer(CollaborativeOptimizer):
 
     def _make_gradient_averager(self, factory, **kwargs) -> PseudoGradientAverager:
         averager = super()._make_gradient_averager(factory, **kwargs)
-        averager.anchors = [param for group in self.state_averager.optimizer.param_groups for param in group["params"]]
+        averager.anchors = self.state_averager.outer_parameters()
+        self.state_averager.pseudo_gradients = averager
         return averager
 
     def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
@@ -217,6 +254,7 @@ class DilocoOptimizer(CollaborativeOptimizer):
         if applied:
             self.inner_optimizer.zero_grad(set_to_none=True)
             self._inner_samples = self._inner_micro_batches = 0
+            self.grad_averager.round_end = None  # the model now holds the loaded outer parameters
             if self.grad_averager.error_feedback is not None:
                 self.grad_averager.error_feedback.reset()
         return applied
@@ -236,6 +274,7 @@ def make_diloco_optimizer(
     compression = pseudo_gradient_compression(diloco, averaging)
     lossy = not isinstance(compression, NoCompression)
     error_feedback = ErrorFeedback(compression) if diloco.error_feedback and lossy and not auxiliary else None
+    overlap = diloco.overlap and not auxiliary
     return DilocoOptimizer(
         inner_optimizer=make_inner_optimizer(model.parameters(), run.training),
         run=run,
@@ -243,12 +282,15 @@ def make_diloco_optimizer(
         optimizer=partial(make_state_optimizer, run=run),
         target_batch_size=run.samples_per_epoch,
         offload_optimizer=True,  # the outer state lives on the CPU, in float32
+        delay_optimizer_step=overlap,
+        delay_grad_averaging=overlap,
         grad_compression=compression,
         grad_averager_factory=partial(
             PseudoGradientAverager,
             aggregation=averaging.aggregation,
             request_timeout=averaging.request_timeout,
             error_feedback=error_feedback,
+            keep_round_end=overlap,
             faults=faults,
         ),
         **swarm_options(dht, run, batch_size_per_step, auxiliary, verbose),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -10,6 +11,7 @@ from functools import partial
 import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.p2p import PeerID
 
 from peer.averager import CountingGradientAverager
 from peer.compression import gradient_compression, state_compression
@@ -17,6 +19,8 @@ from peer.faults import FaultPlan
 from peer.progress import RunProgressTracker
 from peer.run_config import RunConfig, TrainingSection
 from peer.state_loading import CheckedStateAverager
+
+logger = logging.getLogger("starling.peer")
 
 
 def _bitsandbytes_optimizer(name: str) -> type[torch.optim.Optimizer]:
@@ -102,6 +106,9 @@ class CollaborativeOptimizer(hivemind.Optimizer):
     tracker: RunProgressTracker
     state_averager: CheckedStateAverager
     state_averager_class: type[CheckedStateAverager] = CheckedStateAverager
+    # Called with (peer id, problem) once for each donor whose state a load refused.
+    on_state_refused: Callable[[str, str], None] | None = None
+    _refusals_reported: frozenset[bytes] = frozenset()
 
     def _make_state_averager(self, **kwargs) -> CheckedStateAverager:
         # hivemind.Optimizer's own settings for its TrainingStateAverager
@@ -121,6 +128,26 @@ class CollaborativeOptimizer(hivemind.Optimizer):
             **kwargs,
         )
 
+    def _make_gradient_averager(self, factory, **kwargs):
+        averager = super()._make_gradient_averager(factory, **kwargs)
+        if isinstance(averager, CountingGradientAverager):
+            averager.round_epoch = lambda: self.local_epoch
+        return averager
+
+    def catch_up_with_group(self, epochs: int) -> None:
+        """Take the epoch of the group of the latest round, `epochs` ahead of this peer's: they averaged
+        the same values in it, only their epochs differ (a peer that took its first epoch after the
+        others keeps its count one behind theirs; it would then stop, or take its schedule, a round
+        apart from them)."""
+        if epochs <= 0:
+            return
+        logger.info("the group of the last round was at epoch %d: taking it", self.local_epoch + epochs)
+        self.state_averager.local_epoch += epochs
+        self.tracker.update_epoch(new_epoch=self.local_epoch)
+        if not self.client_mode:
+            self.state_averager.state_sharing_priority = self.local_epoch
+            self.grad_averager.state_sharing_priority = self.local_epoch
+
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> RunProgressTracker:
         return RunProgressTracker(
             dht=self.dht,
@@ -137,7 +164,12 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         a state was applied, and leaves donors refused so far out of the run's progress."""
         received = self.state_averager.states_received
         super().load_state_from_peers(**kwargs)
-        self.tracker.ignore_peers(self.state_averager.refused_donors())
+        refused = self.state_averager.refused_donors()
+        self.tracker.ignore_peers(refused)
+        for donor in refused.keys() - self._refusals_reported:
+            if self.on_state_refused is not None:
+                self.on_state_refused(str(PeerID(donor)), refused[donor])
+        self._refusals_reported = frozenset(refused)
         return self.state_averager.states_received > received
 
     def _scheduled_rounds(self) -> list[StepControl]:

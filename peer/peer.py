@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -209,6 +210,9 @@ class Peer:
             auxiliary=self.options.auxiliary,
             faults=self.faults,
         )
+        self.optimizer.on_state_refused = lambda donor, problem: self._emit(
+            "state_refused", donor=donor, problem=problem
+        )
         if isinstance(self.optimizer, DilocoOptimizer) and self.callbacks.on_round_end is not None:
             self.optimizer.before_outer_step = lambda: self.callbacks.on_round_end(self)
         tracker = self.optimizer.tracker
@@ -282,6 +286,8 @@ class Peer:
         self.samples_contributed = self.samples_skipped = 0
         self.compute_seconds = 0.0
         self.last_loss = None
+        self._epoch_losses: list[float] = []  # of the micro-batches contributed since the last epoch
+        self._step_seconds = 0.0  # of the last optimizer step (all-reduce and update at an epoch's end)
         try:
             self._start_dht()
             self._join_run()
@@ -374,7 +380,10 @@ class Peer:
         contributed = 0
         if finite:
             self.last_loss = loss.item()
+            self._epoch_losses.append(self.last_loss)
+            stepping = time.perf_counter()
             self.optimizer.step(batch_size=self.micro_batch)
+            self._step_seconds = time.perf_counter() - stepping
             self.samples_contributed += self.micro_batch
             self.prometheus.samples.inc(self.micro_batch)
             self.prometheus.loss.set(self.last_loss)
@@ -389,6 +398,8 @@ class Peer:
         """A collaborative step happened: reload state if our parameters went bad or off the swarm's."""
         averager = self._grad_averager
         outcomes = averager.settle_rounds() if isinstance(averager, CountingGradientAverager) else []
+        if outcomes and not self.options.auxiliary:
+            self.optimizer.catch_up_with_group(averager.take_epochs_behind())
         self._emit(
             "epoch",
             epoch=self.optimizer.local_epoch,
@@ -396,12 +407,18 @@ class Peer:
             off_swarm=self.off_swarm,
             inner_steps=self.inner_steps,
             samples_contributed=self.samples_contributed,
+            train_loss=statistics.fmean(self._epoch_losses) if self._epoch_losses else None,
+            micro_batches=len(self._epoch_losses),
+            compute_seconds=self.compute_seconds,
+            step_seconds=self._step_seconds,
         )
+        self._epoch_losses = []
+        state_outcomes = self.optimizer.state_averager.settle_state_rounds()
         if not all(bool(p.isfinite().all()) for p in self.model.parameters()):
             logger.warning("parameters became non-finite: reloading state from peers")
             self.load_state_from_peers()
         elif not self.options.auxiliary:  # an auxiliary peer averages gradients only: no parameters to be off
-            self._resynchronise_after_bad_rounds(outcomes, self.optimizer.state_averager.settle_state_rounds())
+            self._resynchronise_after_bad_rounds(outcomes, state_outcomes)
         self.prometheus.epoch.set(self.optimizer.local_epoch)
         if self.callbacks.on_epoch is not None:
             self.callbacks.on_epoch(self)

@@ -80,6 +80,9 @@ class DilocoSection:
     compression: str = "adaptive-8bit"  # the pseudo-gradient's codec: adaptive-8bit | blockwise-4bit | fp16 | none
     # What a lossy codec did not send is added to the next round's pseudo-gradient.
     error_feedback: bool = True
+    # Average a round's pseudo-gradients in the background while the next round's inner steps run,
+    # and apply the outer step as soon as it is done, one round late: compute never waits on the network.
+    overlap: bool = False
 
 
 @dataclass

@@ -49,7 +49,9 @@ class DonorCheckingAverager(DecentralizedAverager):
     """
 
     def __init__(self, *args, **kwargs) -> None:
-        self._refused_donors: set[bytes] = set()  # kept in the averager's process, where downloads run
+        self._refused_donors: dict[
+            bytes, str
+        ] = {}  # peer id -> why; kept in the averager's process, where downloads run
         # Shared with the averager's process (created before it is forked): what the next load may
         # take, and how many states it handed over, each of them checked to fit.
         self._min_donor_priority = multiprocessing.Value(ctypes.c_double, -math.inf)
@@ -75,14 +77,14 @@ class DonorCheckingAverager(DecentralizedAverager):
         """What is wrong with a donor's state, or None if it can be taken."""
         raise NotImplementedError
 
-    def refused_donors(self) -> set[bytes]:
-        """The peer ids (bytes) of the donors whose state was refused so far."""
+    def refused_donors(self) -> dict[bytes, str]:
+        """The donors whose state was refused so far: peer id (bytes) -> what was wrong with it."""
         future = MPFuture()
         self._outer_pipe.send(("_report_refused_donors", [], dict(future=future)))
         return future.result()
 
     async def _report_refused_donors(self, future: MPFuture) -> None:
-        future.set_result(set(self._refused_donors))
+        future.set_result(dict(self._refused_donors))
 
     async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None) -> None:
         # hivemind's meaning of timeout: the longest wait for each part of the stream
@@ -96,7 +98,7 @@ class DonorCheckingAverager(DecentralizedAverager):
                 problem = check_metadata_epoch(state[0]) or self.check_state(*state)
                 if problem is not None:
                     logger.warning("refused the state of %s: %s; asking the next donor", donor, problem)
-                    self._refused_donors.add(donor.to_bytes())
+                    self._refused_donors[donor.to_bytes()] = problem
                     continue
                 if state[0]["epoch"] < self._min_state_epoch.value:
                     logger.info(

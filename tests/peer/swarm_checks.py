@@ -14,8 +14,6 @@ parameter_gap measures the difference in those units: for each tensor, the root 
 difference over lr, and the largest of these.
 """
 
-import time
-
 import torch
 
 from peer.run_config import RunConfig
@@ -50,12 +48,3 @@ def mode_settings(mode: str, samples_per_epoch: int) -> dict:
     if mode == "diloco":
         return dict(diloco=dict(samples_per_round=samples_per_epoch, inner_batch_size=8))
     return dict(target_batch_size=samples_per_epoch)
-
-
-def wait_until(condition, timeout: float, what: str, period: float = 0.2):
-    """Poll condition() until it returns something true, and return that; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not (found := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(period)
-    return found

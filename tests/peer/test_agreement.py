@@ -8,18 +8,15 @@ model is the tiny one, so that the test runs on two cores.
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from swarm_checks import assert_parameters_agree, wait_until
+from swarm_checks import assert_parameters_agree
 
-from peer.events import read_events
+from coordinator.harness import PeerProcess, wait_until
 from peer.run_config import RunConfig
 
-STARLING_PEER = Path(sys.executable).with_name("starling-peer")
 # Runs of the two-volunteer test in the suite; STARLING_PAIR_RUNS=10 for the issue's ten in a row.
 PAIR_RUNS = int(os.environ.get("STARLING_PAIR_RUNS", "1"))
 
@@ -90,37 +87,15 @@ def timeline(peers) -> list[tuple]:
     return sorted(events)
 
 
-def start_volunteer(folder: Path, run_toml: Path, duration: float, initial_peers: list[str]) -> subprocess.Popen:
-    folder.mkdir()
-    command = [
-        str(STARLING_PEER),
-        "--config",
-        str(run_toml),
-        "--batch-size",
-        "4",
-        "--duration",
-        str(duration),
+def start_volunteer(folder: Path, run_toml: Path, duration: float, initial_peers: list[str]) -> PeerProcess:
+    """`starling-peer --config run.toml` as a volunteer runs it (micro-batch 4 on this machine)."""
+    arguments = ["--config", str(run_toml), "--batch-size", "4", "--duration", str(duration)]
+    arguments += [
         "--host-maddrs",
         "/ip4/127.0.0.1/tcp/0",
-        "--events",
-        str(folder / "events.jsonl"),
         *(["--initial-peers", *initial_peers] if initial_peers else []),
     ]
-    with open(folder / "log.txt", "w") as log:
-        return subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
-
-
-def wait_for_event(path: Path, event: str, process: subprocess.Popen, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in read_events(path) if e["event"] == event] if path.exists() else []
-        if found:
-            return found[0]
-        assert process.poll() is None, (path.parent / "log.txt").read_text()[-3000:]
-        assert time.monotonic() < deadline, f"no {event!r} event in {path}"
-        time.sleep(0.2)
+    return PeerProcess.command_line(folder, arguments)
 
 
 @pytest.mark.parametrize("run", range(PAIR_RUNS))
@@ -135,13 +110,13 @@ def test_two_volunteers_average_together_without_stalling(tmp_path, run):
     run_toml.write_text(f'run_id = "pair-{run}"\n[model]\npreset = "tiny"\n[training]\ntarget_batch_size = 32\n')
     matchmaking_time = RunConfig.load(run_toml).averaging.matchmaking_time
     first = start_volunteer(tmp_path / "first", run_toml, 55, [])
-    address = wait_for_event(tmp_path / "first" / "events.jsonl", "joined", first)["addresses"][0]
+    address = first.wait_for_event("joined")["addresses"][0]
     time.sleep(3)
     second = start_volunteer(tmp_path / "second", run_toml, 40, [address])
-    for process in (first, second):
-        assert process.wait(timeout=120) == 0, "a volunteer's peer failed"
+    for peer in (first, second):
+        peer.wait(timeout=120)
 
-    events = {name: read_events(tmp_path / name / "events.jsonl") for name in ("first", "second")}
+    events = {peer.name: peer.events() for peer in (first, second)}
     # Both are in the swarm from the second's first round: before it, the first counts it only once
     # it reports samples, and the second may catch up to the first's epoch without a round.
     together_from = next(e["time"] for e in events["second"] if e["event"] == "epoch" and e["rounds"]) - 0.5

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for benchmarks/
-from swarm_checks import wait_until  # noqa: E402
 
 from benchmarks import netlab  # noqa: E402
+from coordinator.harness import bootstrap_node, wait_until  # noqa: E402
 from peer.run_config import RunConfig  # noqa: E402
 
 NO_LAB = netlab.why_no_lab()
@@ -31,25 +31,21 @@ def lab():
 
 @pytest.fixture
 def lab_peer(lab, launch_peer):
-    """lab_peer(host, name, run_toml, **launch_peer options) -> WorkerPeer running in the host's
+    """lab_peer(host, name, run_toml, **launch_peer options) -> a harness peer running in the host's
     namespace, listening on its address and joining through a bootstrap node on the bridge."""
-    import hivemind
+    with bootstrap_node(lab.maddr()) as address:
 
-    bootstrap = hivemind.DHT(host_maddrs=[lab.maddr()], start=True)
-    address = str(bootstrap.get_visible_maddrs()[0])
+        def start(host: netlab.Host, name: str, run_toml: Path, **kwargs):
+            return launch_peer(
+                name,
+                wrap=host.command([]),
+                host_maddrs=[host.maddr()],
+                initial_peers=[address],
+                config=str(run_toml),
+                **kwargs,
+            )
 
-    def start(host: netlab.Host, name: str, run_toml: Path, **kwargs):
-        return launch_peer(
-            name,
-            wrap=host.command([]),
-            host_maddrs=[host.maddr()],
-            initial_peers=[address],
-            config=str(run_toml),
-            **kwargs,
-        )
-
-    yield start
-    bootstrap.shutdown()
+        yield start
 
 
 def assert_together(peers, atol: float = 5e-3) -> None:

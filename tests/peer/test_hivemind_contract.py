@@ -267,9 +267,31 @@ CONTRACT = [
     ),
     Reliance(
         "hivemind.Optimizer._make_gradient_averager",
-        "peer/diloco.py",
+        "peer/optimizer.py, peer/diloco.py",
         params=("factory",),
         called_from=("hivemind.Optimizer.__init__",),
+    ),
+    # Every gradient round gathers the member's epoch (CountingGradientAverager.schedule_step), which
+    # hivemind.Optimizer starts its rounds through, pre-scheduled or not; the round's result maps
+    # each member to what it gathered.
+    Reliance(
+        f"{GRAD_AVERAGER}.schedule_step",
+        "peer/averager.py",
+        called_from=(f"{GRAD_AVERAGER}.step", "hivemind.Optimizer._maybe_schedule_gradient_averaging"),
+    ),
+    Reliance(f"{AVERAGER}.step", "peer/averager.py", params=("gather",)),
+    # DiLoCo with overlap: hivemind's delayed step applies the previous round's outer step before the
+    # next pseudo-gradient is taken, and loads it again when an all-reduce in the background failed.
+    Reliance(
+        f"{STATE_AVERAGER}.step",
+        "peer/diloco.py",
+        params=("wait_for_delayed_updates", "delay_optimizer_step", "wait_for_trigger"),
+        called_from=("hivemind.Optimizer._update_global_epoch", "hivemind.Optimizer.load_state_from_peers"),
+    ),
+    Reliance(
+        "hivemind.Optimizer._load_local_gradients_into_optimizer",
+        "peer/diloco.py",
+        called_from=("hivemind.Optimizer._average_gradients_and_load_into_optimizer",),
     ),
     Reliance(
         "hivemind.Optimizer._check_and_accumulate_gradients",

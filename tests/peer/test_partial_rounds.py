@@ -9,8 +9,9 @@ import signal
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-from swarm_checks import parameter_gap, parameters_agree_bound, wait_until
+from swarm_checks import parameter_gap, parameters_agree_bound
 
+from coordinator.harness import wait_until
 from peer.run_config import RunConfig
 
 

@@ -4,7 +4,9 @@ import signal
 
 import pytest
 import torch
-from swarm_checks import mode_settings, wait_until
+from swarm_checks import mode_settings
+
+from coordinator.harness import wait_until
 
 
 @pytest.mark.parametrize("mode", ["batch", "diloco"])

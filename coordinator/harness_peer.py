@@ -1,0 +1,113 @@
+"""The peer process the swarm harness starts (coordinator.harness.PeerProcess.harness_peer).
+
+    python -m coordinator.harness_peer SPEC_JSON
+
+SPEC_JSON is a coordinator.harness.PeerSpec. The peer runs through the Python API with the spec's
+FaultPlan (peer.faults), and writes into the spec's folder (the folder of SPEC_JSON):
+- events.jsonl: the peer's event stream (peer.events);
+- ready: it has joined the run (DHT, averagers and state ready) and waits for `hold_until`;
+- summary.json: its PeerSummary, with "processed" (rows its training forward passes saw),
+  "micro_batch", "training_started" and "training_ended" (Unix seconds: from its start line to its
+  last epoch) and "epochs" (its epoch events);
+- params.safetensors: its parameters at the end;
+- with "snapshots": epoch-N.safetensors, its parameters on reaching epoch N, and in DiLoCo mode for
+  the round that started at epoch N its local parameters before the outer step (round-N.safetensors)
+  and its averaging weight and inner steps (round-N.json).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from coordinator.harness import PeerSpec
+from model import CausalLM
+from peer import Peer, PeerError, hivemind_fixes
+from peer.command_line import setup_logging
+from peer.events import read_events
+from peer.faults import FaultPlan
+from peer.peer import PeerCallbacks
+
+HOLD_TIMEOUT = 900.0  # seconds a ready peer waits to be released
+
+
+def save_params(model: CausalLM, path: Path) -> None:
+    save_file({name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}, path)
+
+
+def save_round(peer: Peer, out: Path) -> None:
+    """DiLoCo: this peer's local parameters and averaging weight at the end of a round's inner steps."""
+    epoch = peer.optimizer.local_epoch
+    save_params(peer.model, out / f"round-{epoch}.safetensors")
+    weight = peer.optimizer.grad_averager.local_samples_accumulated
+    (out / f"round-{epoch}.json").write_text(json.dumps({"samples": weight, "inner_steps": peer.inner_steps}))
+
+
+class StartLine:
+    """Called by Peer.run once the peer has joined: counts the rows its training forward passes see,
+    and with a hold file says the peer is ready and waits until that file exists."""
+
+    def __init__(self, out: Path, hold_until: Path | None) -> None:
+        self.out, self.hold_until = out, hold_until
+        self.processed = 0
+        self.crossed: float | None = None  # when training started (time.time())
+
+    def __call__(self, peer: Peer) -> None:
+        peer.model.register_forward_pre_hook(self._count)
+        if self.hold_until is not None:
+            (self.out / "ready").touch()
+            deadline = time.monotonic() + HOLD_TIMEOUT
+            while not self.hold_until.exists():
+                if time.monotonic() > deadline:
+                    raise PeerError(f"not released from the start line within {HOLD_TIMEOUT:.0f} s")
+                time.sleep(0.05)
+        self.crossed = time.time()
+
+    def _count(self, model: CausalLM, args: tuple) -> None:
+        if model.training:
+            self.processed += args[0].shape[0]
+
+
+def main() -> None:
+    spec_path = Path(sys.argv[1])
+    spec = PeerSpec(**json.loads(spec_path.read_text()))
+    out = spec_path.parent
+    torch.set_num_threads(spec.threads)
+    setup_logging("INFO")
+    if not spec.hivemind_fixes:
+        hivemind_fixes.revert()
+    while spec.start_after and not Path(spec.start_after).exists():
+        time.sleep(0.1)
+    callbacks = PeerCallbacks()
+    if spec.snapshots:
+        callbacks.on_epoch = lambda peer: save_params(
+            peer.model, out / f"epoch-{peer.optimizer.local_epoch}.safetensors"
+        )
+        callbacks.on_round_end = partial(save_round, out=out)
+    events = out / "events.jsonl"
+    faults = FaultPlan(**{**spec.faults, "record_to": str(out)})
+    peer = Peer(**spec.options, events=str(events), callbacks=callbacks, faults=faults)
+    start_line = StartLine(out, Path(spec.hold_until) if spec.hold_until else None)
+    summary = peer.run(duration=spec.duration, max_epochs=spec.max_epochs, start_line=start_line).as_dict()
+    if start_line.crossed is None:
+        sys.exit("the peer stopped before training")
+    epochs = [event for event in read_events(events) if event["event"] == "epoch"]
+    summary.update(
+        processed=start_line.processed,
+        micro_batch=peer.micro_batch,
+        training_started=start_line.crossed,
+        training_ended=epochs[-1]["time"] if epochs else start_line.crossed,
+        epochs=epochs,
+    )
+    save_params(peer.model, out / "params.safetensors")
+    (out / "summary.json").write_text(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""DiLoCo with overlap ([diloco] overlap = true): a round's pseudo-gradients are averaged and its outer
+step taken in the background while the next round's inner steps run, and the model then moves by
+what the outer step changed, keeping those inner steps (peer.diloco).
+
+Two peer processes (overlap_worker.py) with real hivemind averagers each train a small network.
+Every inner step's change of the parameters is recorded, so at each round's end a peer's parameters
+must be the base it started the round from plus the inner steps taken since: the base is the peer's
+own round-end parameters until the outer step of that round is applied, and the outer parameters
+after it. hivemind's own delayed step copies the outer parameters into the model instead, dropping
+the inner steps taken meanwhile, which this would catch."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from coordinator.harness import ManagedProcess, bootstrap_node
+
+WORKER = Path(__file__).with_name("overlap_worker.py")
+ROUNDS = 4
+
+
+def test_with_overlap_the_outer_step_moves_the_model_and_keeps_the_inner_steps_taken_meanwhile(
+    tmp_path, write_run_config
+):
+    run_toml = write_run_config(
+        tmp_path,
+        optimizer="sgd",
+        lr=0.05,
+        matchmaking_time=1.0,
+        average_state_every=100,
+        diloco=dict(
+            samples_per_round=48,
+            inner_batch_size=4,
+            outer_lr=0.7,
+            outer_momentum=0.5,
+            compression="none",
+            overlap=True,
+        ),
+    )
+    with bootstrap_node() as address:
+        workers = [
+            ManagedProcess(
+                [
+                    sys.executable,
+                    str(WORKER),
+                    str(run_toml),
+                    address,
+                    str(seed),
+                    str(ROUNDS),
+                    str(tmp_path / f"peer{seed}"),
+                ],
+                tmp_path / f"peer{seed}.log",
+            )
+            for seed in (1, 2)
+        ]
+        try:
+            codes = [worker.wait_exit(timeout=240) for worker in workers]
+        finally:
+            for worker in workers:
+                worker.kill()
+    assert codes == [0, 0], [worker.log_tail() for worker in workers]
+    results = [json.loads((tmp_path / f"peer{seed}.json").read_text()) for seed in (1, 2)]
+    for result in results:
+        assert result["checks"] >= ROUNDS and result["applied_late"] >= 1, result
+        assert max(result["mismatches"]) < 1e-5, result["mismatches"]
+        # both peers were in the run's records before training: they averaged every round together
+        assert result["outcomes"] == ["succeeded"] * ROUNDS, result["outcomes"]
+    # The peers averaged their pseudo-gradients without a codec: one outer state.
+    outer = [load_file(tmp_path / f"peer{seed}.safetensors") for seed in (1, 2)]
+    for name, value in outer[0].items():
+        torch.testing.assert_close(outer[1][name], value, atol=1e-6, rtol=0)
