@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peer.command_line import OneLineParser, env_default, setup_logging
+from peer.command_line import OneLineParser, env_default, run_config_error, setup_logging
 
 if TYPE_CHECKING:
     from peer.run_config import RunConfig
@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_or_exit_code(argv)
     if isinstance(args, int):
         return args
+    if (code := run_config_error(args.config, PROG)) is not None:
+        return code
     setup_logging(args.log_level)
     from coordinator.coordinator import Coordinator, CoordinatorError, CoordinatorOptions
     from peer.run_config import RunConfigError

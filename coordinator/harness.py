@@ -149,6 +149,16 @@ def stop_all(processes: Sequence[ManagedProcess], grace: float = STOP_GRACE) -> 
         process.kill()
 
 
+def exit_statuses(processes: Sequence[ManagedProcess], timeout: float) -> list[int]:
+    """Wait for each process to exit by itself (HarnessError after `timeout` seconds), then kill
+    what is left of their sessions; their exit statuses."""
+    try:
+        return [process.wait_exit(timeout) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+
+
 class CoordinatorProcess(ManagedProcess):
     """`starling-coordinator` with its own state dir, on loopback; started by start()."""
 

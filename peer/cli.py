@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import MISSING, Field, fields
 
-from peer.command_line import OneLineParser, env_default, setup_logging
+from peer.command_line import OneLineParser, env_default, run_config_error, setup_logging
 from peer.options import PeerOptions
 
 PROG = "starling-peer"
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_or_exit_code(argv)
     if isinstance(args, int):
         return args
+    if (code := run_config_error(args.config, PROG)) is not None:
+        return code
     setup_logging(args.log_level)
     from peer.peer import Peer, PeerError  # heavy imports after the arguments are known good
     from peer.run_config import RunConfigError

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-
-from hivemind.utils.logging import use_hivemind_log_handler
+import sys
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -45,7 +44,25 @@ def setup_logging(level: str | int = "INFO") -> None:
     """Starling's lines (the `starling` hierarchy) and hivemind's through one handler in one format,
     at `level`. hivemind's own INFO lines (matchmaking chatter, every epoch) show only at DEBUG: at
     INFO and above hivemind is held at WARNING."""
+    from hivemind.utils.logging import use_hivemind_log_handler  # here: --help and bad arguments answer at once
+
     level = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     use_hivemind_log_handler("nowhere")  # hivemind's records go up to the root handler below
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
     logging.getLogger("hivemind").setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
+
+
+def run_config_error(path: str | None, prog: str) -> int | None:
+    """Check the run configuration a command was given before its heavy imports (hivemind, the
+    DHT): a bad one is reported in one line within a few seconds. Returns the exit status then.
+    A path that is not a file is left to the command's own checks of its options."""
+    if path is None or not os.path.isfile(path):
+        return None
+    from peer.run_config import RunConfig, RunConfigError
+
+    try:
+        RunConfig.load(path)
+    except RunConfigError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return None

@@ -142,8 +142,9 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         if epochs <= 0:
             return
         logger.info("the group of the last round was at epoch %d: taking it", self.local_epoch + epochs)
-        self.state_averager.local_epoch += epochs
-        self.tracker.update_epoch(new_epoch=self.local_epoch)
+        with self.tracker.pause_updates():
+            self.state_averager.local_epoch += epochs
+            self.tracker.update_epoch(new_epoch=self.local_epoch)
         if not self.client_mode:
             self.state_averager.state_sharing_priority = self.local_epoch
             self.grad_averager.state_sharing_priority = self.local_epoch

@@ -1,15 +1,14 @@
 """Averaging is right: in one collaborative step every peer receives the sample-weighted average of
 all peers' gradients, within the codec's error, and takes the optimizer step on it."""
 
-import subprocess
 import sys
 from pathlib import Path
 
-import hivemind
 import torch
-from hivemind.optim.state_averager import initialize_optimizer_state_
+from hivemind.optim import state_averager
 from safetensors.torch import load_file
 
+from coordinator.harness import ManagedProcess, bootstrap_node, exit_statuses
 from model import CausalLM
 from peer.optimizer import lr_multiplier, make_inner_optimizer
 from peer.run_config import RunConfig
@@ -26,18 +25,17 @@ def test_three_peers_average_known_gradients(tmp_path, write_run_config):
         tmp_path, target_batch_size=240, matchmaking_time=3.0, average_state_every=100
     )  # no state averaging: parameters show the step alone
     run = RunConfig.load(run_toml)
-    bootstrap = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-    try:
-        address = str(bootstrap.get_visible_maddrs()[0])
-        outputs = [tmp_path / f"peer{i}.safetensors" for i in range(3)]
+    outputs = [tmp_path / f"peer{i}.safetensors" for i in range(3)]
+    with bootstrap_node() as address:
         workers = [
-            subprocess.Popen([sys.executable, str(WORKER), str(run_toml), address, str(i), str(b), str(out)])
+            ManagedProcess(
+                [sys.executable, str(WORKER), str(run_toml), address, str(i), str(b), str(out)],
+                tmp_path / f"peer{i}.log",
+            )
             for i, (b, out) in enumerate(zip(MICRO_BATCHES, outputs))
         ]
-        for worker in workers:
-            assert worker.wait(timeout=240) == 0
-    finally:
-        bootstrap.shutdown()
+        codes = exit_statuses(workers, timeout=240)
+    assert codes == [0, 0, 0], [worker.log_tail() for worker in workers]
     results = [load_file(out) for out in outputs]
 
     torch.manual_seed(run.training.seed)
@@ -76,7 +74,9 @@ def test_three_peers_average_known_gradients(tmp_path, write_run_config):
         optimizer = make_inner_optimizer(params, run.training)
         for group in optimizer.param_groups:
             group["lr"] *= lr_multiplier(run.training)(0)
-        initialize_optimizer_state_(optimizer)  # as hivemind does: a first step with zero gradients
+        # as hivemind does (a first step with zero gradients), with peer.hivemind_fixes applied: looked up
+        # here, since a name imported before peer's modules would be hivemind's own
+        state_averager.initialize_optimizer_state_(optimizer)
         for position, param in enumerate(params):
             param.grad = result[f"grad.{position}"]
         optimizer.step()

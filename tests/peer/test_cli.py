@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.harness import free_port
+from coordinator.harness import PeerProcess, free_port
 from peer.cli import build_parser
-from peer.events import read_events
 from peer.options import PeerOptions
 
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWKwHFESqhcjt2RFErZXU4PfSNEH16HN3vQ4ULa5EbhRrW"
@@ -124,39 +123,16 @@ def scrape(port: int) -> dict[str, float]:
 def test_metrics_then_sigterm_exits_0_within_10_s_and_leaves_no_process(tmp_path, write_run_config, bootstrap):
     run_toml = write_run_config(tmp_path)
     port = free_port()
-    log = open(tmp_path / "peer.log", "w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "peer.cli",
-            "--initial-peers",
-            bootstrap,
-            "--config",
-            str(run_toml),
-            "--host-maddrs",
-            "/ip4/127.0.0.1/tcp/0",
-            "--batch-size",
-            "4",
-            "--metrics-port",
-            str(port),
-            "--events",
-            str(tmp_path / "events.jsonl"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    events = tmp_path / "events.jsonl"
-    while not (events.exists() and any(e["event"] == "epoch" for e in read_events(events))):
-        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "peer.log").read_text()[-2000:]
-        time.sleep(0.2)
+    arguments = ["--initial-peers", bootstrap, "--config", str(run_toml), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+    peer = PeerProcess.command_line(tmp_path / "peer", [*arguments, "--batch-size", "4", "--metrics-port", str(port)])
+    process = peer.process
+    peer.wait_for_event("epoch", timeout=120)
     deadline = time.monotonic() + 10
     while (metrics := scrape(port)).get("starling_peer_epoch", 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.5)  # the exported figures refresh every few seconds
     # The counter holds at least what the peer had contributed when its first epoch ended (hivemind
     # may end an epoch before the target batch, when its estimated time is up).
-    contributed = next(e["samples_contributed"] for e in read_events(events) if e["event"] == "epoch")
+    contributed = peer.wait_for_event("epoch", timeout=0)["samples_contributed"]
     assert metrics["starling_peer_epoch"] >= 1 and metrics["starling_peer_samples_total"] >= contributed > 0
     assert 0 < metrics["starling_peer_loss"] < 12
     children = child_pids(process.pid)

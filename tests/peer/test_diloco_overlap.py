@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from coordinator.harness import ManagedProcess, bootstrap_node
+from coordinator.harness import ManagedProcess, bootstrap_node, exit_statuses
 
 WORKER = Path(__file__).with_name("overlap_worker.py")
 ROUNDS = 4
@@ -56,11 +56,7 @@ def test_with_overlap_the_outer_step_moves_the_model_and_keeps_the_inner_steps_t
             )
             for seed in (1, 2)
         ]
-        try:
-            codes = [worker.wait_exit(timeout=240) for worker in workers]
-        finally:
-            for worker in workers:
-                worker.kill()
+        codes = exit_statuses(workers, timeout=240)
     assert codes == [0, 0], [worker.log_tail() for worker in workers]
     results = [json.loads((tmp_path / f"peer{seed}.json").read_text()) for seed in (1, 2)]
     for result in results:
