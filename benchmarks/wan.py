@@ -4,6 +4,7 @@
     sudo python benchmarks/wan.py --peers 3 --caps 100 20 --epochs 6
     sudo python benchmarks/wan.py --preset demo --target-batch 128   # 21 M parameters: minutes per epoch at 20 Mbit/s
     sudo python benchmarks/wan.py --modes batch diloco --samples-per-round 1024   # DiLoCo beside batch mode
+    sudo python benchmarks/wan.py --modes batch diloco --overlap off on   # DiLoCo with and without overlap
 
 Needs root: each peer runs in a network namespace of its own (benchmarks/netlab.py) with its
 upload and download capped by tc's token bucket filter, joined to the others through a bridge.
@@ -19,7 +20,7 @@ run (libp2p framing, encryption and the DHT's traffic included) over the trainin
 over peers. Latency and loss are not emulated: that needs netem. On one machine the peers share
 its cores: compute is slower than on separate machines, and only the links are separate.
 Prints a table and writes benchmarks/results/wan-<device>.json (wan-<device>-modes.json when
---modes names more than batch mode).
+--modes names more than batch mode, wan-<device>-modes-overlap.json with --overlap on).
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def main() -> None:
                     flush=True,
                 )
 
-    suffix = "" if args.modes == ["batch"] else "-modes"
+    suffix = ("" if args.modes == ["batch"] else "-modes") + ("-overlap" if "on" in args.overlap else "")
     path = write_json(
         f"wan-{torch.device(args.device).type}{suffix}.json",
         dict(
