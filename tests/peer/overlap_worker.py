@@ -4,7 +4,7 @@ steps taken since.
 
     overlap_worker.py RUN_TOML INITIAL_PEER SEED ROUNDS OUT
 
-Writes OUT.json (the checks and the rounds' outcomes) and OUT.safetensors (the outer parameters).
+Writes OUT.json: the checks, the rounds' outcomes and the state loads.
 """
 
 import json
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import hivemind
 import torch
-from safetensors.torch import save_file
 
 from coordinator.harness import wait_until
 from peer.averager import RoundOutcome
@@ -35,6 +34,7 @@ class OverlapPeer:
         self.mismatches: list[float] = []  # at each check, the largest deviation from the invariant
         self.checks = self.applied_late = 0
         self.outcomes: list[RoundOutcome] = []
+        self.state_loads = 0
         self._before: list[torch.Tensor] = []
         self.optimizer.inner_optimizer.register_step_pre_hook(self._remember)
         self.optimizer.inner_optimizer.register_step_post_hook(self._add_inner_step)
@@ -72,8 +72,15 @@ class OverlapPeer:
         inputs = torch.randn(MICRO_BATCH, 16, generator=self.data)
         loss = (self.model(inputs).squeeze(-1) - inputs.sum(-1).sin()).pow(2).mean()
         loss.backward()
+        loads = self.optimizer.state_averager.states_received
         self.optimizer.step(batch_size=MICRO_BATCH)
         self.optimizer.zero_grad()
+        if self.optimizer.state_averager.states_received != loads:
+            # hivemind loaded the swarm's state instead of stepping (a peer an epoch behind): the
+            # model now holds the loaded outer parameters, and the round starts from them
+            for total in self.since_round_end:
+                total.zero_()
+            self.state_loads += 1
 
     def train(self, rounds: int) -> None:
         # Start once both peers are in the run's progress records, so that they average every round.
@@ -100,13 +107,12 @@ def main() -> None:
     finally:
         peer.optimizer.shutdown()
         dht.shutdown()
-    outer = peer.optimizer.state_averager.outer_parameters()
-    save_file({str(index): param.contiguous() for index, param in enumerate(outer)}, out + ".safetensors")
     result = dict(
         checks=peer.checks,
         applied_late=peer.applied_late,
         mismatches=peer.mismatches,
         outcomes=[outcome.value for outcome in peer.outcomes],
+        state_loads=peer.state_loads,
     )
     Path(out + ".json").write_text(json.dumps(result))
 
