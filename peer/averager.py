@@ -22,7 +22,32 @@ hivemind_fixes.apply()  # every process that averages imports this module
 
 logger = logging.getLogger("starling.peer")
 
-RUNNERS: dict[str, type[AllReduceRunner]] = {"centered-clip": CenteredClipAllReduceRunner, "mean": AllReduceRunner}
+
+class ReducerFailures:
+    """Mixed into an AllReduceRunner: keeps why each reducer that failed this peer failed (hivemind
+    fills its parts with the peer's own values and logs the reason at debug level only)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reducer_failures: dict[str, str] = {}  # reducer peer id -> the error
+
+    async def _communicate_with_peer(self, peer_id) -> None:
+        try:
+            await super()._communicate_with_peer(peer_id)
+        except BaseException as error:  # a cancellation fails the reducer's remaining parts too
+            self.reducer_failures[str(peer_id)] = repr(error)
+            raise
+
+
+class MeanRunner(ReducerFailures, AllReduceRunner):
+    """hivemind's weighted mean, reporting failed reducers."""
+
+
+class CenteredClipRunner(ReducerFailures, CenteredClipAllReduceRunner):
+    """CenteredClip (peer.robust), reporting failed reducers."""
+
+
+RUNNERS: dict[str, type[AllReduceRunner]] = {"centered-clip": CenteredClipRunner, "mean": MeanRunner}
 
 
 class RoundOutcome(enum.Enum):
@@ -34,12 +59,14 @@ class RoundOutcome(enum.Enum):
 
 
 class GatheredRound(dict):
-    """What a round gathered from the group (hivemind's result: peer id -> gathered data), and the
-    fraction of this peer's values that came back averaged with the group."""
+    """What a round gathered from the group (hivemind's result: peer id -> gathered data), the
+    fraction of this peer's values that came back averaged with the group, and why the reducers
+    that did not average theirs failed (reducer peer id -> error)."""
 
-    def __init__(self, gathered: dict, averaged_fraction: float) -> None:
+    def __init__(self, gathered: dict, averaged_fraction: float, reducer_failures: dict[str, str]) -> None:
         super().__init__(gathered)
         self.averaged_fraction = averaged_fraction
+        self.reducer_failures = reducer_failures
 
 
 class AggregatingAverager(DecentralizedAverager):
@@ -49,6 +76,7 @@ class AggregatingAverager(DecentralizedAverager):
     def __init__(self, *args, aggregation: str = "centered-clip", faults: FaultPlan | None = None, **kwargs) -> None:
         self.runner_class = faults.runner_class(RUNNERS[aggregation]) if faults else RUNNERS[aggregation]
         self._averaged_fractions: dict[bytes, float] = {}  # by group id, in the averager's process
+        self._reducer_failures: dict[bytes, dict[str, str]] = {}  # by group id, in the averager's process
         super().__init__(*args, **kwargs)
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs) -> GatheredRound:
@@ -57,9 +85,14 @@ class AggregatingAverager(DecentralizedAverager):
         out with the peer's own values and still reports the round as done."""
         try:
             gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
-            return GatheredRound(gathered, self._averaged_fractions.get(group_info.group_id, 0.0))
+            return GatheredRound(
+                gathered,
+                self._averaged_fractions.get(group_info.group_id, 0.0),
+                self._reducer_failures.get(group_info.group_id, {}),
+            )
         finally:
             self._averaged_fractions.pop(group_info.group_id, None)
+            self._reducer_failures.pop(group_info.group_id, None)
 
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs
@@ -84,6 +117,7 @@ class AggregatingAverager(DecentralizedAverager):
                 self._state_updated.set()
             parts = runner.tensor_part_container
             self._averaged_fractions[group_id] = 1.0 - parts.failed_size / max(1, parts.total_size)
+            self._reducer_failures[group_id] = dict(runner.reducer_failures)
         else:
             async for _ in runner:
                 raise ValueError("auxiliary peers do not receive averaged tensors")
@@ -103,6 +137,7 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
         self.rounds = {outcome: 0 for outcome in RoundOutcome}
         self.partial_fractions: list[float] = []  # the averaged fraction of each partial round
         self.epochs_behind_group = 0  # in the latest succeeded round settled, unless taken (take_epochs_behind)
+        self.round_problems: list[str] = []  # why the rounds settled since take_round_problems did not succeed
         self._unsettled: list = []  # StepControls of rounds not counted yet, oldest first
 
     def schedule_step(self, *args, **kwargs):
@@ -114,6 +149,11 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
         """How many epochs this peer was behind the others of its latest succeeded round (0: none)."""
         epochs, self.epochs_behind_group = self.epochs_behind_group, 0
         return epochs
+
+    def take_round_problems(self) -> list[str]:
+        """Why the rounds settled since the last call did not average every value (one line each)."""
+        problems, self.round_problems = self.round_problems, []
+        return problems
 
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None, **kwargs) -> None:
         """Nothing to load. hivemind.Optimizer downloads its gradient averager's state (another
@@ -142,11 +182,16 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
                 self.epochs_behind_group = max(0, max(epochs.values()) - epochs[self.peer_id])
         if outcome is RoundOutcome.PARTIAL:
             self.partial_fractions.append(fraction)
+            failures = "; ".join(f"{peer}: {error}" for peer, error in control.result().reducer_failures.items())
+            self.round_problems.append(f"partial, {100 * fraction:.3f}% averaged; failed reducers: {failures}")
             logger.warning(
-                "partial averaging round: %.1f%% of the gradient was averaged with the group, "
-                "the rest is this peer's own",
+                "partial averaging round: %.3f%% of the gradient was averaged with the group, the rest is "
+                "this peer's own (failed reducers: %s)",
                 100 * fraction,
+                failures,
             )
+        elif outcome is RoundOutcome.FAILED:
+            self.round_problems.append(f"failed: {'cancelled' if control.cancelled() else repr(control.exception())}")
         self.rounds[outcome] += 1
         return outcome
 

@@ -65,5 +65,6 @@ class FaultPlan:
                 dropped = sum(part.numel() for part, _ in parts._input_parts_by_peer[index])
                 (record_to / "expected_fraction.txt").write_text(repr(1.0 - dropped / parts.total_size))
                 parts.register_failed_reducer(index)
+                self.reducer_failures[str(peer_id)] = "dropped by the fault plan"
 
         return FaultyRunner

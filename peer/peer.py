@@ -41,6 +41,7 @@ AUXILIARY_POLL_PERIOD = 0.2  # seconds between two averaging checks of an auxili
 PROGRESS_FETCH_TIMEOUT = 10.0  # seconds to wait for the swarm's progress before training
 SHUTDOWN_GRACE = 2.0  # seconds a helper process gets to finish before it is terminated
 RESYNC_DELAY = 1.0  # seconds between two looks for a donor, the first after the epoch change that left the swarm
+EPOCH_TOLERANCE = 1  # epochs a peer may be behind its group and take their epoch; beyond it, it loads their state
 
 
 class PeerError(RuntimeError):
@@ -399,11 +400,19 @@ class Peer:
         averager = self._grad_averager
         outcomes = averager.settle_rounds() if isinstance(averager, CountingGradientAverager) else []
         if outcomes and not self.options.auxiliary:
-            self.optimizer.catch_up_with_group(averager.take_epochs_behind())
+            behind = averager.take_epochs_behind()
+            if behind > EPOCH_TOLERANCE:
+                # Its parameters miss epochs of the swarm's steps: averaging them in would pull the
+                # others back (hivemind's own rule for a peer behind by more than one epoch).
+                logger.info("the group of the last round was %d epochs ahead: loading its state", behind)
+                self.load_state_from_peers()
+            else:
+                self.optimizer.catch_up_with_group(behind)
         self._emit(
             "epoch",
             epoch=self.optimizer.local_epoch,
             rounds=[outcome.value for outcome in outcomes],
+            round_problems=averager.take_round_problems() if isinstance(averager, CountingGradientAverager) else [],
             off_swarm=self.off_swarm,
             inner_steps=self.inner_steps,
             samples_contributed=self.samples_contributed,

@@ -72,6 +72,7 @@ def test_a_partial_round_is_counted_with_its_fraction_and_the_peer_resynchronise
     # in a hundred loses a part on its own: benchmarks/README.md.)
     assert summaries["dropper"]["partial_round_fractions"][0] == expected
     assert summaries["dropper"]["resyncs"] >= 1
+    assert partial["round_problems"][0].endswith("dropped by the fault plan"), partial  # the reducer, and why
 
     events = dropper.events()
     off_epochs = [e["epoch"] for e in events[events.index(partial) : events.index(resync)] if e["event"] == "epoch"]
