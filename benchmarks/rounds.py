@@ -10,8 +10,9 @@ is counted by how it ended for that peer (peer.averager.RoundOutcome): succeeded
 averaged with the group), partial (some parts stayed the peer's own: a reducer failed or timed
 out) or failed (no group, an error, a timeout). Mode "fixed" runs Starling's peers as shipped;
 "hivemind" puts back hivemind's own code where peer.hivemind_fixes corrects it. Also: seconds per
-epoch (median over the peers' epochs) and the median fraction averaged in partial rounds. Prints a
-table and writes benchmarks/results/rounds-cpu.json.
+epoch (median over the peers' epochs), the median fraction averaged in partial rounds, and why each
+round that did not succeed did not (the JSON's "problems"). Prints a table and writes
+benchmarks/results/rounds-cpu.json.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def swarm_row(peers: int, mode: str, result: dict) -> dict:
         median_epoch_s=statistics.median(epoch_seconds) if epoch_seconds else None,
         longest_epoch_s=max(epoch_seconds, default=None),
         resyncs=sum(peer["resyncs"] for peer in summaries),
+        # Why each round that did not succeed did not (peer.events: round_problems).
+        problems=[problem for peer in summaries for epoch in peer["epochs"] for problem in epoch["round_problems"]],
     )
 
 

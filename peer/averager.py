@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
+import time
 from collections.abc import Callable, Sequence
+from typing import AsyncIterator  # noqa: UP035  (hivemind's servicer reads typing's stream hints, not collections.abc's)
 
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -75,9 +80,36 @@ class AggregatingAverager(DecentralizedAverager):
 
     def __init__(self, *args, aggregation: str = "centered-clip", faults: FaultPlan | None = None, **kwargs) -> None:
         self.runner_class = faults.runner_class(RUNNERS[aggregation]) if faults else RUNNERS[aggregation]
+        self._faults = faults
         self._averaged_fractions: dict[bytes, float] = {}  # by group id, in the averager's process
         self._reducer_failures: dict[bytes, dict[str, str]] = {}  # by group id, in the averager's process
         super().__init__(*args, **kwargs)
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """DecentralizedAverager's reducer side, counted: a round ends for this peer when its own
+        averages are in, while it may still be sending the last averages to slower members."""
+        self._parts_served = getattr(self, "_parts_served", 0) + 1
+        try:
+            async for message in super().rpc_aggregate_part(stream, context):
+                yield message
+        finally:
+            self._parts_served -= 1
+
+    async def _shutdown(self, timeout: float | None) -> None:
+        """DecentralizedAverager's shutdown, once this peer has sent the averages it still owes to
+        the members of its last rounds (up to half the shutdown timeout): leaving right after a
+        round otherwise cuts their last parts off, and their round ends partial."""
+        deadline = time.monotonic() + (timeout or 0.0) / 2
+        while getattr(self, "_parts_served", 0) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await super()._shutdown(timeout)
+
+    async def _step(self, *, step, future_for_init) -> None:
+        if self._faults is not None:  # in the averager's process, where its matchmaking lives
+            self._faults.delay_group_assembly(self._matchmaking)
+        await super()._step(step=step, future_for_init=future_for_init)
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs) -> GatheredRound:
         """DecentralizedAverager's aggregation, returning with the gathered data the fraction of this
@@ -191,7 +223,13 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
                 failures,
             )
         elif outcome is RoundOutcome.FAILED:
-            self.round_problems.append(f"failed: {'cancelled' if control.cancelled() else repr(control.exception())}")
+            if control.cancelled():
+                why = "cancelled"
+            elif control.exception() is not None:
+                why = repr(control.exception())
+            else:
+                why = "a group of this peer alone"
+            self.round_problems.append(f"failed: {why}")
         self.rounds[outcome] += 1
         return outcome
 
@@ -226,7 +264,10 @@ def round_outcome(control) -> tuple[RoundOutcome, float]:
     """How a finished round ended for this peer, and the fraction of its values averaged with the group."""
     if control.cancelled() or control.exception() is not None:
         return RoundOutcome.FAILED, 0.0
-    fraction = control.result().averaged_fraction
+    result = control.result()
+    if len(result) < 2:
+        return RoundOutcome.FAILED, 0.0  # a group of this peer alone: nothing was averaged
+    fraction = result.averaged_fraction
     if fraction >= 1.0:
         return RoundOutcome.SUCCEEDED, fraction
     return (RoundOutcome.FAILED if fraction <= 0.0 else RoundOutcome.PARTIAL), fraction

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.matchmaking import Matchmaking
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,23 @@ class FaultPlan:
     # Build the model with these config fields changed, keeping the run's configuration: a peer
     # whose model does not match the run's (a tampered client).
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # Seconds the averagers' event loop stalls when they assemble a group as leader, before they
+    # assemble it: a leader on a loaded machine.
+    slow_group_assembly: float = 0.0
     record_to: str | None = None  # the folder of the files above
+
+    def delay_group_assembly(self, matchmaking: Matchmaking) -> None:
+        """Make `matchmaking` (an averager's, in its process) a leader slow to assemble its groups."""
+        if self.slow_group_assembly <= 0 or hasattr(matchmaking, "assemble_without_delay"):
+            return
+        matchmaking.assemble_without_delay = matchmaking.leader_assemble_group
+        delay = self.slow_group_assembly
+
+        async def assemble_late() -> GroupInfo:
+            time.sleep(delay)  # blocks the loop: nothing else this averager does happens meanwhile
+            return await matchmaking.assemble_without_delay()
+
+        matchmaking.leader_assemble_group = assemble_late
 
     def runner_class(self, base: type[AllReduceRunner]) -> type[AllReduceRunner]:
         """The all-reduce runner class of this peer's gradient averager: `base`, with the faults above."""

@@ -17,12 +17,22 @@ takes a virtual optimizer step with zero gradients so that the state tensors exi
 learning rate that step is not virtual: decoupled weight decay (AdamW, SGD with weight_decay)
 shrinks every parameter by lr x weight_decay before training starts, so a run's first epoch was
 not the step its optimizer defines. Fixed by taking the virtual step at a learning rate of zero.
+
+A follower that a leader accepted waits for the group (BEGIN_ALLREDUCE) until its own expiration
+plus `request_timeout`. The leader assembles the group at its own expiration (no later than the
+follower's), under its matchmaking lock, which its own join request to another would-be leader
+may hold for up to `request_timeout` at that moment (and a loaded machine delays it further). The
+follower then gives up just as the group is formed: the leader either goes on without it or counts
+it in a group it never joins (the others' round is partial, the follower's "could not find a
+group"). Fixed by asking leaders to hold the follower one `request_timeout` longer: the follower
+waits that much longer for a live leader (a dead one closes the stream at once).
 """
 
 from __future__ import annotations
 
 import torch
 from hivemind.averaging.control import StepControl
+from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.optim import state_averager
 from hivemind.utils.mpfuture import MPFuture
 
@@ -49,7 +59,13 @@ def _initialize_optimizer_state(opt: torch.optim.Optimizer) -> None:
             group["lr"] = lr
 
 
+def _request_expiration_time(self: Matchmaking) -> float:
+    """Matchmaking.get_request_expiration_time, one request timeout later (see above)."""
+    return _HIVEMIND_REQUEST_EXPIRATION(self) + self.request_timeout
+
+
 _HIVEMIND_CANCEL = StepControl.cancel
+_HIVEMIND_REQUEST_EXPIRATION = Matchmaking.get_request_expiration_time
 _HIVEMIND_INITIALIZE = state_averager.initialize_optimizer_state_
 
 
@@ -57,9 +73,11 @@ def apply() -> None:
     """Install the corrections above into hivemind."""
     StepControl.cancel = _cancel_step
     state_averager.initialize_optimizer_state_ = _initialize_optimizer_state
+    Matchmaking.get_request_expiration_time = _request_expiration_time
 
 
 def revert() -> None:
     """Put hivemind's own code back: for measuring what the corrections change (benchmarks/rounds.py)."""
     StepControl.cancel = _HIVEMIND_CANCEL
     state_averager.initialize_optimizer_state_ = _HIVEMIND_INITIALIZE
+    Matchmaking.get_request_expiration_time = _HIVEMIND_REQUEST_EXPIRATION

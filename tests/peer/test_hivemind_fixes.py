@@ -1,6 +1,9 @@
 """The corrections peer.hivemind_fixes makes to hivemind, each checked against the behaviour it fixes."""
 
+import json
 import math
+import sys
+from pathlib import Path
 
 import torch
 from hivemind.averaging.control import StepControl
@@ -8,6 +11,10 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
 import peer.averager  # noqa: F401  (applies peer.hivemind_fixes, as every averaging process does)
+from coordinator.harness import ManagedProcess, bootstrap_node, exit_statuses
+from peer.run_config import AveragingSection
+
+ROUND_WORKER = Path(__file__).with_name("round_worker.py")
 
 
 class SignalProbe:
@@ -66,3 +73,43 @@ def test_creating_the_optimizer_state_leaves_the_parameters_as_they_were():
         state_averager.initialize_optimizer_state_(optimizer)
         assert all(torch.equal(p, b) for p, b in zip(parameters, before))
         assert optimizer.state[parameters[0]] and optimizer.param_groups[0]["lr"] == 0.1  # state made, lr back
+
+
+def average_once(tmp_path: Path, specs: list[dict]) -> list[dict]:
+    """Two round_worker.py averagers with these specs average once; returns what each wrote."""
+    outputs = [tmp_path / f"averager{i}.json" for i in range(len(specs))]
+    with bootstrap_node() as address:
+        workers = [
+            ManagedProcess(
+                [sys.executable, str(ROUND_WORKER), address, str(i), str(out), json.dumps(spec)],
+                tmp_path / f"averager{i}.log",
+            )
+            for i, (out, spec) in enumerate(zip(outputs, specs))
+        ]
+        codes = exit_statuses(workers, timeout=120)
+    assert codes == [0] * len(specs), [worker.log_tail() for worker in workers]
+    return [json.loads(out.read_text()) for out in outputs]
+
+
+def assert_averaged_together(results: list[dict]) -> None:
+    """Every value of both averagers came back averaged with the other: 0 and 1 make 0.5."""
+    for result in results:
+        assert result["outcome"] == "succeeded" and result["group"] == 2, results
+        assert all(abs(mean - 0.5) < 1e-3 for mean in result["means"]), results
+
+
+def test_a_follower_waits_for_a_leader_slow_to_assemble_the_group(tmp_path):
+    """Two averagers look for a group together; whichever leads assembles it half a request timeout
+    later than hivemind's follower waits (its matchmaking lock held, as by a join request of its
+    own). They still average with each other in that round."""
+    request_timeout = AveragingSection(matchmaking_time=2.0).request_timeout  # as round_worker.py's
+    slow = dict(slow_group_assembly=1.5 * request_timeout)
+    assert_averaged_together(average_once(tmp_path, [slow, slow]))
+
+
+def test_a_reducer_leaving_right_after_its_round_delivers_the_others_averages(tmp_path):
+    """A volunteer in client mode lets its all-reduce begin 5 s after its group formed (a micro-batch
+    to finish); its partner, the only reducer, has its own averages as soon as the volunteer's parts
+    are in and leaves at once. The volunteer still receives every averaged part."""
+    results = average_once(tmp_path, [{}, dict(client_mode=True, trigger_delay=5.0)])
+    assert_averaged_together(results)

@@ -1,0 +1,81 @@
+"""One averager of the round tests in test_hivemind_fixes.py: averages tensors filled with its index
+once with the other averager, and writes how the round went.
+
+Run as a process: round_worker.py INITIAL_PEER INDEX OUT_FILE SPEC_JSON, where the spec may give
+client_mode (this averager takes no part as a reducer, as a volunteer behind a NAT),
+trigger_delay (seconds it waits, once its group is found, before it lets the all-reduce begin: a
+peer still finishing its micro-batch) and slow_group_assembly (peer.faults.FaultPlan). It waits
+until both averagers are up before it looks for a group, and leaves right after its round.
+OUT_FILE gets a JSON object: outcome, fraction, group (size), means (of each tensor afterwards),
+problems (the failed reducers).
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hivemind
+import torch
+
+from peer.averager import AggregatingAverager, RoundOutcome, round_outcome
+from peer.faults import FaultPlan
+from peer.run_config import AveragingSection
+
+PEERS = 2
+MATCHMAKING_TIME = 2.0  # the tests' (tests/conftest.py)
+STEP_TIMEOUT = 15.0  # the tests' averaging timeout
+SIZES = (2_048_000, 64, 8192)  # the tiny model's embedding (several parts) and two small tensors
+
+
+def main() -> None:
+    initial_peer, index, out_file, spec_json = sys.argv[1:]
+    index, spec = int(index), json.loads(spec_json)
+    averaging = AveragingSection(matchmaking_time=MATCHMAKING_TIME)  # every other setting as shipped
+    client_mode = spec.get("client_mode", False)
+    dht = hivemind.DHT(
+        initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=client_mode, start=True
+    )
+    averager = AggregatingAverager(
+        [torch.full((size,), float(index)) for size in SIZES],
+        dht,
+        prefix="round",
+        min_matchmaking_time=averaging.matchmaking_time,
+        request_timeout=averaging.request_timeout,
+        next_chunk_timeout=averaging.part_timeout,
+        allreduce_timeout=STEP_TIMEOUT,
+        client_mode=client_mode,
+        faults=FaultPlan(slow_group_assembly=spec.get("slow_group_assembly", 0.0)),
+        start=True,
+    )
+    barrier = Path(out_file).parent
+    (barrier / f"ready.{index}").touch()
+    while len(list(barrier.glob("ready.*"))) < PEERS:
+        time.sleep(0.05)
+    control = averager.step(wait=False, timeout=STEP_TIMEOUT, require_trigger=True)
+    while control.stage.name in ("IDLE", "LOOKING_FOR_GROUP") and not control.done():
+        time.sleep(0.01)
+    time.sleep(spec.get("trigger_delay", 0.0))
+    control.allow_allreduce()
+    try:
+        control.result()
+    except Exception:  # round_outcome says how the round ended
+        pass
+    outcome, fraction = round_outcome(control)
+    succeeded_at_all = outcome is not RoundOutcome.FAILED
+    with averager.get_tensors() as tensors:
+        means = [float(tensor.mean()) for tensor in tensors]
+    result = dict(
+        outcome=outcome.value,
+        fraction=fraction,
+        group=len(control.result()) if succeeded_at_all else 0,
+        means=means,
+        problems=control.result().reducer_failures if succeeded_at_all else repr(control.exception()),
+    )
+    Path(out_file).write_text(json.dumps(result))
+    averager.shutdown()
+    dht.shutdown()
+
+
+if __name__ == "__main__":
+    main()
