@@ -30,7 +30,8 @@ logger = logging.getLogger("starling.peer")
 
 class ReducerFailures:
     """Mixed into an AllReduceRunner: keeps why each reducer that failed this peer failed (hivemind
-    fills its parts with the peer's own values and logs the reason at debug level only)."""
+    fills its parts with the peer's own values and logs the reason at debug level only), and warns
+    when this peer, as a reducer, stops reducing a sender's parts on an error."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -41,6 +42,14 @@ class ReducerFailures:
             await super()._communicate_with_peer(peer_id)
         except BaseException as error:  # a cancellation fails the reducer's remaining parts too
             self.reducer_failures[str(peer_id)] = repr(error)
+            raise
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        try:
+            async for message in super()._accumulate_parts_streaming(stream, sender_index):
+                yield message
+        except Exception as error:  # hivemind answers INTERNAL_ERROR and logs why at debug level only
+            logger.warning("stopped reducing the parts of %s: %r", self.sender_peer_ids[sender_index], error)
             raise
 
 
