@@ -82,15 +82,70 @@ CONTRACT = [
     Reliance(
         AVERAGER,
         "peer/averager.py",
-        attrs=("_p2p", "_running_groups", "_averaging_alpha", "_state_updated", "last_updated", "prefix"),
+        attrs=(
+            "_p2p",
+            "_running_groups",
+            "_averaging_alpha",
+            "_state_updated",
+            "last_updated",
+            "prefix",
+            "_matchmaking",
+        ),
     ),
     Reliance(
         ALLREDUCE,
         "peer/averager.py, peer/robust.py, peer/faults.py",
         params=("p2p", "servicer_type", "prefix", "tensors", "group_id", "ordered_peer_ids"),
-        attrs=("modes", "tensor_part_container", "tensor_part_reducer", "ordered_peer_ids", "peer_id"),
+        attrs=(
+            "modes",
+            "tensor_part_container",
+            "tensor_part_reducer",
+            "ordered_peer_ids",
+            "peer_id",
+            "sender_peer_ids",
+        ),
     ),
     Reliance("hivemind.averaging.allreduce.AveragingMode.AUX", "peer/averager.py"),
+    # peer/averager.py: the reducer side is counted (a peer sends what it owes before its averager
+    # shuts down), failed reducers and dropped senders are reported.
+    Reliance(
+        f"{AVERAGER}.rpc_aggregate_part",
+        "peer/averager.py",
+        params=("stream", "context"),
+    ),
+    Reliance(f"{AVERAGER}._shutdown", "peer/averager.py", params=("timeout",), called_from=(f"{AVERAGER}.shutdown",)),
+    Reliance(
+        f"{AVERAGER}._step",
+        "peer/averager.py",
+        params=("step", "future_for_init"),
+        called_from=(f"{AVERAGER}.step",),
+    ),
+    Reliance(
+        f"{ALLREDUCE}._accumulate_parts_streaming",
+        "peer/averager.py",
+        params=("stream", "sender_index"),
+        called_from=(f"{ALLREDUCE}.rpc_aggregate_part",),
+    ),
+    # peer/hivemind_fixes.py: followers ask leaders to hold them one request timeout longer;
+    # peer/faults.py slows a leader's group assembly down.
+    Reliance(
+        "hivemind.averaging.matchmaking.Matchmaking.get_request_expiration_time",
+        "peer/hivemind_fixes.py",
+        called_from=("hivemind.averaging.matchmaking.Matchmaking._request_join_group",),
+    ),
+    Reliance(
+        "hivemind.averaging.matchmaking.Matchmaking",
+        "peer/hivemind_fixes.py, peer/faults.py",
+        attrs=("request_timeout",),
+    ),
+    Reliance(
+        "hivemind.averaging.matchmaking.Matchmaking.leader_assemble_group",
+        "peer/faults.py",
+        called_from=(
+            "hivemind.averaging.matchmaking.Matchmaking.rpc_join_group",
+            "hivemind.averaging.matchmaking.Matchmaking._request_join_potential_leaders",
+        ),
+    ),
     Reliance(
         CONTAINER,
         "peer/averager.py, peer/faults.py",
