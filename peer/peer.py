@@ -481,7 +481,10 @@ class Peer:
         others = [priority for peer_id, priority in offers.items() if str(peer_id) != self.peer_id]
         if not others:
             self._set_off_swarm(False)  # alone: its parameters are the swarm's
-        elif max(others) >= epoch and self.optimizer.load_state_from_peers(min_donor_priority=epoch):
+        # A donor's offer names its epoch a DHT store late: with short epochs, the others' offers
+        # of this peer's epoch appear only once they (and this peer) have moved on. Donors one
+        # epoch behind are asked too; one whose state really is older is left before its tensors.
+        elif max(others) >= epoch - 1 and self.optimizer.load_state_from_peers(min_donor_priority=epoch - 1):
             self.resyncs += 1
             self._emit("state_loaded", epoch=self.optimizer.local_epoch, resync=True)
             logger.info("resynchronised with the swarm: loaded the state of epoch %d", self.optimizer.local_epoch)

@@ -41,6 +41,14 @@ State = tuple[dict, list[torch.Tensor]]
 OFF_SWARM_PENALTY = 0.25
 
 
+class OlderState(Exception):
+    """A donor's state turned out older than the epoch this peer takes (its offer was out of date)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(epoch)
+        self.epoch = epoch
+
+
 class DonorCheckingAverager(DecentralizedAverager):
     """A DecentralizedAverager that checks each donor's state (check_state) before taking it.
 
@@ -142,11 +150,17 @@ class DonorCheckingAverager(DecentralizedAverager):
                     async for message in aiter_with_timeout(stream, timeout=timeout):
                         if message.metadata:
                             metadata = self.serializer.loads(message.metadata)
+                            epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
+                            if isinstance(epoch, int) and epoch < self._min_state_epoch.value:
+                                raise OlderState(epoch)  # before its tensors: their download would be wasted
                         bar.update(len(message.tensor_part.buffer))
                         yield (message.tensor_part,)
 
                 tensors = await deserialize_tensor_stream(tensor_parts())
                 received = bar.n
+        except OlderState as older:
+            logger.info("%s has the state of epoch %d, older than this peer's; not downloading it", donor, older.epoch)
+            return None
         except Exception as error:
             logger.warning("failed to download state from %s: %r", donor, error)
             return None
