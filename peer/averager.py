@@ -92,6 +92,7 @@ class AggregatingAverager(DecentralizedAverager):
         self._faults = faults
         self._averaged_fractions: dict[bytes, float] = {}  # by group id, in the averager's process
         self._reducer_failures: dict[bytes, dict[str, str]] = {}  # by group id, in the averager's process
+        self._parts_served = 0  # reducer streams open, in the averager's process
         super().__init__(*args, **kwargs)
 
     async def rpc_aggregate_part(
@@ -99,7 +100,7 @@ class AggregatingAverager(DecentralizedAverager):
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         """DecentralizedAverager's reducer side, counted: a round ends for this peer when its own
         averages are in, while it may still be sending the last averages to slower members."""
-        self._parts_served = getattr(self, "_parts_served", 0) + 1
+        self._parts_served += 1
         try:
             async for message in super().rpc_aggregate_part(stream, context):
                 yield message
@@ -111,7 +112,7 @@ class AggregatingAverager(DecentralizedAverager):
         the members of its last rounds (up to half the shutdown timeout): leaving right after a
         round otherwise cuts their last parts off, and their round ends partial."""
         deadline = time.monotonic() + (timeout or 0.0) / 2
-        while getattr(self, "_parts_served", 0) > 0 and time.monotonic() < deadline:
+        while self._parts_served > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await super()._shutdown(timeout)
 

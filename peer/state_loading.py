@@ -108,13 +108,7 @@ class DonorCheckingAverager(DecentralizedAverager):
                     logger.warning("refused the state of %s: %s; asking the next donor", donor, problem)
                     self._refused_donors[donor.to_bytes()] = problem
                     continue
-                if state[0]["epoch"] < self._min_state_epoch.value:
-                    logger.info(
-                        "%s sent the state of epoch %d, older than this peer's; asking the next donor",
-                        donor,
-                        state[0]["epoch"],
-                    )
-                    continue
+                # (a state older than _min_state_epoch was left in _download_state, before its tensors)
                 self._states_received.value += 1
                 future.set_result(state)
                 return
