@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from coordinator.harness import PeerSpec
 from model import CausalLM
 from peer import Peer, PeerError, hivemind_fixes
-from peer.command_line import setup_logging
+from peer.command_line import env_default, setup_logging
 from peer.events import read_events
 from peer.faults import FaultPlan
 from peer.peer import PeerCallbacks
@@ -79,7 +79,7 @@ def main() -> None:
     spec = PeerSpec(**json.loads(spec_path.read_text()))
     out = spec_path.parent
     torch.set_num_threads(spec.threads)
-    setup_logging("INFO")
+    setup_logging(env_default("--log-level", "INFO"))  # STARLING_LOG_LEVEL, as for starling-peer
     if not spec.hivemind_fixes:
         hivemind_fixes.revert()
     while spec.start_after and not Path(spec.start_after).exists():

@@ -154,6 +154,7 @@ class CollaborativeOptimizer(hivemind.Optimizer):
             dht=self.dht,
             prefix=self.run_id,
             target_batch_size=target_batch_size,
+            counts_itself=not self.auxiliary,
             client_mode=self.client_mode,
             status_loglevel=self.status_loglevel,
             start=True,

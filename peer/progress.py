@@ -1,21 +1,35 @@
-"""The run's progress as a peer counts it: hivemind's ProgressTracker, leaving out peers it refuses."""
+"""The run's progress as a peer counts it: hivemind's ProgressTracker, counting this peer itself and
+leaving out the peers it refuses."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, ProgressTracker
+from hivemind.utils import ValueWithExpiration
+
+OWN_RECORD = b"own"  # the key of this peer's own record among those fetched (which are keyed by public key)
 
 
 class RunProgressTracker(ProgressTracker):
-    """hivemind's ProgressTracker whose epoch and sample counts leave out ignored peers.
+    """hivemind's ProgressTracker whose counts hold this peer's own progress as it is now, and leave
+    out ignored peers.
+
+    hivemind counts a peer from the records it fetched from the DHT, its own among them. A peer's
+    own record is missing until its first report with samples has been stored and fetched back
+    (a refresh period or more later; longer over a slow link): a peer that has just joined or
+    loaded state then counts one peer less, and with one other peer hivemind takes that for "no
+    other peers" and steps alone on its local gradients, epoch after epoch, instead of averaging.
 
     hivemind takes the run's epoch as the latest epoch any peer reports. A peer whose state was
     refused (a model of another shape running epochs ahead on its own) would keep everyone else
     "behind", loading state again on every step; once ignored, its progress counts for nothing.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, counts_itself: bool = True, **kwargs) -> None:
+        """`counts_itself`: False for an auxiliary peer, which reports no progress (it accumulates
+        no samples), so that the others never count it either."""
+        self.counts_itself = counts_itself
         self.ignored_peers: frozenset[bytes] = frozenset()
         self._latest_records = None
         super().__init__(*args, **kwargs)
@@ -31,10 +45,13 @@ class RunProgressTracker(ProgressTracker):
 
     def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
         self._latest_records = metadata
-        if isinstance(metadata, dict) and self.ignored_peers:
-            metadata = {
-                key: record
-                for key, record in metadata.items()
-                if not (isinstance(record.value, dict) and record.value.get("peer_id") in self.ignored_peers)
-            }
-        return super()._parse_swarm_progress_data(metadata)
+        own = self.local_progress
+        left_out = self.ignored_peers | {own.peer_id}  # its own record, as fetched, may be stale
+        records = {
+            key: record
+            for key, record in (metadata.items() if isinstance(metadata, dict) else ())
+            if not (isinstance(record.value, dict) and record.value.get("peer_id") in left_out)
+        }
+        if self.counts_itself:
+            records[OWN_RECORD] = ValueWithExpiration(own.dict(), own.time + self.metadata_expiration)
+        return super()._parse_swarm_progress_data(records)

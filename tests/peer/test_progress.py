@@ -1,0 +1,46 @@
+"""How a peer counts the run's progress (peer.progress), on real DHT nodes."""
+
+import hivemind
+import pytest
+
+from coordinator.harness import wait_until
+from peer.progress import RunProgressTracker
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+TARGET = 32
+
+
+@pytest.fixture
+def two_nodes():
+    first = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
+    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=LOOPBACK, start=True)
+    yield first, second
+    second.shutdown()
+    first.shutdown()
+
+
+def tracker(dht: hivemind.DHT, **options) -> RunProgressTracker:
+    return RunProgressTracker(
+        dht=dht, prefix="progress-test", target_batch_size=TARGET, min_refresh_period=0.1, start=True, **options
+    )
+
+
+@pytest.mark.parametrize("counts_itself", [True, False])
+def test_a_peer_without_a_record_of_its_own_counts_itself(two_nodes, counts_itself):
+    """A peer that has just joined or loaded state has no samples, and hivemind stores no record of
+    it until it has some (and the others fetch it a refresh period later). It still counts itself
+    beside the other peer it sees: counting one peer, hivemind takes the other for "no other peers"
+    and steps alone on its own gradients. An auxiliary peer, which never has a record, counts only
+    the others, as they count it."""
+    other, own = tracker(two_nodes[0]), tracker(two_nodes[1], counts_itself=counts_itself)
+    try:
+        other.report_local_progress(local_epoch=0, samples_accumulated=8)
+        wait_until(lambda: own.global_progress.samples_accumulated == 8, 20, "the other peer's record")
+        own.fetched_global_progress_this_epoch.clear()
+        wait_until(own.fetched_global_progress_this_epoch.is_set, 20, "another fetch")
+
+        assert own.global_progress.num_peers == (2 if counts_itself else 1)
+        assert other.global_progress.num_peers == 1  # the other peer sees no record of this one
+    finally:
+        own.shutdown()
+        other.shutdown()
