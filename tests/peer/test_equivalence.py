@@ -7,7 +7,10 @@ from model.data import load_corpus
 from peer.run_config import RunConfig
 
 EPOCHS = 10
-TOLERANCE = 0.1  # nats, on a held-out batch (measured: 0.02); the two runs see different shards of the corpus
+# nats on a held-out batch. The final loss of one process varies by 0.03 (standard deviation, 4 runs:
+# each run's peer id picks other shards of the corpus), the difference of two runs by about 0.045,
+# and the swarm ends 0.05 below one process on average: 0.1 lies 3 deviations above that.
+TOLERANCE = 0.1
 
 
 def held_out_loss(run: RunConfig, params: dict) -> float:
@@ -37,4 +40,8 @@ def test_two_peers_match_one_process_on_the_same_global_batch(tmp_path, write_ru
     solo_loss = held_out_loss(run, solo.params())
     swarm_loss = held_out_loss(run, swarm[0].params())
     assert solo_loss < initial - 1.0, "the single process did not learn"
-    assert abs(swarm_loss - solo_loss) < TOLERANCE, f"swarm {swarm_loss:.3f} vs one process {solo_loss:.3f}"
+    # One-sided: an epoch of the swarm averages at least the target batch (hivemind's peers overshoot
+    # it by the samples accumulated while the others learn that it is reached) from two shards, and
+    # ended below one process in 4 of 5 runs. Learning less than one process by more than the
+    # run-to-run spread means its rounds lost part of the batch.
+    assert swarm_loss < solo_loss + TOLERANCE, f"swarm {swarm_loss:.3f} vs one process {solo_loss:.3f}"
