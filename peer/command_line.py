@@ -50,6 +50,20 @@ def setup_logging(level: str | int = "INFO") -> None:
     use_hivemind_log_handler("nowhere")  # hivemind's records go up to the root handler below
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
     logging.getLogger("hivemind").setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
+    if level > logging.DEBUG:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(hivemind_errors_in_one_line)
+
+
+def hivemind_errors_in_one_line(record: logging.LogRecord) -> bool:
+    """hivemind logs expected failures (a round that found no group, a peer that left mid-stream)
+    with their traceback through its own frames, 5 to 20 lines each: above DEBUG, one line with
+    the error's type. The peer's events and metrics say what the failure meant for training."""
+    if record.name.startswith("hivemind") and record.exc_info and record.exc_info[1] is not None:
+        error = record.exc_info[1]
+        record.msg, record.args = f"{record.getMessage()} ({type(error).__name__})", None
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def run_config_error(path: str | None, prog: str) -> int | None:
