@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking
@@ -38,7 +39,15 @@ class FaultPlan:
     # Seconds the averagers' event loop stalls when they assemble a group as leader, before they
     # assemble it: a leader on a loaded machine.
     slow_group_assembly: float = 0.0
+    # Micro-batches of more sequences than this raise torch.OutOfMemoryError in the forward pass: a
+    # device with less free memory than the start-up search found (another program took some).
+    memory_for_sequences: int | None = None
     record_to: str | None = None  # the folder of the files above
+
+    def check_memory(self, sequences: int) -> None:
+        """Raise the out-of-memory error a device short of memory would raise for this micro-batch."""
+        if self.memory_for_sequences is not None and sequences > self.memory_for_sequences:
+            raise torch.OutOfMemoryError(f"out of memory for {sequences} sequences (the fault plan's device)")
 
     def delay_group_assembly(self, matchmaking: Matchmaking) -> None:
         """Make `matchmaking` (an averager's, in its process) a leader slow to assemble its groups."""

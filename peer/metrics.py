@@ -88,6 +88,7 @@ class PrometheusMetrics:
     samples_per_second: Gauge
     epoch: Gauge
     rounds: dict[RoundOutcome, Counter]
+    out_of_memory: Counter
 
     @classmethod
     def create(cls) -> PrometheusMetrics:
@@ -102,6 +103,11 @@ class PrometheusMetrics:
                 outcome: Counter(f"starling_peer_averaging_rounds_{outcome.value}", help_text, registry=registry)
                 for outcome, help_text in ROUND_HELP.items()
             },
+            out_of_memory=Counter(
+                "starling_peer_out_of_memory",
+                "Micro-batches that ran out of device memory (each halved the micro-batch)",
+                registry=registry,
+            ),
         )
         metrics.loss.set(float("nan"))  # no loss until the first micro-batch
         return metrics

@@ -67,6 +67,7 @@ class PeerSummary:
     epoch: int
     samples_contributed: int
     samples_skipped: int
+    out_of_memory_errors: int  # micro-batches that ran out of device memory (each halved the micro-batch)
     last_loss: float | None
     seconds: float
     compute_seconds: float  # of `seconds`, those spent in forward and backward of micro-batches
@@ -285,6 +286,7 @@ class Peer:
             previous_sigterm = signal.signal(signal.SIGTERM, _stop_on_sigterm(self._stop))
             previous_sigint = signal.getsignal(signal.SIGINT)
         self.samples_contributed = self.samples_skipped = 0
+        self.out_of_memory_errors = 0
         self.compute_seconds = 0.0
         self.last_loss = None
         self._epoch_losses: list[float] = []  # of the micro-batches contributed since the last epoch
@@ -349,8 +351,9 @@ class Peer:
                     self._swarm_epoch = max(self._swarm_epoch, opt.tracker.global_epoch)
                     time.sleep(AUXILIARY_POLL_PERIOD)
                 else:
-                    window_samples += self._train_micro_batch(epoch)
-                    bar.update(self.micro_batch)
+                    contributed = self._train_micro_batch(epoch)
+                    window_samples += contributed
+                    bar.update(contributed)
                 if opt.local_epoch != epoch:
                     self._after_epoch()
                 if self.off_swarm and not self.options.auxiliary:
@@ -365,16 +368,17 @@ class Peer:
                     bar.set_postfix(epoch=opt.local_epoch, loss=self.last_loss, refresh=False)
 
     def _train_micro_batch(self, epoch: int) -> int:
-        """Forward and backward on one micro-batch; contribute it if loss and gradients are finite."""
+        """Forward and backward on one micro-batch; contribute it if loss and gradients are finite.
+        Out of device memory, the micro-batch is halved and nothing of it is contributed."""
         computing = time.perf_counter()
         batch = self.reader.next_batch(epoch, self.micro_batch).to(self.device)
-        if self.faults.slow_forward:
-            time.sleep(self.faults.slow_forward)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss = self.model(batch, labels=batch).loss
-        loss.backward()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the kernels are queued: wait for them to time them
+        try:
+            loss = self._forward_backward(batch)
+        except torch.OutOfMemoryError:
+            loss = None  # handled out here, where the failed pass's tensors are released
+        if loss is None:
+            self._halve_micro_batch(epoch)
+            return 0
         self.compute_seconds += time.perf_counter() - computing
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         finite = bool(torch.isfinite(loss)) and bool(torch.stack([g.isfinite().all() for g in grads]).all())
@@ -394,6 +398,36 @@ class Peer:
             logger.warning("non-finite loss or gradient at epoch %d: this micro-batch is not contributed", epoch)
         self.optimizer.zero_grad()
         return contributed
+
+    def _forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.faults.slow_forward:
+            time.sleep(self.faults.slow_forward)
+        self.faults.check_memory(len(batch))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = self.model(batch, labels=batch).loss
+        loss.backward()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the kernels are queued: wait for them to time them
+        return loss
+
+    def _halve_micro_batch(self, epoch: int) -> None:
+        """After an out-of-memory error: drop the failed pass's gradients and the allocator's cache,
+        and go on with half as many sequences per micro-batch, starting with the same ones."""
+        failed = self.micro_batch
+        self.optimizer.zero_grad()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.reader.put_back(failed)
+        if failed == 1:
+            raise PeerError(
+                f"{device_name(self.device)} ran out of memory training one sequence of this run's model: "
+                "join with --auxiliary (averaging only) or free the device's memory"
+            )
+        self.micro_batch = failed // 2
+        self.out_of_memory_errors += 1
+        self.prometheus.out_of_memory.inc()
+        self._emit("out_of_memory", epoch=epoch, micro_batch=self.micro_batch)
+        logger.warning("out of memory with micro-batches of %d sequences: going on with %d", failed, self.micro_batch)
 
     def _after_epoch(self) -> None:
         """A collaborative step happened: reload state if our parameters went bad or off the swarm's."""
@@ -572,6 +606,7 @@ class Peer:
             epoch=self.epoch,
             samples_contributed=self.samples_contributed,
             samples_skipped=self.samples_skipped,
+            out_of_memory_errors=self.out_of_memory_errors,
             last_loss=self.last_loss,
             seconds=time.perf_counter() - started,
             compute_seconds=self.compute_seconds,

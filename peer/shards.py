@@ -34,3 +34,7 @@ class ShardReader:
         take = torch.arange(self.position, self.position + batch_size) % len(rows)
         self.position += batch_size
         return self.corpus.sequences[rows[take]]
+
+    def put_back(self, batch_size: int) -> None:
+        """Make the last `batch_size` sequences read the next ones again (a micro-batch not trained)."""
+        self.position = max(0, self.position - batch_size)

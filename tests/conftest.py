@@ -77,10 +77,10 @@ def write_run_config():
 @pytest.fixture
 def launch_peer(tmp_path):
     """launch_peer(name, duration=, max_epochs=, slow=, start_after=, hold=, snapshots=, die_in_round=,
-    drop_reducer_in_round=, model_overrides=, wrap=, **peer_options) -> a harness peer
-    (coordinator.harness.PeerProcess) in tmp_path/name, killed at the end of the test. slow,
-    die_in_round, drop_reducer_in_round and model_overrides are its declared faults (peer.faults:
-    slow_forward and the others); a peer launched with hold=True joins, then waits for
+    drop_reducer_in_round=, model_overrides=, memory_for_sequences=, wrap=, **peer_options) -> a
+    harness peer (coordinator.harness.PeerProcess) in tmp_path/name, killed at the end of the test.
+    slow, die_in_round, drop_reducer_in_round, model_overrides and memory_for_sequences are its
+    declared faults (peer.faults: slow_forward and the others); a peer launched with hold=True joins, then waits for
     release_peers to start training."""
     started = []
 
@@ -95,6 +95,7 @@ def launch_peer(tmp_path):
         die_in_round=None,
         drop_reducer_in_round=None,
         model_overrides=None,
+        memory_for_sequences=None,
         wrap=(),
         **options,
     ) -> PeerProcess:
@@ -104,6 +105,7 @@ def launch_peer(tmp_path):
             die_in_round=die_in_round,
             drop_reducer_in_round=drop_reducer_in_round,
             model_overrides=model_overrides or {},
+            memory_for_sequences=memory_for_sequences,
         )
         spec = PeerSpec(
             options=options,
