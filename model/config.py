@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-KERNEL_CHOICES = ("auto", "torch", "triton")
+KERNEL_CHOICES = ("auto", "checked", "torch", "triton")  # model.kernels says what each means
 POSITION_CHOICES = ("rope", "alibi")
 NORM_CHOICES = ("rmsnorm", "layernorm")
 MLP_CHOICES = ("swiglu", "gelu")

@@ -89,6 +89,7 @@ class PrometheusMetrics:
     epoch: Gauge
     rounds: dict[RoundOutcome, Counter]
     out_of_memory: Counter
+    kernel_fallbacks: Gauge
 
     @classmethod
     def create(cls) -> PrometheusMetrics:
@@ -106,6 +107,11 @@ class PrometheusMetrics:
             out_of_memory=Counter(
                 "starling_peer_out_of_memory",
                 "Micro-batches that ran out of device memory (each halved the micro-batch)",
+                registry=registry,
+            ),
+            kernel_fallbacks=Gauge(
+                "starling_peer_kernel_fallbacks",
+                "Triton kernels replaced by their PyTorch reference after failing their check on this device",
                 registry=registry,
             ),
         )

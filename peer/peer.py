@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from model import CausalLM, ModelConfig
 from model.data import load_corpus
+from model.kernels import guard as kernel_guard
 from peer import metrics, run_record
 from peer.auth import RunAuthorizer, check_grant_for, parse_token
 from peer.averager import CountingGradientAverager, RoundOutcome
@@ -537,6 +538,7 @@ class Peer:
             self.prometheus.rounds[outcome].inc(count - self._reported_rounds[outcome])
         self._reported_rounds = rounds
         self.prometheus.samples_per_second.set(self.samples_per_second)
+        self.prometheus.kernel_fallbacks.set(len(kernel_guard.fallbacks()))
         seq_len = self.run_config.data.seq_len
         self._pending_publish = metrics.publish(
             self.dht,

@@ -11,10 +11,14 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # tiny_model.py, beside the tests
 
 # Forward and gradient tolerances per dtype (fp32 tight; half precisions at Liger-Kernel's level).
 TOLERANCES = {
