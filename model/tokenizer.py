@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
 from pathlib import Path
 
@@ -14,6 +15,7 @@ class Tokenizer:
 
     def __init__(self, model_file: str | Path) -> None:
         self.model_file = Path(model_file)
+        self.sha256 = hashlib.sha256(self.model_file.read_bytes()).hexdigest()  # names it in prepared datasets
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.model_file))
         self.vocab_size: int = self._sp.get_piece_size()
         self.bos_id: int = self._sp.bos_id()

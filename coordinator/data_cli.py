@@ -1,0 +1,80 @@
+"""starling-data: prepare a corpus for a run (filtered, deduplicated, tokenised, sharded).
+
+starling-data prepare SOURCES... --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from model.prepared import PrepareError, PrepareSettings
+from peer.command_line import OneLineParser, setup_logging
+
+PROG = "starling-data"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    prepare = commands.add_parser("prepare", help="filter, deduplicate, tokenise and shard text into a folder")
+    add = prepare.add_argument
+    add("sources", nargs="+", type=Path, help=".txt/.md/.rst, .jsonl or .parquet files, or folders of them")
+    add("--out", type=Path, required=True, help="the folder to write the shards and manifest.json into (new or empty)")
+    defaults = PrepareSettings()
+    add("--seq-len", type=positive_int, default=defaults.seq_len, help="tokens per sequence (the run's [data] seq_len)")
+    add("--sequences-per-shard", type=positive_int, default=defaults.sequences_per_shard, help="sequences per shard")
+    add("--text-field", default=defaults.text_field, help="the field of JSON lines and the column of Parquet files")
+    add("--min-words", type=positive_int, default=defaults.min_words, help="shorter documents are dropped")
+    add("--flagged-words", type=Path, help="a file of words, one a line: documents with too many are dropped")
+    add("--max-flagged-ratio", type=ratio, default=defaults.max_flagged_ratio, help="share of flagged words allowed")
+    add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parsed = build_parser().parse_or_exit_code(argv)
+    if isinstance(parsed, int):
+        return parsed
+    try:
+        from coordinator.prepare import prepare
+    except ImportError as error:
+        print(f"{PROG}: error: {error.name} is missing: pip install 'starling[data]'", file=sys.stderr)
+        return 2
+    setup_logging(parsed.log_level)
+    try:
+        flagged = frozenset()
+        if parsed.flagged_words is not None:
+            flagged = frozenset(parsed.flagged_words.read_text(encoding="utf-8").split())
+        settings = PrepareSettings(
+            seq_len=parsed.seq_len,
+            sequences_per_shard=parsed.sequences_per_shard,
+            text_field=parsed.text_field,
+            min_words=parsed.min_words,
+            flagged_words=flagged,
+            max_flagged_ratio=parsed.max_flagged_ratio,
+        )
+        prepare(parsed.sources, parsed.out, settings)
+    except (PrepareError, OSError, UnicodeDecodeError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
