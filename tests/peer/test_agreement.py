@@ -120,7 +120,9 @@ def test_two_volunteers_average_together_without_stalling(tmp_path, run):
     # Both are in the swarm from the second's first round: before it, the first counts it only once
     # it reports samples, and the second may catch up to the first's epoch without a round.
     together_from = next(e["time"] for e in events["second"] if e["event"] == "epoch" and e["rounds"]) - 0.5
-    together_until = min(e["time"] for e in (events["first"][-1], events["second"][-1]))
+    # ... until the last round both reached: a peer's stop begins right after its last epoch, and
+    # the other's epochs after that have no partner left.
+    together_until = min(max(e["time"] for e in stream if e["event"] == "epoch") for stream in events.values()) + 0.5
     for name, stream in events.items():
         epochs = [e for e in stream if e["event"] == "epoch" and together_from < e["time"] <= together_until]
         averaged = [e for e in epochs if e["rounds"] == ["succeeded"]]
