@@ -134,6 +134,15 @@ class CollaborativeOptimizer(hivemind.Optimizer):
             averager.round_epoch = lambda: self.local_epoch
         return averager
 
+    def _update_global_epoch(self, grad_scaler) -> None:
+        """hivemind's epoch step, after a fresh look at the run's progress when it counts no other
+        peer: it then steps alone on its own gradients, and the progress it holds may be a refresh
+        period old (peers started together each take their first epoch alone by it, and in DiLoCo
+        mode keep different outer parameters from then on)."""
+        if self.tracker.global_progress.num_peers <= 1 and not self.auxiliary:
+            self.tracker.fetch_now()
+        super()._update_global_epoch(grad_scaler)
+
     def catch_up_with_group(self, epochs: int) -> None:
         """Take the epoch of the group of the latest round, `epochs` ahead of this peer's: they averaged
         the same values in it, only their epochs differ (a peer that took its first epoch after the

@@ -43,6 +43,13 @@ class RunProgressTracker(ProgressTracker):
         with self.lock_global_progress:
             self.global_progress = self._parse_swarm_progress_data(self._latest_records)
 
+    def fetch_now(self) -> None:
+        """Read the run's progress from the DHT now rather than at the next refresh."""
+        found = self.dht.get(self.training_progress_key, latest=True)
+        metadata = found.value if isinstance(found, ValueWithExpiration) else None
+        with self.lock_global_progress:
+            self.global_progress = self._parse_swarm_progress_data(metadata)
+
     def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
         self._latest_records = metadata
         own = self.local_progress

@@ -288,7 +288,14 @@ CONTRACT = [
             "max_refresh_period",
             "default_refresh_period",
         ),
-        attrs=("lock_global_progress", "global_progress", "fetched_global_progress_this_epoch"),
+        attrs=(
+            "lock_global_progress",
+            "global_progress",
+            "fetched_global_progress_this_epoch",
+            "local_progress",
+            "metadata_expiration",
+            "training_progress_key",
+        ),
     ),
     Reliance(
         f"{TRACKER}._parse_swarm_progress_data",
@@ -356,7 +363,7 @@ CONTRACT = [
     ),
     Reliance(
         "hivemind.Optimizer._update_global_epoch",
-        "peer/diloco.py",
+        "peer/optimizer.py, peer/diloco.py",
         params=("grad_scaler",),
         called_from=("hivemind.Optimizer.step",),
     ),
