@@ -45,12 +45,18 @@ class ReducerFailures:
             raise
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        sender, sent = self.sender_peer_ids[sender_index], 0
         try:
             async for message in super()._accumulate_parts_streaming(stream, sender_index):
                 yield message
+                sent += 1
         except Exception as error:  # hivemind answers INTERNAL_ERROR and logs why at debug level only
-            logger.warning("stopped reducing the parts of %s: %r", self.sender_peer_ids[sender_index], error)
+            logger.warning("stopped reducing the parts of %s: %r", sender, error)
             raise
+        expected = self.tensor_part_reducer.num_parts
+        if sent < expected:  # hivemind ends the stream quietly: the sender will count a partial round
+            why = "it was banned" if sender in self.banned_senders else "its stream of parts ended"
+            logger.warning("stopped reducing the parts of %s after %d of %d: %s", sender, sent, expected, why)
 
 
 class MeanRunner(ReducerFailures, AllReduceRunner):

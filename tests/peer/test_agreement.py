@@ -103,7 +103,7 @@ def test_two_volunteers_average_together_without_stalling(tmp_path, run):
     """Two peers of the tiny model on loopback, started as volunteers start them: the first alone,
     the second a few seconds later through the first's address (target batch 32, micro-batch 4).
     In at least 90% of the epochs both spent in the swarm (from the second's first round) they
-    averaged, and no epoch took longer
+    averaged in a group (every value, or part of them in a partial round), and no epoch took longer
     than one matchmaking period beyond the median epoch. With hivemind's cancelled-step race
     (peer/hivemind_fixes.py) about half of such runs stalled for the averaging timeout."""
     run_toml = tmp_path / "run.toml"
@@ -125,7 +125,9 @@ def test_two_volunteers_average_together_without_stalling(tmp_path, run):
     together_until = min(max(e["time"] for e in stream if e["event"] == "epoch") for stream in events.values()) + 0.5
     for name, stream in events.items():
         epochs = [e for e in stream if e["event"] == "epoch" and together_from < e["time"] <= together_until]
-        averaged = [e for e in epochs if e["rounds"] == ["succeeded"]]
+        # A partial round found its group (peer.averager's warnings name the reducer that ended
+        # its stream early: a rarer fault, counted and resynchronised, tests/peer/test_partial_rounds.py).
+        averaged = [e for e in epochs if e["rounds"] in (["succeeded"], ["partial"])]
         assert len(epochs) >= 4, (name, epochs)
         assert len(averaged) >= 0.9 * len(epochs), (name, json.dumps(epochs))
         times = [together_from, *(e["time"] for e in epochs)]
