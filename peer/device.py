@@ -14,7 +14,8 @@ CPU_MICRO_BATCH = 4
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' takes the first GPU when there is one; otherwise the named device, checked to exist."""
+    """'auto' takes the first GPU when there is one; otherwise the named device, checked to exist.
+    A CUDA device becomes the process's current one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -26,6 +27,9 @@ def resolve_device(name: str) -> torch.device:
             raise ValueError(f"--device {name}: no CUDA GPU is available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        # Triton launches its kernels, and libraries allocate, on the current CUDA device: make it
+        # this one, or a peer on cuda:1 would run them on GPU 0.
+        torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
     return device
