@@ -27,9 +27,10 @@ def resolve_device(name: str) -> torch.device:
             raise ValueError(f"--device {name}: no CUDA GPU is available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        # Triton launches its kernels, and libraries allocate, on the current CUDA device: make it
-        # this one, or a peer on cuda:1 would run them on GPU 0.
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            # Triton launches its kernels, and libraries allocate, on the current CUDA device: make
+            # it this one, or a peer on cuda:1 would run them on GPU 0.
+            torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
     return device
