@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet
 from datatrove.data import Document
 from datatrove.pipeline.dedup.minhash import (
     MinhashConfig,
@@ -98,8 +99,6 @@ def read_documents(files: list[Path], text_field: str) -> Iterator[tuple[str, st
                         if line.strip():
                             yield f"{path}:{number}", _text_of(json.loads(line), text_field, f"line {number + 1}")
             else:
-                import pyarrow.parquet
-
                 column = pyarrow.parquet.read_table(path, columns=[text_field]).column(text_field)
                 for number, text in enumerate(column.to_pylist()):
                     yield f"{path}:{number}", _text_of({text_field: text}, text_field, f"row {number}")
