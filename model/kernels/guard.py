@@ -72,7 +72,7 @@ def checked(
     class; reference(*inputs, **call_options) if it ever did not."""
     fused = _with_faults(name, fused)
     device = inputs[0].device
-    kernel = f"{name} on {_device_name(device)}"
+    kernel = f"{name} on {device}"  # every call: no device query here
     if kernel not in _fallbacks:
         key = (name, str(device), inputs[0].dtype, shape_class)
         if key not in _trusted:
@@ -81,7 +81,8 @@ def checked(
                 _trusted.add(key)
             else:
                 _fallbacks[kernel] = problem
-                logger.warning("kernel %s: %s; using its PyTorch reference from now on", kernel, problem)
+                where = f"{name} on {_device_name(device)}"
+                logger.warning("kernel %s: %s; using its PyTorch reference from now on", where, problem)
     if kernel in _fallbacks:
         return reference(*inputs, **call_options)
     return fused(*inputs, **call_options)
