@@ -26,13 +26,26 @@ follower then gives up just as the group is formed: the leader either goes on wi
 it in a group it never joins (the others' round is partial, the follower's "could not find a
 group"). Fixed by asking leaders to hold the follower one `request_timeout` longer: the follower
 waits that much longer for a live leader (a dead one closes the stream at once).
+
+A request to the DHT process from another process (an averager declaring its group key or its
+state) carries the pipe end that its reply goes back through, passed as a file descriptor that the
+sender's process hands over when the request is read. An averager that stops right after sending
+one (every peer's averagers do, as the peer stops) is gone by then: reading the request fails,
+and the DHT process logs a traceback and sleeps three seconds before it reads the next one, so a
+stopping peer waited about 3 s per such request. Fixed by dropping a request whose sender is gone
+(nobody is left to answer) and reading on; a broken request pipe is still hivemind's to handle.
 """
 
 from __future__ import annotations
 
+import logging
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+
 import torch
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.dht import DHT
 from hivemind.optim import state_averager
 from hivemind.utils.mpfuture import MPFuture
 
@@ -64,9 +77,42 @@ def _request_expiration_time(self: Matchmaking) -> float:
     return _HIVEMIND_REQUEST_EXPIRATION(self) + self.request_timeout
 
 
+class _RequestPipe:
+    """The DHT process's end of its request pipe, where a request whose sender is gone is dropped."""
+
+    def __init__(self, pipe: Connection):
+        self._pipe = pipe
+
+    def fileno(self) -> int:
+        return self._pipe.fileno()
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self._pipe.poll(timeout)
+
+    def recv(self) -> tuple:
+        message = self._pipe.recv_bytes()
+        try:
+            return ForkingPickler.loads(message)
+        except OSError as error:  # the sender's process, which hands over the reply pipe, has exited
+            _logger.debug("dropped a DHT request from a process that has exited (%s)", error)
+            return "_drop_request", [], {}
+
+
+def _run_dht(self: DHT) -> None:
+    """DHT.run, reading requests through a _RequestPipe."""
+    self._inner_pipe = _RequestPipe(self._inner_pipe)
+    _HIVEMIND_DHT_RUN(self)
+
+
+async def _drop_request(self: DHT) -> None:
+    """What the DHT process does for a dropped request: nothing."""
+
+
+_logger = logging.getLogger("starling.peer")
 _HIVEMIND_CANCEL = StepControl.cancel
 _HIVEMIND_REQUEST_EXPIRATION = Matchmaking.get_request_expiration_time
 _HIVEMIND_INITIALIZE = state_averager.initialize_optimizer_state_
+_HIVEMIND_DHT_RUN = DHT.run
 
 
 def apply() -> None:
@@ -74,6 +120,8 @@ def apply() -> None:
     StepControl.cancel = _cancel_step
     state_averager.initialize_optimizer_state_ = _initialize_optimizer_state
     Matchmaking.get_request_expiration_time = _request_expiration_time
+    DHT.run = _run_dht
+    DHT._drop_request = _drop_request
 
 
 def revert() -> None:
@@ -81,3 +129,4 @@ def revert() -> None:
     StepControl.cancel = _HIVEMIND_CANCEL
     state_averager.initialize_optimizer_state_ = _HIVEMIND_INITIALIZE
     Matchmaking.get_request_expiration_time = _HIVEMIND_REQUEST_EXPIRATION
+    DHT.run = _HIVEMIND_DHT_RUN

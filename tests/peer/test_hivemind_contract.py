@@ -205,6 +205,19 @@ CONTRACT = [
         "peer/hivemind_fixes.py, coordinator/initial_state.py",
         called_from=(f"{STATE_AVERAGER}._init_components",),
     ),  # looked up at call time: the patch applies
+    # peer/hivemind_fixes.py runs the DHT process (DHT.run, patched) with its requests read through a
+    # pipe that drops a request whose sender is gone; the class's source is hivemind's own loop.
+    Reliance(
+        "hivemind.dht.DHT",
+        "peer/hivemind_fixes.py",
+        attrs=("_inner_pipe",),
+        source_has=(
+            "self._inner_pipe.poll()",
+            "method, args, kwargs = self._inner_pipe.recv()",
+            "getattr(self, method)(*args, **kwargs)",
+        ),
+    ),
+    Reliance("hivemind.dht.DHT.run", "peer/hivemind_fixes.py"),
     # peer/state_loading.py downloads state itself, donor by donor, under TrainingStateAverager's RPC names.
     Reliance(
         f"{AVERAGER}._load_state_from_peers",

@@ -2,9 +2,13 @@
 
 import json
 import math
+import multiprocessing
+import os
+import signal
 import sys
 from pathlib import Path
 
+import hivemind
 import torch
 from hivemind.averaging.control import StepControl
 from hivemind.utils.mpfuture import MPFuture
@@ -113,3 +117,29 @@ def test_a_reducer_leaving_right_after_its_round_delivers_the_others_averages(tm
     are in and leaves at once. The volunteer still receives every averaged part."""
     results = average_once(tmp_path, [{}, dict(client_mode=True, trigger_delay=5.0)])
     assert_averaged_together(results)
+
+
+def _store_and_exit(dht: hivemind.DHT) -> None:
+    """In a forked process: send the DHT process a request, then exit before it is read."""
+    dht.store("left", "behind", expiration_time=get_dht_time() + 60, return_future=True)
+    os._exit(0)
+
+
+def test_the_dht_reads_on_after_a_request_from_a_process_that_has_exited():
+    """An averager that sends the DHT process a request and stops before it is read (as every
+    averager may, when its peer stops) leaves a request that cannot be answered. hivemind's DHT then
+    paused its reading for its wait_timeout (3 s at every peer's stop); set to an hour here, so that
+    the next request would not be answered while the test waits."""
+    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], wait_timeout=3600, start=True)
+    try:
+        os.kill(dht.pid, signal.SIGSTOP)  # the request is read only once its sender is gone
+        try:
+            sender = multiprocessing.get_context("fork").Process(target=_store_and_exit, args=(dht,))
+            sender.start()
+            sender.join(timeout=60)
+            assert sender.exitcode == 0
+        finally:
+            os.kill(dht.pid, signal.SIGCONT)
+        assert dht.get("left", return_future=True).result(timeout=30) is None  # answered; the lost store dropped
+    finally:
+        dht.shutdown()
