@@ -120,6 +120,10 @@ class AggregatingAverager(DecentralizedAverager):
         deadline = time.monotonic() + (timeout or 0.0) / 2
         while self._parts_served > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self._parts_served > 0:
+            logger.warning(
+                "left with %d streams of averages still being sent: their rounds end partial", self._parts_served
+            )
         await super()._shutdown(timeout)
 
     async def _step(self, *, step, future_for_init) -> None:

@@ -80,7 +80,8 @@ def test_creating_the_optimizer_state_leaves_the_parameters_as_they_were():
 
 
 def average_once(tmp_path: Path, specs: list[dict]) -> list[dict]:
-    """Two round_worker.py averagers with these specs average once; returns what each wrote."""
+    """Two round_worker.py averagers with these specs average once; returns what each wrote, with the
+    end of its log (shown when an assertion fails)."""
     outputs = [tmp_path / f"averager{i}.json" for i in range(len(specs))]
     with bootstrap_node() as address:
         workers = [
@@ -92,7 +93,7 @@ def average_once(tmp_path: Path, specs: list[dict]) -> list[dict]:
         ]
         codes = exit_statuses(workers, timeout=120)
     assert codes == [0] * len(specs), [worker.log_tail() for worker in workers]
-    return [json.loads(out.read_text()) for out in outputs]
+    return [dict(json.loads(out.read_text()), log=worker.log_tail()) for out, worker in zip(outputs, workers)]
 
 
 def assert_averaged_together(results: list[dict]) -> None:
