@@ -32,7 +32,17 @@ from coordinator.server import DashboardServer
 from coordinator.state_sharing import CheckpointAverager
 from coordinator.swarm import ONLINE_WITHIN, SwarmState, peer_kind, read_progress, summarize
 from model import CausalLM, ModelConfig
+from model.prepared import (
+    MANIFEST,
+    Manifest,
+    PreparedDataError,
+    is_prepared,
+    load_manifest,
+    manifest_digest,
+    manifest_path,
+)
 from peer import metrics, run_record
+from peer.dataset import DatasetError, fetch_manifest
 from peer.events import EventLog
 from peer.identity import check_multiaddrs, load_or_create_identity
 from peer.run_config import RunConfig
@@ -81,6 +91,7 @@ class Coordinator:
         if self.run_config.model.init_from:
             self._start_from_pretrained(self.run_config.model.init_from)
         self.latest_checkpoint = self.checkpoints.latest()  # kept here: the views ask for it on every request
+        self.dataset = self._dataset()
         self.checkpoint_error: str | None = None  # why the last checkpoint failed, until one succeeds
         self.history = History(self.state_dir / "history.sqlite3")
         points = self.history.points(limit=1)
@@ -111,6 +122,35 @@ class Coordinator:
         checkpoint = self.checkpoints.save(initial_state(pretrained, self.run_config), pretrained.config)
         logger.info("the run starts from %s (saved as %s)", path, checkpoint.path)
 
+    def _dataset(self) -> Manifest | None:
+        """The manifest of the run's prepared dataset, checked against the digest the run names: from
+        [data] path, which this coordinator then serves, or from [data] url."""
+        data = self.run_config.data
+        if data.dataset is None:
+            return None
+        if data.url is not None:
+            try:
+                return fetch_manifest(data.url, data.dataset, self.state_dir / "dataset")
+            except DatasetError as error:
+                raise CoordinatorError(str(error)) from None
+        if data.path is None or not is_prepared(data.path):
+            raise CoordinatorError(
+                f"data.path must be the prepared dataset's folder for this coordinator to serve "
+                f"(or set data.url), got {data.path!r}"
+            )
+        if manifest_digest(data.path) != data.dataset:
+            raise CoordinatorError(f"{manifest_path(data.path)}: its SHA-256 is not the run's data.dataset")
+        try:
+            return load_manifest(data.path)
+        except PreparedDataError as error:
+            raise CoordinatorError(str(error)) from None
+
+    def _served_dataset(self) -> tuple[Path, frozenset[str]] | None:
+        """The folder and file names the dashboard's server serves under /data/."""
+        if self.dataset is None or self.run_config.data.url is not None:
+            return None
+        return Path(self.run_config.data.path), frozenset({MANIFEST, *(shard.file for shard in self.dataset.shards)})
+
     # ---- start -------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -122,6 +162,7 @@ class Coordinator:
                 self.snapshot,
                 self._history_points,
                 registry_for(self.snapshot),
+                dataset=self._served_dataset(),
             )
         except OSError as error:
             raise CoordinatorError(
@@ -205,9 +246,10 @@ class Coordinator:
         return command + (" --token TOKEN" if self.run_config.coordinator.auth == "token" else "")
 
     def _publish(self) -> None:
-        stored = run_record.publish(
-            self.dht, self.signer, self.run_config, {"peer_id": str(self.dht.peer_id), "version": VERSION}
-        )
+        services = {"peer_id": str(self.dht.peer_id), "version": VERSION}
+        if self._served_dataset() is not None:
+            services["data_url"] = self.server.url + "data/"
+        stored = run_record.publish(self.dht, self.signer, self.run_config, services)
         self._published_at = time.monotonic()
         if not stored:
             logger.warning("the run record could not be stored in the DHT; retrying later")
@@ -354,6 +396,23 @@ class Coordinator:
             "checkpoint": checkpoint.as_dict() if checkpoint else None,
             "checkpoint_error": self.checkpoint_error,
             "config": self.run_config.to_dict(),
+            "dataset": self._dataset_view(sum(entry["samples"] for entry in board)),
+        }
+
+    def _dataset_view(self, samples_total: int) -> dict | None:
+        """The run's prepared dataset as the dashboard shows it, with how often the swarm has gone through it."""
+        if self.dataset is None:
+            return None
+        manifest = self.dataset
+        return {
+            "sha256": self.run_config.data.dataset,
+            "url": self.run_config.data.url or (self.server.url + "data/" if self.server else None),
+            "documents": manifest.documents,
+            "tokens": manifest.tokens,
+            "sequences": manifest.sequences,
+            "shards": len(manifest.shards),
+            "bytes": sum(shard.bytes for shard in manifest.shards),
+            "passes": samples_total / max(1, manifest.sequences),
         }
 
     def _emit(self, event: str, **fields) -> None:

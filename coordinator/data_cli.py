@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from model.prepared import PrepareError, PrepareSettings
+from model.prepared import PrepareError, PrepareSettings, manifest_digest
 from peer.command_line import OneLineParser, setup_logging
 
 PROG = "starling-data"
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepareError, OSError, UnicodeDecodeError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    # What the organiser puts in the run configuration to hand the dataset to peers.
+    print(f'[data]\npath = "{parsed.out}"\ndataset = "{manifest_digest(parsed.out)}"\nseq_len = {parsed.seq_len}')
     return 0
 
 

@@ -23,11 +23,13 @@ Each stage shows a progress bar on a terminal (none when stderr is a file or a p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,38 +117,46 @@ def _text_of(record: object, text_field: str, where: str) -> str:
     return text
 
 
-def prepare(sources: list[Path], out: Path, settings: PrepareSettings | None = None) -> Manifest:
-    """Run every step on the sources and write the shards and the manifest into `out`."""
+def prepare(
+    sources: list[Path], out: Path, settings: PrepareSettings | None = None, seconds: dict[str, float] | None = None
+) -> Manifest:
+    """Run every step on the sources and write the shards and the manifest into `out`; `seconds`,
+    when given, receives the time each stage took (reading, filtering, near duplicates,
+    tokenising, writing shards)."""
     settings = settings or PrepareSettings()
+    seconds = {} if seconds is None else seconds
     if out.exists() and any(out.iterdir()):
         raise PrepareError(f"{out}: the output folder is not empty")
     files = source_files(sources)
-    documents = list(tqdm(read_documents(files, settings.text_field), desc="reading", unit="doc", disable=None))
+    with _timed(seconds, "reading"):
+        documents = list(tqdm(read_documents(files, settings.text_field), desc="reading", unit="doc", disable=None))
     if not documents:
         raise PrepareError(f"{', '.join(map(str, sources))}: no documents")
-    kept, steps = filter_documents(documents, settings)
+    kept, steps = filter_documents(documents, settings, seconds)
     if not kept:
         raise PrepareError(f"{', '.join(map(str, sources))}: no document is left after filtering ({_removed(steps)})")
 
     tokenizer = load_tokenizer()
-    pieces = [
-        np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=np.int64)
-        for _, text in tqdm(kept, desc="tokenising", unit="doc", disable=None)
-    ]
-    sequences = pack(np.concatenate(pieces), settings.seq_len).numpy()
+    with _timed(seconds, "tokenising"):
+        pieces = [
+            np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=np.int64)
+            for _, text in tqdm(kept, desc="tokenising", unit="doc", disable=None)
+        ]
+        sequences = pack(np.concatenate(pieces), settings.seq_len).numpy()
     if len(sequences) == 0:
         raise PrepareError(f"the {len(kept)} documents kept hold fewer tokens than one sequence of {settings.seq_len}")
 
     out.mkdir(parents=True, exist_ok=True)
     shards = []
-    for start in tqdm(
-        range(0, len(sequences), settings.sequences_per_shard), desc="writing shards", unit="shard", disable=None
-    ):
-        rows = sequences[start : start + settings.sequences_per_shard]
-        data = shard_bytes(rows, tokenizer.vocab_size)
-        name = f"shard-{len(shards):05d}.bin"
-        write_atomic(out / name, data)
-        shards.append(ShardEntry(name, len(data), len(rows), hashlib.sha256(data).hexdigest()))
+    with _timed(seconds, "writing shards"):
+        for start in tqdm(
+            range(0, len(sequences), settings.sequences_per_shard), desc="writing shards", unit="shard", disable=None
+        ):
+            rows = sequences[start : start + settings.sequences_per_shard]
+            data = shard_bytes(rows, tokenizer.vocab_size)
+            name = f"shard-{len(shards):05d}.bin"
+            write_atomic(out / name, data)
+            shards.append(ShardEntry(name, len(data), len(rows), hashlib.sha256(data).hexdigest()))
     manifest = Manifest(
         seq_len=settings.seq_len,
         tokenizer_sha256=tokenizer.sha256,
@@ -170,10 +180,12 @@ def prepare(sources: list[Path], out: Path, settings: PrepareSettings | None = N
 
 
 def filter_documents(
-    documents: list[tuple[str, str]], settings: PrepareSettings
+    documents: list[tuple[str, str]], settings: PrepareSettings, seconds: dict[str, float] | None = None
 ) -> tuple[list[tuple[str, str]], list[dict]]:
     """The documents kept, in order, and per step: its name, documents in and out, and the number
-    removed for each reason."""
+    removed for each reason; `seconds`, when given, receives the time of the filtering and of the
+    near-duplicate removal."""
+    seconds = {} if seconds is None else seconds
     words = RegexWordTokenizer("en")
     streaming = [
         ("personal data", PIIFormatter()),
@@ -185,33 +197,44 @@ def filter_documents(
     stream: Iterator = (Document(text=text, id=doc_id) for doc_id, text in documents)
     for _, step in streaming:
         stream = step.run(stream, 0, 1)
-    remaining = list(tqdm(stream, desc="filtering", unit="doc", total=len(documents), disable=None))
-    steps = []
-    for name, step in streaming:
-        steps.append(_step_counts(name, step.stats.stats))
-    remaining, near = remove_near_duplicates(remaining, words)
-    steps.append(near)
-    return [(doc.id, doc.text) for doc in remaining], steps
+    with _timed(seconds, "filtering"):
+        remaining = [
+            (doc.id, doc.text) for doc in tqdm(stream, desc="filtering", unit="doc", total=len(documents), disable=None)
+        ]
+    steps = [_step_counts(name, step.stats.stats) for name, step in streaming]
+    with _timed(seconds, "near duplicates"):
+        remaining, near = remove_near_duplicates(remaining, words)
+    return remaining, [*steps, near]
 
 
-def remove_near_duplicates(documents: list, words) -> tuple[list, dict]:
+def remove_near_duplicates(documents: list[tuple[str, str]], words) -> tuple[list[tuple[str, str]], dict]:
     """datatrove's MinHash deduplication, its four stages run here in a scratch folder."""
     if len(documents) < 2:
         return documents, dict(
             name="near duplicates", documents_in=len(documents), documents_out=len(documents), removed={}
         )
     config = MinhashConfig(hash_config=HashConfig(hash_fc="sha1"))  # xxhash's path fails on str in datatrove 0.10
+    docs = [Document(text=text, id=doc_id) for doc_id, text in documents]
     with tempfile.TemporaryDirectory(prefix="starling-minhash-") as scratch:
         signatures, buckets, removals = (f"{scratch}/{part}" for part in ("signatures", "buckets", "removals"))
-        _run_stage(MinhashDedupSignature(signatures, config=config, language=words), iter(documents))
+        _run_stage(MinhashDedupSignature(signatures, config=config, language=words), iter(docs))
         for bucket in range(config.num_buckets):
             _run_stage(MinhashDedupBuckets(signatures, buckets, config=config), None, bucket, config.num_buckets)
         _run_stage(MinhashDedupCluster(buckets, removals, config=config), None)
         near_filter = MinhashDedupFilter(removals)
-        kept = list(near_filter.run(iter(documents), 0, 1))
+        kept = [(doc.id, doc.text) for doc in near_filter.run(iter(docs), 0, 1)]
     counts = _step_counts("near duplicates", near_filter.stats.stats)
     counts["documents_in"] = len(documents)
     return kept, counts
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = time.perf_counter() - started
 
 
 def _run_stage(step, data, rank: int = 0, world_size: int = 1) -> None:

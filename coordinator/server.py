@@ -1,14 +1,18 @@
-"""The coordinator's read-only HTTP server: the dashboard, its JSON API and Prometheus /metrics."""
+"""The coordinator's read-only HTTP server: the dashboard, its JSON API, Prometheus /metrics and
+the run's prepared dataset (/data/: its manifest and shards, with range requests)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -32,7 +36,8 @@ def _json_safe(value):
 
 
 class DashboardServer:
-    """Serves `/`, `/api/v1/state`, `/api/v1/history?since=T`, `/metrics` and `/healthz` in a thread."""
+    """Serves `/`, `/api/v1/state`, `/api/v1/history?since=T`, `/metrics`, `/healthz` and, given a
+    prepared dataset's folder and file names, `/data/NAME` for those files only, in a thread."""
 
     def __init__(
         self,
@@ -41,8 +46,9 @@ class DashboardServer:
         state: Callable[[], dict],
         history: Callable[[float], list[dict]],
         registry: CollectorRegistry,
+        dataset: tuple[Path, frozenset[str]] | None = None,
     ) -> None:
-        handler = self._handler_class(state, history, registry)
+        handler = self._handler_class(state, history, registry, dataset)
         self.httpd = ThreadingHTTPServer((host, port), handler)  # OSError if the port is taken
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="dashboard", daemon=True)
@@ -61,8 +67,9 @@ class DashboardServer:
         self.httpd.server_close()
 
     @staticmethod
-    def _handler_class(state, history, registry):
+    def _handler_class(state, history, registry, dataset):
         static = resources.files("coordinator") / "static"
+        dataset_folder, dataset_files = dataset or (None, frozenset())
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args) -> None:  # requests are not worth a log line each
@@ -75,6 +82,29 @@ class DashboardServer:
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _send_file(self, path: Path) -> None:
+                """The file, or the byte range the request asks for (`Range: bytes=START-[END]`)."""
+                size = path.stat().st_size
+                start, end = 0, size - 1
+                wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+                if wanted:
+                    start, end = int(wanted[1]), min(int(wanted[2] or end), end)
+                    if start > end:
+                        self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                        self.send_header("Content-Range", f"bytes */{size}")
+                        self.end_headers()
+                        return
+                self.send_response(HTTPStatus.PARTIAL_CONTENT if wanted else HTTPStatus.OK)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(end - start + 1))
+                self.send_header("Accept-Ranges", "bytes")
+                if wanted:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.end_headers()
+                with open(path, "rb") as handle:
+                    handle.seek(start)
+                    shutil.copyfileobj(_Limited(handle, end - start + 1), self.wfile)
 
             def _send_json(self, value) -> None:
                 self._send(json.dumps(_json_safe(value)).encode(), "application/json")
@@ -95,9 +125,24 @@ class DashboardServer:
                     self._send_json({"points": history(since)})
                 elif url.path == "/metrics":
                     self._send(generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif url.path.startswith("/data/") and url.path[len("/data/") :] in dataset_files:
+                    self._send_file(dataset_folder / url.path[len("/data/") :])
                 elif url.path == "/healthz":
                     self._send(b"ok\n", "text/plain")
                 else:
                     self._send(b"not found\n", "text/plain", HTTPStatus.NOT_FOUND)
 
         return Handler
+
+
+class _Limited:
+    """A file read up to `left` bytes (shutil.copyfileobj reads until empty)."""
+
+    def __init__(self, handle, left: int) -> None:
+        self.handle, self.left = handle, left
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.handle.read(size)
+        self.left -= len(data)
+        return data

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from model.prepared import is_prepared, load_prepared
+from model.prepared import Manifest, is_prepared, load_prepared
 from model.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger("starling.model")
@@ -134,14 +134,18 @@ class PackedCorpus:
         return self.sequences[self.shard_indices(num_shards)[index]]
 
 
+def check_fits(manifest: Manifest, seq_len: int, where: str) -> None:
+    """Raise ValueError unless a prepared dataset holds sequences of this run's length and tokenizer."""
+    if manifest.seq_len != seq_len:
+        raise ValueError(f"{where} holds sequences of {manifest.seq_len} tokens, the run's are of {seq_len}")
+    if manifest.tokenizer_sha256 != load_tokenizer().sha256:
+        raise ValueError(f"{where} was tokenised with another tokenizer than the run's")
+
+
 def prepared_sequences(folder: str | os.PathLike, seq_len: int) -> torch.Tensor:
     """The sequences of a prepared dataset (model.prepared), checked to fit this run."""
     manifest, sequences = load_prepared(folder)
-    if manifest.seq_len != seq_len:
-        where = f"prepared dataset {str(folder)!r}"
-        raise ValueError(f"{where} holds sequences of {manifest.seq_len} tokens, the run's are of {seq_len}")
-    if manifest.tokenizer_sha256 != load_tokenizer().sha256:
-        raise ValueError(f"prepared dataset {str(folder)!r} was tokenised with another tokenizer than the run's")
+    check_fits(manifest, seq_len, f"prepared dataset {str(folder)!r}")
     return sequences
 
 

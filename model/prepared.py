@@ -130,16 +130,22 @@ def shard_bytes(sequences: np.ndarray, vocab_size: int) -> bytes:
 
 def read_shard(path: Path, expected: ShardEntry | None = None) -> torch.Tensor:
     """The [sequences, seq_len] int64 rows of a shard file, checked against its manifest entry."""
-    data = path.read_bytes()
+    return parse_shard(path.read_bytes(), str(path), expected)
+
+
+def parse_shard(data: bytes, where: str, expected: ShardEntry | None = None) -> torch.Tensor:
+    """The [sequences, seq_len] int64 rows of a shard's bytes, checked against its manifest entry."""
     if expected is not None and hashlib.sha256(data).hexdigest() != expected.sha256:
-        raise PreparedDataError(f"{path}: its SHA-256 is not the manifest's (a corrupted or replaced shard)")
+        raise PreparedDataError(f"{where}: its SHA-256 is not the manifest's (a corrupted or replaced shard)")
     if len(data) < HEADER.size:
-        raise PreparedDataError(f"{path}: too short for a shard header")
+        raise PreparedDataError(f"{where}: too short for a shard header")
     magic, version, token_bytes, seq_len, rows = HEADER.unpack_from(data)
     if magic != MAGIC or version != FORMAT_VERSION or token_bytes not in TOKEN_DTYPES:
-        raise PreparedDataError(f"{path}: not a Starling shard of format version {FORMAT_VERSION}")
+        raise PreparedDataError(f"{where}: not a Starling shard of format version {FORMAT_VERSION}")
     if len(data) != HEADER.size + rows * seq_len * token_bytes:
-        raise PreparedDataError(f"{path}: its size does not match its header ({rows} sequences of {seq_len})")
+        raise PreparedDataError(f"{where}: its size does not match its header ({rows} sequences of {seq_len})")
+    if expected is not None and rows != expected.sequences:
+        raise PreparedDataError(f"{where}: holds {rows} sequences, the manifest says {expected.sequences}")
     tokens = np.frombuffer(data, dtype=TOKEN_DTYPES[token_bytes], offset=HEADER.size)
     return torch.from_numpy(tokens.astype(np.int64)).view(rows, seq_len)
 

@@ -61,6 +61,8 @@ class PeerOptions:
     metrics_port: int | None = option(None, "serve Prometheus metrics on this port", type=int)
     metrics_host: str = option("127.0.0.1", "address for the metrics server")
     data: str | None = option(None, "train on this text file or folder instead of the run's corpus")
+    data_cache: str | None = option(None, "folder for the run's downloaded dataset (default: ~/.cache/starling)")
+    data_cache_mb: int = option(4096, "megabytes of downloaded shards kept beyond the one in use", type=int)
     events: str | None = option(
         None, "append what this peer does to this file as JSON lines (joined, epoch, round outcomes, stopped)"
     )
@@ -88,5 +90,7 @@ class PeerOptions:
             raise ValueError(f"identity: folder {str(Path(self.identity).parent)!r} does not exist")
         if self.config is not None and not Path(self.config).is_file():
             raise ValueError(f"config: {self.config!r} is not a file")
+        if self.data_cache_mb < 0:
+            raise ValueError(f"data_cache_mb must be 0 or more, got {self.data_cache_mb}")
         if self.events is not None and not Path(self.events).parent.is_dir():
             raise ValueError(f"events: folder {str(Path(self.events).parent)!r} does not exist")

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import hivemind
 import torch
@@ -21,9 +22,11 @@ from tqdm.auto import tqdm
 from model import CausalLM, ModelConfig
 from model.data import load_corpus
 from model.kernels import guard as kernel_guard
+from model.prepared import is_prepared, manifest_digest
 from peer import metrics, run_record
 from peer.auth import RunAuthorizer, check_grant_for, parse_token
 from peer.averager import CountingGradientAverager, RoundOutcome
+from peer.dataset import RemoteDataset, default_cache
 from peer.device import device_name, largest_micro_batch, resolve_device
 from peer.diloco import DilocoOptimizer
 from peer.events import EventLog
@@ -31,7 +34,7 @@ from peer.faults import FaultPlan
 from peer.optimizer import make_collaborative_optimizer
 from peer.options import PeerOptions
 from peer.run_config import RunConfig
-from peer.shards import ShardReader
+from peer.shards import CorpusShards, ShardReader, ShardSource
 from peer.state_loading import state_offers
 from peer.version import VERSION
 
@@ -121,6 +124,7 @@ class Peer:
             )
         # Offline runs read the run from a file; otherwise it comes from the coordinator through the DHT.
         self.run_config = RunConfig.load(self.options.config) if self.options.config else None
+        self.coordinator_info: dict = {}  # from the run record: where the coordinator's services are
         self.grant = parse_token(self.options.token) if self.options.token else None
         if self.grant is not None:
             check_grant_for(self.grant, self.options.initial_peers)
@@ -181,7 +185,7 @@ class Peer:
         """Read the run's configuration from the coordinator's signed record, unless given a file."""
         if self.run_config is None:
             try:
-                self.run_config, _ = run_record.fetch(self.dht, self.options.initial_peers)
+                self.run_config, self.coordinator_info = run_record.fetch(self.dht, self.options.initial_peers)
             except run_record.RunRecordMissing as error:
                 hint = "" if self.grant else " If the run is moderated, ask its organiser for a --token."
                 raise PeerError(f"{error}.{hint}") from None
@@ -195,14 +199,43 @@ class Peer:
         if self.faults.model_overrides:
             config = ModelConfig.from_dict({**config.to_dict(), **self.faults.model_overrides})
         self.model = CausalLM(config).to(self.device)
-        self.corpus = load_corpus(self.options.data or run.data.path, seq_len=run.data.seq_len, seed=run.training.seed)
-        self.reader = ShardReader(self.corpus, self.peer_id, run.data.num_shards)
+        self.shards = self._training_shards()
+        self.reader = ShardReader(self.shards, self.peer_id)
         if self.options.auxiliary:
             self.micro_batch = 0
         elif self.options.batch_size == "auto":
             self.micro_batch = largest_micro_batch(self.model, run.data.seq_len, self.device)
         else:
             self.micro_batch = int(self.options.batch_size)
+
+    def _training_shards(self) -> ShardSource:
+        """The data this peer trains on: --data (offline), else the run's prepared dataset as it
+        downloads it, else the run's corpus."""
+        run, data = self.run_config, self.options.data
+        if data is not None and run.data.dataset is not None and is_prepared(data):
+            if manifest_digest(data) != run.data.dataset:
+                raise PeerError(f"--data {data}: its manifest is not the run's dataset (SHA-256 {run.data.dataset})")
+        if data is None and run.data.dataset is not None:
+            url = run.data.url or self._coordinator_data_url()
+            cache = Path(self.options.data_cache) if self.options.data_cache else default_cache()
+            return RemoteDataset(url, run.data.dataset, run.data.seq_len, cache, self.options.data_cache_mb << 20)
+        corpus = load_corpus(data or run.data.path, seq_len=run.data.seq_len, seed=run.training.seed)
+        return CorpusShards(corpus, run.data.num_shards)
+
+    def _coordinator_data_url(self) -> str:
+        """Where the coordinator serves the run's dataset, from its run record (also read for a peer
+        given --config)."""
+        if "data_url" not in self.coordinator_info and self.options.initial_peers:
+            try:
+                _, self.coordinator_info = run_record.fetch(self.dht, self.options.initial_peers)
+            except run_record.RunRecordMissing:
+                pass
+        if "data_url" not in self.coordinator_info:
+            raise PeerError(
+                "the run's dataset has no [data] url and no coordinator serves it: "
+                "pass --data with a copy of it, or join through the coordinator"
+            )
+        return self.coordinator_info["data_url"]
 
     def _start_optimizer(self) -> None:
         self.optimizer = make_collaborative_optimizer(

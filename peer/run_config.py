@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -27,6 +28,7 @@ PSEUDO_GRADIENT_COMPRESSIONS = ("adaptive-8bit", "blockwise-4bit", "fp16", "none
 MAX_OUTER_LR = 2.0  # beyond it the outer step overshoots the averaged inner progress
 AGGREGATIONS = ("centered-clip", "mean")
 AUTH_MODES = ("open", "token")
+URL_SCHEMES = ("http://", "https://")
 
 
 class RunConfigError(ValueError):
@@ -44,7 +46,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str | None = None  # None: the bundled corpus
+    path: str | None = None  # None: the bundled corpus; with dataset, the coordinator's prepared folder
+    dataset: str | None = None  # SHA-256 of a prepared dataset's manifest: peers download it, checked
+    url: str | None = None  # where peers download the dataset from; None: from the coordinator
     seq_len: int = 128
     num_shards: int = 64
 
@@ -149,13 +153,14 @@ class RunConfig:
     def training_key(self) -> str:
         """The prefix of the run's averaging and progress records in the DHT: the run id and a
         fingerprint of what all of its peers must agree on (the model's shape, the data's sequence
-        length and sharding, the training section). A peer with another configuration of the same
-        run id averages with nobody of this run and never counts toward its epochs. Local choices
-        (kernels, the corpus path, averaging and coordinator settings) are left out; the outer rounds
-        ([diloco]) are in it when the run trains in that mode."""
+        length, sharding and prepared dataset, the training section). A peer with another
+        configuration of the same run id averages with nobody of this run and never counts toward
+        its epochs. Local choices (kernels, the corpus path and download address, averaging and
+        coordinator settings) are left out; the outer rounds ([diloco]) are in it when the run
+        trains in that mode."""
         agreed = {
             "model": {"preset": self.model.preset, "overrides": self.model.overrides},
-            "data": {"seq_len": self.data.seq_len, "num_shards": self.data.num_shards},
+            "data": {"seq_len": self.data.seq_len, "num_shards": self.data.num_shards, "dataset": self.data.dataset},
             "training": dataclasses.asdict(self.training),
         }
         if self.training.mode == "diloco":
@@ -194,6 +199,16 @@ class RunConfig:
             ),
             ("data.seq_len", self.data.seq_len >= 2, "at least 2"),
             ("data.num_shards", self.data.num_shards >= 1, "at least 1"),
+            (
+                "data.dataset",
+                self.data.dataset is None or re.fullmatch("[0-9a-f]{64}", self.data.dataset) is not None,
+                "the 64 lowercase hex digits of a manifest's SHA-256 (starling-data prepare prints it)",
+            ),
+            (
+                "data.url",
+                self.data.url is None or (self.data.dataset is not None and self.data.url.startswith(URL_SCHEMES)),
+                "an http:// or https:// address, with data.dataset set",
+            ),
             ("training.mode", self.training.mode in MODES, f"one of {', '.join(MODES)}"),
             ("training.target_batch_size", self.training.target_batch_size >= 1, "at least 1"),
             ("training.optimizer", self.training.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Protocol
 
 import torch
 
@@ -16,24 +17,55 @@ def shard_for(peer_id: str, epoch: int, num_shards: int) -> int:
     return int.from_bytes(digest[:8], "little") % num_shards
 
 
-class ShardReader:
-    """Micro-batches from this peer's shard for the current epoch, cycling inside the shard."""
+class ShardSource(Protocol):
+    """Where a peer's shards come from: a corpus in memory (CorpusShards) or a dataset it downloads
+    (peer.dataset.RemoteDataset)."""
 
-    def __init__(self, corpus: PackedCorpus, peer_id: str, num_shards: int) -> None:
-        self.corpus, self.peer_id = corpus, peer_id
-        self.shard_indices = corpus.shard_indices(min(num_shards, len(corpus)))
-        self.epoch, self.position = None, 0
+    @property
+    def num_shards(self) -> int: ...
+
+    def sequences_of(self, shard: int) -> torch.Tensor: ...
+
+    def prefetch(self, shard: int) -> None: ...
+
+
+class CorpusShards:
+    """The shards of a corpus in memory: its seeded split into `num_shards` parts (at most one per sequence)."""
+
+    def __init__(self, corpus: PackedCorpus, num_shards: int) -> None:
+        self.corpus = corpus
+        self.indices = corpus.shard_indices(min(num_shards, len(corpus)))
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.indices)
+
+    def sequences_of(self, shard: int) -> torch.Tensor:
+        return self.corpus.sequences[self.indices[shard]]
+
+    def prefetch(self, shard: int) -> None:
+        """Nothing to fetch: the corpus is in memory."""
+
+
+class ShardReader:
+    """Micro-batches from this peer's shard for the current epoch, cycling inside the shard; the
+    next epoch's shard is prefetched when an epoch begins."""
+
+    def __init__(self, source: ShardSource, peer_id: str) -> None:
+        self.source, self.peer_id = source, peer_id
+        self.epoch, self.position, self.rows = None, 0, None
 
     def shard_of(self, epoch: int) -> int:
-        return shard_for(self.peer_id, epoch, len(self.shard_indices))
+        return shard_for(self.peer_id, epoch, self.source.num_shards)
 
     def next_batch(self, epoch: int, batch_size: int) -> torch.Tensor:
         if epoch != self.epoch:
+            self.rows = self.source.sequences_of(self.shard_of(epoch))
             self.epoch, self.position = epoch, 0
-        rows = self.shard_indices[self.shard_of(epoch)]
-        take = torch.arange(self.position, self.position + batch_size) % len(rows)
+            self.source.prefetch(self.shard_of(epoch + 1))
+        take = torch.arange(self.position, self.position + batch_size) % len(self.rows)
         self.position += batch_size
-        return self.corpus.sequences[rows[take]]
+        return self.rows[take]
 
     def put_back(self, batch_size: int) -> None:
         """Make the last `batch_size` sequences read the next ones again (a micro-batch not trained)."""

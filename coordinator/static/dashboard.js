@@ -105,6 +105,7 @@ function renderState(state) {
   renderLeaderboard(state.leaderboard ?? []);
   renderJoin(state);
   renderCheckpoint(state.checkpoint ?? null, state.checkpoint_error ?? null, state.time);
+  renderDataset(state.dataset ?? null);
   setText("config", state.config == null ? DASH : JSON.stringify(state.config, null, 2));
 }
 
@@ -201,6 +202,16 @@ function renderCheckpoint(checkpoint, error, now) {
   setText("checkpoint-path", checkpoint?.path ?? DASH);
   setText("checkpoint-size", formatMegabytes(checkpoint?.size_bytes));
   setText("checkpoint-time", formatDateTime(checkpoint?.time));
+}
+
+function renderDataset(dataset) {
+  // null: the run trains on the bundled corpus or on files each peer has.
+  setText("dataset-sha256", dataset ? dataset.sha256 : "bundled corpus");
+  setText("dataset-url", dataset?.url ?? DASH);
+  setText("dataset-documents", formatNumber(dataset?.documents));
+  setText("dataset-tokens", formatNumber(dataset?.tokens));
+  setText("dataset-shards", dataset ? `${formatNumber(dataset.shards)} (${formatMegabytes(dataset.bytes)})` : DASH);
+  setText("dataset-passes", formatNumber(dataset?.passes, 2));
 }
 
 // ---------- charts ----------

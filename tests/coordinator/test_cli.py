@@ -34,6 +34,8 @@ def run_peer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         ('run_id = "x"\n[model\n', "not valid TOML"),
         ("[diloco]\nouter_lr = 0.5\n", "[diloco] is only for training.mode"),
         ('[training]\nmode = "diloco"\n[diloco]\nouter_momentum = 1.5\n', "diloco.outer_momentum must be in [0, 1)"),
+        ('[data]\ndataset = "d41d8cd98f"\n', "data.dataset must be the 64 lowercase hex digits"),
+        ('[data]\ndataset = "%s"\nurl = "ftp://host/"\n' % ("ab" * 32), "data.url must be an http:// or https://"),
     ],
 )
 def test_bad_run_config_exits_2_naming_the_key(tmp_path, toml, culprit):

@@ -15,7 +15,7 @@ from peer.compression import pseudo_gradient_compression
 from peer.diloco import ErrorFeedback
 from peer.optimizer import lr_multiplier
 from peer.run_config import RunConfig, RunConfigError
-from peer.shards import ShardReader
+from peer.shards import CorpusShards, ShardReader
 
 # Relative L2 error of the 8-bit codec on a tensor (peer.codec: about 0.007 on normal data; the
 # bound leaves room for blocks less regular than normal data).
@@ -118,7 +118,7 @@ def sgd_reference(run: RunConfig, rounds: list[dict], micro_batch: int) -> dict[
     torch.manual_seed(run.training.seed)
     model = CausalLM(run.model_config())
     corpus = load_corpus(run.data.path, seq_len=run.data.seq_len, seed=run.training.seed)
-    reader = ShardReader(corpus, "reference", run.data.num_shards)  # one shard: what every peer reads
+    reader = ShardReader(CorpusShards(corpus, run.data.num_shards), "reference")  # one shard: what every peer reads
     optimizer = torch.optim.SGD(model.parameters(), lr=run.training.lr, weight_decay=run.training.weight_decay)
     multiplier = lr_multiplier(run.training)
     for epoch, round_ in enumerate(rounds):

@@ -3,7 +3,7 @@
 import torch
 
 from model.data import PackedCorpus
-from peer.shards import ShardReader, shard_for
+from peer.shards import CorpusShards, ShardReader, shard_for
 
 
 def test_shard_depends_on_peer_and_epoch_only():
@@ -15,8 +15,9 @@ def test_shard_depends_on_peer_and_epoch_only():
 
 def test_reader_cycles_inside_its_shard():
     corpus = PackedCorpus(torch.arange(100 * 3).view(100, 3))
-    reader = ShardReader(corpus, "peer-a", num_shards=10)
-    shard_rows = set(corpus.sequences[reader.shard_indices[reader.shard_of(0)]][:, 0].tolist())
+    shards = CorpusShards(corpus, num_shards=10)
+    reader = ShardReader(shards, "peer-a")
+    shard_rows = set(shards.sequences_of(reader.shard_of(0))[:, 0].tolist())
     first = torch.cat([reader.next_batch(0, 4) for _ in range(5)])
     assert set(first[:, 0].tolist()) == shard_rows  # 20 rows drawn cover the 10-row shard twice
     assert torch.equal(first[:10], first[10:])
