@@ -33,6 +33,11 @@ def build_parser() -> OneLineParser:
     add("--duration", type=float, default=env_default("--duration"), help="stop after this many seconds")
     add("--summary-json", default=env_default("--summary-json"), help="write what this peer did to this file")
     add(
+        "--plan",
+        action="store_true",
+        help="print what the run's model needs on this device (memory, micro-batch, precision) and exit",
+    )
+    add(
         "--log-level",
         default=env_default("--log-level", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -66,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         peer = Peer(**{spec.name: getattr(args, spec.name) for spec in fields(PeerOptions)})
+        if args.plan:
+            memory_plan = peer.plan()
+            print("\n".join(memory_plan.lines()))
+            return 0 if memory_plan.fits else 1
         summary = peer.run(duration=args.duration, max_epochs=args.max_epochs)
     except (PeerError, RunConfigError, ValueError, FileNotFoundError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

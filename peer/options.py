@@ -46,6 +46,9 @@ class PeerOptions:
     )
     config: str | None = option(None, "run.toml with the run's settings (offline use)")
     device: str = option("auto", "auto, cpu or cuda[:N]")
+    device_memory_gb: float | None = option(
+        None, "GiB of the device this peer may use (default: all of a GPU's; on CPU, no limit)", type=float
+    )
     batch_size: int | str = option(
         "auto", "micro-batch: auto finds the largest that fits the device", type=positive_int_or_auto
     )
@@ -90,6 +93,8 @@ class PeerOptions:
             raise ValueError(f"identity: folder {str(Path(self.identity).parent)!r} does not exist")
         if self.config is not None and not Path(self.config).is_file():
             raise ValueError(f"config: {self.config!r} is not a file")
+        if self.device_memory_gb is not None and not self.device_memory_gb > 0:
+            raise ValueError(f"device_memory_gb must be positive, got {self.device_memory_gb}")
         if self.data_cache_mb < 0:
             raise ValueError(f"data_cache_mb must be 0 or more, got {self.data_cache_mb}")
         if self.events is not None and not Path(self.events).parent.is_dir():

@@ -23,7 +23,7 @@ from model import CausalLM, ModelConfig
 from model.data import load_corpus
 from model.kernels import guard as kernel_guard
 from model.prepared import is_prepared, manifest_digest
-from peer import metrics, run_record
+from peer import memory_plan, metrics, run_record
 from peer.auth import RunAuthorizer, check_grant_for, parse_token
 from peer.averager import CountingGradientAverager, RoundOutcome
 from peer.dataset import RemoteDataset, default_cache
@@ -31,6 +31,7 @@ from peer.device import device_name, largest_micro_batch, resolve_device
 from peer.diloco import DilocoOptimizer
 from peer.events import EventLog
 from peer.faults import FaultPlan
+from peer.memory_plan import MemoryPlan
 from peer.optimizer import make_collaborative_optimizer
 from peer.options import PeerOptions
 from peer.run_config import RunConfig
@@ -192,8 +193,39 @@ class Peer:
             logger.info("joined run %s", self.run_config.run_id)
         self.dht.add_validators([metrics.schema_validator(self.run_config.run_id)])
 
+    def plan(self) -> MemoryPlan:
+        """What the run's model needs on this peer's device (peer.memory_plan). The run comes from
+        the config file, or from the coordinator's record through the DHT, which the peer then leaves."""
+        if self.run_config is None:
+            self._start_dht()
+            try:
+                self._join_run()
+            finally:
+                self.dht.shutdown()
+        return memory_plan.plan(self.run_config, self.device, self._device_memory())
+
+    def _device_memory(self) -> int | None:
+        gigabytes = self.options.device_memory_gb
+        return None if gigabytes is None else int(gigabytes * memory_plan.GIB)
+
+    def _check_memory(self) -> MemoryPlan | None:
+        """The memory plan where the device's memory is known (a GPU, or declared), logged; a
+        PeerError, before the model is built, when not even one sequence fits."""
+        if self.options.auxiliary or (self.device.type != "cuda" and self.options.device_memory_gb is None):
+            return None
+        found = self.plan()
+        if not found.fits:
+            raise PeerError(
+                f"the run's model does not fit on {found.device}: it needs {memory_plan.mib(found.peak(1))} for one "
+                f"sequence, {memory_plan.mib(int(memory_plan.SAFETY * found.device_memory))} is usable; this machine "
+                "can still help as --auxiliary (averaging without training), or in a run of a smaller model"
+            )
+        logger.info("memory plan: %s", "; ".join(found.lines()))
+        return found
+
     def _build_model(self) -> None:
         run = self.run_config
+        self.memory_plan = self._check_memory()
         torch.manual_seed(run.training.seed)  # every peer starts from the same weights
         config = run.model_config()
         if self.faults.model_overrides:
@@ -205,6 +237,8 @@ class Peer:
             self.micro_batch = 0
         elif self.options.batch_size == "auto":
             self.micro_batch = largest_micro_batch(self.model, run.data.seq_len, self.device)
+            if self.memory_plan is not None:  # the trial does not see the optimizer and averagers yet
+                self.micro_batch = min(self.micro_batch, self.memory_plan.micro_batch)
         else:
             self.micro_batch = int(self.options.batch_size)
 

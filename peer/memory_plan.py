@@ -1,0 +1,151 @@
+"""What a run's model needs on a device, worked out before the peer trains: `starling-peer --plan`.
+
+The figures come from the model itself, built on fake tensors (no memory is allocated, so a
+Mistral 7B plan takes seconds on any machine): the bytes of the parameters, of their gradients and
+of the optimizer state, and the bytes autograd keeps for the backward pass per sequence of the
+run's length. The peak of a training step is the fixed part plus, per sequence of the micro-batch,
+what autograd keeps and twice the float32 logits (the loss's softmax and its gradient live at once
+in the backward pass). Measured on CPU against the profiler's memory timeline of real steps, that
+is 3-14% above the peak and never below (tests/peer/test_memory_plan.py). Activations are counted
+in float32: under bf16 autocast on a GPU most are half as large, so there the plan errs high.
+
+Where each part lives follows the run: in batch mode hivemind keeps gradient accumulators beside
+the gradients and, with offload_optimizer (the default), the optimizer's state and a float32 copy
+of the parameters in host memory; in DiLoCo mode the inner optimizer's state is on the device and
+the outer state (round-start parameters, momentum) in host memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from model import CausalLM, ModelConfig
+from peer.run_config import RunConfig
+
+# Bytes of optimizer state per parameter, for each optimizer a run may name (peer.optimizer's
+# INNER_OPTIMIZERS): Adam's two float32 moments, or two 8-bit ones; plain SGD keeps none.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lamb8bit": 2, "sgd": 0}
+FLOAT32 = 4
+SAFETY = 0.85  # of the device's memory a plan fills: the rest is the allocator's and the libraries'
+MAX_MICRO_BATCH = 256
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes a peer of this run needs on its device and in host memory, and the micro-batch that fits."""
+
+    device: str
+    precision: str  # "bf16" on CUDA (autocast), "fp32" on CPU
+    device_memory: int | None  # bytes the device has (declared or measured); None: not known (CPU)
+    parameters: int  # on the device, float32
+    gradients: int  # on the device, with hivemind's accumulators in batch mode
+    optimizer_state_on_device: int
+    host: int  # offloaded optimizer state and parameters, averaging buffers, the outer state
+    per_sequence: int  # kept for backward, plus the logits' share of the backward pass
+    micro_batch: int  # the largest power of two that fits with SAFETY (0: not even one sequence)
+
+    @property
+    def fixed(self) -> int:
+        """Device bytes that do not grow with the micro-batch."""
+        return self.parameters + self.gradients + self.optimizer_state_on_device
+
+    def peak(self, micro_batch: int) -> int:
+        """Device bytes at the peak of a training step on `micro_batch` sequences."""
+        return self.fixed + micro_batch * self.per_sequence
+
+    @property
+    def fits(self) -> bool:
+        return self.micro_batch >= 1
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "fixed": self.fixed, "peak": self.peak(max(1, self.micro_batch))}
+
+    def lines(self) -> list[str]:
+        """The plan as a volunteer reads it."""
+        memory = "unknown" if self.device_memory is None else f"{self.device_memory / GIB:.1f} GiB"
+        lines = [
+            f"device: {self.device} ({memory}), precision {self.precision}",
+            f"parameters {mib(self.parameters)}, gradients {mib(self.gradients)}, "
+            f"optimizer state on the device {mib(self.optimizer_state_on_device)}, in host memory {mib(self.host)}",
+            f"per sequence: {mib(self.per_sequence)}",
+        ]
+        if self.fits:
+            lines.append(f"micro-batch {self.micro_batch}: {mib(self.peak(self.micro_batch))} at the peak of a step")
+        return lines
+
+
+def mib(count: int) -> str:
+    return f"{count / (1 << 20):,.0f} MiB"
+
+
+def per_sequence_bytes(config: ModelConfig, seq_len: int) -> int:
+    """What one sequence adds to the peak of a training step: the bytes autograd keeps for the
+    backward pass (the parameters excepted), and twice its float32 logits."""
+    with FakeTensorMode():
+        model = CausalLM(config)
+        parameters = {p.untyped_storage()._cdata for p in model.parameters()}
+        kept: dict[int, int] = {}
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage._cdata not in parameters:
+                kept[storage._cdata] = storage.nbytes()
+            return tensor
+
+        tokens = torch.zeros(1, seq_len, dtype=torch.long)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(tokens, labels=tokens)
+    return sum(kept.values()) + 2 * seq_len * config.vocab_size * FLOAT32
+
+
+def parameter_count(config: ModelConfig) -> int:
+    with FakeTensorMode():
+        return sum(p.numel() for p in CausalLM(config).parameters())
+
+
+def plan(
+    run: RunConfig, device: torch.device, device_memory: int | None = None, offload: bool | None = None
+) -> MemoryPlan:
+    """The memory plan of a peer of `run` on `device`. `device_memory`: the bytes it may use
+    (default: a CUDA device's total memory; none on CPU); `offload`: the run's offload_optimizer."""
+    config = run.model_config()
+    count = parameter_count(config)
+    state = OPTIMIZER_STATE_BYTES[run.training.optimizer] * count
+    offload = run.averaging.offload_optimizer if offload is None else offload
+    if run.training.mode == "diloco":  # inner state on the device; outer parameters, momentum, averager
+        on_device, gradients, host = state, FLOAT32 * count, 3 * FLOAT32 * count
+    else:  # gradients and hivemind's accumulators; the averager's buffer in host memory
+        gradients = 2 * FLOAT32 * count
+        on_device = 0 if offload else state
+        host = FLOAT32 * count + ((state + 2 * FLOAT32 * count) if offload else 0)
+    if device_memory is None and device.type == "cuda":
+        device_memory = torch.cuda.get_device_properties(device).total_memory
+    per_sequence = per_sequence_bytes(config, run.data.seq_len)
+    partial = MemoryPlan(
+        device=str(device) if device.type != "cuda" else f"{device} {torch.cuda.get_device_name(device)}",
+        precision="bf16" if device.type == "cuda" else "fp32",
+        device_memory=device_memory,
+        parameters=FLOAT32 * count,
+        gradients=gradients,
+        optimizer_state_on_device=on_device,
+        host=host,
+        per_sequence=per_sequence,
+        micro_batch=0,
+    )
+    return MemoryPlan(**{**asdict(partial), "micro_batch": largest_fitting(partial)})
+
+
+def largest_fitting(plan_: MemoryPlan) -> int:
+    """The largest power-of-two micro-batch whose peak fits SAFETY of the device's memory (up to
+    MAX_MICRO_BATCH; that when the memory is not known)."""
+    if plan_.device_memory is None:
+        return MAX_MICRO_BATCH
+    budget = SAFETY * plan_.device_memory
+    size = 0
+    while size < MAX_MICRO_BATCH and plan_.peak(max(1, 2 * size)) <= budget:
+        size = max(1, 2 * size)
+    return size
