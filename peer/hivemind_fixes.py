@@ -34,15 +34,6 @@ one (every peer's averagers do, as the peer stops) is gone by then: reading the 
 and the DHT process logs a traceback and sleeps three seconds before it reads the next one, so a
 stopping peer waited about 3 s per such request. Fixed by dropping a request whose sender is gone
 (nobody is left to answer) and reading on; a broken request pipe is still hivemind's to handle.
-
-An averager is a process forked from the peer, and it compresses the parts of its tensors in a
-pool of threads. The first torch operation of each new thread sets torch's thread count, and in a
-forked child the first of those calls also replaces the thread pool inherited from the parent;
-threads that start together race on that replacement, and one of them fails with "Invalid thread
-pool!" (an internal assertion of PyTorch). The part it was compressing is never sent, so the
-reducers wait for it until their part timeout and the round ends partial for everyone (about 1 in
-60 rounds of a joiner behind a NAT, 73-76% averaged in the rounds counted on loopback). Fixed by
-setting the thread count once in the averager's process before any thread of it starts.
 """
 
 from __future__ import annotations
@@ -52,7 +43,6 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.dht import DHT
@@ -118,23 +108,11 @@ async def _drop_request(self: DHT) -> None:
     """What the DHT process does for a dropped request: nothing."""
 
 
-def replace_torch_thread_pool() -> None:
-    """In a forked process, before it starts threads: torch's thread pool, replaced in this one thread."""
-    torch.set_num_threads(torch.get_num_threads())
-
-
-def _run_averager(self: DecentralizedAverager) -> None:
-    """DecentralizedAverager.run (the averager's process), once torch's thread pool is replaced."""
-    replace_torch_thread_pool()
-    _HIVEMIND_AVERAGER_RUN(self)
-
-
 _logger = logging.getLogger("starling.peer")
 _HIVEMIND_CANCEL = StepControl.cancel
 _HIVEMIND_REQUEST_EXPIRATION = Matchmaking.get_request_expiration_time
 _HIVEMIND_INITIALIZE = state_averager.initialize_optimizer_state_
 _HIVEMIND_DHT_RUN = DHT.run
-_HIVEMIND_AVERAGER_RUN = DecentralizedAverager.run
 
 
 def apply() -> None:
@@ -144,7 +122,6 @@ def apply() -> None:
     Matchmaking.get_request_expiration_time = _request_expiration_time
     DHT.run = _run_dht
     DHT._drop_request = _drop_request
-    DecentralizedAverager.run = _run_averager
 
 
 def revert() -> None:
@@ -153,4 +130,3 @@ def revert() -> None:
     state_averager.initialize_optimizer_state_ = _HIVEMIND_INITIALIZE
     Matchmaking.get_request_expiration_time = _HIVEMIND_REQUEST_EXPIRATION
     DHT.run = _HIVEMIND_DHT_RUN
-    DecentralizedAverager.run = _HIVEMIND_AVERAGER_RUN

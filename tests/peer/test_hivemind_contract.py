@@ -218,8 +218,6 @@ CONTRACT = [
         ),
     ),
     Reliance("hivemind.dht.DHT.run", "peer/hivemind_fixes.py"),
-    # peer/hivemind_fixes.py replaces torch's thread pool first thing in every averager's process.
-    Reliance(f"{AVERAGER}.run", "peer/hivemind_fixes.py"),
     # peer/state_loading.py downloads state itself, donor by donor, under TrainingStateAverager's RPC names.
     Reliance(
         f"{AVERAGER}._load_state_from_peers",
