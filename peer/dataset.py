@@ -125,8 +125,8 @@ class RemoteDataset:
         entry = self.manifest.shards[shard]
         with self._guard:
             self._in_use = {shard}
-        data = self._ensure(shard)
-        return parse_shard(data, f"{self.url}{entry.file}", entry)
+        data = self._ensure(shard)  # its SHA-256 is the manifest's: not hashed again here
+        return parse_shard(data, f"{self.url}{entry.file}")
 
     def prefetch(self, shard: int) -> None:
         """Download shard `shard` in the background, if it is not cached."""

@@ -61,9 +61,6 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.micro_batch >= 1
 
-    def as_dict(self) -> dict:
-        return {**asdict(self), "fixed": self.fixed, "peak": self.peak(max(1, self.micro_batch))}
-
     def lines(self) -> list[str]:
         """The plan as a volunteer reads it."""
         memory = "unknown" if self.device_memory is None else f"{self.device_memory / GIB:.1f} GiB"
