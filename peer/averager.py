@@ -7,7 +7,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import AsyncIterator  # noqa: UP035  (hivemind's servicer reads typing's stream hints, not collections.abc's)
+from typing import AsyncIterator, NamedTuple  # noqa: UP035  (hivemind's servicer reads typing's stream hints, not collections.abc's)
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -254,6 +254,13 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
         return outcome
 
 
+class StateRound(NamedTuple):
+    """How a state averaging round ended for this peer, and how many peers its group had (1: none found)."""
+
+    outcome: RoundOutcome
+    group_size: int
+
+
 class StateRoundsAverager(AggregatingAverager):
     """The base of the state averager: hivemind's plain mean (as TrainingStateAverager averages),
     keeping its rounds so that the peer learns whether a state averaging round averaged every value
@@ -269,14 +276,15 @@ class StateRoundsAverager(AggregatingAverager):
         self._state_rounds.append(control)
         return control.result() if wait else control
 
-    def settle_state_rounds(self) -> list[RoundOutcome]:
+    def settle_state_rounds(self) -> list[StateRound]:
         """How the state averaging rounds that ended since the last call ended. A pre-scheduled round
         cancelled before it was triggered was never run: it is not counted."""
         settled = []
         while self._state_rounds and self._state_rounds[0].done():
             control = self._state_rounds.pop(0)
             if not (control.cancelled() and not control.triggered):
-                settled.append(round_outcome(control)[0])
+                ran = not control.cancelled() and control.exception() is None
+                settled.append(StateRound(round_outcome(control)[0], len(control.result()) if ran else 1))
         return settled
 
 

@@ -3,7 +3,8 @@
 Events: "joined" (peer_id, run_id, epoch, addresses), "state_loaded" (epoch, resync),
 "state_refused" (donor: its peer id, problem: what did not fit; once per donor), "epoch" (epoch,
 rounds: the outcomes of the gradient rounds that ended with it, round_problems: one line for each
-of them that did not succeed (the averaged fraction and each failed reducer's error), off_swarm,
+of them that did not succeed (the averaged fraction and each failed reducer's error), state_rounds:
+[outcome, group size] of each state averaging round that ended since the last epoch, off_swarm,
 inner_steps: DiLoCo's local steps so far, samples_contributed and compute_seconds so far,
 train_loss: the mean loss of the micro_batches contributed in the epoch, step_seconds: the
 optimizer step that ended it, all-reduce and update included), "out_of_memory" (epoch,

@@ -34,6 +34,15 @@ one (every peer's averagers do, as the peer stops) is gone by then: reading the 
 and the DHT process logs a traceback and sleeps three seconds before it reads the next one, so a
 stopping peer waited about 3 s per such request. Fixed by dropping a request whose sender is gone
 (nobody is left to answer) and reading on; a broken request pipe is still hivemind's to handle.
+
+An averager is a process forked from the peer; it serves from a background thread (hivemind's way
+around the OpenMP pool a fork may leave broken) and compresses the parts of its tensors in a pool
+of threads. The first torch operation of each new thread sets torch's thread count, and in a forked
+child the first of those calls also replaces the thread pool inherited from the parent; threads
+that start together race on that replacement, and one of them fails with "Invalid thread pool!"
+(an internal assertion of PyTorch). The part it was compressing is never sent, so the reducers wait
+for it until their part timeout and the round ends partial for everyone. Fixed by setting the
+thread count once in the averager's background thread before it starts any other thread.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
 import torch
+from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.dht import DHT
@@ -108,11 +118,23 @@ async def _drop_request(self: DHT) -> None:
     """What the DHT process does for a dropped request: nothing."""
 
 
+def replace_torch_thread_pool() -> None:
+    """In a forked process's first thread of torch work: torch's thread pool, replaced before other threads start."""
+    torch.set_num_threads(torch.get_num_threads())
+
+
+def _serve_averager(self: DecentralizedAverager) -> None:
+    """DecentralizedAverager._run_internal (the averager's background thread), once torch's thread pool is replaced."""
+    replace_torch_thread_pool()
+    _HIVEMIND_AVERAGER_SERVE(self)
+
+
 _logger = logging.getLogger("starling.peer")
 _HIVEMIND_CANCEL = StepControl.cancel
 _HIVEMIND_REQUEST_EXPIRATION = Matchmaking.get_request_expiration_time
 _HIVEMIND_INITIALIZE = state_averager.initialize_optimizer_state_
 _HIVEMIND_DHT_RUN = DHT.run
+_HIVEMIND_AVERAGER_SERVE = DecentralizedAverager._run_internal
 
 
 def apply() -> None:
@@ -122,11 +144,13 @@ def apply() -> None:
     Matchmaking.get_request_expiration_time = _request_expiration_time
     DHT.run = _run_dht
     DHT._drop_request = _drop_request
+    DecentralizedAverager._run_internal = _serve_averager
 
 
 def revert() -> None:
-    """Put hivemind's own code back: for measuring what the corrections change (benchmarks/rounds.py)."""
+    """Put hivemind's own code back: to measure what the corrections change (benchmarks/rounds.py) and to check it."""
     StepControl.cancel = _HIVEMIND_CANCEL
     state_averager.initialize_optimizer_state_ = _HIVEMIND_INITIALIZE
     Matchmaking.get_request_expiration_time = _HIVEMIND_REQUEST_EXPIRATION
     DHT.run = _HIVEMIND_DHT_RUN
+    DecentralizedAverager._run_internal = _HIVEMIND_AVERAGER_SERVE

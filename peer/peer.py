@@ -510,11 +510,13 @@ class Peer:
                 self.load_state_from_peers()
             else:
                 self.optimizer.catch_up_with_group(behind)
+        state_rounds = self.optimizer.state_averager.settle_state_rounds()
         self._emit(
             "epoch",
             epoch=self.optimizer.local_epoch,
             rounds=[outcome.value for outcome in outcomes],
             round_problems=averager.take_round_problems() if isinstance(averager, CountingGradientAverager) else [],
+            state_rounds=[[state.outcome.value, state.group_size] for state in state_rounds],
             off_swarm=self.off_swarm,
             inner_steps=self.inner_steps,
             samples_contributed=self.samples_contributed,
@@ -524,12 +526,11 @@ class Peer:
             step_seconds=self._step_seconds,
         )
         self._epoch_losses = []
-        state_outcomes = self.optimizer.state_averager.settle_state_rounds()
         if not all(bool(p.isfinite().all()) for p in self.model.parameters()):
             logger.warning("parameters became non-finite: reloading state from peers")
             self.load_state_from_peers()
         elif not self.options.auxiliary:  # an auxiliary peer averages gradients only: no parameters to be off
-            self._resynchronise_after_bad_rounds(outcomes, state_outcomes)
+            self._resynchronise_after_bad_rounds(outcomes, [state.outcome for state in state_rounds])
         self.prometheus.epoch.set(self.optimizer.local_epoch)
         if self.callbacks.on_epoch is not None:
             self.callbacks.on_epoch(self)

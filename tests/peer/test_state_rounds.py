@@ -9,7 +9,7 @@ import hivemind
 import pytest
 import torch
 
-from peer.averager import RoundOutcome
+from peer.averager import RoundOutcome, StateRound
 from peer.state_loading import CheckedStateAverager
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -44,7 +44,7 @@ def average_state(averager) -> None:
     averager.step(averaging_round=True, averaging_opts=dict(timeout=ROUND_TIMEOUT))
 
 
-def settled(averager, timeout: float) -> list[RoundOutcome]:
+def settled(averager, timeout: float) -> list[StateRound]:
     """The outcomes of the averager's rounds, once at least one has ended."""
     deadline = time.monotonic() + timeout
     while not (outcomes := averager.settle_state_rounds()):
@@ -61,11 +61,11 @@ def test_a_state_round_with_the_group_succeeds_and_one_alone_fails(two_averagers
         thread.join()
     for averager in two_averagers:
         assert averager.main_parameters[0].tolist() == [2.0] * 1000  # the mean, exact in float32
-        assert settled(averager, timeout=ROUND_TIMEOUT) == [RoundOutcome.SUCCEEDED]
+        assert settled(averager, timeout=ROUND_TIMEOUT) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
 
     # The other peer has left: the next round finds no group, and says so once it gives up.
     lone, gone = two_averagers
     gone.shutdown()
     average_state(lone)
-    assert settled(lone, timeout=2 * ROUND_TIMEOUT) == [RoundOutcome.FAILED]
+    assert settled(lone, timeout=2 * ROUND_TIMEOUT) == [StateRound(RoundOutcome.FAILED, group_size=1)]
     assert lone.main_parameters[0].tolist() == [2.0] * 1000
