@@ -8,6 +8,7 @@ A peer without a plan (every volunteer's) runs none of this.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -39,9 +40,15 @@ class FaultPlan:
     # Seconds the averagers' event loop stalls when they assemble a group as leader, before they
     # assemble it: a leader on a loaded machine.
     slow_group_assembly: float = 0.0
+    # Seconds the averagers wait before they read each averaged part a reducer sends back: a peer
+    # whose process is too busy to read as fast as its reducers send.
+    slow_reading: float = 0.0
     # Micro-batches of more sequences than this raise torch.OutOfMemoryError in the forward pass: a
     # device with less free memory than the start-up search found (another program took some).
     memory_for_sequences: int | None = None
+    # fp16's loss scale starts here instead of 2^16: so large a scale that the scaled gradients of
+    # the first micro-batches overflow, as a model with larger activations would.
+    initial_loss_scale: float | None = None
     record_to: str | None = None  # the folder of the files above
 
     def check_memory(self, sequences: int) -> None:
@@ -64,7 +71,7 @@ class FaultPlan:
 
     def runner_class(self, base: type[AllReduceRunner]) -> type[AllReduceRunner]:
         """The all-reduce runner class of this peer's gradient averager: `base`, with the faults above."""
-        if self.die_in_round is None and self.drop_reducer_in_round is None:
+        if self.die_in_round is None and self.drop_reducer_in_round is None and not self.slow_reading:
             return base
         plan, record_to = self, Path(self.record_to or ".")
 
@@ -84,6 +91,22 @@ class FaultPlan:
                     if plan.die_in_round is not None and FaultyRunner.rounds >= plan.die_in_round:
                         (record_to / "died_in_round.txt").write_text(str(FaultyRunner.rounds))
                         os.killpg(0, signal.SIGKILL)
+
+            def _get_peer_stub(self, peer):
+                stub = super()._get_peer_stub(peer)
+                if not plan.slow_reading:
+                    return stub
+
+                class SlowStub:
+                    async def rpc_aggregate_part(self, requests):
+                        return read_slowly(await stub.rpc_aggregate_part(requests))
+
+                async def read_slowly(stream):
+                    async for message in stream:
+                        await asyncio.sleep(plan.slow_reading)
+                        yield message
+
+                return SlowStub()
 
             async def _communicate_with_peer(self, peer_id):
                 if peer_id != self.dropped:

@@ -43,20 +43,32 @@ that start together race on that replacement, and one of them fails with "Invali
 (an internal assertion of PyTorch). The part it was compressing is never sent, so the reducers wait
 for it until their part timeout and the round ends partial for everyone. Fixed by setting the
 thread count once in the averager's background thread before it starts any other thread.
+
+A reducer sends a member its averaged parts over a stream that ends when the reducer closes its
+end. The libp2p daemon then closes its stream and, as its other direction still reads, resets it
+(p2pd's doStreamPipe): the member's daemon discards whatever it had received and not yet passed
+on, so a member whose process reads slower than the reducer sends (a loaded machine) lost its last
+averaged parts, and hivemind saw a stream that ended early ("sent 11 parts, but we expected 14"):
+a partial round for that member alone. Fixed in two halves: a member stops reading once it has
+every part it expects and closes its end, and a reducer, once it has sent its last part, waits for
+that (up to the part timeout) before it closes its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.dht import DHT
 from hivemind.optim import state_averager
+from hivemind.p2p import PeerID
 from hivemind.utils.mpfuture import MPFuture
 
 
@@ -118,6 +130,45 @@ async def _drop_request(self: DHT) -> None:
     """What the DHT process does for a dropped request: nothing."""
 
 
+class _PartsStub:
+    """A reducer's stub whose part stream ends, and is closed, once `expected` parts came back."""
+
+    def __init__(self, stub, expected: int):
+        self._stub, self._expected = stub, expected
+
+    async def rpc_aggregate_part(self, requests):
+        stream = await self._stub.rpc_aggregate_part(requests)
+        return _first_messages(stream, self._expected)
+
+
+async def _first_messages(stream, count: int):
+    try:
+        received = 0
+        while received < count:
+            try:
+                message = await anext(stream)
+            except StopAsyncIteration:
+                return
+            received += 1
+            yield message
+    finally:
+        await stream.aclose()  # closes this member's end: the reducer may close its own
+
+
+def _parts_stub(self: AllReduceRunner, peer: PeerID) -> _PartsStub:
+    """AllReduceRunner._get_peer_stub, for a reducer whose stream is read up to the parts expected of it."""
+    expected = self.tensor_part_container.num_parts_by_peer[self.ordered_peer_ids.index(peer)]
+    return _PartsStub(_HIVEMIND_PEER_STUB(self, peer), expected)
+
+
+async def _aggregate_part_then_linger(self: DecentralizedAverager, stream, context):
+    """DecentralizedAverager.rpc_aggregate_part, waiting after its last message until the member
+    closes its end (the stream is then cancelled) or the part timeout passes."""
+    async for message in _HIVEMIND_AGGREGATE_PART(self, stream, context):
+        yield message
+    await asyncio.sleep(self.next_chunk_timeout or STREAM_LINGER)
+
+
 def replace_torch_thread_pool() -> None:
     """In a forked process's first thread of torch work: torch's thread pool, replaced before other threads start."""
     torch.set_num_threads(torch.get_num_threads())
@@ -135,6 +186,9 @@ _HIVEMIND_REQUEST_EXPIRATION = Matchmaking.get_request_expiration_time
 _HIVEMIND_INITIALIZE = state_averager.initialize_optimizer_state_
 _HIVEMIND_DHT_RUN = DHT.run
 _HIVEMIND_AVERAGER_SERVE = DecentralizedAverager._run_internal
+_HIVEMIND_PEER_STUB = AllReduceRunner._get_peer_stub
+_HIVEMIND_AGGREGATE_PART = DecentralizedAverager.rpc_aggregate_part
+STREAM_LINGER = 10.0  # seconds a reducer waits for the member to close, when no part timeout is set
 
 
 def apply() -> None:
@@ -145,6 +199,8 @@ def apply() -> None:
     DHT.run = _run_dht
     DHT._drop_request = _drop_request
     DecentralizedAverager._run_internal = _serve_averager
+    AllReduceRunner._get_peer_stub = _parts_stub
+    DecentralizedAverager.rpc_aggregate_part = _aggregate_part_then_linger
 
 
 def revert() -> None:
@@ -154,3 +210,5 @@ def revert() -> None:
     Matchmaking.get_request_expiration_time = _HIVEMIND_REQUEST_EXPIRATION
     DHT.run = _HIVEMIND_DHT_RUN
     DecentralizedAverager._run_internal = _HIVEMIND_AVERAGER_SERVE
+    AllReduceRunner._get_peer_stub = _HIVEMIND_PEER_STUB
+    DecentralizedAverager.rpc_aggregate_part = _HIVEMIND_AGGREGATE_PART

@@ -4,7 +4,7 @@ once with the other averager, and writes how the round went.
 Run as a process: round_worker.py INITIAL_PEER INDEX OUT_FILE SPEC_JSON, where the spec may give
 client_mode (this averager takes no part as a reducer, as a volunteer behind a NAT),
 trigger_delay (seconds it waits, once its group is found, before it lets the all-reduce begin: a
-peer still finishing its micro-batch) and slow_group_assembly (peer.faults.FaultPlan). It waits
+peer still finishing its micro-batch), slow_group_assembly and slow_reading (peer.faults.FaultPlan). It waits
 until both averagers are up before it looks for a group, and leaves right after its round.
 OUT_FILE gets a JSON object: outcome, fraction, group (size), means (of each tensor afterwards),
 problems (the failed reducers).
@@ -45,7 +45,9 @@ def main() -> None:
         next_chunk_timeout=averaging.part_timeout,
         allreduce_timeout=STEP_TIMEOUT,
         client_mode=client_mode,
-        faults=FaultPlan(slow_group_assembly=spec.get("slow_group_assembly", 0.0)),
+        faults=FaultPlan(
+            slow_group_assembly=spec.get("slow_group_assembly", 0.0), slow_reading=spec.get("slow_reading", 0.0)
+        ),
         start=True,
     )
     barrier = Path(out_file).parent

@@ -220,6 +220,21 @@ CONTRACT = [
     Reliance("hivemind.dht.DHT.run", "peer/hivemind_fixes.py"),
     # peer/hivemind_fixes.py replaces torch's thread pool first thing in every averager's background thread.
     Reliance(f"{AVERAGER}._run_internal", "peer/hivemind_fixes.py"),
+    # peer/hivemind_fixes.py: members close their part streams once every part is in; reducers wait for that.
+    Reliance(
+        "hivemind.averaging.allreduce.AllReduceRunner._get_peer_stub",
+        "peer/hivemind_fixes.py, peer/faults.py",
+        called_from=("hivemind.averaging.allreduce.AllReduceRunner._communicate_with_peer",),
+    ),
+    Reliance(
+        "hivemind.averaging.allreduce.AllReduceRunner",
+        "peer/hivemind_fixes.py",
+        attrs=("tensor_part_container", "ordered_peer_ids"),
+    ),
+    Reliance(
+        f"{AVERAGER}.rpc_aggregate_part", "peer/hivemind_fixes.py, peer/averager.py", params=("stream", "context")
+    ),
+    Reliance(AVERAGER, "peer/hivemind_fixes.py", attrs=("next_chunk_timeout",)),
     # peer/state_loading.py downloads state itself, donor by donor, under TrainingStateAverager's RPC names.
     Reliance(
         f"{AVERAGER}._load_state_from_peers",

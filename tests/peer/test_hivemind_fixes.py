@@ -123,6 +123,15 @@ def test_a_reducer_leaving_right_after_its_round_delivers_the_others_averages(tm
     assert_averaged_together(results)
 
 
+def test_a_member_reading_slower_than_its_reducer_sends_receives_every_averaged_part(tmp_path):
+    """One averager reads each averaged part a quarter of a second late (a busy machine): its
+    partner, as reducer, has sent them all long before. Closing the reducer's stream right after
+    its last part made the libp2p daemons drop the parts still on their way (without the fix, 2
+    runs of 2 ended partial for the slow member, 93.6% and 99.6% averaged); it receives them all."""
+    results = average_once(tmp_path, [dict(slow_reading=0.25), {}])
+    assert_averaged_together(results)
+
+
 def _store_and_exit(dht: hivemind.DHT) -> None:
     """In a forked process: send the DHT process a request, then exit before it is read."""
     dht.store("left", "behind", expiration_time=get_dht_time() + 60, return_future=True)
