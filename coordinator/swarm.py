@@ -103,6 +103,7 @@ def summarize(
                 "kind": contributor.kind,
                 "device": report.device if report else None,
                 "device_name": contributor.device_name,
+                "precision": report.precision if report else None,
                 "client_mode": report.client_mode if report else contributor.kind == "client",
                 "auxiliary": report.auxiliary if report else contributor.kind == "auxiliary",
                 "epoch": report.epoch if report else None,

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from model import CausalLM
+from peer.precision import MixedPrecision
 
 logger = logging.getLogger("starling.peer")
 
@@ -40,16 +41,18 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def largest_micro_batch(model: CausalLM, seq_len: int, device: torch.device, limit: int = 256) -> int:
-    """On CUDA, the largest power-of-two micro-batch whose forward and backward fit, found by
-    trying and backing off on out-of-memory; on CPU a fixed small batch."""
+def largest_micro_batch(
+    model: CausalLM, seq_len: int, device: torch.device, precision: MixedPrecision, limit: int = 256
+) -> int:
+    """On CUDA, the largest power-of-two micro-batch whose forward and backward (in the peer's
+    precision) fit, found by trying and backing off on out-of-memory; on CPU a fixed small batch."""
     if device.type != "cuda":
         return CPU_MICRO_BATCH
     fits, size = 0, 1
     while size <= limit:
         try:
             batch = torch.zeros(size, seq_len, dtype=torch.long, device=device)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with precision.autocast():
                 model(batch, labels=batch).loss.backward()
             fits, size = size, size * 2
         except torch.cuda.OutOfMemoryError:

@@ -7,7 +7,7 @@ run's length. The peak of a training step is the fixed part plus, per sequence o
 what autograd keeps and twice the float32 logits (the loss's softmax and its gradient live at once
 in the backward pass). Measured on CPU against the profiler's memory timeline of real steps, that
 is 3-14% above the peak and never below (tests/peer/test_memory_plan.py). Activations are counted
-in float32: under bf16 autocast on a GPU most are half as large, so there the plan errs high.
+in float32: under bf16 or fp16 autocast most are half as large, so there the plan errs high.
 
 Where each part lives follows the run: in batch mode hivemind keeps gradient accumulators beside
 the gradients and, with offload_optimizer (the default), the optimizer's state and a float32 copy
@@ -39,7 +39,7 @@ class MemoryPlan:
     """Bytes a peer of this run needs on its device and in host memory, and the micro-batch that fits."""
 
     device: str
-    precision: str  # "bf16" on CUDA (autocast), "fp32" on CPU
+    precision: str  # what the peer trains in (peer.precision.choose_precision)
     device_memory: int | None  # bytes the device has (declared or measured); None: not known (CPU)
     parameters: int  # on the device, float32
     gradients: int  # on the device, with hivemind's accumulators in batch mode
@@ -70,7 +70,9 @@ class MemoryPlan:
             f"optimizer state on the device {mib(self.optimizer_state_on_device)}, in host memory {mib(self.host)}",
             f"per sequence: {mib(self.per_sequence)}",
         ]
-        if self.fits:
+        if self.device_memory is None:
+            lines.append(f"a step of n sequences peaks at {mib(self.fixed)} + n x {mib(self.per_sequence)}")
+        elif self.fits:
             lines.append(f"micro-batch {self.micro_batch}: {mib(self.peak(self.micro_batch))} at the peak of a step")
         return lines
 
@@ -105,10 +107,15 @@ def parameter_count(config: ModelConfig) -> int:
 
 
 def plan(
-    run: RunConfig, device: torch.device, device_memory: int | None = None, offload: bool | None = None
+    run: RunConfig,
+    device: torch.device,
+    precision: str,
+    device_memory: int | None = None,
+    offload: bool | None = None,
 ) -> MemoryPlan:
-    """The memory plan of a peer of `run` on `device`. `device_memory`: the bytes it may use
-    (default: a CUDA device's total memory; none on CPU); `offload`: the run's offload_optimizer."""
+    """The memory plan of a peer of `run` on `device`, training in `precision` (bf16, fp16 or fp32).
+    `device_memory`: the bytes it may use (default: a CUDA device's total memory; none on CPU);
+    `offload`: the run's offload_optimizer."""
     config = run.model_config()
     count = parameter_count(config)
     state = OPTIMIZER_STATE_BYTES[run.training.optimizer] * count
@@ -124,7 +131,7 @@ def plan(
     per_sequence = per_sequence_bytes(config, run.data.seq_len)
     partial = MemoryPlan(
         device=str(device) if device.type != "cuda" else f"{device} {torch.cuda.get_device_name(device)}",
-        precision="bf16" if device.type == "cuda" else "fp32",
+        precision=precision,
         device_memory=device_memory,
         parameters=FLOAT32 * count,
         gradients=gradients,

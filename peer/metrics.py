@@ -8,7 +8,7 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils import get_dht_time
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
 
 # hivemind's schema validator works with pydantic's v1 API.
 from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -36,6 +36,7 @@ class PeerMetrics(BaseModel):
     device: StrictStr
     device_name: StrictStr
     micro_batch: StrictInt
+    precision: StrictStr = "fp32"  # what it trains in (peer.options.PRECISIONS); absent from older peers' records
     client_mode: StrictBool
     auxiliary: StrictBool
     version: StrictStr
@@ -90,6 +91,9 @@ class PrometheusMetrics:
     rounds: dict[RoundOutcome, Counter]
     out_of_memory: Counter
     kernel_fallbacks: Gauge
+    precision: Info
+    loss_scale: Gauge
+    fp16_overflows: Counter
 
     @classmethod
     def create(cls) -> PrometheusMetrics:
@@ -112,6 +116,15 @@ class PrometheusMetrics:
             kernel_fallbacks=Gauge(
                 "starling_peer_kernel_fallbacks",
                 "Triton kernels replaced by their PyTorch reference after failing their check on this device",
+                registry=registry,
+            ),
+            precision=Info("starling_peer_precision", "The arithmetic this peer trains in", registry=registry),
+            loss_scale=Gauge(
+                "starling_peer_loss_scale", "fp16's dynamic loss scale (1 in bf16 and fp32)", registry=registry
+            ),
+            fp16_overflows=Counter(
+                "starling_peer_fp16_overflows",
+                "fp16 micro-batches skipped because their scaled gradients overflowed (each halved the loss scale)",
                 registry=registry,
             ),
         )

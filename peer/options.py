@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
 
 def positive_int_or_auto(value: str) -> int | str:
     """argparse type of --batch-size: 'auto' or a positive integer."""
@@ -46,6 +48,11 @@ class PeerOptions:
     )
     config: str | None = option(None, "run.toml with the run's settings (offline use)")
     device: str = option("auto", "auto, cpu or cuda[:N]")
+    precision: str = option(
+        "auto",
+        "auto: bf16 on GPUs with bf16 arithmetic, fp16 with loss scaling on older GPUs (T4, P100), fp32 on CPU",
+        choices=PRECISIONS,
+    )
     device_memory_gb: float | None = option(
         None, "GiB of the device this peer may use (default: all of a GPU's; on CPU, no limit)", type=float
     )
@@ -95,6 +102,8 @@ class PeerOptions:
             raise ValueError(f"config: {self.config!r} is not a file")
         if self.device_memory_gb is not None and not self.device_memory_gb > 0:
             raise ValueError(f"device_memory_gb must be positive, got {self.device_memory_gb}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.data_cache_mb < 0:
             raise ValueError(f"data_cache_mb must be 0 or more, got {self.data_cache_mb}")
         if self.events is not None and not Path(self.events).parent.is_dir():

@@ -34,6 +34,7 @@ from peer.faults import FaultPlan
 from peer.memory_plan import MemoryPlan
 from peer.optimizer import make_collaborative_optimizer
 from peer.options import PeerOptions
+from peer.precision import MixedPrecision, choose_precision
 from peer.run_config import RunConfig
 from peer.shards import CorpusShards, ShardReader, ShardSource
 from peer.state_loading import state_offers
@@ -73,6 +74,8 @@ class PeerSummary:
     samples_contributed: int
     samples_skipped: int
     out_of_memory_errors: int  # micro-batches that ran out of device memory (each halved the micro-batch)
+    precision: str  # what it trained in: bf16, fp16 (with loss scaling) or fp32
+    fp16_overflows: int  # fp16 micro-batches skipped because their scaled gradients overflowed
     last_loss: float | None
     seconds: float
     compute_seconds: float  # of `seconds`, those spent in forward and backward of micro-batches
@@ -119,6 +122,9 @@ class Peer:
         self.faults = faults or FaultPlan()  # failures a test declares (peer.faults); none for a volunteer
         self.options.check()
         self.device = resolve_device(self.options.device)
+        self.precision = MixedPrecision(
+            choose_precision(self.options.precision, self.device), self.device, self.faults.initial_loss_scale
+        )
         if not self.options.initial_peers and self.options.config is None:
             raise ValueError(
                 "initial_peers: give the addresses the coordinator printed (or --config for an offline run)"
@@ -133,11 +139,13 @@ class Peer:
         self.optimizer: hivemind.Optimizer | None = None
         self.model: CausalLM | None = None
         self.prometheus = metrics.PrometheusMetrics.create()
+        self.prometheus.precision.info({"precision": self.precision.precision})
         self._stop = threading.Event()
         self._metrics_server = None
         self._pending_publish = None
         self._swarm_epoch = 0
         self._reported_rounds = {outcome: 0 for outcome in RoundOutcome}
+        self._reported_overflows = 0
         self.off_swarm = False  # a partial or failed round left this peer's parameters off the swarm's
         self._resync_after = 0.0  # time.monotonic() after which an off-swarm peer looks for a donor again
         self.events = EventLog(self.options.events) if self.options.events else None
@@ -202,7 +210,7 @@ class Peer:
                 self._join_run()
             finally:
                 self.dht.shutdown()
-        return memory_plan.plan(self.run_config, self.device, self._device_memory())
+        return memory_plan.plan(self.run_config, self.device, self.precision.precision, self._device_memory())
 
     def _device_memory(self) -> int | None:
         gigabytes = self.options.device_memory_gb
@@ -236,7 +244,7 @@ class Peer:
         if self.options.auxiliary:
             self.micro_batch = 0
         elif self.options.batch_size == "auto":
-            self.micro_batch = largest_micro_batch(self.model, run.data.seq_len, self.device)
+            self.micro_batch = largest_micro_batch(self.model, run.data.seq_len, self.device, self.precision)
             if self.memory_plan is not None:  # the trial does not see the optimizer and averagers yet
                 self.micro_batch = min(self.micro_batch, self.memory_plan.micro_batch)
         else:
@@ -449,7 +457,10 @@ class Peer:
             return 0
         self.compute_seconds += time.perf_counter() - computing
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        finite = bool(torch.isfinite(loss)) and bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        self.precision.unscale(grads)  # what enters the accumulators, and so the codec, is the true gradient
+        finite_loss = bool(torch.isfinite(loss))
+        finite = finite_loss and bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        self.precision.update(overflowed=finite_loss and not finite)
         contributed = 0
         if finite:
             self.last_loss = loss.item()
@@ -463,7 +474,8 @@ class Peer:
             contributed = self.micro_batch
         else:
             self.samples_skipped += self.micro_batch
-            logger.warning("non-finite loss or gradient at epoch %d: this micro-batch is not contributed", epoch)
+            if not (finite_loss and self.precision.scaling):  # an fp16 overflow only lowers the loss scale
+                logger.warning("non-finite loss or gradient at epoch %d: this micro-batch is not contributed", epoch)
         self.optimizer.zero_grad()
         return contributed
 
@@ -471,9 +483,9 @@ class Peer:
         if self.faults.slow_forward:
             time.sleep(self.faults.slow_forward)
         self.faults.check_memory(len(batch))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self.precision.autocast():
             loss = self.model(batch, labels=batch).loss
-        loss.backward()
+        self.precision.backward(loss)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the kernels are queued: wait for them to time them
         return loss
@@ -607,6 +619,9 @@ class Peer:
         self._reported_rounds = rounds
         self.prometheus.samples_per_second.set(self.samples_per_second)
         self.prometheus.kernel_fallbacks.set(len(kernel_guard.fallbacks()))
+        self.prometheus.loss_scale.set(self.precision.loss_scale)
+        self.prometheus.fp16_overflows.inc(self.precision.overflows - self._reported_overflows)
+        self._reported_overflows = self.precision.overflows
         seq_len = self.run_config.data.seq_len
         self._pending_publish = metrics.publish(
             self.dht,
@@ -622,6 +637,7 @@ class Peer:
                 samples_contributed=self.samples_contributed,
                 device=self.device.type,
                 device_name=device_name(self.device),
+                precision=self.precision.precision,
                 micro_batch=self.micro_batch,
                 client_mode=self.options.client_mode,
                 auxiliary=self.options.auxiliary,
@@ -677,6 +693,8 @@ class Peer:
             samples_contributed=self.samples_contributed,
             samples_skipped=self.samples_skipped,
             out_of_memory_errors=self.out_of_memory_errors,
+            precision=self.precision.precision,
+            fp16_overflows=self.precision.overflows,
             last_loss=self.last_loss,
             seconds=time.perf_counter() - started,
             compute_seconds=self.compute_seconds,

@@ -77,9 +77,10 @@ def write_run_config():
 @pytest.fixture
 def launch_peer(tmp_path):
     """launch_peer(name, duration=, max_epochs=, slow=, start_after=, hold=, snapshots=, die_in_round=,
-    drop_reducer_in_round=, model_overrides=, memory_for_sequences=, wrap=, **peer_options) -> a
-    harness peer (coordinator.harness.PeerProcess) in tmp_path/name, killed at the end of the test.
-    slow, die_in_round, drop_reducer_in_round, model_overrides and memory_for_sequences are its
+    drop_reducer_in_round=, model_overrides=, memory_for_sequences=, initial_loss_scale=, wrap=,
+    **peer_options) -> a harness peer (coordinator.harness.PeerProcess) in tmp_path/name, killed at the
+    end of the test. slow, die_in_round, drop_reducer_in_round, model_overrides, memory_for_sequences
+    and initial_loss_scale are its
     declared faults (peer.faults: slow_forward and the others); a peer launched with hold=True joins, then waits for
     release_peers to start training."""
     started = []
@@ -96,6 +97,7 @@ def launch_peer(tmp_path):
         drop_reducer_in_round=None,
         model_overrides=None,
         memory_for_sequences=None,
+        initial_loss_scale=None,
         wrap=(),
         **options,
     ) -> PeerProcess:
@@ -106,6 +108,7 @@ def launch_peer(tmp_path):
             drop_reducer_in_round=drop_reducer_in_round,
             model_overrides=model_overrides or {},
             memory_for_sequences=memory_for_sequences,
+            initial_loss_scale=initial_loss_scale,
         )
         spec = PeerSpec(
             options=options,

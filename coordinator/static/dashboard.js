@@ -158,6 +158,7 @@ function renderPeers(peers, now) {
     const row = tableRow(
       h("td", { title: peer.peer_id ?? "" }, peer.name || shortId(peer.peer_id)),
       cell(peer.device_name ?? peer.device ?? DASH),
+      cell(peer.precision ?? DASH),
       cell(peer.kind ?? DASH),
       statusCell(peer.status),
       cell(formatNumber(peer.epoch), "num"),

@@ -62,6 +62,7 @@ def test_dashboard_follows_a_live_run(tmp_path, write_run_config, coordinator, l
     expect(page.locator("#active-peers")).to_have_text(str(len(PEERS)), timeout=30_000)
     expect(page.locator("#status")).to_have_text("training")
     assert sorted(rows.locator("td:first-child").all_inner_texts()) == sorted(PEERS)
+    expect(rows.locator("td:nth-child(3)")).to_have_text(["fp32"] * len(PEERS))  # the precision on CPU
     # The history gains a point every 5 s and the page fetches it every 10 s.
     expect(page.locator("#loss-chart svg path.line")).to_have_count(1, timeout=60_000)
     expect(page.locator("#throughput-chart svg path.line")).to_have_count(1)

@@ -1,7 +1,9 @@
 """One peer of the averaging test: contributes a known gradient until the first collaborative step.
 
-Run as a process: averaging_worker.py RUN_TOML INITIAL_PEER INDEX MICRO_BATCH OUT_FILE
-It waits until all three peers are in the run before it contributes.
+Run as a process: averaging_worker.py RUN_TOML INITIAL_PEER INDEX MICRO_BATCH PRECISION OUT_FILE
+It waits until all three peers are in the run before it contributes. The gradient comes from a
+backward pass in PRECISION's way (peer.precision: in fp16, of the loss scaled by 2^16, then
+unscaled), as a peer's gradients do.
 """
 
 import sys
@@ -15,6 +17,7 @@ from safetensors.torch import save_file
 from model import CausalLM
 from peer.averager import RoundOutcome
 from peer.optimizer import make_collaborative_optimizer
+from peer.precision import MixedPrecision
 from peer.run_config import RunConfig
 
 
@@ -24,11 +27,12 @@ def known_gradient(param: torch.Tensor, index: int, position: int) -> torch.Tens
 
 
 def main() -> None:
-    run_toml, initial_peer, index, micro_batch, out_file = sys.argv[1:]
+    run_toml, initial_peer, index, micro_batch, precision, out_file = sys.argv[1:]
     index, micro_batch = int(index), int(micro_batch)
     run = RunConfig.load(run_toml)
     torch.manual_seed(run.training.seed)
     model = CausalLM(run.model_config())
+    precision = MixedPrecision(precision, torch.device("cpu"))
     dht = hivemind.DHT(initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     opt = make_collaborative_optimizer(model, dht, run, micro_batch)
     barrier = Path(out_file).parent
@@ -37,8 +41,12 @@ def main() -> None:
         time.sleep(0.1)
     steps = 0
     while opt.local_epoch == 0:
-        for position, param in enumerate(model.parameters()):
-            param.grad = known_gradient(param, index, position)
+        params = list(model.parameters())
+        for param in params:
+            param.grad = None
+        # A loss whose gradient is the known one.
+        precision.backward(sum((param * known_gradient(param, index, p)).sum() for p, param in enumerate(params)))
+        precision.unscale([param.grad for param in params])
         opt.step(batch_size=micro_batch)
         steps += 1
         time.sleep(0.1)

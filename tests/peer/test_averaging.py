@@ -1,5 +1,6 @@
 """Averaging is right: in one collaborative step every peer receives the sample-weighted average of
-all peers' gradients, within the codec's error, and takes the optimizer step on it."""
+all peers' gradients, within the codec's error, and takes the optimizer step on it; a peer in fp16
+(loss-scaled gradients) and peers in fp32 average the same way."""
 
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from peer.run_config import RunConfig
 
 WORKER = Path(__file__).with_name("averaging_worker.py")
 MICRO_BATCHES = [4, 8, 12]
+PRECISIONS = ["fp32", "fp16", "fp32"]  # the fp16 peer's gradients pass through its loss scale
 # Relative error of the average per tensor: 8-bit codec for large tensors (measured 0.011-0.015:
 # each value is quantised on its way to the reducer and again on its way back), fp16 for small ones.
 EIGHT_BIT_TOLERANCE, FP16_TOLERANCE = 0.02, 2e-3
@@ -29,10 +31,10 @@ def test_three_peers_average_known_gradients(tmp_path, write_run_config):
     with bootstrap_node() as address:
         workers = [
             ManagedProcess(
-                [sys.executable, str(WORKER), str(run_toml), address, str(i), str(b), str(out)],
+                [sys.executable, str(WORKER), str(run_toml), address, str(i), str(b), precision, str(out)],
                 tmp_path / f"peer{i}.log",
             )
-            for i, (b, out) in enumerate(zip(MICRO_BATCHES, outputs))
+            for i, (b, precision, out) in enumerate(zip(MICRO_BATCHES, PRECISIONS, outputs))
         ]
         codes = exit_statuses(workers, timeout=240)
     assert codes == [0, 0, 0], [worker.log_tail() for worker in workers]

@@ -49,18 +49,21 @@ def test_the_plan_is_at_most_a_fifth_above_the_measured_peak_and_never_below(tmp
     plan counts autograd's saved tensors exactly and bounds the backward pass's transients by twice
     the float32 logits; measured, that is 3-16% above the real peak on these shapes."""
     run = run_config(preset, seq_len)
-    planned = plan(run, torch.device("cpu")).peak(micro_batch)
+    planned = plan(run, torch.device("cpu"), "fp32").peak(micro_batch)
     measured = measured_peak(run, micro_batch, tmp_path)
     assert measured <= planned <= 1.2 * measured, (planned, measured)
 
 
 def test_batch_mode_adds_the_accumulators_and_offloads_the_optimizer():
     cpu = torch.device("cpu")
-    batch, diloco = plan(run_config("tiny", 32, "batch"), cpu), plan(run_config("tiny", 32, "diloco"), cpu)
+    batch, diloco = (
+        plan(run_config("tiny", 32, "batch"), cpu, "fp32"),
+        plan(run_config("tiny", 32, "diloco"), cpu, "fp32"),
+    )
     assert batch.parameters == diloco.parameters
     assert batch.gradients == 2 * diloco.gradients  # hivemind's accumulators beside the gradients
     assert batch.optimizer_state_on_device == 0 and diloco.optimizer_state_on_device == 2 * diloco.parameters
-    kept = plan(run_config("tiny", 32, "batch"), cpu, offload=False)
+    kept = plan(run_config("tiny", 32, "batch"), cpu, "fp32", offload=False)
     assert kept.optimizer_state_on_device == 2 * kept.parameters  # AdamW's two float32 moments
 
 
