@@ -36,10 +36,14 @@ def parameters_agree_bound(rounds: int) -> float:
     return CODEC_DRIFT_PER_ROUND * rounds
 
 
-def assert_parameters_agree(params: list[dict[str, torch.Tensor]], run: RunConfig, rounds: int) -> None:
-    """Every peer within parameters_agree_bound(rounds) of the first."""
+def assert_parameters_agree(
+    params: list[dict[str, torch.Tensor]], run: RunConfig, rounds: int, context: object = ""
+) -> None:
+    """Every peer within parameters_agree_bound(rounds) of the first (`context`: for the failure message)."""
     gaps = [parameter_gap(params[0], other, run.training.lr) for other in params[1:]]
-    assert max(gaps) <= parameters_agree_bound(rounds), f"parameter gaps {gaps} (in steps of lr) after {rounds} rounds"
+    assert max(gaps) <= parameters_agree_bound(rounds), (
+        f"parameter gaps {gaps} (in steps of lr) after {rounds} rounds; {context}"
+    )
 
 
 def mode_settings(mode: str, samples_per_epoch: int) -> dict:

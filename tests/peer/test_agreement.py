@@ -73,13 +73,14 @@ def test_three_peers_average_every_round_and_agree_after_every_epoch(tmp_path, s
     assert len(compared) >= epochs // 2, compared
     for epoch in compared:
         rounds = epoch - (epoch - 1) // every * every  # since the parameters were last averaged
-        assert_parameters_agree([peer.snapshot(epoch) for peer in peers], run, rounds=rounds)
+        snapshots = [peer.snapshot(epoch) for peer in peers]
+        assert_parameters_agree(snapshots, run, rounds=rounds, context=timeline(peers))
 
 
 def timeline(peers) -> list[tuple]:
     """Every peer's joins, loads and epochs in time order: what a failure message needs."""
     events = [
-        (round(e["time"], 2), peer.folder.name, e["event"], e.get("epoch"), e.get("rounds"))
+        (round(e["time"], 2), peer.folder.name, e["event"], e.get("epoch"), e.get("rounds"), e.get("state_rounds"))
         for peer in peers
         for e in peer.events()
         if e["event"] in ("joined", "state_loaded", "epoch")
