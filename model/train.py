@@ -45,7 +45,9 @@ def lr_at(step: int, settings: TrainSettings) -> float:
 def train(model: CausalLM, corpus: PackedCorpus, settings: TrainSettings, log_every: int = 10) -> list[float]:
     """Train for `settings.steps` steps on random batches of the corpus; returns the loss per step."""
     torch.manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model.parameters(), settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95)
+    )
     generator = torch.Generator().manual_seed(settings.seed)
     device = next(model.parameters()).device
     model.train()

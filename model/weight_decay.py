@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+import torch
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two param groups for a torch optimizer: tensors of 2 or more dimensions (weight matrices,
+def parameter_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict[str, Any]]:
+    """Param groups for a torch optimizer: tensors of 2 or more dimensions (weight matrices,
     embeddings, stacked experts) with `weight_decay`, the rest (norm weights, biases) with none.
 
     Decaying a norm's gain or a bias pulls it towards zero without limiting the model's capacity,
-    so only the matrices are decayed. Each group keeps `model.parameters()` order, and a tensor
-    shared by two modules (tied embedding and lm_head) appears once, as optimizers require.
+    so only the matrices are decayed. The groups are runs of consecutive tensors alike in decay, so
+    that the groups in order hold the tensors in the order given (`model.parameters()`, which
+    yields a shared tensor such as a tied embedding once): hivemind lays out the parameters and
+    optimizer state that peers exchange in that order, and a checkpoint maps them back by it.
     """
-    decay, no_decay = [], []
-    for param in model.parameters():  # yields a shared tensor only once
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = []
+    for param in params:
+        decay = weight_decay if param.dim() >= 2 else 0.0
+        if not groups or groups[-1]["weight_decay"] != decay:
+            groups.append({"params": [], "weight_decay": decay})
+        groups[-1]["params"].append(param)
+    return groups

@@ -13,6 +13,7 @@ import torch
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.p2p import PeerID
 
+from model import parameter_groups
 from peer.averager import CountingGradientAverager
 from peer.compression import gradient_compression, state_compression
 from peer.faults import FaultPlan
@@ -70,6 +71,11 @@ def lr_multiplier(training: TrainingSection) -> Callable[[int], float]:
 
 
 def make_inner_optimizer(params: Iterable, training: TrainingSection) -> torch.optim.Optimizer:
+    """The run's optimizer over `params`: tensors, grouped here so that only matrices are decayed
+    (model.parameter_groups), or groups made so already (hivemind passes on those it was given)."""
+    params = list(params)
+    if params and isinstance(params[0], torch.Tensor):
+        params = parameter_groups(params, training.weight_decay)
     optimizer_class = with_gradient_clipping(inner_optimizer_class(training.optimizer), training.max_grad_norm)
     if training.optimizer == "sgd":  # plain SGD: no momentum (betas do not apply)
         return optimizer_class(params, lr=training.lr, weight_decay=training.weight_decay)
@@ -238,7 +244,8 @@ def make_collaborative_optimizer(
         )
     averaging = run.averaging
     return CollaborativeOptimizer(
-        params=model.parameters(),
+        # grouped before hivemind sees them: its state averager needs the optimizer's groups as given
+        params=parameter_groups(model.parameters(), run.training.weight_decay),
         optimizer=partial(make_state_optimizer, run=run),
         scheduler=partial(make_state_scheduler, run=run),
         target_batch_size=run.training.target_batch_size,
