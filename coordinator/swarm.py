@@ -115,6 +115,14 @@ def summarize(
                 if report
                 else None,
                 "inner_steps": report.inner_steps if report and report.mode == "diloco" else None,
+                # What averaging costs it: bytes sent per sample contributed, and the share of its
+                # training time spent computing (the rest mostly waits on the network).
+                "bytes_per_sample": report.bytes_sent / report.samples_contributed
+                if report and report.samples_contributed
+                else None,
+                "compute_share": report.compute_seconds / report.training_seconds
+                if report and report.training_seconds > 0
+                else None,
                 "status": peer_status(contributor.last_seen, now),
                 "first_seen": contributor.first_seen,
                 "last_seen": contributor.last_seen,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import enum
 import logging
+import multiprocessing
+import multiprocessing.sharedctypes
 import time
 from collections.abc import Callable, Sequence
 from typing import AsyncIterator, NamedTuple  # noqa: UP035  (hivemind's servicer reads typing's stream hints, not collections.abc's)
@@ -30,12 +33,24 @@ logger = logging.getLogger("starling.peer")
 
 class ReducerFailures:
     """Mixed into an AllReduceRunner: keeps why each reducer that failed this peer failed (hivemind
-    fills its parts with the peer's own values and logs the reason at debug level only), and warns
-    when this peer, as a reducer, stops reducing a sender's parts on an error."""
+    fills its parts with the peer's own values and logs the reason at debug level only), warns
+    when this peer, as a reducer, stops reducing a sender's parts on an error, and adds the bytes
+    of every message it sends (parts as a member, averages as a reducer) to `bytes_sent`."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, bytes_sent: multiprocessing.sharedctypes.Synchronized | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.reducer_failures: dict[str, str] = {}  # reducer peer id -> the error
+        self.bytes_sent = bytes_sent
+
+    def _count(self, message: averaging_pb2.AveragingData) -> None:
+        if self.bytes_sent is not None:
+            with self.bytes_sent.get_lock():
+                self.bytes_sent.value += message.ByteSize()
+
+    async def _generate_input_for_peer(self, peer_index: int):
+        async for message in super()._generate_input_for_peer(peer_index):
+            self._count(message)
+            yield message
 
     async def _communicate_with_peer(self, peer_id) -> None:
         try:
@@ -48,6 +63,7 @@ class ReducerFailures:
         sender, sent = self.sender_peer_ids[sender_index], 0
         try:
             async for message in super()._accumulate_parts_streaming(stream, sender_index):
+                self._count(message)
                 yield message
                 sent += 1
         except Exception as error:  # hivemind answers INTERNAL_ERROR and logs why at debug level only
@@ -99,7 +115,14 @@ class AggregatingAverager(DecentralizedAverager):
         self._averaged_fractions: dict[bytes, float] = {}  # by group id, in the averager's process
         self._reducer_failures: dict[bytes, dict[str, str]] = {}  # by group id, in the averager's process
         self._parts_served = 0  # reducer streams open, in the averager's process
+        # Bytes of the all-reduce messages this peer sent, counted in the averager's process.
+        self._bytes_sent = multiprocessing.get_context("fork").Value(ctypes.c_uint64, 0)
         super().__init__(*args, **kwargs)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of all-reduce messages (tensor parts and averages) this averager has sent so far."""
+        return self._bytes_sent.value
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
@@ -158,6 +181,7 @@ class AggregatingAverager(DecentralizedAverager):
             tensors=tensors,
             group_id=group_id,
             ordered_peer_ids=group_info.peer_ids,
+            bytes_sent=self._bytes_sent,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered for all-reduce"

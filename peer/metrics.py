@@ -37,6 +37,9 @@ class PeerMetrics(BaseModel):
     device_name: StrictStr
     micro_batch: StrictInt
     precision: StrictStr = "fp32"  # what it trains in (peer.options.PRECISIONS); absent from older peers' records
+    bytes_sent: StrictInt = 0  # of all-reduce messages so far (peer.averager: parts and averages)
+    compute_seconds: StrictFloat = 0.0  # spent in forward and backward so far ...
+    training_seconds: StrictFloat = 0.0  # ... of these since it began to train
     client_mode: StrictBool
     auxiliary: StrictBool
     version: StrictStr
@@ -94,6 +97,7 @@ class PrometheusMetrics:
     precision: Info
     loss_scale: Gauge
     fp16_overflows: Counter
+    bytes_sent: Counter
 
     @classmethod
     def create(cls) -> PrometheusMetrics:
@@ -121,6 +125,11 @@ class PrometheusMetrics:
             precision=Info("starling_peer_precision", "The arithmetic this peer trains in", registry=registry),
             loss_scale=Gauge(
                 "starling_peer_loss_scale", "fp16's dynamic loss scale (1 in bf16 and fp32)", registry=registry
+            ),
+            bytes_sent=Counter(
+                "starling_peer_averaging_bytes_sent",
+                "Bytes of all-reduce messages sent: parts as a member, averages as a reducer",
+                registry=registry,
             ),
             fp16_overflows=Counter(
                 "starling_peer_fp16_overflows",

@@ -25,7 +25,7 @@ from model.kernels import guard as kernel_guard
 from model.prepared import is_prepared, manifest_digest
 from peer import memory_plan, metrics, run_record
 from peer.auth import RunAuthorizer, check_grant_for, parse_token
-from peer.averager import CountingGradientAverager, RoundOutcome
+from peer.averager import AggregatingAverager, CountingGradientAverager, RoundOutcome
 from peer.dataset import RemoteDataset, default_cache
 from peer.device import device_name, largest_micro_batch, resolve_device
 from peer.diloco import DilocoOptimizer
@@ -79,6 +79,7 @@ class PeerSummary:
     last_loss: float | None
     seconds: float
     compute_seconds: float  # of `seconds`, those spent in forward and backward of micro-batches
+    bytes_sent: int  # of all-reduce messages: (pseudo-)gradient and state averaging parts and averages
     rounds_succeeded: int  # gradient rounds that averaged every value with the group
     rounds_partial: int  # ... that averaged only part of them (the rest stayed this peer's own)
     rounds_failed: int  # ... that averaged nothing
@@ -146,6 +147,8 @@ class Peer:
         self._swarm_epoch = 0
         self._reported_rounds = {outcome: 0 for outcome in RoundOutcome}
         self._reported_overflows = 0
+        self._reported_bytes = 0
+        self._training_started = time.perf_counter()  # reset when the training loop starts
         self.off_swarm = False  # a partial or failed round left this peer's parameters off the swarm's
         self._resync_after = 0.0  # time.monotonic() after which an off-swarm peer looks for a donor again
         self.events = EventLog(self.options.events) if self.options.events else None
@@ -339,6 +342,14 @@ class Peer:
     def _grad_averager(self) -> CountingGradientAverager | None:
         return getattr(self.optimizer, "grad_averager", None)
 
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of all-reduce messages this peer's averagers have sent (gradients or pseudo-gradients, and state)."""
+        if self.optimizer is None:
+            return 0
+        averagers = (self._grad_averager, self.optimizer.state_averager)
+        return sum(averager.bytes_sent for averager in averagers if isinstance(averager, AggregatingAverager))
+
     # ---- the loop ----------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -411,6 +422,7 @@ class Peer:
             self.events.write(event, **fields)
 
     def _loop(self, started: float, duration: float | None, max_epochs: int | None) -> None:
+        self._training_started = started
         opt = self.optimizer
         last_publish = 0.0
         window_started, window_samples = time.perf_counter(), 0
@@ -620,6 +632,9 @@ class Peer:
         self.prometheus.samples_per_second.set(self.samples_per_second)
         self.prometheus.kernel_fallbacks.set(len(kernel_guard.fallbacks()))
         self.prometheus.loss_scale.set(self.precision.loss_scale)
+        bytes_sent = self.bytes_sent
+        self.prometheus.bytes_sent.inc(bytes_sent - self._reported_bytes)
+        self._reported_bytes = bytes_sent
         self.prometheus.fp16_overflows.inc(self.precision.overflows - self._reported_overflows)
         self._reported_overflows = self.precision.overflows
         seq_len = self.run_config.data.seq_len
@@ -638,6 +653,9 @@ class Peer:
                 device=self.device.type,
                 device_name=device_name(self.device),
                 precision=self.precision.precision,
+                bytes_sent=bytes_sent,
+                compute_seconds=self.compute_seconds,
+                training_seconds=time.perf_counter() - self._training_started,
                 micro_batch=self.micro_batch,
                 client_mode=self.options.client_mode,
                 auxiliary=self.options.auxiliary,
@@ -698,6 +716,7 @@ class Peer:
             last_loss=self.last_loss,
             seconds=time.perf_counter() - started,
             compute_seconds=self.compute_seconds,
+            bytes_sent=self.bytes_sent,
             rounds_succeeded=rounds[RoundOutcome.SUCCEEDED],
             rounds_partial=rounds[RoundOutcome.PARTIAL],
             rounds_failed=rounds[RoundOutcome.FAILED],

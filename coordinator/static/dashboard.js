@@ -166,6 +166,8 @@ function renderPeers(peers, now) {
       cell(formatNumber(peer.samples), "num"),
       cell(formatRounds(peer.rounds), "num"),
       cell(formatNumber(peer.inner_steps), "num"),
+      cell(isNum(peer.bytes_per_sample) ? formatNumber(peer.bytes_per_sample / 1000, 1) : DASH, "num"),
+      cell(isNum(peer.compute_share) ? `${Math.round(100 * peer.compute_share)}%` : DASH, "num"),
       cell(formatAgo(peer.last_seen, now)),
     );
     row.dataset.peerId = peer.peer_id ?? "";

@@ -40,6 +40,8 @@ def test_state_metrics_and_a_checkpoint_equal_to_the_peers(
     assert later["active_peers"]["cpu"] == 2 and later["active_peers"]["total"] == 2
     assert later["samples_per_second"] > 0 and math.isfinite(later["loss"])
     assert {p["status"] for p in later["peers"]} == {"online"}
+    # Both have averaged (bytes sent) and computed part of the time since they began.
+    assert all(p["bytes_per_sample"] > 0 and 0 < p["compute_share"] < 1 for p in later["peers"]), later["peers"]
 
     for _ in range(10):  # the coordinator polls the swarm every second: read both between two polls
         metrics, state = coord.metrics(), coord.state()

@@ -5,10 +5,11 @@ import json
 
 import pytest
 import torch
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.compression import NoCompression
 from safetensors.torch import load_file
 
-from model import CausalLM
+from model import CausalLM, parameter_groups
 from model.data import load_corpus
 from peer.codec import Blockwise4Bit
 from peer.compression import pseudo_gradient_compression
@@ -76,6 +77,19 @@ def test_an_outer_round_steps_every_peer_on_the_weighted_average_pseudo_gradient
     assert relative(step * plain_mean, step * true_mean) > 4 * CODEC_RELATIVE_ERROR
     assert relative(step * without_slow, step * true_mean) > 4 * CODEC_RELATIVE_ERROR
 
+    # What each peer sent: the parts of its pseudo-gradient that the two others reduce, and the
+    # averages of the part it reduces back to both: all of it plus its own part, about a third (to
+    # within one part of hivemind's partition), in 8 bits and a float32 scale per 256 values
+    # (tensors under the codec's threshold in 16 bits, a few of them), and message framing.
+    values = sum(tensor.numel() for tensor in start.values())
+    small = sum(t.numel() for t in start.values() if t.numel() < run.averaging.compression_threshold)
+    byte_per_value = 1 + 4 / 256
+    part = DEFAULT_PART_SIZE_BYTES / 4  # values of a float32 part
+    least = (values + values / 3 - part) * byte_per_value
+    most = (values + values / 3 + part) * byte_per_value * 1.01 + 4 / 3 * small  # 1%: framing
+    for summary in summaries:
+        assert least <= summary["bytes_sent"] <= most, (summary["bytes_sent"], least, most)
+
 
 def load_round(peer) -> dict[str, torch.Tensor]:
     """The peer's local parameters at the end of its first round's inner steps."""
@@ -119,7 +133,7 @@ def sgd_reference(run: RunConfig, rounds: list[dict], micro_batch: int) -> dict[
     model = CausalLM(run.model_config())
     corpus = load_corpus(run.data.path, seq_len=run.data.seq_len, seed=run.training.seed)
     reader = ShardReader(CorpusShards(corpus, run.data.num_shards), "reference")  # one shard: what every peer reads
-    optimizer = torch.optim.SGD(model.parameters(), lr=run.training.lr, weight_decay=run.training.weight_decay)
+    optimizer = torch.optim.SGD(parameter_groups(model.parameters(), run.training.weight_decay), lr=run.training.lr)
     multiplier = lr_multiplier(run.training)
     for epoch, round_ in enumerate(rounds):
         left = round_["samples"]
@@ -130,7 +144,8 @@ def sgd_reference(run: RunConfig, rounds: list[dict], micro_batch: int) -> dict[
                 model(batch, labels=batch).loss.backward()
             for p in model.parameters():
                 p.grad /= micro_batches
-            optimizer.param_groups[0]["lr"] = run.training.lr * multiplier(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = run.training.lr * multiplier(epoch)
             optimizer.step()
             optimizer.zero_grad()
             left -= micro_batches * micro_batch
