@@ -86,7 +86,7 @@ def main() -> None:
             f"{name:<20}{row['tokens_per_s']:>12.0f}{row['speedup']:>16.2f}{mib(row['saved_bytes']):>11}{mib(row['peak_bytes']):>10}"
         )
     path = write_json(
-        f"model-{device.type}.json",
+        f"model-{device.type}.json" if args.dtype is None else f"model-{device.type}-{args.dtype}.json",
         dict(
             device=machine(device),
             dtype=str(dtype),
