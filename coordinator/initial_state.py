@@ -14,10 +14,10 @@ from typing import Any
 
 from hivemind.optim import state_averager
 from hivemind.optim.state_averager import dump_optimizer_state
-from transformers import AutoConfig
 
 from coordinator.checkpoints import TrainingState
-from model import CausalLM, ModelConfig, from_hf
+from model import CausalLM, ModelConfig
+from model.adapters import load_checkpoint
 from peer.optimizer import make_state_optimizer, make_state_scheduler
 from peer.run_config import RunConfig, RunConfigError
 
@@ -31,13 +31,8 @@ ARCHITECTURE_FIELDS = [
 
 def load_pretrained(path: str | Path) -> CausalLM:
     """The weights of a transformers checkpoint directory, as a Starling model."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise RunConfigError(f"model.init_from: {str(path)!r} is not a transformers checkpoint directory")
-    if AutoConfig.from_pretrained(path).model_type == ModelConfig.model_type:
-        return CausalLM.from_pretrained(path)
     try:
-        return from_hf(path)
+        return load_checkpoint(path)
     except ValueError as error:
         raise RunConfigError(f"model.init_from: {error}") from None
 

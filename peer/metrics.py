@@ -37,6 +37,7 @@ class PeerMetrics(BaseModel):
     device_name: StrictStr
     micro_batch: StrictInt
     precision: StrictStr = "fp32"  # what it trains in (peer.options.PRECISIONS); absent from older peers' records
+    objective: StrictStr = "pretrain"  # what it minimises (peer.run_config.OBJECTIVES)
     bytes_sent: StrictInt = 0  # of all-reduce messages so far (peer.averager: parts and averages)
     compute_seconds: StrictFloat = 0.0  # spent in forward and backward so far ...
     training_seconds: StrictFloat = 0.0  # ... of these since it began to train

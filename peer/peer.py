@@ -20,9 +20,11 @@ from hivemind.p2p import P2PDaemonError
 from tqdm.auto import tqdm
 
 from model import CausalLM, ModelConfig
+from model.adapters import load_checkpoint
 from model.data import load_corpus
 from model.kernels import guard as kernel_guard
-from model.prepared import is_prepared, manifest_digest
+from model.objectives import distillation_loss
+from model.prepared import is_prepared, manifest_digest, sha256_of
 from peer import memory_plan, metrics, run_record
 from peer.auth import RunAuthorizer, check_grant_for, parse_token
 from peer.averager import AggregatingAverager, CountingGradientAverager, RoundOutcome
@@ -47,7 +49,6 @@ AUXILIARY_POLL_PERIOD = 0.2  # seconds between two averaging checks of an auxili
 PROGRESS_FETCH_TIMEOUT = 10.0  # seconds to wait for the swarm's progress before training
 SHUTDOWN_GRACE = 2.0  # seconds a helper process gets to finish before it is terminated
 RESYNC_DELAY = 1.0  # seconds between two looks for a donor, the first after the epoch change that left the swarm
-EPOCH_TOLERANCE = 1  # epochs a peer may be behind its group and take their epoch; beyond it, it loads their state
 
 
 class PeerError(RuntimeError):
@@ -139,6 +140,7 @@ class Peer:
         self.dht: hivemind.DHT | None = None
         self.optimizer: hivemind.Optimizer | None = None
         self.model: CausalLM | None = None
+        self.teacher: CausalLM | None = None  # objective.kind = "distill": frozen, beside the model
         self.prometheus = metrics.PrometheusMetrics.create()
         self.prometheus.precision.info({"precision": self.precision.precision})
         self._stop = threading.Event()
@@ -242,6 +244,8 @@ class Peer:
         if self.faults.model_overrides:
             config = ModelConfig.from_dict({**config.to_dict(), **self.faults.model_overrides})
         self.model = CausalLM(config).to(self.device)
+        distilling = run.objective.kind == "distill" and not self.options.auxiliary  # an auxiliary peer does not train
+        self.teacher = self._load_teacher() if distilling else None
         self.shards = self._training_shards()
         self.reader = ShardReader(self.shards, self.peer_id)
         if self.options.auxiliary:
@@ -252,6 +256,36 @@ class Peer:
                 self.micro_batch = min(self.micro_batch, self.memory_plan.micro_batch)
         else:
             self.micro_batch = int(self.options.batch_size)
+
+    def _load_teacher(self) -> CausalLM:
+        """The run's teacher (objective.teacher), frozen on this peer's device, once its weights file
+        is checked against the run's digest; a PeerError naming what is wrong otherwise."""
+        objective = self.run_config.objective
+        folder = Path(objective.teacher)
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise PeerError(f"objective.teacher: {weights} is missing (every peer needs the run's teacher)")
+        digest = sha256_of(weights)
+        if digest != objective.teacher_sha256:
+            raise PeerError(
+                f"objective.teacher: {weights} is not the run's teacher "
+                f"(SHA-256 {digest[:16]}..., the run's {objective.teacher_sha256[:16]}...)"
+            )
+        try:
+            teacher = load_checkpoint(folder)
+        except ValueError as error:
+            raise PeerError(f"objective.teacher: {error}") from None
+        if teacher.config.vocab_size != self.model.config.vocab_size:
+            raise PeerError(
+                f"objective.teacher: its vocabulary has {teacher.config.vocab_size} tokens, "
+                f"the run's model {self.model.config.vocab_size}"
+            )
+        logger.info(
+            "distilling from the teacher in %s (%s parameters)",
+            folder,
+            f"{sum(p.numel() for p in teacher.parameters()):,}",
+        )
+        return teacher.to(self.device).eval().requires_grad_(False)
 
     def _training_shards(self) -> ShardSource:
         """The data this peer trains on: --data (offline), else the run's prepared dataset as it
@@ -496,7 +530,15 @@ class Peer:
             time.sleep(self.faults.slow_forward)
         self.faults.check_memory(len(batch))
         with self.precision.autocast():
-            loss = self.model(batch, labels=batch).loss
+            if self.teacher is None:
+                loss = self.model(batch, labels=batch).loss
+            else:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(batch).logits
+                objective = self.run_config.objective
+                loss = distillation_loss(
+                    self.model(batch).logits, teacher_logits, batch, objective.temperature, objective.kl_weight
+                )
         self.precision.backward(loss)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the kernels are queued: wait for them to time them
@@ -527,13 +569,13 @@ class Peer:
         outcomes = averager.settle_rounds() if isinstance(averager, CountingGradientAverager) else []
         if outcomes and not self.options.auxiliary:
             behind = averager.take_epochs_behind()
-            if behind > EPOCH_TOLERANCE:
-                # Its parameters miss epochs of the swarm's steps: averaging them in would pull the
-                # others back (hivemind's own rule for a peer behind by more than one epoch).
-                logger.info("the group of the last round was %d epochs ahead: loading its state", behind)
+            if behind > 0:
+                # Its parameters miss the steps of the epochs it is behind, and its optimizer's step
+                # count and schedule lag as many: taking the group's epoch number alone (as a joiner
+                # whose first round was the group's next one did) left it stepping differently from
+                # the others for good, state averaging notwithstanding. Their state has all of it.
+                logger.info("the group of the last round was %d epoch(s) ahead: loading its state", behind)
                 self.load_state_from_peers()
-            else:
-                self.optimizer.catch_up_with_group(behind)
         state_rounds = self.optimizer.state_averager.settle_state_rounds()
         self._emit(
             "epoch",
@@ -548,6 +590,7 @@ class Peer:
             micro_batches=len(self._epoch_losses),
             compute_seconds=self.compute_seconds,
             step_seconds=self._step_seconds,
+            optimizer_steps=self._optimizer_steps(),
         )
         self._epoch_losses = []
         if not all(bool(p.isfinite().all()) for p in self.model.parameters()):
@@ -564,6 +607,17 @@ class Peer:
             float("nan") if self.last_loss is None else self.last_loss,
             self.samples_contributed,
         )
+
+    def _optimizer_steps(self) -> int | None:
+        """The step count in the shared optimizer's state (Adam's bias correction uses it; state
+        averaging does not average it), or None before the first step."""
+        optimizer = self.optimizer.state_averager.optimizer
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                step = optimizer.state.get(param, {}).get("step")
+                if step is not None:
+                    return int(step)
+        return None
 
     def _resynchronise_after_bad_rounds(self, outcomes: list[RoundOutcome], state_outcomes: list[RoundOutcome]) -> None:
         """After a partial or failed gradient round this peer stepped on values the others did not
@@ -653,6 +707,7 @@ class Peer:
                 device=self.device.type,
                 device_name=device_name(self.device),
                 precision=self.precision.precision,
+                objective=self.run_config.objective.kind,
                 bytes_sent=bytes_sent,
                 compute_seconds=self.compute_seconds,
                 training_seconds=time.perf_counter() - self._training_started,

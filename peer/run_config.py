@@ -1,7 +1,7 @@
 """The run configuration: everything peers must agree on to train together.
 
-It is read from a TOML file (sections [model], [data], [training], [diloco], [averaging], [coordinator])
-and checked strictly: an unknown key, a value of the wrong type or an inconsistent model gives a
+It is read from a TOML file (sections [model], [data], [training], [diloco], [objective], [averaging],
+[coordinator]) and checked strictly: an unknown key, a value of the wrong type or an inconsistent model gives a
 RunConfigError that names the key. The coordinator publishes it in the DHT (peer/run_record.py).
 """
 
@@ -23,6 +23,7 @@ from model import ModelConfig
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lamb8bit", "sgd")
 MODES = ("batch", "diloco")
+OBJECTIVES = ("pretrain", "distill")
 COMPRESSIONS = ("adaptive-8bit", "fp16", "none")
 PSEUDO_GRADIENT_COMPRESSIONS = ("adaptive-8bit", "blockwise-4bit", "fp16", "none")
 MAX_OUTER_LR = 2.0  # beyond it the outer step overshoots the averaged inner progress
@@ -126,12 +127,24 @@ class CoordinatorSection:
 
 
 @dataclass
+class ObjectiveSection:
+    # "pretrain": next-token loss on the data. "distill": also match a frozen teacher's next-token
+    # distribution, which every peer runs beside the student (model.objectives.distillation_loss).
+    kind: str = "pretrain"
+    teacher: str | None = None  # distill: a Starling or transformers checkpoint folder, on every peer
+    teacher_sha256: str | None = None  # distill: SHA-256 of its weights file: each peer checks its copy
+    temperature: float = 2.0  # distill: of both distributions
+    kl_weight: float = 0.5  # distill: loss = kl_weight x T^2 x KL(teacher || student) + (1 - kl_weight) x next-token
+
+
+@dataclass
 class RunConfig:
     run_id: str = "starling-demo"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     diloco: DilocoSection = field(default_factory=DilocoSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     averaging: AveragingSection = field(default_factory=AveragingSection)
     coordinator: CoordinatorSection = field(default_factory=CoordinatorSection)
 
@@ -157,7 +170,7 @@ class RunConfig:
         configuration of the same run id averages with nobody of this run and never counts toward
         its epochs. Local choices (kernels, the corpus path and download address, averaging and
         coordinator settings) are left out; the outer rounds ([diloco]) are in it when the run
-        trains in that mode."""
+        trains in that mode, and the objective when it is not plain pretraining."""
         agreed = {
             "model": {"preset": self.model.preset, "overrides": self.model.overrides},
             "data": {"seq_len": self.data.seq_len, "num_shards": self.data.num_shards, "dataset": self.data.dataset},
@@ -165,6 +178,8 @@ class RunConfig:
         }
         if self.training.mode == "diloco":
             agreed["diloco"] = dataclasses.asdict(self.diloco)
+        if self.objective.kind != "pretrain":  # the teacher by its digest: its path is each peer's own
+            agreed["objective"] = {**dataclasses.asdict(self.objective), "teacher": None}
         digest = hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()
         return f"{self.run_id}_{digest[:12]}"
 
@@ -234,6 +249,23 @@ class RunConfig:
                 self.diloco.compression in PSEUDO_GRADIENT_COMPRESSIONS,
                 f"one of {', '.join(PSEUDO_GRADIENT_COMPRESSIONS)}",
             ),
+            ("objective.kind", self.objective.kind in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+            (
+                "objective.teacher",
+                (self.objective.teacher is not None) == (self.objective.kind == "distill"),
+                'set when objective.kind = "distill", and only then',
+            ),
+            (
+                "objective.teacher_sha256",
+                (self.objective.teacher_sha256 is None) == (self.objective.teacher is None)
+                and (
+                    self.objective.teacher_sha256 is None
+                    or re.fullmatch("[0-9a-f]{64}", self.objective.teacher_sha256) is not None
+                ),
+                "the 64 lowercase hex digits of the teacher's weights file's SHA-256, with objective.teacher",
+            ),
+            ("objective.temperature", self.objective.temperature > 0, "positive"),
+            ("objective.kl_weight", 0 <= self.objective.kl_weight <= 1, "in [0, 1]"),
             ("averaging.matchmaking_time", self.averaging.matchmaking_time > 0, "positive"),
             ("averaging.averaging_timeout", self.averaging.averaging_timeout > 0, "positive"),
             (

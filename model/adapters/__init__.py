@@ -44,6 +44,17 @@ def from_hf(hf_model_or_dir: PreTrainedModel | str | os.PathLike, **config_overr
     return model.to(hf_model_or_dir.dtype)
 
 
+def load_checkpoint(path: str | os.PathLike) -> CausalLM:
+    """A checkpoint folder (Starling's own, or a transformers Mistral, Mixtral or BLOOM one) as a
+    CausalLM; ValueError naming the folder when it is neither."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} is not a transformers checkpoint directory")
+    if AutoConfig.from_pretrained(path).model_type == ModelConfig.model_type:
+        return CausalLM.from_pretrained(path)
+    return from_hf(path)
+
+
 def hf_model_type(config: ModelConfig) -> str:
     """The transformers architecture (a key of ADAPTERS) closest to `config`: BLOOM for ALiBi, else
     Mixtral for a mixture of experts, else Mistral. to_hf checks that it expresses every field."""

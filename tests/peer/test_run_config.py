@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer import run_config
-from peer.run_config import RunConfig, RunConfigError
+from peer.run_config import ObjectiveSection, RunConfig, RunConfigError
 
 
 def write(tmp_path, text: str):
@@ -62,6 +62,15 @@ lr = 1
         ("training = 3\n", "[training] must be a table"),
         ("run_id = 'a b'\n", "run_id must be"),
         ("[training\n", "not valid TOML"),
+        ("[objective]\nkind = 'rlhf'\n", "objective.kind must be one of pretrain, distill"),
+        ("[objective]\nkind = 'distill'\n", "objective.teacher must be set when"),
+        ("[objective]\nteacher = 'teachers/t'\n", "objective.teacher must be set when"),
+        (
+            "[objective]\nkind = 'distill'\nteacher = 't'\nteacher_sha256 = 'abc'\n",
+            "objective.teacher_sha256 must be the 64 lowercase hex digits",
+        ),
+        ("[objective]\ntemperature = 0\n", "objective.temperature must be positive"),
+        ("[objective]\nkl_weight = 1.5\n", "objective.kl_weight must be in [0, 1]"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, culprit):
@@ -144,6 +153,9 @@ def test_any_file_loads_or_names_what_is_wrong(tmp_path_factory, text):
         assert str(path) in str(error)
 
 
+DISTILL = ObjectiveSection(kind="distill", teacher="teachers/t", teacher_sha256="ab" * 32)
+
+
 def test_training_key_separates_what_peers_must_agree_on():
     base = RunConfig()
     key = base.training_key()
@@ -155,6 +167,9 @@ def test_training_key_separates_what_peers_must_agree_on():
         dataclasses.replace(base, data=dataclasses.replace(base.data, seq_len=64)),
         dataclasses.replace(base, training=dataclasses.replace(base.training, lr=1e-3)),
         dataclasses.replace(base, training=dataclasses.replace(base.training, target_batch_size=128)),
+        dataclasses.replace(base, objective=DISTILL),
+        dataclasses.replace(base, objective=dataclasses.replace(DISTILL, teacher_sha256="cd" * 32)),
+        dataclasses.replace(base, objective=dataclasses.replace(DISTILL, temperature=1.0)),
     ]
     assert len({key, *(config.training_key() for config in disagreeing)}) == 1 + len(disagreeing)
     local_choices = [
@@ -164,6 +179,9 @@ def test_training_key_separates_what_peers_must_agree_on():
         dataclasses.replace(base, coordinator=dataclasses.replace(base.coordinator, checkpoint_every=3)),
     ]
     assert all(config.training_key() == key for config in local_choices)
+    # The teacher is agreed on by its digest; where each peer keeps it is its own choice.
+    elsewhere = dataclasses.replace(base, objective=dataclasses.replace(DISTILL, teacher="/elsewhere"))
+    assert elsewhere.training_key() == dataclasses.replace(base, objective=DISTILL).training_key()
 
 
 EXAMPLE = Path(__file__).parents[2] / "coordinator" / "run.example.toml"
