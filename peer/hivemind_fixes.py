@@ -60,6 +60,7 @@ import asyncio
 import logging
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
+from typing import AsyncIterator  # noqa: UP035  (hivemind's servicer reads typing's stream hints, not collections.abc's)
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -68,7 +69,8 @@ from hivemind.averaging.control import StepControl
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.dht import DHT
 from hivemind.optim import state_averager
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
 from hivemind.utils.mpfuture import MPFuture
 
 
@@ -161,7 +163,9 @@ def _parts_stub(self: AllReduceRunner, peer: PeerID) -> _PartsStub:
     return _PartsStub(_HIVEMIND_PEER_STUB(self, peer), expected)
 
 
-async def _aggregate_part_then_linger(self: DecentralizedAverager, stream, context):
+async def _aggregate_part_then_linger(
+    self: DecentralizedAverager, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+) -> AsyncIterator[averaging_pb2.AveragingData]:
     """DecentralizedAverager.rpc_aggregate_part, waiting after its last message until the member
     closes its end (the stream is then cancelled) or the part timeout passes."""
     async for message in _HIVEMIND_AGGREGATE_PART(self, stream, context):
