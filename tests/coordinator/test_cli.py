@@ -10,6 +10,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from coordinator.harness import STARLING_PEER
 from peer.auth import issue_token
+from tests.commands import run_at_once
 
 
 def run_coordinator(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -24,24 +25,35 @@ def run_peer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize(
-    "toml, culprit",
-    [
-        ('run_id = "x"\n[training]\nbatch = 4\n', "unknown key 'training.batch'"),
-        ('[training]\ntarget_batch_size = "many"\n', "training.target_batch_size must be int"),
-        ('[model]\npreset = "tiny"\noverrides = { num_attention_heads = 3 }\n', "[model] does not validate"),
-        ('[coordinator]\nauth = "password"\n', "coordinator.auth must be one of open, token"),
-        ('run_id = "x"\n[model\n', "not valid TOML"),
-        ("[diloco]\nouter_lr = 0.5\n", "[diloco] is only for training.mode"),
-        ('[training]\nmode = "diloco"\n[diloco]\nouter_momentum = 1.5\n', "diloco.outer_momentum must be in [0, 1)"),
-        ('[data]\ndataset = "d41d8cd98f"\n', "data.dataset must be the 64 lowercase hex digits"),
-        ('[data]\ndataset = "%s"\nurl = "ftp://host/"\n' % ("ab" * 32), "data.url must be an http:// or https://"),
-    ],
-)
-def test_bad_run_config_exits_2_naming_the_key(tmp_path, toml, culprit):
-    run_toml = tmp_path / "run.toml"
-    run_toml.write_text(toml)
-    result = run_coordinator("--config", str(run_toml), "--state-dir", str(tmp_path / "state"))
+BAD_RUN_CONFIGS = [
+    ('run_id = "x"\n[training]\nbatch = 4\n', "unknown key 'training.batch'"),
+    ('[training]\ntarget_batch_size = "many"\n', "training.target_batch_size must be int"),
+    ('[model]\npreset = "tiny"\noverrides = { num_attention_heads = 3 }\n', "[model] does not validate"),
+    ('[coordinator]\nauth = "password"\n', "coordinator.auth must be one of open, token"),
+    ('run_id = "x"\n[model\n', "not valid TOML"),
+    ("[diloco]\nouter_lr = 0.5\n", "[diloco] is only for training.mode"),
+    ('[training]\nmode = "diloco"\n[diloco]\nouter_momentum = 1.5\n', "diloco.outer_momentum must be in [0, 1)"),
+    ('[data]\ndataset = "d41d8cd98f"\n', "data.dataset must be the 64 lowercase hex digits"),
+    ('[data]\ndataset = "%s"\nurl = "ftp://host/"\n' % ("ab" * 32), "data.url must be an http:// or https://"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_run_config_results(tmp_path_factory) -> list:
+    """starling-coordinator on each of BAD_RUN_CONFIGS, run at once."""
+    folder = tmp_path_factory.mktemp("bad-run-configs")
+    commands = []
+    for index, (toml, _) in enumerate(BAD_RUN_CONFIGS):
+        run_toml = folder / f"run{index}.toml"
+        run_toml.write_text(toml)
+        state = folder / f"state{index}"
+        commands.append([sys.executable, "-m", "coordinator.cli", "--config", str(run_toml), "--state-dir", str(state)])
+    return run_at_once(commands)
+
+
+@pytest.mark.parametrize("index", range(len(BAD_RUN_CONFIGS)), ids=[c for _, c in BAD_RUN_CONFIGS])
+def test_bad_run_config_exits_2_naming_the_key(bad_run_config_results, index):
+    culprit, result = BAD_RUN_CONFIGS[index][1], bad_run_config_results[index]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and culprit in result.stderr, result.stderr[-2000:]
 

@@ -8,6 +8,7 @@ import torch
 from model import CausalLM, ModelConfig
 from model.data import load_corpus
 from model.train import TrainSettings, train
+from tests.commands import run_at_once
 
 
 def test_demo_model_loss_falls_within_a_few_dozen_steps():
@@ -25,16 +26,17 @@ def run_cli(*args):
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
-    for args, culprit in [
+    cases = [
         (["--preset", "nope"], "unknown preset 'nope'"),
         (["--data", str(tmp_path / "missing")], "does not exist"),
         (["--kernels", "fast"], "kernels"),
         (["--steps", "0"], "--steps"),
-    ]:
-        result = run_cli(*args)
-        assert result.returncode == 2, result.stderr
+    ]
+    results = run_at_once([[sys.executable, "-m", "model.train", *args] for args, _ in cases])
+    for (args, culprit), result in zip(cases, results):
+        assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and culprit in lines[0], result.stderr
+        assert len(lines) == 1 and culprit in lines[0], (args, result.stderr)
 
 
 def test_cli_unknown_option_exits_2():

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator.harness import PeerProcess, free_port
 from peer.cli import build_parser
 from peer.options import PeerOptions
+from tests.commands import run_at_once
 
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWKwHFESqhcjt2RFErZXU4PfSNEH16HN3vQ4ULa5EbhRrW"
 
@@ -27,21 +28,28 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("starling-peer: error:")]
 
 
-@pytest.mark.parametrize(
-    "args, culprit",
-    [
-        (["--bogus"], "unrecognized arguments: --bogus"),
-        (["--batch-size", "zero"], "--batch-size"),
-        (["--initial-peers", "/ip4/127.0.0.1/tcp/abc"], "'/ip4/127.0.0.1/tcp/abc' is not a valid multiaddr"),
-        (["--initial-peers", "/ip4/127.0.0.1/tcp/31337"], "lacks the /p2p/<peer id> part"),
-        (["--device", "cuda:3"], "--device cuda:3"),
-        (["--device", "tpu"], "--device tpu"),
-        (["--config", "/nonexistent/run.toml"], "config: '/nonexistent/run.toml' is not a file"),
-        (["--client-mode", "--auxiliary"], "client_mode and auxiliary"),
-    ],
-)
-def test_bad_input_gives_one_line_and_exit_2(args, culprit):
-    result = run_peer(*args)
+BAD_INPUTS = [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--batch-size", "zero"], "--batch-size"),
+    (["--initial-peers", "/ip4/127.0.0.1/tcp/abc"], "'/ip4/127.0.0.1/tcp/abc' is not a valid multiaddr"),
+    (["--initial-peers", "/ip4/127.0.0.1/tcp/31337"], "lacks the /p2p/<peer id> part"),
+    (["--device", "cuda:3"], "--device cuda:3"),
+    (["--device", "tpu"], "--device tpu"),
+    (["--config", "/nonexistent/run.toml"], "config: '/nonexistent/run.toml' is not a file"),
+    (["--client-mode", "--auxiliary"], "client_mode and auxiliary"),
+    (["--precision", "fp8"], "--precision"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_results() -> list:
+    """starling-peer on each of BAD_INPUTS, run at once."""
+    return run_at_once([[sys.executable, "-m", "peer.cli", *args] for args, _ in BAD_INPUTS])
+
+
+@pytest.mark.parametrize("index", range(len(BAD_INPUTS)), ids=[culprit for _, culprit in BAD_INPUTS])
+def test_bad_input_gives_one_line_and_exit_2(bad_input_results, index):
+    culprit, result = BAD_INPUTS[index][1], bad_input_results[index]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
     assert culprit in result.stderr
