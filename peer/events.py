@@ -8,7 +8,7 @@ of them that did not succeed (the averaged fraction and each failed reducer's er
 inner_steps: DiLoCo's local steps so far, samples_contributed and compute_seconds so far,
 train_loss: the mean loss of the micro_batches contributed in the epoch, step_seconds: the
 optimizer step that ended it, all-reduce and update included, optimizer_steps: the step count in
-the shared optimizer's state), "out_of_memory" (epoch,
+the shared optimizer's state, learning_rate: its first group's), "out_of_memory" (epoch,
 micro_batch: the halved micro-batch the peer goes on with), "stopped" (the PeerSummary). Every
 event has "event" and "time" (Unix seconds). Tests, benchmarks and tools read these, not the human log.
 """

@@ -591,6 +591,7 @@ class Peer:
             compute_seconds=self.compute_seconds,
             step_seconds=self._step_seconds,
             optimizer_steps=self._optimizer_steps(),
+            learning_rate=self.optimizer.state_averager.optimizer.param_groups[0]["lr"],
         )
         self._epoch_losses = []
         if not all(bool(p.isfinite().all()) for p in self.model.parameters()):
