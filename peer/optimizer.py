@@ -149,6 +149,21 @@ class CollaborativeOptimizer(hivemind.Optimizer):
             self.tracker.fetch_now()
         super()._update_global_epoch(grad_scaler)
 
+    def catch_up_with_group(self, epochs: int) -> None:
+        """Take the epoch of the group of the latest round, `epochs` ahead of this peer's: they averaged
+        the same values in it, only their epochs differ (a peer that took its first epoch after the
+        others keeps its count one behind theirs; it would then stop, or take its schedule, a round
+        apart from them)."""
+        if epochs <= 0:
+            return
+        logger.info("the group of the last round was at epoch %d: taking it", self.local_epoch + epochs)
+        with self.tracker.pause_updates():
+            self.state_averager.local_epoch += epochs
+            self.tracker.update_epoch(new_epoch=self.local_epoch)
+        if not self.client_mode:
+            self.state_averager.state_sharing_priority = self.local_epoch
+            self.grad_averager.state_sharing_priority = self.local_epoch
+
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> RunProgressTracker:
         return RunProgressTracker(
             dht=self.dht,

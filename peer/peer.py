@@ -49,6 +49,7 @@ AUXILIARY_POLL_PERIOD = 0.2  # seconds between two averaging checks of an auxili
 PROGRESS_FETCH_TIMEOUT = 10.0  # seconds to wait for the swarm's progress before training
 SHUTDOWN_GRACE = 2.0  # seconds a helper process gets to finish before it is terminated
 RESYNC_DELAY = 1.0  # seconds between two looks for a donor, the first after the epoch change that left the swarm
+EPOCH_TOLERANCE = 1  # epochs a peer that averaged since its last state load may lag its group and take their epoch
 
 
 class PeerError(RuntimeError):
@@ -150,6 +151,7 @@ class Peer:
         self._reported_rounds = {outcome: 0 for outcome in RoundOutcome}
         self._reported_overflows = 0
         self._reported_bytes = 0
+        self._state_loads_at_last_round = 0  # state_loads when this peer's latest round ended
         self._training_started = time.perf_counter()  # reset when the training loop starts
         self.off_swarm = False  # a partial or failed round left this peer's parameters off the swarm's
         self._resync_after = 0.0  # time.monotonic() after which an off-swarm peer looks for a donor again
@@ -569,13 +571,21 @@ class Peer:
         outcomes = averager.settle_rounds() if isinstance(averager, CountingGradientAverager) else []
         if outcomes and not self.options.auxiliary:
             behind = averager.take_epochs_behind()
-            if behind > 0:
-                # Its parameters miss the steps of the epochs it is behind, and its optimizer's step
-                # count and schedule lag as many: taking the group's epoch number alone (as a joiner
-                # whose first round was the group's next one did) left it stepping differently from
-                # the others for good, state averaging notwithstanding. Their state has all of it.
+            # A peer that loaded a state and whose first round after it was the group's next epoch
+            # (a joiner, hivemind's matchmaking keys carry no epoch) missed that epoch's step: taking
+            # the group's epoch number alone left it stepping differently from the others for good
+            # (2 of 4 agreement runs), state averaging notwithstanding. A peer that has averaged
+            # since only lags the count; loading state at every such lag kept a slow peer of short
+            # epochs loading instead of training (the cut-off test), so it takes the epoch, unless
+            # it is behind by more than one.
+            just_loaded = self.state_loads != self._state_loads_at_last_round
+            self._state_loads_at_last_round = self.state_loads
+            if behind > EPOCH_TOLERANCE or (behind > 0 and just_loaded):
                 logger.info("the group of the last round was %d epoch(s) ahead: loading its state", behind)
                 self.load_state_from_peers()
+                self._state_loads_at_last_round = self.state_loads
+            else:
+                self.optimizer.catch_up_with_group(behind)
         state_rounds = self.optimizer.state_averager.settle_state_rounds()
         self._emit(
             "epoch",

@@ -103,11 +103,10 @@ def test_peer_cut_off_longer_than_the_averaging_timeout_catches_up(tmp_path, wri
     """One peer's link goes down for twice the averaging timeout while all three train. The others
     stall only for the round the peer was in (up to the averaging timeout) and go on through epochs
     without it. The cut-off peer does not stop either: its rounds fail and it takes local steps
-    alone, so it may come back at the swarm's epoch or behind it. Behind its group in a round, it
-    loads the swarm's state; at the swarm's epoch, it simply takes part in the next rounds. Either
-    way it reaches the swarm's epoch, and after an epoch together its parameters are the swarm's
-    again (state is averaged every epoch). Back more than one epoch behind, it must have loaded state
-    (its lone epochs may bring it within one before its first round with the others).
+    alone, so it may come back at the swarm's epoch or behind it. Behind by more than one epoch
+    (peer.peer.EPOCH_TOLERANCE), it loads the swarm's state; within it, it takes the swarm's epoch
+    and part in the next rounds. Either way it reaches the swarm's epoch, and after an epoch together
+    its parameters are the swarm's again (state is averaged every epoch)."""
     run_toml = write_run_config(tmp_path, target_batch_size=48)
     timeout = RunConfig.load(run_toml).averaging.averaging_timeout
     cut_host, *other_hosts = lab.hosts
