@@ -8,6 +8,7 @@ import sys
 import pytest
 from hivemind.utils.crypto import RSAPrivateKey
 
+from coordinator import cli as coordinator_cli
 from coordinator.harness import STARLING_PEER
 from peer.auth import issue_token
 from tests.commands import run_at_once
@@ -19,10 +20,9 @@ def run_coordinator(*args: str, timeout: float = 120) -> subprocess.CompletedPro
     )
 
 
-def run_peer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def peer_command(*args: str) -> list[str]:
     """`starling-peer ARGS` on loopback, as a volunteer runs it."""
-    command = [str(STARLING_PEER), *args, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    return [str(STARLING_PEER), *args, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4"]
 
 
 BAD_RUN_CONFIGS = [
@@ -38,24 +38,16 @@ BAD_RUN_CONFIGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_run_config_results(tmp_path_factory) -> list:
-    """starling-coordinator on each of BAD_RUN_CONFIGS, run at once."""
-    folder = tmp_path_factory.mktemp("bad-run-configs")
-    commands = []
-    for index, (toml, _) in enumerate(BAD_RUN_CONFIGS):
-        run_toml = folder / f"run{index}.toml"
-        run_toml.write_text(toml)
-        state = folder / f"state{index}"
-        commands.append([sys.executable, "-m", "coordinator.cli", "--config", str(run_toml), "--state-dir", str(state)])
-    return run_at_once(commands)
-
-
-@pytest.mark.parametrize("index", range(len(BAD_RUN_CONFIGS)), ids=[c for _, c in BAD_RUN_CONFIGS])
-def test_bad_run_config_exits_2_naming_the_key(bad_run_config_results, index):
-    culprit, result = BAD_RUN_CONFIGS[index][1], bad_run_config_results[index]
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert len(result.stderr.strip().splitlines()) == 1 and culprit in result.stderr, result.stderr[-2000:]
+@pytest.mark.parametrize("toml, culprit", BAD_RUN_CONFIGS, ids=[c for _, c in BAD_RUN_CONFIGS])
+def test_bad_run_config_exits_2_naming_the_key(tmp_path, capsys, toml, culprit):
+    """The command's entry point, called in this process (test_bad_options_exit_2 runs the command
+    as a process; nine processes importing the model cost 90 s on two cores)."""
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(toml)
+    code = coordinator_cli.main(["--config", str(run_toml), "--state-dir", str(tmp_path / "state")])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr[-2000:]
+    assert len(stderr.strip().splitlines()) == 1 and culprit in stderr, stderr[-2000:]
 
 
 def test_dashboard_port_in_use_is_named(tmp_path, write_run_config):
@@ -122,12 +114,13 @@ def test_moderated_run_refuses_peers_without_a_valid_or_with_a_revoked_token(
 
     member = launch_peer("alice", initial_peers=[coord.address], max_epochs=2, token=token)
     # Refused volunteers see one line naming what to check, and exit with status 2.
-    for extra, culprit in (
+    refusals = (
         ([], "did not accept this peer: if the run is moderated, pass --token"),
         (["--token", forged], "token was not issued by the coordinator"),
         (["--token", eve], "did not accept this peer: check that your --token is current"),
-    ):
-        refused = run_peer("--initial-peers", coord.address, "--max-epochs", "1", *extra)
+    )
+    commands = [peer_command("--initial-peers", coord.address, "--max-epochs", "1", *extra) for extra, _ in refusals]
+    for (_, culprit), refused in zip(refusals, run_at_once(commands)):
         last_line = refused.stderr.strip().splitlines()[-1]
         assert refused.returncode == 2 and last_line.startswith("starling-peer: error:"), refused.stderr[-2000:]
         assert culprit in last_line, refused.stderr[-2000:]

@@ -57,11 +57,11 @@ def test_an_overflowing_micro_batch_halves_the_scale_and_a_run_without_overflow_
 
 
 def test_a_peer_in_fp16_skips_the_micro_batches_that_overflow_and_goes_on(tmp_path, write_run_config, start_peer):
-    """A peer in fp16 whose loss scale starts so high (2^40, peer.faults) that its first micro-batches
+    """A peer in fp16 whose loss scale starts so high (2^30, peer.faults) that its first micro-batches
     overflow: each is skipped, not contributed, and halves the scale, until the gradients fit fp16's
     range; the peer then trains and contributes exactly the micro-batches that did not overflow."""
     run_toml = write_run_config(tmp_path, target_batch_size=16)
-    peer = start_peer("fp16", run_toml, max_epochs=2, batch_size=4, precision="fp16", initial_loss_scale=2.0**40)
+    peer = start_peer("fp16", run_toml, max_epochs=2, batch_size=4, precision="fp16", initial_loss_scale=2.0**30)
     summary = peer.wait(timeout=180)
     events = peer.events()
 
