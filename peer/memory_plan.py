@@ -23,11 +23,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from model import CausalLM, ModelConfig
+from peer.optimizer import INNER_OPTIMIZERS
 from peer.run_config import RunConfig
 
-# Bytes of optimizer state per parameter, for each optimizer a run may name (peer.optimizer's
-# INNER_OPTIMIZERS): Adam's two float32 moments, or two 8-bit ones; plain SGD keeps none.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lamb8bit": 2, "sgd": 0}
 FLOAT32 = 4
 SAFETY = 0.85  # of the device's memory a plan fills: the rest is the allocator's and the libraries'
 MAX_MICRO_BATCH = 256
@@ -118,14 +116,18 @@ def plan(
     `offload`: the run's offload_optimizer."""
     config = run.model_config()
     count = parameter_count(config)
-    state = OPTIMIZER_STATE_BYTES[run.training.optimizer] * count
+    optimizer = INNER_OPTIMIZERS[run.training.optimizer]
+    state = optimizer.state_bytes * count
     offload = run.averaging.offload_optimizer if offload is None else offload
     if run.training.mode == "diloco":  # inner state on the device; outer parameters, momentum, averager
         on_device, gradients, host = state, FLOAT32 * count, 3 * FLOAT32 * count
-    else:  # gradients and hivemind's accumulators; the averager's buffer in host memory
+    else:  # gradients and hivemind's accumulators; the averagers' buffers in host memory
         gradients = 2 * FLOAT32 * count
         on_device = 0 if offload else state
-        host = FLOAT32 * count + ((state + 2 * FLOAT32 * count) if offload else 0)
+        if offload:  # the state averager averages the offloaded parameters and state in place
+            host = FLOAT32 * count + state + 2 * FLOAT32 * count
+        else:  # it averages host copies of the parameters and of the averaged statistics
+            host = FLOAT32 * count + FLOAT32 * count * (1 + len(optimizer.averaged_statistics))
     if device_memory is None and device.type == "cuda":
         device_memory = torch.cuda.get_device_properties(device).total_memory
     per_sequence = per_sequence_bytes(config, run.data.seq_len)
