@@ -190,7 +190,30 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
         only donors that offer at least min_donor_priority. hivemind discards a state older than its
         local epoch after downloading it: such a donor is passed over before."""
         self.limit_next_load(min_donor_priority, min_epoch=self.local_epoch)
-        return super().load_state_from_peers(wait=wait, timeout=timeout)
+        averaged = self._averaged_statistics()
+        loaded = super().load_state_from_peers(wait=wait, timeout=timeout)
+        with torch.no_grad(), self.lock_averaged_tensors:
+            for (param, key), tensor in averaged.items():
+                state = self.optimizer.state[param]
+                if state.get(key) is not tensor:
+                    tensor.copy_(state[key])
+                    state[key] = tensor
+        return loaded
+
+    def _averaged_statistics(self) -> dict[tuple[torch.Tensor, str], torch.Tensor]:
+        """The optimizer's statistics that state rounds average in place (hivemind's reuse_tensors,
+        with offload_optimizer): the averager's process shares these very tensors. hivemind loads a
+        state with the optimizer's load_state_dict, which puts new tensors in their place, and left
+        alone the averager would go on averaging the old ones: the peer's own moments would never be
+        averaged again, and the others would average theirs with its stale ones."""
+        if not self.reuse_tensors:  # hivemind copies the statistics into its averaged tensors
+            return {}
+        return {
+            (param, key): self.optimizer.state[param][key]
+            for group in self.optimizer.param_groups
+            for param in group["params"]
+            for key in self.opt_keys_for_averaging
+        }
 
     def check_state(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
         parameters = [param for group in self.optimizer.param_groups for param in group["params"]]

@@ -278,11 +278,21 @@ CONTRACT = [
         f"{STATE_AVERAGER}.load_state_from_peers",
         "peer/state_loading.py",
         called_from=("hivemind.Optimizer.load_state_from_peers",),
+        # CheckedStateAverager puts the averaged statistics back after hivemind's load_state_dict
+        source_has=("load_optimizer_state(self.optimizer", "if not self.reuse_tensors:"),
     ),
     Reliance(
         STATE_AVERAGER,
         "peer/state_loading.py, peer/diloco.py",
-        attrs=("local_epoch", "optimizer", "extra_tensors", "main_parameters", "finished_averaging_round"),
+        attrs=(
+            "local_epoch",
+            "optimizer",
+            "extra_tensors",
+            "main_parameters",
+            "finished_averaging_round",
+            "reuse_tensors",
+            "opt_keys_for_averaging",
+        ),
     ),
     # check_state() reads this metadata; coordinator/state_sharing.py serves the same
     Reliance(

@@ -10,11 +10,12 @@ import hivemind
 import pytest
 import torch
 
+from coordinator.harness import wait_until
 from model import CausalLM
 from peer.averager import RoundOutcome, StateRound
 from peer.optimizer import make_collaborative_optimizer
 from peer.run_config import RunConfig
-from peer.state_loading import CheckedStateAverager
+from peer.state_loading import CheckedStateAverager, state_offers
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 MATCHMAKING_TIME, ROUND_TIMEOUT = 2.0, 5.0
@@ -76,10 +77,12 @@ def test_a_state_round_with_the_group_succeeds_and_one_alone_fails(two_averagers
 
 
 def test_a_state_round_brings_the_peers_optimizer_statistics_together():
-    """Two peers of a run with the shipped settings (AdamW) whose Adam moments differ, as after a
-    partial round: a state averaging round averages the moments with the parameters, so that the
-    same averaged gradients move both alike from then on. Averaging the parameters alone left a
-    peer stepping 3.5% larger than the others until it next loaded state."""
+    """Two peers of a run with the shipped settings (AdamW, offloaded optimizer), the second a
+    joiner that loaded the first's state, whose Adam moments then differ (as after a partial
+    round): a state averaging round averages the moments with the parameters, so that the same
+    averaged gradients move both alike from then on. Averaging the parameters alone, or the
+    moments the joiner held before it loaded state, left peers stepping apart after every state
+    round (tests/peer/test_agreement.py)."""
     run = RunConfig.from_dict({"run_id": "moments", "model": {"preset": "tiny"}})
     first = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
     second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=LOOPBACK, start=True)
@@ -89,24 +92,27 @@ def test_a_state_round_brings_the_peers_optimizer_statistics_together():
         make_collaborative_optimizer(copy.deepcopy(model), dht, run, batch_size_per_step=4) for dht in (first, second)
     ]
     try:
-        statistics = [opt.state_averager.optimizer.state for opt in optimizers]
-        for index, moments in enumerate(statistics):
-            for state in moments.values():
+        veteran, joiner = (opt.state_averager for opt in optimizers)
+        prefix = veteran.prefix
+        wait_until(lambda: veteran.peer_id in state_offers(second, prefix), 30, "the first peer's state offer")
+        joiner.load_state_from_peers()
+        assert joiner.states_received == 1
+        for index, averager in enumerate((veteran, joiner)):
+            for state in averager.optimizer.state.values():
                 state["exp_avg"].fill_(0.01 * (index + 1))
                 state["exp_avg_sq"].fill_(1e-4 * (index + 1) ** 2)
 
         timeout = run.averaging.averaging_timeout
-        rounds = [threading.Thread(target=average_state, args=(opt.state_averager, timeout)) for opt in optimizers]
+        rounds = [threading.Thread(target=average_state, args=(averager, timeout)) for averager in (veteran, joiner)]
         for thread in rounds:
             thread.start()
         for thread in rounds:
             thread.join()
-        for opt in optimizers:
-            assert settled(opt.state_averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
-        for one, other in zip(*(list(moments.values()) for moments in statistics)):
-            for key, mean in (("exp_avg", 0.015), ("exp_avg_sq", 2.5e-4)):
-                torch.testing.assert_close(one[key], other[key])
-                torch.testing.assert_close(one[key], torch.full_like(one[key], mean))
+        for averager in (veteran, joiner):
+            assert settled(averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
+            for state in averager.optimizer.state.values():
+                for key, mean in (("exp_avg", 0.015), ("exp_avg_sq", 2.5e-4)):
+                    torch.testing.assert_close(state[key], torch.full_like(state[key], mean))
     finally:
         for opt in optimizers:
             opt.shutdown()
