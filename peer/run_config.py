@@ -103,10 +103,10 @@ class AveragingSection:
     aggregation: str = "centered-clip"
     # Tensors with at least this many values go over the wire in 8 bits, smaller ones in 16.
     compression_threshold: int = 2**16
-    # Parameters and optimizer state travel in float32 (3 x 4 bytes per parameter with AdamW), several
-    # times a gradient round in 8 bits: averaged every epoch, they slowed a 20 Mbit/s swarm of the tiny
-    # model by 29% (benchmarks/wan.py). Gradients are averaged exactly every epoch, so peers drift only
-    # by codec error and missed rounds in between.
+    # Parameters and AdamW's moments travel in float32 (3 x 4 bytes per parameter), several times a
+    # gradient round in 8 bits: the parameters alone, averaged every epoch, slowed a 20 Mbit/s swarm of
+    # the tiny model by 29% (benchmarks/wan.py). Gradients are averaged exactly every epoch, so peers
+    # drift only by codec error and missed rounds in between.
     average_state_every: int = 5
     offload_optimizer: bool = True
     delay_optimizer_step: bool = False

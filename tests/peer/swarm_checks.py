@@ -19,7 +19,8 @@ import torch
 from peer.run_config import RunConfig
 
 # In steps of lr: how far one round through the 8-bit codec moves two peers apart, at most.
-# Measured up to 0.02 per round with the shipped settings (tests/peer/test_agreement.py), 0.002-0.005
+# Measured up to 0.016 per round with the shipped settings (tests/peer/test_agreement.py, 3 runs with
+# AdamW's moments averaged with the parameters; before they were, up to 0.02), 0.002-0.005
 # with the small test runs' (lr 1e-3, 32 tokens), where a peer that missed a third of one round's
 # values was 6-7 times as far from the others as they were from each other.
 CODEC_DRIFT_PER_ROUND = 0.025
