@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, 
 
 from benchmarks import netlab  # noqa: E402
 from coordinator.harness import bootstrap_node, wait_until  # noqa: E402
+from peer.peer import EPOCH_TOLERANCE  # noqa: E402
 from peer.run_config import RunConfig  # noqa: E402
 
 NO_LAB = netlab.why_no_lab()
@@ -106,7 +107,11 @@ def test_peer_cut_off_longer_than_the_averaging_timeout_catches_up(tmp_path, wri
     alone, so it may come back at the swarm's epoch or behind it. Behind by more than one epoch
     (peer.peer.EPOCH_TOLERANCE), it loads the swarm's state; within it, it takes the swarm's epoch
     and part in the next rounds. Either way it reaches the swarm's epoch, and after an epoch together
-    its parameters are the swarm's again (state is averaged every epoch)."""
+    its parameters are the swarm's again (state is averaged every epoch).
+
+    How far behind it was is read from its own epochs: the others' epoch when the link came back is
+    not it, since the peer may finish a lone epoch just after that (its failed rounds last the
+    averaging timeout, the cut twice that)."""
     run_toml = write_run_config(tmp_path, target_batch_size=48)
     timeout = RunConfig.load(run_toml).averaging.averaging_timeout
     cut_host, *other_hosts = lab.hosts
@@ -121,7 +126,6 @@ def test_peer_cut_off_longer_than_the_averaging_timeout_catches_up(tmp_path, wri
     epoch_at_cut = max(peer.logged_epoch() for peer in others)
     time.sleep(2 * timeout)
     epoch_at_restore = min(peer.logged_epoch() for peer in others)
-    behind = epoch_at_restore - cut.logged_epoch()
     lab.restore(cut_host)
     assert epoch_at_restore >= epoch_at_cut + 1, "the others stalled while one peer was cut off"
 
@@ -139,9 +143,13 @@ def test_peer_cut_off_longer_than_the_averaging_timeout_catches_up(tmp_path, wri
         peer.process.send_signal(signal.SIGTERM)
     summaries = {peer.folder.name: peer.wait(timeout=60) for peer in everyone}
 
-    if behind > 1:
-        assert summaries["cut"]["state_loads"] >= 1, f"came back {behind} epochs behind without loading state"
     assert summaries["cut"]["rounds_succeeded"] >= 1
+    if summaries["cut"]["state_loads"] == 0:
+        # Then every round took the group's epoch: at most EPOCH_TOLERANCE ahead of the peer's own,
+        # and the round's step on top.
+        epochs = [e["epoch"] for e in cut.events() if e["event"] == "epoch"]
+        jump = max(later - earlier for earlier, later in zip(epochs, epochs[1:]))
+        assert jump <= EPOCH_TOLERANCE + 1, f"came back {jump - 1} epochs behind without loading state"
     assert summaries["cut"]["epoch"] >= others_at_stop - 1
     for name in ("peer0", "peer1"):
         assert summaries[name]["rounds_succeeded"] >= epoch_at_restore - 1, name
