@@ -15,7 +15,7 @@ from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.p2p import PeerID
 
 from model import parameter_groups
-from peer.averager import CountingGradientAverager
+from peer.averager import CountingGradientAverager, gathered_epochs
 from peer.compression import gradient_compression, state_compression
 from peer.faults import FaultPlan
 from peer.progress import RunProgressTracker
@@ -163,6 +163,19 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         if self.tracker.global_progress.num_peers <= 1 and not self.auxiliary:
             self.tracker.fetch_now()
         super()._update_global_epoch(grad_scaler)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        """hivemind's gradient round, after which the swarm's epoch counts the group's: hivemind next
+        decides whether this epoch ends with a state round from max(this peer's epoch + 1, the
+        swarm's epoch), and a peer one epoch behind the group it averaged with (a joiner whose state
+        was an epoch old) decided for another epoch than the group: it ran a state round nobody
+        joined, or left the group's state round alone (each stalled a two-peer swarm)."""
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        done = maybe_step_control is not None and maybe_step_control.done()  # not when waiting for it timed out
+        epochs = gathered_epochs(maybe_step_control) if done else {}
+        if epochs:
+            progress = self.tracker.global_progress  # hivemind's epoch step holds its lock (pause_updates)
+            progress.epoch = max(progress.epoch, max(epochs.values()) + 1)
 
     def catch_up_with_group(self, epochs: int) -> None:
         """Take the epoch of the group of the latest round, `epochs` ahead of this peer's: they averaged

@@ -2,6 +2,7 @@
 averaging round brought it back together with the swarm (peer.averager.StateRoundsAverager)."""
 
 import copy
+import dataclasses
 import threading
 import time
 from functools import partial
@@ -76,6 +77,23 @@ def test_a_state_round_with_the_group_succeeds_and_one_alone_fails(two_averagers
     assert lone.main_parameters[0].tolist() == [2.0] * 1000
 
 
+def test_a_state_round_no_other_peer_joins_frees_the_next_optimizer_step_long_before_the_averaging_timeout(
+    two_averagers,
+):
+    """The other peer is up but skips this state round (a joiner one epoch behind): the round runs
+    in the background, as the shipped optimizer runs it, and fails once its group search (its
+    matchmaking time and state_round_search_window) is over. hivemind searched until the averaging
+    timeout and held the peer's next optimizer step as long (a 60 s stall of a two-peer swarm)."""
+    alone, _skipping = two_averagers
+    averaging_timeout = RunConfig().averaging.averaging_timeout
+    started = time.monotonic()
+    alone.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=averaging_timeout))
+    alone.step(optimizer_step=True)
+    assert time.monotonic() - started < averaging_timeout / 2
+    assert alone.settle_state_rounds() == [StateRound(RoundOutcome.FAILED, group_size=1)]
+    assert alone.main_parameters[0].tolist() == [1.0] * 1000  # nothing averaged, no gradient to step on
+
+
 def test_a_state_round_brings_the_peers_optimizer_statistics_together():
     """Two peers of a run with the shipped settings (AdamW, offloaded optimizer), the second a
     joiner that loaded the first's state, whose Adam moments then differ (as after a partial
@@ -113,6 +131,52 @@ def test_a_state_round_brings_the_peers_optimizer_statistics_together():
             for state in averager.optimizer.state.values():
                 for key, mean in (("exp_avg", 0.015), ("exp_avg_sq", 2.5e-4)):
                     torch.testing.assert_close(state[key], torch.full_like(state[key], mean))
+    finally:
+        for opt in optimizers:
+            opt.shutdown()
+        first.shutdown()
+        second.shutdown()
+
+
+def test_peers_an_epoch_apart_take_the_state_round_of_the_same_epochs():
+    """A joiner whose state was an epoch old averages its first gradient round with a peer an epoch
+    ahead (matchmaking keys carry no epoch). hivemind decides whether an epoch ends with a state
+    round from the peer's own epoch, so with a state round every second epoch exactly one of the two
+    ran one, alone: it searched for a group until the averaging timeout and held that peer's next
+    optimizer step as long. The swarm's epoch now counts the group's, and both take it together."""
+    run = RunConfig.from_dict(
+        {"run_id": "epoch-apart", "model": {"preset": "tiny"}, "averaging": {"average_state_every": 2}}
+    )
+    first = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
+    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=LOOPBACK, start=True)
+    torch.manual_seed(0)
+    models = [CausalLM(run.model_config())]
+    models.append(copy.deepcopy(models[0]))
+    dhts = (first, second)
+    optimizers = [make_collaborative_optimizer(m, dht, run, batch_size_per_step=4) for m, dht in zip(models, dhts)]
+    try:
+        tokens = torch.randint(0, run.model_config().vocab_size, (4, 16))
+        for opt, model, epoch in zip(optimizers, models, (3, 2)):  # the first's next epoch ends with a state round
+            opt.state_averager.local_epoch = epoch
+            model(tokens, labels=tokens).loss.backward()
+            opt.grad_averager.accumulate_grads_(4)
+            # The run as each counts it once both have reported: two peers, at the first's epoch.
+            # (Trackers of one process report under one DHT subkey and would not count each other.)
+            opt.tracker.shutdown()
+            with opt.tracker.pause_updates():
+                opt.tracker.update_epoch(new_epoch=epoch)
+                opt.tracker.global_progress = dataclasses.replace(
+                    opt.tracker.global_progress, epoch=3, num_peers=2, samples_accumulated=8
+                )
+        # hivemind's epoch step, as Optimizer.step takes it once the swarm has the target batch
+        epoch_steps = [threading.Thread(target=opt._update_global_epoch, args=(None,)) for opt in optimizers]
+        for thread in epoch_steps:
+            thread.start()
+        for thread in epoch_steps:
+            thread.join()
+        timeout = run.averaging.averaging_timeout
+        for opt in optimizers:
+            assert settled(opt.state_averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
     finally:
         for opt in optimizers:
             opt.shutdown()
