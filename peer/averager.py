@@ -285,13 +285,6 @@ class StateRound(NamedTuple):
     group_size: int
 
 
-def state_round_search_window(request_timeout: float) -> float:
-    """Seconds a state round goes on looking for its group after its scheduled start: a follower
-    waits that long for its leader's word (hivemind's request timeout, and one more from
-    peer.hivemind_fixes), so a shorter search would drop followers from groups their leader counts."""
-    return 2 * request_timeout
-
-
 class StateRoundsAverager(AggregatingAverager):
     """The base of the state averager: hivemind's plain mean (as TrainingStateAverager averages),
     keeping its rounds so that the peer learns whether a state averaging round averaged every value
@@ -302,19 +295,8 @@ class StateRoundsAverager(AggregatingAverager):
         self._state_rounds: list = []  # StepControls, oldest first; appended from hivemind's background thread
         super().__init__(*args, aggregation="mean", **kwargs)
 
-    def step(self, *, wait: bool = True, scheduled_time: float | None = None, timeout: float | None = None, **kwargs):
-        """DecentralizedAverager.step, whose group search ends one search window after the round's
-        scheduled start (`timeout` still bounds how long the caller waits for the round). hivemind
-        searches until the averaging timeout, and a state round runs on the state averager's only
-        worker thread: a round that no other peer joins (a joiner one epoch behind, a peer that has
-        just left) held the peer's next optimizer step for the whole averaging timeout (60 s)."""
-        matchmaking = self.matchmaking_kwargs
-        if scheduled_time is None:
-            scheduled_time = get_dht_time() + matchmaking["min_matchmaking_time"]
-        search_end = scheduled_time + state_round_search_window(matchmaking["request_timeout"])
-        if timeout is not None:
-            search_end = min(search_end, get_dht_time() + timeout)
-        control = super().step(wait=False, scheduled_time=scheduled_time, timeout=search_end - get_dht_time(), **kwargs)
+    def step(self, *args, wait: bool = True, **kwargs):
+        control = super().step(*args, wait=False, **kwargs)
         self._state_rounds.append(control)
         return control.result() if wait else control
 

@@ -35,6 +35,7 @@ from peer.compression import pseudo_gradient_compression
 from peer.faults import FaultPlan
 from peer.optimizer import (
     CollaborativeOptimizer,
+    averaged_statistics,
     lr_multiplier,
     make_inner_optimizer,
     make_state_optimizer,
@@ -285,6 +286,7 @@ def make_diloco_optimizer(
         delay_optimizer_step=overlap,
         delay_grad_averaging=overlap,
         grad_compression=compression,
+        average_opt_statistics=averaged_statistics(run),
         grad_averager_factory=partial(
             PseudoGradientAverager,
             aggregation=averaging.aggregation,

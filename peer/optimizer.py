@@ -103,6 +103,14 @@ def outer_optimizer(params: Iterable, run: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=run.diloco.outer_lr, momentum=momentum, nesterov=momentum > 0)
 
 
+def averaged_statistics(run: RunConfig) -> tuple[str, ...]:
+    """The state optimizer's statistics that state averaging rounds average with the parameters:
+    the inner optimizer's in batch mode (INNER_OPTIMIZERS), the outer momentum in DiLoCo mode."""
+    if run.training.mode == "diloco":
+        return ("momentum_buffer",) if run.diloco.outer_momentum > 0 else ()
+    return INNER_OPTIMIZERS[run.training.optimizer].averaged_statistics
+
+
 def make_state_optimizer(params: Iterable, run: RunConfig) -> torch.optim.Optimizer:
     """The optimizer whose state the swarm shares (hivemind's state averager holds it): the run's
     optimizer in batch mode, the outer optimizer in DiLoCo mode (peer.diloco)."""
@@ -280,7 +288,7 @@ def make_collaborative_optimizer(
         offload_optimizer=averaging.offload_optimizer,
         delay_optimizer_step=averaging.delay_optimizer_step,
         grad_compression=gradient_compression(averaging),
-        average_opt_statistics=INNER_OPTIMIZERS[run.training.optimizer].averaged_statistics,
+        average_opt_statistics=averaged_statistics(run),
         grad_averager_factory=partial(
             CountingGradientAverager,
             aggregation=averaging.aggregation,

@@ -67,22 +67,12 @@ CONTRACT = [
     ),
     # StateRoundsAverager sees every state averaging round because TrainingStateAverager starts them
     # through the step below it (super().step), pre-scheduled or not.
-    # ... and ends a state round's group search early through the step's deadline, which hivemind's
-    # matchmaking searches until; the caller waits for the round with its own timeout.
     Reliance(
         f"{AVERAGER}.step",
         "peer/averager.py",
-        params=("wait", "scheduled_time", "timeout"),
+        params=("wait",),
         called_from=(f"{STATE_AVERAGER}._do", f"{STATE_AVERAGER}.schedule_step"),
-        source_has=('self.matchmaking_kwargs["min_matchmaking_time"]',),
     ),
-    Reliance(f"{AVERAGER}", "peer/averager.py", attrs=("matchmaking_kwargs",), source_has=("request_timeout=",)),
-    Reliance(
-        "hivemind.averaging.matchmaking.PotentialLeaders.begin_search",
-        "peer/averager.py",
-        source_has=("step.deadline",),
-    ),
-    Reliance(f"{STATE_AVERAGER}._do", "peer/averager.py", source_has=("averaging_control.result(timeout=timeout)",)),
     # peer/optimizer.py: the swarm's epoch counts the gradient round's group before hivemind decides
     # whether the epoch ends with a state round.
     Reliance(

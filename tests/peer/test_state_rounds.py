@@ -77,31 +77,23 @@ def test_a_state_round_with_the_group_succeeds_and_one_alone_fails(two_averagers
     assert lone.main_parameters[0].tolist() == [2.0] * 1000
 
 
-def test_a_state_round_no_other_peer_joins_frees_the_next_optimizer_step_long_before_the_averaging_timeout(
-    two_averagers,
-):
-    """The other peer is up but skips this state round (a joiner one epoch behind): the round runs
-    in the background, as the shipped optimizer runs it, and fails once its group search (its
-    matchmaking time and state_round_search_window) is over. hivemind searched until the averaging
-    timeout and held the peer's next optimizer step as long (a 60 s stall of a two-peer swarm)."""
-    alone, _skipping = two_averagers
-    averaging_timeout = RunConfig().averaging.averaging_timeout
-    started = time.monotonic()
-    alone.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=averaging_timeout))
-    alone.step(optimizer_step=True)
-    assert time.monotonic() - started < averaging_timeout / 2
-    assert alone.settle_state_rounds() == [StateRound(RoundOutcome.FAILED, group_size=1)]
-    assert alone.main_parameters[0].tolist() == [1.0] * 1000  # nothing averaged, no gradient to step on
+# The statistics of each mode's shared optimizer (shipped settings): AdamW's moments in batch mode,
+# the outer Nesterov momentum in DiLoCo mode; each filled with value x (peer index + 1)^power.
+STATISTICS = {
+    "batch": {"exp_avg": (0.01, 1), "exp_avg_sq": (1e-4, 2)},
+    "diloco": {"momentum_buffer": (0.01, 1)},
+}
 
 
-def test_a_state_round_brings_the_peers_optimizer_statistics_together():
-    """Two peers of a run with the shipped settings (AdamW, offloaded optimizer), the second a
-    joiner that loaded the first's state, whose Adam moments then differ (as after a partial
-    round): a state averaging round averages the moments with the parameters, so that the same
-    averaged gradients move both alike from then on. Averaging the parameters alone, or the
-    moments the joiner held before it loaded state, left peers stepping apart after every state
+@pytest.mark.parametrize("mode", STATISTICS)
+def test_a_state_round_brings_the_peers_optimizer_statistics_together(mode):
+    """Two peers of a run with the shipped settings (offloaded optimizer), the second a joiner that
+    loaded the first's state, whose optimizer statistics then differ (as after a partial round): a
+    state averaging round averages them with the parameters, so that the same averaged gradients
+    (or pseudo-gradients) move both alike from then on. Averaging the parameters alone, or the
+    statistics the joiner held before it loaded state, left peers stepping apart after every state
     round (tests/peer/test_agreement.py)."""
-    run = RunConfig.from_dict({"run_id": "moments", "model": {"preset": "tiny"}})
+    run = RunConfig.from_dict({"run_id": "moments", "model": {"preset": "tiny"}, "training": {"mode": mode}})
     first = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
     second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=LOOPBACK, start=True)
     torch.manual_seed(0)
@@ -117,8 +109,8 @@ def test_a_state_round_brings_the_peers_optimizer_statistics_together():
         assert joiner.states_received == 1
         for index, averager in enumerate((veteran, joiner)):
             for state in averager.optimizer.state.values():
-                state["exp_avg"].fill_(0.01 * (index + 1))
-                state["exp_avg_sq"].fill_(1e-4 * (index + 1) ** 2)
+                for key, (value, power) in STATISTICS[mode].items():
+                    state[key].fill_(value * (index + 1) ** power)
 
         timeout = run.averaging.averaging_timeout
         rounds = [threading.Thread(target=average_state, args=(averager, timeout)) for averager in (veteran, joiner)]
@@ -129,7 +121,8 @@ def test_a_state_round_brings_the_peers_optimizer_statistics_together():
         for averager in (veteran, joiner):
             assert settled(averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
             for state in averager.optimizer.state.values():
-                for key, mean in (("exp_avg", 0.015), ("exp_avg_sq", 2.5e-4)):
+                for key, (value, power) in STATISTICS[mode].items():
+                    mean = value * (1 + 2**power) / 2
                     torch.testing.assert_close(state[key], torch.full_like(state[key], mean))
     finally:
         for opt in optimizers:
