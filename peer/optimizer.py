@@ -138,6 +138,8 @@ class CollaborativeOptimizer(hivemind.Optimizer):
     # Called with (peer id, problem) once for each donor whose state a load refused.
     on_state_refused: Callable[[str, str], None] | None = None
     _refusals_reported: frozenset[bytes] = frozenset()
+    # The run's progress and the swarm epoch it held before the last gradient round's group counted
+    _epoch_before_group: tuple | None = None
 
     def _make_state_averager(self, **kwargs) -> CheckedStateAverager:
         # hivemind.Optimizer's own settings for its TrainingStateAverager
@@ -170,7 +172,15 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         mode keep different outer parameters from then on)."""
         if self.tracker.global_progress.num_peers <= 1 and not self.auxiliary:
             self.tracker.fetch_now()
+        self._epoch_before_group = None
         super()._update_global_epoch(grad_scaler)
+        with self.tracker.lock_global_progress:
+            progress, counted = self.tracker.global_progress, self._epoch_before_group
+            if counted is not None and progress is counted[0]:
+                # The group's epoch counted for the state-round decision alone: a peer behind the
+                # group takes its epoch (or its state) in Peer._after_epoch, and a swarm epoch ahead
+                # of its own would have hivemind step again at once, on the next micro-batch.
+                progress.epoch = max(counted[1], self.local_epoch)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
         """hivemind's gradient round, after which the swarm's epoch counts the group's: hivemind next
@@ -183,6 +193,7 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         epochs = gathered_epochs(maybe_step_control) if done else {}
         if epochs:
             progress = self.tracker.global_progress  # hivemind's epoch step holds its lock (pause_updates)
+            self._epoch_before_group = (progress, progress.epoch)
             progress.epoch = max(progress.epoch, max(epochs.values()) + 1)
 
     def catch_up_with_group(self, epochs: int) -> None:
