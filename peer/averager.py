@@ -253,7 +253,7 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
     def _outcome(self, control) -> RoundOutcome:
         outcome, fraction = round_outcome(control)
         if outcome is RoundOutcome.SUCCEEDED:
-            epochs = gathered_epochs(control)
+            epochs = {peer: epoch for peer, epoch in control.result().items() if isinstance(epoch, int)}
             if self.peer_id in epochs:
                 self.epochs_behind_group = max(0, max(epochs.values()) - epochs[self.peer_id])
         if outcome is RoundOutcome.PARTIAL:
@@ -310,14 +310,6 @@ class StateRoundsAverager(AggregatingAverager):
                 ran = not control.cancelled() and control.exception() is None
                 settled.append(StateRound(round_outcome(control)[0], len(control.result()) if ran else 1))
         return settled
-
-
-def gathered_epochs(control) -> dict:
-    """The epoch each member of a finished gradient round gathered (peer id -> epoch), or nothing
-    if the round did not average with a group."""
-    if round_outcome(control)[0] is RoundOutcome.FAILED:
-        return {}
-    return {peer: epoch for peer, epoch in control.result().items() if isinstance(epoch, int)}
 
 
 def round_outcome(control) -> tuple[RoundOutcome, float]:

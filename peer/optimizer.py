@@ -15,7 +15,7 @@ from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.p2p import PeerID
 
 from model import parameter_groups
-from peer.averager import CountingGradientAverager, gathered_epochs
+from peer.averager import CountingGradientAverager
 from peer.compression import gradient_compression, state_compression
 from peer.faults import FaultPlan
 from peer.progress import RunProgressTracker
@@ -138,8 +138,6 @@ class CollaborativeOptimizer(hivemind.Optimizer):
     # Called with (peer id, problem) once for each donor whose state a load refused.
     on_state_refused: Callable[[str, str], None] | None = None
     _refusals_reported: frozenset[bytes] = frozenset()
-    # The run's progress and the swarm epoch it held before the last gradient round's group counted
-    _epoch_before_group: tuple | None = None
 
     def _make_state_averager(self, **kwargs) -> CheckedStateAverager:
         # hivemind.Optimizer's own settings for its TrainingStateAverager
@@ -172,29 +170,7 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         mode keep different outer parameters from then on)."""
         if self.tracker.global_progress.num_peers <= 1 and not self.auxiliary:
             self.tracker.fetch_now()
-        self._epoch_before_group = None
         super()._update_global_epoch(grad_scaler)
-        with self.tracker.lock_global_progress:
-            progress, counted = self.tracker.global_progress, self._epoch_before_group
-            if counted is not None and progress is counted[0]:
-                # The group's epoch counted for the state-round decision alone: a peer behind the
-                # group takes its epoch (or its state) in Peer._after_epoch, and a swarm epoch ahead
-                # of its own would have hivemind step again at once, on the next micro-batch.
-                progress.epoch = max(counted[1], self.local_epoch)
-
-    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
-        """hivemind's gradient round, after which the swarm's epoch counts the group's: hivemind next
-        decides whether this epoch ends with a state round from max(this peer's epoch + 1, the
-        swarm's epoch), and a peer one epoch behind the group it averaged with (a joiner whose state
-        was an epoch old) decided for another epoch than the group: it ran a state round nobody
-        joined, or left the group's state round alone (each stalled a two-peer swarm)."""
-        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
-        done = maybe_step_control is not None and maybe_step_control.done()  # not when waiting for it timed out
-        epochs = gathered_epochs(maybe_step_control) if done else {}
-        if epochs:
-            progress = self.tracker.global_progress  # hivemind's epoch step holds its lock (pause_updates)
-            self._epoch_before_group = (progress, progress.epoch)
-            progress.epoch = max(progress.epoch, max(epochs.values()) + 1)
 
     def catch_up_with_group(self, epochs: int) -> None:
         """Take the epoch of the group of the latest round, `epochs` ahead of this peer's: they averaged

@@ -73,19 +73,6 @@ CONTRACT = [
         params=("wait",),
         called_from=(f"{STATE_AVERAGER}._do", f"{STATE_AVERAGER}.schedule_step"),
     ),
-    # peer/optimizer.py: the swarm's epoch counts the gradient round's group before hivemind decides
-    # whether the epoch ends with a state round.
-    Reliance(
-        "hivemind.Optimizer._average_gradients_and_load_into_optimizer",
-        "peer/optimizer.py",
-        params=("maybe_step_control",),
-        called_from=("hivemind.Optimizer._update_global_epoch",),
-    ),
-    Reliance(
-        "hivemind.Optimizer._update_global_epoch",
-        "peer/optimizer.py",
-        source_has=("next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)",),
-    ),
     Reliance(
         f"{AVERAGER}._run_allreduce_inplace_",
         "peer/averager.py",
