@@ -212,7 +212,7 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
         super().__init__(*args, **kwargs)
         self.rounds = {outcome: 0 for outcome in RoundOutcome}
         self.partial_fractions: list[float] = []  # the averaged fraction of each partial round
-        self.epochs_behind_group = 0  # in the latest succeeded round settled, unless taken (take_epochs_behind)
+        self.latest_round_epochs: RoundEpochs | None = None  # of the latest succeeded round settled, until taken
         self.round_problems: list[str] = []  # why the rounds settled since take_round_problems did not succeed
         self._unsettled: list = []  # StepControls of rounds not counted yet, oldest first
 
@@ -221,9 +221,9 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
             kwargs.setdefault("gather", self.round_epoch())
         return super().schedule_step(*args, **kwargs)
 
-    def take_epochs_behind(self) -> int:
-        """How many epochs this peer was behind the others of its latest succeeded round (0: none)."""
-        epochs, self.epochs_behind_group = self.epochs_behind_group, 0
+    def take_round_epochs(self) -> RoundEpochs | None:
+        """This peer's epoch and its group's in the latest succeeded round settled since the last call."""
+        epochs, self.latest_round_epochs = self.latest_round_epochs, None
         return epochs
 
     def take_round_problems(self) -> list[str]:
@@ -253,9 +253,7 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
     def _outcome(self, control) -> RoundOutcome:
         outcome, fraction = round_outcome(control)
         if outcome is RoundOutcome.SUCCEEDED:
-            epochs = {peer: epoch for peer, epoch in control.result().items() if isinstance(epoch, int)}
-            if self.peer_id in epochs:
-                self.epochs_behind_group = max(0, max(epochs.values()) - epochs[self.peer_id])
+            self.latest_round_epochs = round_epochs(control, self.peer_id)
         if outcome is RoundOutcome.PARTIAL:
             self.partial_fractions.append(fraction)
             failures = "; ".join(f"{peer}: {error}" for peer, error in control.result().reducer_failures.items())
@@ -276,6 +274,29 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
             self.round_problems.append(f"failed: {why}")
         self.rounds[outcome] += 1
         return outcome
+
+
+class RoundEpochs(NamedTuple):
+    """The epoch a peer's round ended, as the peer counted it and as its group did (the latest of
+    its members': hivemind's matchmaking keys carry no epoch, so a group may mix epochs)."""
+
+    own: int
+    group: int
+
+    @property
+    def behind(self) -> int:
+        return max(0, self.group - self.own)
+
+
+def round_epochs(control, peer_id) -> RoundEpochs | None:
+    """The epochs of a finished gradient round that averaged with a group (in full or in part),
+    from what each member gathered (CountingGradientAverager.round_epoch); None for any other."""
+    if round_outcome(control)[0] is RoundOutcome.FAILED:
+        return None
+    epochs = {peer: epoch for peer, epoch in control.result().items() if isinstance(epoch, int)}
+    if peer_id not in epochs:
+        return None
+    return RoundEpochs(own=epochs[peer_id], group=max(epochs.values()))
 
 
 class StateRound(NamedTuple):

@@ -15,7 +15,7 @@ from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.p2p import PeerID
 
 from model import parameter_groups
-from peer.averager import CountingGradientAverager
+from peer.averager import CountingGradientAverager, round_epochs
 from peer.compression import gradient_compression, state_compression
 from peer.faults import FaultPlan
 from peer.progress import RunProgressTracker
@@ -172,20 +172,38 @@ class CollaborativeOptimizer(hivemind.Optimizer):
             self.tracker.fetch_now()
         super()._update_global_epoch(grad_scaler)
 
-    def catch_up_with_group(self, epochs: int) -> None:
-        """Take the epoch of the group of the latest round, `epochs` ahead of this peer's: they averaged
-        the same values in it, only their epochs differ (a peer that took its first epoch after the
-        others keeps its count one behind theirs; it would then stop, or take its schedule, a round
-        apart from them)."""
-        if epochs <= 0:
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control: StepControl | None) -> None:
+        """hivemind's gradient round, after which a peer behind the group it averaged with takes the
+        group's epoch. hivemind next decides whether the epoch ends with a state round from this
+        peer's epoch; a peer an epoch behind its group (a joiner whose state was an epoch old)
+        decided for another epoch than the group and ran a state round nobody joined, or left the
+        group's to run alone: each held a two-peer swarm for the averaging timeout. With delayed
+        gradient averaging (DiLoCo's overlap) the round ends after that decision, and the peer
+        takes the group's epoch after its step (catch_up_with_group)."""
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        if self.delay_grad_averaging or maybe_step_control is None or not maybe_step_control.done():
             return
-        logger.info("the group of the last round was at epoch %d: taking it", self.local_epoch + epochs)
+        epochs = round_epochs(maybe_step_control, self.grad_averager.peer_id)
+        if epochs is not None and epochs.group > self.local_epoch:
+            self._take_epoch(epochs.group)  # hivemind's epoch step holds the tracker (pause_updates)
+
+    def catch_up_with_group(self, epoch: int) -> None:
+        """Take `epoch`, the one the group of the latest round moved to, if this peer is behind it:
+        they averaged the same values, only their epochs differ (a peer that took its first epoch
+        after the others would keep its count behind theirs, and stop or take its schedule a round
+        apart from them)."""
+        if epoch <= self.local_epoch:
+            return
         with self.tracker.pause_updates():
-            self.state_averager.local_epoch += epochs
+            self._take_epoch(epoch)
             self.tracker.update_epoch(new_epoch=self.local_epoch)
         if not self.client_mode:
             self.state_averager.state_sharing_priority = self.local_epoch
             self.grad_averager.state_sharing_priority = self.local_epoch
+
+    def _take_epoch(self, epoch: int) -> None:
+        logger.info("the group of the last round was at epoch %d: taking it", epoch)
+        self.state_averager.local_epoch = epoch
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> RunProgressTracker:
         return RunProgressTracker(

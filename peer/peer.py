@@ -570,7 +570,8 @@ class Peer:
         averager = self._grad_averager
         outcomes = averager.settle_rounds() if isinstance(averager, CountingGradientAverager) else []
         if outcomes and not self.options.auxiliary:
-            behind = averager.take_epochs_behind()
+            epochs = averager.take_round_epochs()
+            behind = 0 if epochs is None else epochs.behind
             # A peer that loaded a state and whose first round after it was the group's next epoch
             # (a joiner, hivemind's matchmaking keys carry no epoch) missed that epoch's step: taking
             # the group's epoch number alone left it stepping differently from the others for good
@@ -584,8 +585,8 @@ class Peer:
                 logger.info("the group of the last round was %d epoch(s) ahead: loading its state", behind)
                 self.load_state_from_peers()
                 self._state_loads_at_last_round = self.state_loads
-            else:
-                self.optimizer.catch_up_with_group(behind)
+            elif epochs is not None:
+                self.optimizer.catch_up_with_group(epochs.group + 1)
         state_rounds = self.optimizer.state_averager.settle_state_rounds()
         self._emit(
             "epoch",

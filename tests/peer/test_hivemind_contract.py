@@ -407,6 +407,20 @@ CONTRACT = [
         params=("grad_scaler",),
         called_from=("hivemind.Optimizer.step",),
     ),
+    # peer/optimizer.py: a peer behind its gradient round's group takes the group's epoch before
+    # hivemind decides from it whether the epoch ends with a state round.
+    Reliance(
+        "hivemind.Optimizer._average_gradients_and_load_into_optimizer",
+        "peer/optimizer.py",
+        params=("maybe_step_control",),
+        called_from=("hivemind.Optimizer._update_global_epoch",),
+        source_has=("maybe_step_control.result(self.averaging_timeout)",),
+    ),
+    Reliance(
+        "hivemind.Optimizer._update_global_epoch",
+        "peer/optimizer.py",
+        source_has=("next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)",),
+    ),
     Reliance(
         "hivemind.Optimizer",
         "peer/optimizer.py, peer/diloco.py, peer/peer.py",
@@ -426,6 +440,7 @@ CONTRACT = [
             "tracker",
             "state_averager",
             "grad_averager",
+            "delay_grad_averaging",
         ),
     ),
     Reliance("hivemind.averaging.control.AveragingStage.LOOKING_FOR_GROUP", "peer/optimizer.py"),

@@ -2,6 +2,7 @@
 averaging round brought it back together with the swarm (peer.averager.StateRoundsAverager)."""
 
 import copy
+import dataclasses
 import threading
 import time
 from functools import partial
@@ -123,6 +124,55 @@ def test_a_state_round_brings_the_peers_optimizer_statistics_together(mode):
                 for key, (value, power) in STATISTICS[mode].items():
                     mean = value * (1 + 2**power) / 2
                     torch.testing.assert_close(state[key], torch.full_like(state[key], mean))
+    finally:
+        for opt in optimizers:
+            opt.shutdown()
+        first.shutdown()
+        second.shutdown()
+
+
+def test_peers_an_epoch_apart_take_the_state_round_of_the_same_epochs():
+    """A joiner whose state was an epoch old averages its first gradient round with a peer an epoch
+    ahead (matchmaking keys carry no epoch). hivemind decides whether an epoch ends with a state
+    round from the peer's own epoch, so with a state round every second epoch exactly one of the two
+    ran one, alone, and searched for a group until the averaging timeout, holding that peer's next
+    optimizer step as long. The peer behind takes the group's epoch first, and both take the round."""
+    run = RunConfig.from_dict(
+        {"run_id": "epoch-apart", "model": {"preset": "tiny"}, "averaging": {"average_state_every": 2}}
+    )
+    first = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
+    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=LOOPBACK, start=True)
+    torch.manual_seed(0)
+    models = [CausalLM(run.model_config())]
+    models.append(copy.deepcopy(models[0]))
+    optimizers = [
+        make_collaborative_optimizer(model, dht, run, batch_size_per_step=4)
+        for model, dht in zip(models, (first, second))
+    ]
+    try:
+        tokens = torch.randint(0, run.model_config().vocab_size, (4, 16))
+        for opt, model, epoch in zip(optimizers, models, (3, 2)):  # the first's next epoch ends with a state round
+            opt.state_averager.local_epoch = epoch
+            model(tokens, labels=tokens).loss.backward()
+            opt.grad_averager.accumulate_grads_(4)
+            # The run as each counts it once both have reported: two peers, at the first's epoch.
+            # (Trackers of one process report under one DHT subkey and would not count each other.)
+            opt.tracker.shutdown()
+            with opt.tracker.pause_updates():
+                opt.tracker.update_epoch(new_epoch=epoch)
+                opt.tracker.global_progress = dataclasses.replace(
+                    opt.tracker.global_progress, epoch=3, num_peers=2, samples_accumulated=8
+                )
+        # hivemind's epoch step, as Optimizer.step takes it once the swarm has the target batch
+        epoch_steps = [threading.Thread(target=opt._update_global_epoch, args=(None,)) for opt in optimizers]
+        for thread in epoch_steps:
+            thread.start()
+        for thread in epoch_steps:
+            thread.join()
+        timeout = run.averaging.averaging_timeout
+        for opt in optimizers:
+            assert settled(opt.state_averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
+        assert [opt.local_epoch for opt in optimizers] == [4, 4]
     finally:
         for opt in optimizers:
             opt.shutdown()
