@@ -48,8 +48,14 @@ def test_heterogeneous_client_and_auxiliary_peers_all_take_part(
             torch.testing.assert_close(other[key], value, atol=5e-3, rtol=0)
 
 
-def test_late_joiner_loads_state_and_trains_to_the_same_epoch(tmp_path, write_run_config, start_peer, release_peers):
-    run_toml = write_run_config(tmp_path, target_batch_size=64)
+@pytest.mark.parametrize("mode", ["batch", "diloco"])
+def test_late_joiner_loads_state_and_trains_to_the_same_epoch(
+    tmp_path, write_run_config, start_peer, release_peers, mode
+):
+    """A peer that joins two others at their epoch 2 loads their state (in DiLoCo mode: the outer
+    parameters and momentum), trains with them to their last epoch (round) and ends with their
+    parameters."""
+    run_toml = write_run_config(tmp_path, **mode_settings(mode, 64))
     epochs = 8
     early = [start_peer(f"early{i}", run_toml, max_epochs=epochs, hold=True) for i in range(2)]
     go = tmp_path / "late-joiner-go"
@@ -64,7 +70,7 @@ def test_late_joiner_loads_state_and_trains_to_the_same_epoch(tmp_path, write_ru
     assert late_summary["epoch"] == epochs == early_summaries[0]["epoch"]
     assert late_summary["samples_contributed"] > 0 and late_summary["rounds_succeeded"] >= 1
     # State is averaged every epoch: the peers end within about one Adam step (lr 1e-3) of each other,
-    # from the codec's error on each one's share of the averaged gradient.
+    # from the codec's error on each one's share of the averaged gradient (or pseudo-gradient).
     late_params = late.params()
     for peer in early:
         for key, value in peer.params().items():
