@@ -37,7 +37,14 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from benchmarks.measure import RESULTS, write_json  # noqa: E402
-from benchmarks.swarm_runs import SwarmOptions, add_swarm_arguments, run_settings, run_swarm, swarm_options  # noqa: E402
+from benchmarks.swarm_runs import (  # noqa: E402
+    SwarmOptions,
+    add_swarm_arguments,
+    run_settings,
+    run_swarm,
+    swarm_arguments,
+    swarm_options,
+)
 from model import CausalLM  # noqa: E402
 from model.data import bundled_corpus_files, load_corpus  # noqa: E402
 from peer.run_config import COMPRESSIONS, RunConfig  # noqa: E402
@@ -188,17 +195,10 @@ def main() -> None:
     path = write_json(
         f"convergence-{device}.json",
         dict(
-            preset=args.preset,
-            peers=args.peers,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            threads=args.threads,
-            device=args.device,
+            **swarm_arguments(args),
             target_batch_size=args.target_batch,
             epochs=args.epochs,
-            lr=args.lr,
             warmup_epochs=args.warmup_epochs,
-            matchmaking_time=args.matchmaking_time,
             held_out_plays=[p.name for p in sorted(test.iterdir())],
             eval_sequences=len(sequences),
             initial_held_out_loss=initial,

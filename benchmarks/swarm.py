@@ -37,7 +37,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not be
 import torch  # noqa: E402
 
 from benchmarks.measure import write_json  # noqa: E402
-from benchmarks.swarm_runs import add_swarm_arguments, run_settings, run_swarm, swarm_options  # noqa: E402
+from benchmarks.swarm_runs import add_swarm_arguments, run_settings, run_swarm, swarm_arguments, swarm_options  # noqa: E402
 from peer.run_config import COMPRESSIONS  # noqa: E402
 
 
@@ -158,14 +158,8 @@ def main() -> None:
     path = write_json(
         f"swarm-{torch.device(args.device).type}.json",
         dict(
-            preset=args.preset,
-            peers=args.peers,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            threads=args.threads,
-            device=args.device,
+            **swarm_arguments(args),
             compression=args.compression,
-            matchmaking_time=args.matchmaking_time,
             epochs=args.epochs,
             rows=rows,
         ),

@@ -120,6 +120,13 @@ def add_swarm_arguments(parser: argparse.ArgumentParser, peers: int) -> None:
     add("--timeout", type=float, default=3600.0, help="seconds one swarm may take before the benchmark gives up")
 
 
+def swarm_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of the shared options (add_swarm_arguments), as each benchmark's results record them."""
+    shared = argparse.ArgumentParser(add_help=False)
+    add_swarm_arguments(shared, peers=0)
+    return {name: getattr(args, name) for name in vars(shared.parse_args([]))}
+
+
 def run_settings(args: argparse.Namespace, **fields: Any) -> RunSettings:
     """RunSettings from the shared options (add_swarm_arguments) and the benchmark's own fields."""
     return RunSettings(

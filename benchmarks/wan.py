@@ -40,7 +40,14 @@ import torch  # noqa: E402
 from benchmarks.measure import write_json  # noqa: E402
 from benchmarks.netlab import Host, Lab, why_no_lab  # noqa: E402
 from benchmarks.swarm import swarm_row  # noqa: E402
-from benchmarks.swarm_runs import RunSettings, add_swarm_arguments, run_settings, run_swarm, swarm_options  # noqa: E402
+from benchmarks.swarm_runs import (  # noqa: E402
+    RunSettings,
+    add_swarm_arguments,
+    run_settings,
+    run_swarm,
+    swarm_arguments,
+    swarm_options,
+)
 from peer.run_config import MODES, PSEUDO_GRADIENT_COMPRESSIONS  # noqa: E402
 
 LINK_PORT = 5001
@@ -188,15 +195,8 @@ def main() -> None:
         f"wan-{torch.device(args.device).type}{suffix}.json",
         dict(
             command=" ".join(["python", *sys.argv]),
-            preset=args.preset,
-            peers=args.peers,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            threads=args.threads,
-            device=args.device,
+            **swarm_arguments(args),
             target_batch_size=args.target_batch,
-            matchmaking_time=args.matchmaking_time,
-            average_state_every=args.average_state_every,
             epochs=args.epochs,
             samples_per_round=args.samples_per_round,
             inner_batch=args.inner_batch,
