@@ -1,6 +1,7 @@
 """Fixtures shared by the test folders: small run configs, peer and coordinator processes."""
 
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -37,6 +38,19 @@ average_state_every = {average_state_every}
 checkpoint_every = {checkpoint_every}
 auth = "{auth}"
 {diloco_section}"""
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+    """Commands run in-process (their main()) set up logging on the test's captured stderr, which
+    pytest closes after the test: later records in this process would hit a closed file."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if type(handler) is logging.StreamHandler and handler not in before:  # pytest's own are subclasses
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture
