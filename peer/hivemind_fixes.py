@@ -27,6 +27,13 @@ it in a group it never joins (the others' round is partial, the follower's "coul
 group"). Fixed by asking leaders to hold the follower one `request_timeout` longer: the follower
 waits that much longer for a live leader (a dead one closes the stream at once).
 
+A leader refuses a follower whose request expires before the leader's own group does, and a
+follower asks each leader once per declaration. A peer in client mode cannot lead, so when its
+round was scheduled before the others' (its count of the epoch's progress ended first) it was
+refused by every leader, and they averaged without it; it then waited for a group until its
+averaging timeout, or joined the others' next round. Fixed by having a client-mode follower's
+request expire when its search ends: it waits for any leader whose group forms before then.
+
 A request to the DHT process from another process (an averager declaring its group key or its
 state) carries the pipe end that its reply goes back through, passed as a file descriptor that the
 sender's process hands over when the request is read. An averager that stops right after sending
@@ -58,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import AsyncIterator  # noqa: UP035  (hivemind's servicer reads typing's stream hints, not collections.abc's)
@@ -97,7 +105,11 @@ def _initialize_optimizer_state(opt: torch.optim.Optimizer) -> None:
 
 
 def _request_expiration_time(self: Matchmaking) -> float:
-    """Matchmaking.get_request_expiration_time, one request timeout later (see above)."""
+    """Matchmaking.get_request_expiration_time, one request timeout later; in client mode, the end
+    of the search (see above)."""
+    search_end = self.potential_leaders.search_end_time
+    if self.client_mode and math.isfinite(search_end):
+        return search_end
     return _HIVEMIND_REQUEST_EXPIRATION(self) + self.request_timeout
 
 

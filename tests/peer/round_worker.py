@@ -1,11 +1,13 @@
 """One averager of the round tests in test_hivemind_fixes.py: averages tensors filled with its index
-once with the other averager, and writes how the round went.
+once with the other averagers, and writes how the round went.
 
-Run as a process: round_worker.py INITIAL_PEER INDEX OUT_FILE SPEC_JSON, where the spec may give
+Run as a process: round_worker.py INITIAL_PEER INDEX PEERS OUT_FILE SPEC_JSON, where the spec may give
 client_mode (this averager takes no part as a reducer, as a volunteer behind a NAT),
+scheduled_in (seconds from its start at which its round is scheduled, as hivemind.Optimizer
+schedules a round for the epoch's expected end; by default the matchmaking time),
 trigger_delay (seconds it waits, once its group is found, before it lets the all-reduce begin: a
 peer still finishing its micro-batch), slow_group_assembly and slow_reading (peer.faults.FaultPlan). It waits
-until both averagers are up before it looks for a group, and leaves right after its round.
+until all PEERS averagers are up before it looks for a group, and leaves right after its round.
 OUT_FILE gets a JSON object: outcome, fraction, group (size), means (of each tensor afterwards),
 problems (the failed reducers).
 """
@@ -17,20 +19,20 @@ from pathlib import Path
 
 import hivemind
 import torch
+from hivemind.utils.timed_storage import get_dht_time
 
 from peer.averager import AggregatingAverager, RoundOutcome, round_outcome
 from peer.faults import FaultPlan
 from peer.run_config import AveragingSection
 
-PEERS = 2
 MATCHMAKING_TIME = 2.0  # the tests' (tests/conftest.py)
 STEP_TIMEOUT = 15.0  # the tests' averaging timeout
 SIZES = (2_048_000, 64, 8192)  # the tiny model's embedding (several parts) and two small tensors
 
 
 def main() -> None:
-    initial_peer, index, out_file, spec_json = sys.argv[1:]
-    index, spec = int(index), json.loads(spec_json)
+    initial_peer, index, peers, out_file, spec_json = sys.argv[1:]
+    index, peers, spec = int(index), int(peers), json.loads(spec_json)
     averaging = AveragingSection(matchmaking_time=MATCHMAKING_TIME)  # every other setting as shipped
     client_mode = spec.get("client_mode", False)
     dht = hivemind.DHT(
@@ -52,9 +54,10 @@ def main() -> None:
     )
     barrier = Path(out_file).parent
     (barrier / f"ready.{index}").touch()
-    while len(list(barrier.glob("ready.*"))) < PEERS:
+    while len(list(barrier.glob("ready.*"))) < peers:
         time.sleep(0.05)
-    control = averager.step(wait=False, timeout=STEP_TIMEOUT, require_trigger=True)
+    scheduled_time = get_dht_time() + spec.get("scheduled_in", MATCHMAKING_TIME)
+    control = averager.step(wait=False, scheduled_time=scheduled_time, timeout=STEP_TIMEOUT, require_trigger=True)
     while control.stage.name in ("IDLE", "LOOKING_FOR_GROUP") and not control.done():
         time.sleep(0.01)
     time.sleep(spec.get("trigger_delay", 0.0))

@@ -136,7 +136,18 @@ CONTRACT = [
     Reliance(
         "hivemind.averaging.matchmaking.Matchmaking",
         "peer/hivemind_fixes.py, peer/faults.py",
-        attrs=("request_timeout",),
+        attrs=("request_timeout", "client_mode", "potential_leaders"),
+    ),
+    # A client-mode follower's requests expire when its search ends (peer/hivemind_fixes.py).
+    Reliance(
+        "hivemind.averaging.matchmaking.PotentialLeaders",
+        "peer/hivemind_fixes.py",
+        attrs=("search_end_time",),
+    ),
+    Reliance(
+        "hivemind.averaging.matchmaking.Matchmaking._check_reasons_to_reject",
+        "peer/hivemind_fixes.py",
+        source_has=("self.potential_leaders.declared_expiration_time > (request.expiration",),
     ),
     Reliance(
         "hivemind.averaging.matchmaking.Matchmaking.leader_assemble_group",

@@ -83,13 +83,13 @@ def test_creating_the_optimizer_state_leaves_the_parameters_as_they_were():
 
 
 def average_once(tmp_path: Path, specs: list[dict]) -> list[dict]:
-    """Two round_worker.py averagers with these specs average once; returns what each wrote, with the
+    """round_worker.py averagers, one per spec, average once; returns what each wrote, with the
     end of its log (shown when an assertion fails)."""
     outputs = [tmp_path / f"averager{i}.json" for i in range(len(specs))]
     with bootstrap_node() as address:
         workers = [
             ManagedProcess(
-                [sys.executable, str(ROUND_WORKER), address, str(i), str(out), json.dumps(spec)],
+                [sys.executable, str(ROUND_WORKER), address, str(i), str(len(specs)), str(out), json.dumps(spec)],
                 tmp_path / f"averager{i}.log",
             )
             for i, (out, spec) in enumerate(zip(outputs, specs))
@@ -100,10 +100,12 @@ def average_once(tmp_path: Path, specs: list[dict]) -> list[dict]:
 
 
 def assert_averaged_together(results: list[dict]) -> None:
-    """Every value of both averagers came back averaged with the other: 0 and 1 make 0.5."""
+    """Every value of every averager came back averaged with all the others: their indices 0, 1, ...,
+    n - 1 make (n - 1) / 2."""
+    mean = (len(results) - 1) / 2
     for result in results:
-        assert result["outcome"] == "succeeded" and result["group"] == 2, results
-        assert all(abs(mean - 0.5) < 1e-3 for mean in result["means"]), results
+        assert result["outcome"] == "succeeded" and result["group"] == len(results), results
+        assert all(abs(value - mean) < 1e-3 for value in result["means"]), results
 
 
 def test_a_follower_waits_for_a_leader_slow_to_assemble_the_group(tmp_path):
@@ -113,6 +115,16 @@ def test_a_follower_waits_for_a_leader_slow_to_assemble_the_group(tmp_path):
     request_timeout = AveragingSection(matchmaking_time=2.0).request_timeout  # as round_worker.py's
     slow = dict(slow_group_assembly=1.5 * request_timeout)
     assert_averaged_together(average_once(tmp_path, [slow, slow]))
+
+
+def test_a_volunteer_in_client_mode_scheduled_before_the_others_joins_their_group(tmp_path):
+    """A volunteer in client mode (it cannot lead a group) expects its round at once, two others 6 s
+    later (their epochs end later by their count). Leaders refuse a follower whose request expires
+    before their own group does, and hivemind asks each leader once per declaration: the volunteer
+    was refused by both, and the two averaged without it, the volunteer finding no group at all.
+    It joins their group."""
+    late = dict(scheduled_in=6.0)
+    assert_averaged_together(average_once(tmp_path, [late, late, dict(client_mode=True, scheduled_in=0.0)]))
 
 
 def test_a_reducer_leaving_right_after_its_round_delivers_the_others_averages(tmp_path):
