@@ -74,11 +74,13 @@ def with_gradient_clipping(
 
 
 def lr_multiplier(training: TrainingSection) -> Callable[[int], float]:
-    """Linear warm-up over warmup_epochs, then cosine decay to a tenth by total_epochs."""
+    """Linear warm-up over warmup_epochs, then cosine decay to a tenth by total_epochs. DiLoCo's
+    inner steps ask between epochs (rounds and their fraction done): the warm-up's last epoch is
+    at the full rate, never above it."""
 
-    def multiplier(epoch: int) -> float:
+    def multiplier(epoch: float) -> float:
         if epoch < training.warmup_epochs:
-            return (epoch + 1) / training.warmup_epochs
+            return min(1.0, (epoch + 1) / training.warmup_epochs)
         progress = min(1.0, (epoch - training.warmup_epochs) / max(1, training.total_epochs - training.warmup_epochs))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -14,7 +14,7 @@ from peer.codec import Blockwise4Bit
 from peer.compression import pseudo_gradient_compression
 from peer.diloco import ErrorFeedback
 from peer.optimizer import lr_multiplier
-from peer.run_config import RunConfig, RunConfigError
+from peer.run_config import RunConfig, RunConfigError, TrainingSection
 from peer.shards import CorpusShards, ShardReader
 
 # Relative L2 error of the 8-bit codec on a tensor (peer.codec: about 0.007 on normal data; the
@@ -120,6 +120,16 @@ def test_error_feedback_sends_every_pseudo_gradient_in_the_end():
         assert (sent + residual.double() - true).abs().max() < 1e-9
         assert residual.abs().max() > 0  # the codec is lossy: there was something to feed back
     assert isinstance(codec.greater_equal, Blockwise4Bit) and not isinstance(codec, NoCompression)
+
+
+def test_the_schedule_between_epochs_rises_to_the_base_rate_and_never_above_it():
+    """DiLoCo's inner steps take the schedule at fractional epochs (the round's share done)."""
+    multiplier = lr_multiplier(TrainingSection(warmup_epochs=4, total_epochs=20))
+    values = [multiplier(tenth / 10) for tenth in range(200)]
+    peak = values.index(max(values))
+    assert values[0] == 0.25 and max(values) == 1.0 and peak == 30  # 1/4 at the start, full from epoch 3
+    assert values[:peak] == sorted(values[:peak]) and values[peak:] == sorted(values[peak:], reverse=True)
+    assert multiplier(20) == pytest.approx(0.1)
 
 
 def sgd_reference(run: RunConfig, rounds: list[dict], micro_batch: int) -> dict[str, torch.Tensor]:
