@@ -3,12 +3,16 @@
     python benchmarks/convergence.py                  # demo model, 2 peers, target batch 64, 30 epochs, every codec
     python benchmarks/convergence.py --compressions none adaptive-8bit --epochs 100
     python benchmarks/convergence.py --preset tiny --target-batch 16 --epochs 3 --matchmaking-time 2   # a quick check
+    python benchmarks/convergence.py --compressions adaptive-8bit --diloco-rounds 6   # DiLoCo beside batch mode
 
 Configurations, each a fresh run with the same run settings for --epochs epochs, so the same
 number of optimizer steps on the same global batch (--target-batch samples per step):
 (a) one process: a single peer with micro-batch N x --batch-size and N x --threads threads,
     alone in its swarm (no averaging);
-(b) N Starling peers, one run per gradient codec (run config [averaging] compression).
+(b) N Starling peers, one run per gradient codec (run config [averaging] compression);
+(c) with --diloco-rounds R: N peers in DiLoCo mode, R outer rounds of the same samples in all
+    (--epochs x --target-batch / R per round), inner steps of --inner-batch samples on each peer
+    at the same lr, with the warm-up scaled to rounds.
 A swarm's epoch can hold more samples than the target: peers go on computing until they learn
 that the swarm reached it. So the table and the curves count the samples actually contributed.
 
@@ -38,6 +42,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from benchmarks.measure import RESULTS, write_json  # noqa: E402
 from benchmarks.swarm_runs import (  # noqa: E402
+    RunSettings,
     SwarmOptions,
     add_swarm_arguments,
     run_settings,
@@ -47,7 +52,7 @@ from benchmarks.swarm_runs import (  # noqa: E402
 )
 from model import CausalLM  # noqa: E402
 from model.data import bundled_corpus_files, load_corpus  # noqa: E402
-from peer.run_config import COMPRESSIONS, RunConfig  # noqa: E402
+from peer.run_config import COMPRESSIONS, PSEUDO_GRADIENT_COMPRESSIONS, DilocoSection, RunConfig  # noqa: E402
 
 EVAL_BATCH = 16  # sequences per forward pass of the held-out evaluation
 
@@ -61,6 +66,22 @@ def split_corpus(folder: Path, held_out: int) -> tuple[Path, Path]:
         for file in chosen:
             (target / file.name).symlink_to(file)
     return train, test
+
+
+def diloco_settings(settings: RunSettings, rounds: int, inner_batch: int, compression: str) -> RunSettings:
+    """`settings` in DiLoCo mode: `rounds` outer rounds holding the samples of all its epochs, the
+    warm-up in the same share of training (at least a round when there is one)."""
+    samples = settings.target_batch_size * settings.total_epochs
+    warmup = max(1, round(settings.warmup_epochs * rounds / settings.total_epochs)) if settings.warmup_epochs else 0
+    return replace(
+        settings,
+        mode="diloco",
+        samples_per_round=samples // rounds,
+        inner_batch_size=inner_batch,
+        diloco_compression=compression,
+        total_epochs=rounds,
+        warmup_epochs=warmup,
+    )
 
 
 def held_out_loss(run: RunConfig, sequences: torch.Tensor, params: dict[str, torch.Tensor] | None) -> float:
@@ -135,6 +156,18 @@ def main() -> None:
         choices=COMPRESSIONS,
         help="gradient codecs, one swarm each",
     )
+    parser.add_argument(
+        "--diloco-rounds", type=int, default=0, help="outer rounds of a DiLoCo swarm on the same samples (0: none)"
+    )
+    parser.add_argument(
+        "--inner-batch", type=int, default=DilocoSection.inner_batch_size, help="samples per inner step in DiLoCo mode"
+    )
+    parser.add_argument(
+        "--diloco-compression",
+        default=DilocoSection.compression,
+        choices=PSEUDO_GRADIENT_COMPRESSIONS,
+        help="the pseudo-gradients' codec in DiLoCo mode",
+    )
     parser.add_argument("--held-out", type=int, default=2, help="bundled plays kept out of training")
     parser.add_argument("--eval-sequences", type=int, default=128, help="held-out sequences the loss is measured on")
     args = parser.parse_args()
@@ -157,26 +190,30 @@ def main() -> None:
         device=args.device,
         timeout=args.timeout,
     )
-    plans = [("one process", "none", solo)] + [
-        (f"{args.peers} peers, {codec}", codec, swarm) for codec in args.compressions
+    plans = [("one process", replace(settings, compression="none"), solo)] + [
+        (f"{args.peers} peers, {codec}", replace(settings, compression=codec), swarm) for codec in args.compressions
     ]
+    if args.diloco_rounds:
+        diloco = diloco_settings(settings, args.diloco_rounds, args.inner_batch, args.diloco_compression)
+        plans.append((f"{args.peers} peers, DiLoCo {args.diloco_compression}", diloco, swarm))
 
     run_tomls = [
-        replace(settings, compression=codec).write(folder / f"run-{index}.toml", run_id=f"convergence-{index}")
-        for index, (_, codec, _) in enumerate(plans)
+        plan.write(folder / f"run-{index}.toml", run_id=f"convergence-{index}")
+        for index, (_, plan, _) in enumerate(plans)
     ]
     run = RunConfig.load(run_tomls[0])  # the model and seed, the same in every configuration
     sequences = load_corpus(test, seq_len=args.seq_len).sequences[: args.eval_sequences]
     initial = held_out_loss(run, sequences, None)
     configs = []
-    for index, ((name, codec, options), run_toml) in enumerate(zip(plans, run_tomls)):
-        result = run_swarm(folder / f"run-{index}", run_toml, options, max_epochs=args.epochs)
+    for index, ((name, plan, options), run_toml) in enumerate(zip(plans, run_tomls)):
+        result = run_swarm(folder / f"run-{index}", run_toml, options, max_epochs=plan.total_epochs)
         peers = result["peers"]
         params = load_file(folder / f"run-{index}" / "peer-0" / "params.safetensors")
         configs.append(
             dict(
                 name=name,
-                compression=codec,
+                mode=plan.mode,
+                compression=plan.diloco_compression if plan.mode == "diloco" else plan.compression,
                 peers=options.peers,
                 micro_batch=options.batch_size,
                 samples=sum(peer["samples_contributed"] for peer in peers),
