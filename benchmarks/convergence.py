@@ -23,7 +23,8 @@ reduced, and state is averaged every --average-state-every epochs, so peers agre
 curves are the training loss of each epoch (mean over that epoch's micro-batches of all peers)
 against the samples contributed before it, with the held-out loss as a star at the end.
 Prints a table and writes benchmarks/results/convergence-<device>.json and
-benchmarks/results/convergence.png (needs matplotlib: pip install -e '.[bench]').
+benchmarks/results/convergence.png (convergence-<device>-diloco.json and convergence-diloco.png
+with --diloco-rounds; needs matplotlib: pip install -e '.[bench]').
 """
 
 from __future__ import annotations
@@ -229,13 +230,16 @@ def main() -> None:
         print(f"{name}: held-out loss {configs[-1]['held_out_loss']:.4f}", flush=True)
 
     device = torch.device(args.device).type
+    suffix = "-diloco" if args.diloco_rounds else ""
     path = write_json(
-        f"convergence-{device}.json",
+        f"convergence-{device}{suffix}.json",
         dict(
             **swarm_arguments(args),
             target_batch_size=args.target_batch,
             epochs=args.epochs,
             warmup_epochs=args.warmup_epochs,
+            diloco_rounds=args.diloco_rounds,
+            inner_batch=args.inner_batch,
             held_out_plays=[p.name for p in sorted(test.iterdir())],
             eval_sequences=len(sequences),
             initial_held_out_loss=initial,
@@ -245,7 +249,7 @@ def main() -> None:
     plot(
         configs,
         f"{args.preset}, target batch {args.target_batch}, {args.epochs} epochs ({device})",
-        RESULTS / "convergence.png",
+        RESULTS / f"convergence{suffix}.png",
     )
 
     baseline = configs[0]["held_out_loss"]
@@ -262,7 +266,7 @@ def main() -> None:
             f"{config['held_out_loss'] - baseline:+.4f} | {last:.4f} | {config['training_s']:.1f} | "
             f"{config['rounds_succeeded']}/{config['rounds_failed']} |"
         )
-    print(f"written to {path} and {RESULTS / 'convergence.png'}")
+    print(f"written to {path} and {RESULTS / f'convergence{suffix}.png'}")
 
 
 if __name__ == "__main__":
