@@ -4,7 +4,7 @@ import torch
 
 from model import CausalLM
 from model.data import load_corpus
-from peer.run_config import RunConfig
+from peer.run_config import AveragingSection, RunConfig
 
 EPOCHS = 10
 # nats on a held-out batch. The final loss of one process varies by 0.03 (standard deviation, 4 runs:
@@ -22,7 +22,12 @@ def held_out_loss(run: RunConfig, params: dict) -> float:
 
 
 def test_two_peers_match_one_process_on_the_same_global_batch(tmp_path, write_run_config, start_peer, release_peers):
-    settings = dict(target_batch_size=32, lr=3e-3)
+    # State averaged as shipped (every 5th epoch), not every epoch as in the other swarm tests: this
+    # test is about the gradient rounds. With 2.5 s epochs and a state round every epoch, hivemind's
+    # per-peer decision whether an epoch has one (skipped while the last is still in progress, or
+    # while it counts no other peer) once left one peer in a state round alone for the averaging
+    # timeout, and the pair a step behind one process (issue 15, open).
+    settings = dict(target_batch_size=32, lr=3e-3, average_state_every=AveragingSection.average_state_every)
     (tmp_path / "solo").mkdir()
     (tmp_path / "swarm").mkdir()
     solo_toml = write_run_config(tmp_path / "solo", run_id="equivalence-solo", **settings)
