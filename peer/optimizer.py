@@ -73,7 +73,7 @@ def with_gradient_clipping(
     return Clipped
 
 
-def lr_multiplier(training: TrainingSection) -> Callable[[int], float]:
+def lr_multiplier(training: TrainingSection) -> Callable[[float], float]:
     """Linear warm-up over warmup_epochs, then cosine decay to a tenth by total_epochs. DiLoCo's
     inner steps ask between epochs (rounds and their fraction done): the warm-up's last epoch is
     at the full rate, never above it."""
