@@ -23,11 +23,26 @@ def written(folder: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.exists() else []
 
 
+def freeze_inside_a_write(writer: subprocess.Popen, checkpoints: Path) -> None:
+    """Stop `writer` at a moment when it has a partial checkpoint on disk, however fast its writes."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert writer.poll() is None and time.monotonic() < deadline, "the writer never started a write"
+        if list(checkpoints.glob(f".epoch-*.partial-{writer.pid}")):
+            writer.send_signal(signal.SIGSTOP)
+            while Path(f"/proc/{writer.pid}/stat").read_text().split(") ")[1][0] != "T":  # stopped by now
+                time.sleep(0.001)
+            if list(checkpoints.glob(f".epoch-*.partial-{writer.pid}")):  # still inside: frozen there
+                return
+            writer.send_signal(signal.SIGCONT)
+        time.sleep(0.001)
+
+
 def test_killed_checkpoint_writes_leave_the_previous_checkpoint_loadable(tmp_path):
     chance = random.Random(8)
     store = CheckpointStore(tmp_path / "checkpoints", keep=2)
     interrupted = 0
-    for _ in range(KILLS):
+    for kill in range(KILLS):
         with open(tmp_path / "writer.log", "a") as log:
             writer = subprocess.Popen(
                 [sys.executable, str(WRITER), str(tmp_path), str(OPTIMIZER_VALUES)],
@@ -39,7 +54,10 @@ def test_killed_checkpoint_writes_leave_the_previous_checkpoint_loadable(tmp_pat
         while len(written(tmp_path)) == done_before:  # kill only after it has written at least once
             assert writer.poll() is None and time.monotonic() < deadline, (tmp_path / "writer.log").read_text()[-2000:]
             time.sleep(0.05)
-        time.sleep(chance.uniform(0.0, 1.5))  # somewhere in a later write, its fsync, rename or pruning
+        if kill % 2:  # somewhere in a later write, its fsync, rename or pruning
+            time.sleep(chance.uniform(0.0, 1.5))
+        else:  # surely inside a write: frozen while a partial checkpoint is on disk
+            freeze_inside_a_write(writer, tmp_path / "checkpoints")
         writer.send_signal(signal.SIGKILL)
         writer.wait()
         interrupted += bool(list((tmp_path / "checkpoints").glob(".epoch-*")))  # killed inside a write
