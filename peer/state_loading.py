@@ -14,6 +14,7 @@ import logging
 import math
 import multiprocessing
 import random
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -170,6 +171,49 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
     same shapes, finite, and optimizer metadata of the same layout."""
 
     off_swarm = False  # set by the peer while its parameters are off the swarm's (after a partial round)
+
+    def __init__(self, *args, **kwargs) -> None:
+        # hivemind counts an epoch before its background thread runs that epoch's optimizer step: a
+        # state read in between would pair the new epoch with the old parameters (a checkpoint one
+        # step behind its label). These count the epochs whose step has not run yet.
+        self._epoch_count = threading.Lock()
+        self._epochs_unstepped = 0
+        self._optimizer_stepped = False  # in the call of _do under way
+        super().__init__(*args, **kwargs)
+        self.optimizer.register_step_post_hook(lambda *_: self._finish_epoch_step())
+
+    def step(self, *args, increment_epoch: bool = False, optimizer_step: bool = False, **kwargs):
+        """TrainingStateAverager's step; an epoch it counts for an optimizer step is counted as not
+        stepped until that step has run."""
+        if increment_epoch and optimizer_step:
+            with self._epoch_count:
+                self.local_epoch += 1
+                self._epochs_unstepped += 1
+            increment_epoch = False
+        return super().step(*args, increment_epoch=increment_epoch, optimizer_step=optimizer_step, **kwargs)
+
+    def _do(self, wait_for_trigger, optimizer_step: bool, *args, **kwargs):
+        # hivemind runs these one at a time, in the order their steps were counted
+        self._optimizer_stepped = False
+        try:
+            return super()._do(wait_for_trigger, optimizer_step, *args, **kwargs)
+        finally:
+            if optimizer_step and not self._optimizer_stepped:  # it gave up before the step
+                self._finish_epoch_step()
+
+    def _finish_epoch_step(self) -> None:
+        with self._epoch_count:
+            self._optimizer_stepped = True
+            self._epochs_unstepped = max(0, self._epochs_unstepped - 1)
+
+    def get_current_state(self):
+        """The state hivemind shares with loading peers and the coordinator, labelled with the epoch
+        its parameters are of; read while no optimizer step runs."""
+        with self.lock_optimizer:
+            with self._epoch_count:
+                epoch = self.local_epoch - self._epochs_unstepped
+            metadata, tensors, infos = super().get_current_state()
+        return {**metadata, "epoch": epoch}, tensors, infos
 
     @property
     def state_sharing_priority(self) -> float:

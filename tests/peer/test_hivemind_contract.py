@@ -303,7 +303,22 @@ CONTRACT = [
             "finished_averaging_round",
             "reuse_tensors",
             "opt_keys_for_averaging",
+            "lock_optimizer",
         ),
+    ),
+    # CheckedStateAverager counts an epoch's optimizer step as run once the optimizer has stepped
+    # (or _do gave up first): _do runs the step under lock_optimizer, one call at a time.
+    Reliance(
+        f"{STATE_AVERAGER}._do",
+        "peer/state_loading.py",
+        params=("wait_for_trigger", "optimizer_step"),
+        called_from=(f"{STATE_AVERAGER}.step",),
+        source_has=("with self.lock_optimizer:", "self.optimizer.step()"),
+    ),
+    Reliance(
+        f"{STATE_AVERAGER}.__init__",
+        "peer/state_loading.py",
+        source_has=("ThreadPoolExecutor(max_workers=2 if self.delta_rule_averaging else 1)",),
     ),
     # check_state() reads this metadata; coordinator/state_sharing.py serves the same
     Reliance(
@@ -397,8 +412,14 @@ CONTRACT = [
     # next pseudo-gradient is taken, and loads it again when an all-reduce in the background failed.
     Reliance(
         f"{STATE_AVERAGER}.step",
-        "peer/diloco.py",
-        params=("wait_for_delayed_updates", "delay_optimizer_step", "wait_for_trigger"),
+        "peer/diloco.py, peer/state_loading.py",
+        params=(
+            "wait_for_delayed_updates",
+            "delay_optimizer_step",
+            "wait_for_trigger",
+            "increment_epoch",
+            "optimizer_step",
+        ),
         called_from=("hivemind.Optimizer._update_global_epoch", "hivemind.Optimizer.load_state_from_peers"),
     ),
     Reliance(

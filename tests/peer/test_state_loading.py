@@ -1,12 +1,22 @@
 """The checks on a donor's state: what fits this peer's model and optimizer is taken, anything else is
-refused with the reason."""
+refused with the reason; and the state a donor shares is labelled with the epoch of its parameters."""
 
 import math
+import threading
+import time
+from functools import partial
 
+import hivemind
 import pytest
 import torch
 
-from peer.state_loading import check_metadata_epoch, check_optimizer_metadata, check_tensors, optimizer_state_layout
+from peer.state_loading import (
+    CheckedStateAverager,
+    check_metadata_epoch,
+    check_optimizer_metadata,
+    check_tensors,
+    optimizer_state_layout,
+)
 
 
 def adamw_state(shape=(3, 5)) -> tuple[list[torch.Tensor], list[dict], list[torch.Tensor]]:
@@ -65,3 +75,57 @@ def test_optimizer_metadata_of_another_layout_is_refused():
     moved = [*metadata[:tensor], {"type": "tensor", "index": 99}, *metadata[tensor + 1 :]]
     assert check_optimizer_metadata(moved, metadata) == f"optimizer metadata entry {tensor} points at tensor 99"
     assert "a tensor expected" in check_optimizer_metadata([*metadata[:tensor], 5, *metadata[tensor + 1 :]], metadata)
+
+
+class SlowSGD(torch.optim.SGD):
+    """SGD whose step takes a second: long enough to ask for the state while it runs."""
+
+    def step(self, closure=None):
+        time.sleep(1.0)
+        return super().step(closure)
+
+
+def shared_state(averager: CheckedStateAverager) -> tuple[int, list[float]]:
+    """What a loading peer or the coordinator would download: the epoch and the parameters."""
+    metadata, tensors, _ = averager.get_current_state()
+    return metadata["epoch"], tensors[0].tolist()
+
+
+def test_the_state_shared_around_an_optimizer_step_is_labelled_with_its_parameters_epoch():
+    """hivemind counts an epoch before its background thread runs the epoch's optimizer step. A
+    coordinator that downloaded the state in between wrote a checkpoint of epoch N holding the
+    parameters of epoch N - 1 (tests/coordinator/test_swarm.py, fresh-clone make test)."""
+    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    param = torch.nn.Parameter(torch.zeros(4))
+    averager = CheckedStateAverager(
+        dht=dht,
+        optimizer=partial(SlowSGD, lr=1.0),
+        params=[param],
+        prefix="shared_state",
+        offload_optimizer=True,  # as shipped
+        start=True,
+    )
+    trigger = threading.Event()
+    try:
+        param.grad = torch.ones(4)
+        # As hivemind.Optimizer does with delayed steps: the step runs in the background, on a trigger.
+        averager.step(
+            increment_epoch=True, optimizer_step=True, delay_optimizer_step=True, wait_for_trigger=trigger.wait
+        )
+        assert averager.local_epoch == 1
+        assert shared_state(averager) == (0, [0.0] * 4)  # counted, not run: still epoch 0's parameters
+        trigger.set()
+        time.sleep(0.2)  # the step is under way now, for a second
+        assert shared_state(averager) == (1, [-1.0] * 4)  # read once it has run
+        averager.step(wait_for_delayed_updates=True)
+
+        # A step that gave up before running (its trigger failed) leaves the parameters to the epoch.
+        def failed_trigger():
+            raise RuntimeError("the gradients' round failed")
+
+        averager.step(increment_epoch=True, optimizer_step=True, wait_for_trigger=failed_trigger)
+        assert averager.local_epoch == 2 and shared_state(averager) == (2, [-1.0] * 4)
+    finally:
+        trigger.set()  # a step left waiting would keep the process alive
+        averager.shutdown()
+        dht.shutdown()
