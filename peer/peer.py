@@ -581,9 +581,12 @@ class Peer:
             # it is behind by more than one.
             just_loaded = self.state_loads != self._state_loads_at_last_round
             self._state_loads_at_last_round = self.state_loads
-            if behind > EPOCH_TOLERANCE or (behind > 0 and just_loaded):
+            # In DiLoCo mode any lag is a missed outer step: this peer's pseudo-gradient was taken
+            # from older outer parameters than the group's, and its outer step leaves it that far off.
+            missed_outer_step = behind > 0 and isinstance(self.optimizer, DilocoOptimizer)
+            if behind > EPOCH_TOLERANCE or (behind > 0 and just_loaded) or missed_outer_step:
                 logger.info("the group of the last round was %d epoch(s) ahead: loading its state", behind)
-                self.load_state_from_peers()
+                self._load_group_state(epochs.group + 1)
                 self._state_loads_at_last_round = self.state_loads
             elif epochs is not None:
                 self.optimizer.catch_up_with_group(epochs.group + 1)
@@ -619,6 +622,19 @@ class Peer:
             float("nan") if self.last_loss is None else self.last_loss,
             self.samples_contributed,
         )
+
+    def _load_group_state(self, epoch: int) -> None:
+        """Load the state of `epoch`, the one the group of the last round stepped to. Its peers may
+        still be running that step: a load right away took the state of the epoch before, and left
+        this peer a step behind again. After the averaging timeout, any newer state will do."""
+        deadline = time.monotonic() + self.run_config.averaging.averaging_timeout
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if self.optimizer.load_state_from_peers(min_donor_priority=epoch - 1, min_epoch=epoch):
+                logger.info("loaded the group's state: epoch %d", self.optimizer.local_epoch)
+                self._emit("state_loaded", epoch=self.optimizer.local_epoch, resync=False)
+                return
+            time.sleep(RESYNC_DELAY)
+        self.load_state_from_peers()
 
     def _optimizer_steps(self) -> int | None:
         """The step count in the shared optimizer's state (Adam's bias correction uses it; state

@@ -228,12 +228,16 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
         )
 
     def load_state_from_peers(
-        self, wait: bool = True, timeout: float | None = None, min_donor_priority: float = -math.inf
+        self,
+        wait: bool = True,
+        timeout: float | None = None,
+        min_donor_priority: float = -math.inf,
+        min_epoch: int = 0,
     ):
         """TrainingStateAverager's load from the first donor by priority whose state fits, asking
-        only donors that offer at least min_donor_priority. hivemind discards a state older than its
-        local epoch after downloading it: such a donor is passed over before."""
-        self.limit_next_load(min_donor_priority, min_epoch=self.local_epoch)
+        only donors that offer at least min_donor_priority, and passing over a donor whose state is
+        older than min_epoch or this peer's epoch (hivemind would discard it after downloading it)."""
+        self.limit_next_load(min_donor_priority, min_epoch=max(min_epoch, self.local_epoch))
         averaged = self._averaged_statistics()
         loaded = super().load_state_from_peers(wait=wait, timeout=timeout)
         with torch.no_grad(), self.lock_averaged_tensors:
