@@ -48,6 +48,7 @@ METRICS_PUBLISH_PERIOD = 2.0  # seconds between two signed metrics records
 AUXILIARY_POLL_PERIOD = 0.2  # seconds between two averaging checks of an auxiliary peer
 PROGRESS_FETCH_TIMEOUT = 10.0  # seconds to wait for the swarm's progress before training
 SHUTDOWN_GRACE = 2.0  # seconds a helper process gets to finish before it is terminated
+GROUP_STATE_WAIT = 10.0  # seconds to wait for the state a group stepped to (it steps right after its round)
 RESYNC_DELAY = 1.0  # seconds between two looks for a donor, the first after the epoch change that left the swarm
 EPOCH_TOLERANCE = 1  # epochs a peer that averaged since its last state load may lag its group and take their epoch
 
@@ -626,8 +627,8 @@ class Peer:
     def _load_group_state(self, epoch: int) -> None:
         """Load the state of `epoch`, the one the group of the last round stepped to. Its peers may
         still be running that step: a load right away took the state of the epoch before, and left
-        this peer a step behind again. After the averaging timeout, any newer state will do."""
-        deadline = time.monotonic() + self.run_config.averaging.averaging_timeout
+        this peer a step behind again. After GROUP_STATE_WAIT, any newer state will do."""
+        deadline = time.monotonic() + GROUP_STATE_WAIT
         while not self._stop.is_set() and time.monotonic() < deadline:
             if self.optimizer.load_state_from_peers(min_donor_priority=epoch - 1, min_epoch=epoch):
                 logger.info("loaded the group's state: epoch %d", self.optimizer.local_epoch)
