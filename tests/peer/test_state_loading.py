@@ -78,9 +78,13 @@ def test_optimizer_metadata_of_another_layout_is_refused():
 
 
 class SlowSGD(torch.optim.SGD):
-    """SGD whose step takes a second: long enough to ask for the state while it runs."""
+    """SGD whose step takes a second, and says when it began: long enough to ask for the state
+    while it runs."""
+
+    began = threading.Event()
 
     def step(self, closure=None):
+        self.began.set()
         time.sleep(1.0)
         return super().step(closure)
 
@@ -114,8 +118,9 @@ def test_the_state_shared_around_an_optimizer_step_is_labelled_with_its_paramete
         )
         assert averager.local_epoch == 1
         assert shared_state(averager) == (0, [0.0] * 4)  # counted, not run: still epoch 0's parameters
+        SlowSGD.began.clear()  # hivemind stepped it once already, to create the optimizer's state
         trigger.set()
-        time.sleep(0.2)  # the step is under way now, for a second
+        assert SlowSGD.began.wait(timeout=60), "the optimizer step never began"
         assert shared_state(averager) == (1, [-1.0] * 4)  # read once it has run
         averager.step(wait_for_delayed_updates=True)
 
