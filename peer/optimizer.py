@@ -232,6 +232,23 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         self._refusals_reported = frozenset(refused)
         return self.state_averager.states_received > received
 
+    def tag_along_scheduled_round(self) -> int | None:
+        """Go through the gradient round this peer has scheduled with zero weight, as hivemind's
+        load_state_from_peers does before loading (its group would otherwise look for a new one),
+        and return the epoch that round's group steps to: a state loaded after that round must be of
+        that epoch, or this peer is a step behind again. None without such a round."""
+        control, self.scheduled_grads = self.scheduled_grads, None
+        if control is None:
+            return None
+        if not control.done():
+            without_weight(control)
+            try:
+                control.result(self.averaging_timeout)
+            except BaseException:  # a timeout or the round's failure: there is no group epoch to take
+                control.cancel()
+        epochs = round_epochs(control, self.grad_averager.peer_id)
+        return None if epochs is None else epochs.group + 1
+
     def _scheduled_rounds(self) -> list[StepControl]:
         return [
             control
@@ -255,15 +272,21 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         self.leave_matchmaking()
         deadline = time.monotonic() + self.next_chunk_timeout
         for control in self._scheduled_rounds():
-            if not control.triggered:
-                control.weight = 0
-                control.allow_allreduce()
+            without_weight(control)
         for control in self._scheduled_rounds():
             try:
                 control.result(max(0.0, deadline - time.monotonic()))
             except BaseException:  # a timeout or the round's failure: this peer leaves either way
                 control.cancel()
         super().shutdown()
+
+
+def without_weight(control: StepControl) -> None:
+    """Let a scheduled round go on with this peer's parts but none of its values (weight 0), if it
+    has not been triggered with them yet."""
+    if not control.triggered:
+        control.weight = 0
+        control.allow_allreduce()
 
 
 def make_collaborative_optimizer(

@@ -599,6 +599,7 @@ class Peer:
             round_problems=averager.take_round_problems() if isinstance(averager, CountingGradientAverager) else [],
             state_rounds=[[state.outcome.value, state.group_size] for state in state_rounds],
             off_swarm=self.off_swarm,
+            state_loads=self.state_loads,
             inner_steps=self.inner_steps,
             samples_contributed=self.samples_contributed,
             train_loss=statistics.fmean(self._epoch_losses) if self._epoch_losses else None,
@@ -627,7 +628,10 @@ class Peer:
     def _load_group_state(self, epoch: int) -> None:
         """Load the state of `epoch`, the one the group of the last round stepped to. Its peers may
         still be running that step: a load right away took the state of the epoch before, and left
-        this peer a step behind again. After GROUP_STATE_WAIT, any newer state will do."""
+        this peer a step behind again; so did a load that first went through the group's next
+        round (as hivemind's load does), since the group stepped again. After GROUP_STATE_WAIT, any
+        newer state will do."""
+        epoch = max(epoch, self.optimizer.tag_along_scheduled_round() or 0)
         deadline = time.monotonic() + GROUP_STATE_WAIT
         while not self._stop.is_set() and time.monotonic() < deadline:
             if self.optimizer.load_state_from_peers(min_donor_priority=epoch - 1, min_epoch=epoch):

@@ -469,6 +469,7 @@ CONTRACT = [
             "auxiliary",
             "scheduled_grads",
             "scheduled_state",
+            "averaging_timeout",
             "tracker",
             "state_averager",
             "grad_averager",

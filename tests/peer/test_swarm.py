@@ -53,25 +53,28 @@ def test_late_joiner_loads_state_and_trains_to_the_same_epoch(
     tmp_path, write_run_config, start_peer, release_peers, mode
 ):
     """A peer that joins two others at their epoch 2 loads their state (in DiLoCo mode: the outer
-    parameters and momentum), trains with them to their last epoch (round) and ends with their
-    parameters."""
+    parameters and momentum), trains with them to its last epoch and ends with the parameters they
+    had in that epoch. (A joiner still catching up when the others leave has no one to catch up
+    with: they train on until it is done.)"""
     run_toml = write_run_config(tmp_path, **mode_settings(mode, 64))
     epochs = 8
-    early = [start_peer(f"early{i}", run_toml, max_epochs=epochs, hold=True) for i in range(2)]
+    early = [start_peer(f"early{i}", run_toml, duration=600, snapshots=True, hold=True) for i in range(2)]
     go = tmp_path / "late-joiner-go"
     late = start_peer("late", run_toml, max_epochs=epochs, start_after=go)  # imports while the others train
     release_peers(early)
     wait_until(lambda: any(p.logged_epoch() >= 2 for p in early), 120, "the first peers to reach epoch 2")
     go.touch()
     late_summary = late.wait(timeout=300)
-    early_summaries = [p.wait(timeout=300) for p in early]
+    for peer in early:
+        peer.process.send_signal(signal.SIGTERM)
+    early_summaries = [p.wait(timeout=60) for p in early]
 
     assert late_summary["state_loads"] >= 1
-    assert late_summary["epoch"] == epochs == early_summaries[0]["epoch"]
+    assert late_summary["epoch"] == epochs <= min(summary["epoch"] for summary in early_summaries)
     assert late_summary["samples_contributed"] > 0 and late_summary["rounds_succeeded"] >= 1
-    # State is averaged every epoch: the peers end within about one Adam step (lr 1e-3) of each other,
+    # State is averaged every epoch: the peers are within about one Adam step (lr 1e-3) of each other,
     # from the codec's error on each one's share of the averaged gradient (or pseudo-gradient).
     late_params = late.params()
     for peer in early:
-        for key, value in peer.params().items():
+        for key, value in peer.snapshot(epochs).items():
             torch.testing.assert_close(late_params[key], value, atol=5e-3, rtol=0)
