@@ -17,7 +17,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.optim.grad_averager import GradientAverager
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
@@ -321,6 +321,22 @@ class StateRoundsAverager(AggregatingAverager):
         self._state_rounds.append(control)
         return control.result() if wait else control
 
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs) -> GatheredRound:
+        """A member whose epoch is behind the latest of the group's members that hold state takes
+        part with weight 0: it receives their state instead of pulling theirs back toward its older
+        one. hivemind's state rounds match peers of any epoch, and in DiLoCo mode an epoch is a
+        whole outer step (a slow peer's round once left the others 0.018 apart)."""
+        epochs = state_epochs(group_info, self.serializer)
+        own = epochs.get(self.peer_id)
+        if own is not None and own < max(epochs.values()):
+            logger.info(
+                "state round: this peer's epoch %d is behind its group's %d, taking their state",
+                own,
+                max(epochs.values()),
+            )
+            kwargs["weight"] = 0.0
+        return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+
     def settle_state_rounds(self) -> list[StateRound]:
         """How the state averaging rounds that ended since the last call ended. A pre-scheduled round
         cancelled before it was triggered was never run: it is not counted."""
@@ -331,6 +347,18 @@ class StateRoundsAverager(AggregatingAverager):
                 ran = not control.cancelled() and control.exception() is None
                 settled.append(StateRound(round_outcome(control)[0], len(control.result()) if ran else 1))
         return settled
+
+
+def state_epochs(group_info: GroupInfo, serializer) -> dict[PeerID, int]:
+    """The epoch each member of a state round that holds state (not an auxiliary peer) gathered:
+    TrainingStateAverager gathers the epoch its parameters will have when the round averages."""
+    epochs = {}
+    for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered):
+        _, mode, user_data = serializer.loads(gathered)  # as DecentralizedAverager packs it in matchmaking
+        epoch = serializer.loads(user_data)
+        if AveragingMode(mode) != AveragingMode.AUX and isinstance(epoch, int):
+            epochs[peer_id] = epoch
+    return epochs
 
 
 def round_outcome(control) -> tuple[RoundOutcome, float]:

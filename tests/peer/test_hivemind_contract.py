@@ -162,7 +162,16 @@ CONTRACT = [
         "peer/averager.py, peer/faults.py",
         attrs=("failed_size", "total_size", "_input_parts_by_peer"),
     ),
-    Reliance("hivemind.averaging.group_info.GroupInfo", "peer/averager.py", params=("group_id", "peer_ids")),
+    Reliance(
+        "hivemind.averaging.group_info.GroupInfo", "peer/averager.py", params=("group_id", "peer_ids", "gathered")
+    ),
+    # peer.averager.state_epochs reads each member's gathered data as DecentralizedAverager.step packs it.
+    Reliance(
+        f"{AVERAGER}.step",
+        "peer/averager.py",
+        source_has=("self.serializer.dumps([self.bandwidth, self.mode.value, user_data_for_gather])",),
+    ),
+    Reliance(STATE_AVERAGER + "._do", "peer/averager.py", source_has=("gather=self.local_epoch",)),
     Reliance(
         f"{GRAD_AVERAGER}.step",
         "peer/averager.py, peer/diloco.py",

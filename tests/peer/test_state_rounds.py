@@ -59,12 +59,16 @@ def settled(averager, timeout: float) -> list[StateRound]:
     return outcomes
 
 
-def test_a_state_round_with_the_group_succeeds_and_one_alone_fails(two_averagers):
-    threads = [threading.Thread(target=average_state, args=(averager,)) for averager in two_averagers]
+def average_state_together(averagers) -> None:
+    threads = [threading.Thread(target=average_state, args=(averager,)) for averager in averagers]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+
+
+def test_a_state_round_with_the_group_succeeds_and_one_alone_fails(two_averagers):
+    average_state_together(two_averagers)
     for averager in two_averagers:
         assert averager.main_parameters[0].tolist() == [2.0] * 1000  # the mean, exact in float32
         assert settled(averager, timeout=ROUND_TIMEOUT) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
@@ -75,6 +79,17 @@ def test_a_state_round_with_the_group_succeeds_and_one_alone_fails(two_averagers
     average_state(lone)
     assert settled(lone, timeout=2 * ROUND_TIMEOUT) == [StateRound(RoundOutcome.FAILED, group_size=1)]
     assert lone.main_parameters[0].tolist() == [2.0] * 1000
+
+
+def test_a_peer_behind_its_groups_epoch_takes_their_state_without_pulling_it_back(two_averagers):
+    """State rounds match peers of any epoch: the one behind (epoch 4 against 5) averages with
+    weight 0, so both end with the state of the one ahead, not with the mean of the two epochs."""
+    ahead, behind = two_averagers
+    ahead.local_epoch, behind.local_epoch = 5, 4
+    average_state_together(two_averagers)
+    for averager in two_averagers:
+        assert averager.main_parameters[0].tolist() == [1.0] * 1000  # ahead's, exactly
+        assert settled(averager, timeout=ROUND_TIMEOUT) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
 
 
 # The statistics of each mode's shared optimizer (shipped settings): AdamW's moments in batch mode,
