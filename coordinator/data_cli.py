@@ -1,6 +1,7 @@
 """starling-data: prepare a corpus for a run (filtered, deduplicated, tokenised, sharded).
 
 starling-data prepare SOURCES... --out DIR
+starling-data prepare-chat CONVERSATIONS... --out DIR
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from model.prepared import PrepareError, PrepareSettings, manifest_digest
 from peer.command_line import OneLineParser, setup_logging
 
 PROG = "starling-data"
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def positive_int(text: str) -> int:
@@ -43,38 +45,57 @@ def build_parser() -> OneLineParser:
     add("--min-words", type=positive_int, default=defaults.min_words, help="shorter documents are dropped")
     add("--flagged-words", type=Path, help="a file of words, one a line: documents with too many are dropped")
     add("--max-flagged-ratio", type=ratio, default=defaults.max_flagged_ratio, help="share of flagged words allowed")
-    add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add("--log-level", default="INFO", choices=LOG_LEVELS)
+    chat = commands.add_parser("prepare-chat", help="render, deduplicate and shard conversations for fine-tuning")
+    add = chat.add_argument
+    add("sources", nargs="+", type=Path, help=".jsonl files of conversations (one a line), or folders of them")
+    add("--out", type=Path, required=True, help="the folder to write the shards and manifest.json into (new or empty)")
+    add("--seq-len", type=positive_int, default=defaults.seq_len, help="tokens per sequence (the run's [data] seq_len)")
+    add("--sequences-per-shard", type=positive_int, default=defaults.sequences_per_shard, help="sequences per shard")
+    add("--log-level", default="INFO", choices=LOG_LEVELS)
     return parser
+
+
+def prepare_from(parsed: argparse.Namespace) -> None:
+    """Run the command's preparation (raises PrepareError, OSError or UnicodeDecodeError)."""
+    if parsed.command == "prepare-chat":
+        from coordinator.prepare_chat import prepare_chat
+
+        prepare_chat(parsed.sources, parsed.out, parsed.seq_len, parsed.sequences_per_shard)
+        return
+    from coordinator.prepare import prepare
+
+    flagged = frozenset()
+    if parsed.flagged_words is not None:
+        flagged = frozenset(parsed.flagged_words.read_text(encoding="utf-8").split())
+    settings = PrepareSettings(
+        seq_len=parsed.seq_len,
+        sequences_per_shard=parsed.sequences_per_shard,
+        text_field=parsed.text_field,
+        min_words=parsed.min_words,
+        flagged_words=flagged,
+        max_flagged_ratio=parsed.max_flagged_ratio,
+    )
+    prepare(parsed.sources, parsed.out, settings)
 
 
 def main(argv: list[str] | None = None) -> int:
     parsed = build_parser().parse_or_exit_code(argv)
     if isinstance(parsed, int):
         return parsed
+    setup_logging(parsed.log_level)
     try:
-        from coordinator.prepare import prepare
+        prepare_from(parsed)
     except ImportError as error:
         print(f"{PROG}: error: {error.name} is missing: pip install 'starling[data]'", file=sys.stderr)
         return 2
-    setup_logging(parsed.log_level)
-    try:
-        flagged = frozenset()
-        if parsed.flagged_words is not None:
-            flagged = frozenset(parsed.flagged_words.read_text(encoding="utf-8").split())
-        settings = PrepareSettings(
-            seq_len=parsed.seq_len,
-            sequences_per_shard=parsed.sequences_per_shard,
-            text_field=parsed.text_field,
-            min_words=parsed.min_words,
-            flagged_words=flagged,
-            max_flagged_ratio=parsed.max_flagged_ratio,
-        )
-        prepare(parsed.sources, parsed.out, settings)
     except (PrepareError, OSError, UnicodeDecodeError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     # What the organiser puts in the run configuration to hand the dataset to peers.
     print(f'[data]\npath = "{parsed.out}"\ndataset = "{manifest_digest(parsed.out)}"\nseq_len = {parsed.seq_len}')
+    if parsed.command == "prepare-chat":
+        print('[objective]\nkind = "sft"')
     return 0
 
 

@@ -52,15 +52,7 @@ from loguru import logger as datatrove_logger
 from tqdm.auto import tqdm
 
 from model.data import TEXT_SUFFIXES, pack
-from model.prepared import (
-    MANIFEST,
-    Manifest,
-    PrepareError,
-    PrepareSettings,
-    ShardEntry,
-    shard_bytes,
-    write_atomic,
-)
+from model.prepared import MANIFEST, Manifest, PrepareError, PrepareSettings, write_atomic, write_shards
 from model.tokenizer import load_tokenizer
 
 logger = logging.getLogger("starling.data")
@@ -146,17 +138,8 @@ def prepare(
     if len(sequences) == 0:
         raise PrepareError(f"the {len(kept)} documents kept hold fewer tokens than one sequence of {settings.seq_len}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    shards = []
     with _timed(seconds, "writing shards"):
-        for start in tqdm(
-            range(0, len(sequences), settings.sequences_per_shard), desc="writing shards", unit="shard", disable=None
-        ):
-            rows = sequences[start : start + settings.sequences_per_shard]
-            data = shard_bytes(rows, tokenizer.vocab_size)
-            name = f"shard-{len(shards):05d}.bin"
-            write_atomic(out / name, data)
-            shards.append(ShardEntry(name, len(data), len(rows), hashlib.sha256(data).hexdigest()))
+        shards = write_shards(sequences, out, settings.sequences_per_shard, tokenizer.vocab_size)
     manifest = Manifest(
         seq_len=settings.seq_len,
         tokenizer_sha256=tokenizer.sha256,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from model.chat import chat_tokenizer_sha256
 from model.prepared import Manifest, is_prepared, load_prepared
 from model.tokenizer import Tokenizer, load_tokenizer
 
@@ -134,28 +135,38 @@ class PackedCorpus:
         return self.sequences[self.shard_indices(num_shards)[index]]
 
 
-def check_fits(manifest: Manifest, seq_len: int, where: str) -> None:
-    """Raise ValueError unless a prepared dataset holds sequences of this run's length and tokenizer."""
+def check_fits(manifest: Manifest, seq_len: int, where: str, chat: bool = False) -> None:
+    """Raise ValueError unless a prepared dataset holds sequences of this run's length, tokenizer
+    and kind: conversations (`chat`, for fine-tuning) or text."""
     if manifest.seq_len != seq_len:
         raise ValueError(f"{where} holds sequences of {manifest.seq_len} tokens, the run's are of {seq_len}")
-    if manifest.tokenizer_sha256 != load_tokenizer().sha256:
+    if manifest.chat != chat:
+        held, wanted = ("conversations", "text") if manifest.chat else ("text", "conversations")
+        raise ValueError(f"{where} holds {held}; this run trains on {wanted}")
+    tokenizer_sha256 = chat_tokenizer_sha256() if chat else load_tokenizer().sha256
+    if manifest.tokenizer_sha256 != tokenizer_sha256:
         raise ValueError(f"{where} was tokenised with another tokenizer than the run's")
 
 
-def prepared_sequences(folder: str | os.PathLike, seq_len: int) -> torch.Tensor:
+def prepared_sequences(folder: str | os.PathLike, seq_len: int, chat: bool = False) -> torch.Tensor:
     """The sequences of a prepared dataset (model.prepared), checked to fit this run."""
     manifest, sequences = load_prepared(folder)
-    check_fits(manifest, seq_len, f"prepared dataset {str(folder)!r}")
+    check_fits(manifest, seq_len, f"prepared dataset {str(folder)!r}", chat)
     return sequences
 
 
-def load_corpus(source: str | os.PathLike | None = None, seq_len: int = 256, seed: int = 0) -> PackedCorpus:
+def load_corpus(
+    source: str | os.PathLike | None = None, seq_len: int = 256, seed: int = 0, chat: bool = False
+) -> PackedCorpus:
     """Tokenise (or read from cache) and pack a corpus. Raises a clear error for a missing,
-    empty or too-short corpus."""
+    empty or too-short corpus. Conversations (`chat`) come prepared only (starling-data prepare-chat)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     if source is not None and is_prepared(source):
-        return PackedCorpus(prepared_sequences(source, seq_len), seed)
+        return PackedCorpus(prepared_sequences(source, seq_len, chat), seed)
+    if chat:
+        where = "the bundled corpus" if source is None else repr(str(source))
+        raise ValueError(f"{where} is not a folder of conversations prepared with starling-data prepare-chat")
     files = corpus_files(source)
     tokens = tokenize_files(files, load_tokenizer())
     sequences = pack(tokens, seq_len)

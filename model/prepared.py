@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 MAGIC = b"STRLSHRD"
 FORMAT_VERSION = 1
@@ -78,6 +79,7 @@ class Manifest:
     steps: list[dict[str, Any]] = field(default_factory=list)  # per step: name, documents in/out, removed by reason
     settings: dict[str, Any] = field(default_factory=dict)  # PrepareSettings.as_dict()
     format_version: int = FORMAT_VERSION
+    chat: bool = False  # conversations for fine-tuning (model.chat's sequences), not text
 
     @property
     def sequences(self) -> int:
@@ -126,6 +128,21 @@ def shard_bytes(sequences: np.ndarray, vocab_size: int) -> bytes:
     rows, seq_len = sequences.shape
     header = HEADER.pack(MAGIC, FORMAT_VERSION, token_bytes, seq_len, rows)
     return header + np.ascontiguousarray(sequences, dtype=TOKEN_DTYPES[token_bytes]).tobytes()
+
+
+def write_shards(sequences: np.ndarray, out: Path, sequences_per_shard: int, vocab_size: int) -> list[ShardEntry]:
+    """Write [n, seq_len] token rows into shard files of `sequences_per_shard` rows in `out` (made
+    if missing), in order; their manifest entries."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    starts = range(0, len(sequences), sequences_per_shard)
+    for start in tqdm(starts, desc="writing shards", unit="shard", disable=None):
+        rows = sequences[start : start + sequences_per_shard]
+        data = shard_bytes(rows, vocab_size)
+        name = f"shard-{len(shards):05d}.bin"
+        write_atomic(out / name, data)
+        shards.append(ShardEntry(name, len(data), len(rows), hashlib.sha256(data).hexdigest()))
+    return shards
 
 
 def read_shard(path: Path, expected: ShardEntry | None = None) -> torch.Tensor:

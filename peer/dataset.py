@@ -98,14 +98,17 @@ class RemoteDataset:
 
     `sequences_of(shard)` returns a shard's rows, downloading it first if it is not cached (or its
     cached copy fails its digest); `prefetch(shard)` starts that download in the background. The
-    cached shards take at most `cache_limit_bytes` beyond the shards in use."""
+    cached shards take at most `cache_limit_bytes` beyond the shards in use. `chat`: the run
+    fine-tunes on conversations (model.chat), and the dataset must hold them."""
 
-    def __init__(self, url: str, digest: str, seq_len: int, cache: Path, cache_limit_bytes: int) -> None:
+    def __init__(
+        self, url: str, digest: str, seq_len: int, cache: Path, cache_limit_bytes: int, chat: bool = False
+    ) -> None:
         self.url = url.rstrip("/") + "/"
         self.folder = cache / digest
         self.manifest = fetch_manifest(self.url, digest, self.folder)
         try:
-            check_fits(self.manifest, seq_len, f"the run's dataset at {self.url}")
+            check_fits(self.manifest, seq_len, f"the run's dataset at {self.url}", chat)
         except ValueError as error:
             raise DatasetError(str(error)) from None
         if not self.manifest.shards:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from model import CausalLM, ModelConfig
 from model.adapters import load_checkpoint
+from model.chat import inputs_and_labels
 from model.data import load_corpus
 from model.kernels import guard as kernel_guard
 from model.objectives import distillation_loss
@@ -300,8 +301,10 @@ class Peer:
         if data is None and run.data.dataset is not None:
             url = run.data.url or self._coordinator_data_url()
             cache = Path(self.options.data_cache) if self.options.data_cache else default_cache()
-            return RemoteDataset(url, run.data.dataset, run.data.seq_len, cache, self.options.data_cache_mb << 20)
-        corpus = load_corpus(data or run.data.path, seq_len=run.data.seq_len, seed=run.training.seed)
+            return RemoteDataset(
+                url, run.data.dataset, run.data.seq_len, cache, self.options.data_cache_mb << 20, chat=self.chat
+            )
+        corpus = load_corpus(data or run.data.path, seq_len=run.data.seq_len, seed=run.training.seed, chat=self.chat)
         return CorpusShards(corpus, run.data.num_shards)
 
     def _coordinator_data_url(self) -> str:
@@ -354,6 +357,12 @@ class Peer:
         else:
             logger.warning("loaded no state: no peer offered a state that fits this one")
         return applied
+
+    @property
+    def chat(self) -> bool:
+        """Whether this peer fine-tunes on conversations (objective.kind = "sft"): its data holds
+        them, and its loss falls on the assistant's tokens (model.chat)."""
+        return self.run_config is not None and self.run_config.objective.kind == "sft"
 
     @property
     def state_loads(self) -> int:
@@ -532,9 +541,10 @@ class Peer:
         if self.faults.slow_forward:
             time.sleep(self.faults.slow_forward)
         self.faults.check_memory(len(batch))
+        inputs, labels = inputs_and_labels(batch) if self.chat else (batch, batch)
         with self.precision.autocast():
             if self.teacher is None:
-                loss = self.model(batch, labels=batch).loss
+                loss = self.model(inputs, labels=labels).loss
             else:
                 with torch.no_grad():
                     teacher_logits = self.teacher(batch).logits

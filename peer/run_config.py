@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from model import ModelConfig
+from model.chat import CHAT_VOCAB
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lamb8bit", "sgd")
 MODES = ("batch", "diloco")
-OBJECTIVES = ("pretrain", "distill")
+OBJECTIVES = ("pretrain", "sft", "distill")
 COMPRESSIONS = ("adaptive-8bit", "fp16", "none")
 PSEUDO_GRADIENT_COMPRESSIONS = ("adaptive-8bit", "blockwise-4bit", "fp16", "none")
 MAX_OUTER_LR = 2.0  # beyond it the outer step overshoots the averaged inner progress
@@ -128,8 +129,10 @@ class CoordinatorSection:
 
 @dataclass
 class ObjectiveSection:
-    # "pretrain": next-token loss on the data. "distill": also match a frozen teacher's next-token
-    # distribution, which every peer runs beside the student (model.objectives.distillation_loss).
+    # "pretrain": next-token loss on the data. "sft": next-token loss on the assistant's tokens of
+    # conversations (prepared by starling-data prepare-chat; model.chat). "distill": also match a
+    # frozen teacher's next-token distribution, which every peer runs beside the student
+    # (model.objectives.distillation_loss).
     kind: str = "pretrain"
     teacher: str | None = None  # distill: a Starling or transformers checkpoint folder, on every peer
     teacher_sha256: str | None = None  # distill: SHA-256 of its weights file: each peer checks its copy
@@ -284,9 +287,14 @@ class RunConfig:
             if not ok:
                 raise RunConfigError(f"{source}: {key} must be {expected}")
         try:
-            self.model_config()
+            vocab_size = self.model_config().vocab_size
         except (ValueError, TypeError) as error:
             raise RunConfigError(f"{source}: [model] does not validate: {error}") from None
+        if self.objective.kind == "sft" and vocab_size < CHAT_VOCAB:
+            raise RunConfigError(
+                f'{source}: objective.kind = "sft" needs a model of at least {CHAT_VOCAB} tokens (Mistral\'s '
+                f"instruct vocabulary), [model] has {vocab_size}: set [model.overrides] vocab_size"
+            )
 
 
 def _matches(value: Any, annotation: Any) -> bool:

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -207,3 +208,35 @@ def small_filesystem(tmp_path):
     yield make
     for filesystem in mounted:
         filesystem.unmount()
+
+
+CAPITALS = [
+    ("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
+    ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Canada", "Ottawa"), ("Norway", "Oslo"), ("Chile", "Santiago"),
+    ("Greece", "Athens"), ("Cuba", "Havana"), ("Poland", "Warsaw"), ("Ireland", "Dublin"), ("Austria", "Vienna"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def write_conversations():
+    """write_conversations(path, count, seed=) -> path: a .jsonl file of `count` short synthetic
+    conversations (capitals and sums, some with a system prompt), the same for the same seed."""
+
+    def write(path: Path, count: int, seed: int = 0) -> Path:
+        rng = random.Random(seed)
+        lines = []
+        for _ in range(count):
+            if rng.random() < 0.5:
+                country, capital = rng.choice(CAPITALS)
+                question, answer = f"What is the capital of {country}?", f"The capital of {country} is {capital}."
+            else:
+                a, b = rng.randint(1, 49), rng.randint(1, 49)
+                question, answer = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            if rng.random() < 0.3:
+                messages.insert(0, {"role": "system", "content": "Answer in one sentence."})
+            lines.append(json.dumps({"messages": messages}))
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return write

@@ -62,7 +62,8 @@ lr = 1
         ("training = 3\n", "[training] must be a table"),
         ("run_id = 'a b'\n", "run_id must be"),
         ("[training\n", "not valid TOML"),
-        ("[objective]\nkind = 'rlhf'\n", "objective.kind must be one of pretrain, distill"),
+        ("[objective]\nkind = 'rlhf'\n", "objective.kind must be one of pretrain, sft, distill"),
+        ("[objective]\nkind = 'sft'\n", 'objective.kind = "sft" needs a model of at least 32768 tokens'),
         ("[objective]\nkind = 'distill'\n", "objective.teacher must be set when"),
         ("[objective]\nteacher = 'teachers/t'\n", "objective.teacher must be set when"),
         (
@@ -168,6 +169,7 @@ def test_training_key_separates_what_peers_must_agree_on():
         dataclasses.replace(base, training=dataclasses.replace(base.training, lr=1e-3)),
         dataclasses.replace(base, training=dataclasses.replace(base.training, target_batch_size=128)),
         dataclasses.replace(base, objective=DISTILL),
+        dataclasses.replace(base, objective=dataclasses.replace(base.objective, kind="sft")),
         dataclasses.replace(base, objective=dataclasses.replace(DISTILL, teacher_sha256="cd" * 32)),
         dataclasses.replace(base, objective=dataclasses.replace(DISTILL, temperature=1.0)),
     ]
