@@ -1,7 +1,6 @@
 """A prepared dataset handed to peers over HTTP: the coordinator serves it, peers download the
 shards they train on, check each against the signed manifest digest and keep a bounded cache."""
 
-import hashlib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from coordinator.cli import main as coordinator_main
 from coordinator.server import DashboardServer
-from model.prepared import MANIFEST, Manifest, ShardEntry, manifest_digest, read_shard, shard_bytes, write_atomic
+from model.prepared import MANIFEST, Manifest, manifest_digest, read_shard, write_atomic, write_shards
 from model.tokenizer import load_tokenizer
 from peer.dataset import DatasetError, RemoteDataset
 
@@ -22,14 +21,8 @@ SEQ_LEN = 32  # the tests' run configs (tests/conftest.py)
 def prepared_dataset(folder: Path, shards: int = 8, sequences: int = 16) -> str:
     """A prepared dataset of random tokens for the run's tokenizer; returns its manifest's digest."""
     tokenizer = load_tokenizer()
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    entries = []
-    for index in range(shards):
-        data = shard_bytes(rng.integers(0, tokenizer.vocab_size, (sequences, SEQ_LEN)), tokenizer.vocab_size)
-        name = f"shard-{index:05d}.bin"
-        write_atomic(folder / name, data)
-        entries.append(ShardEntry(name, len(data), sequences, hashlib.sha256(data).hexdigest()))
+    rows = np.random.default_rng(0).integers(0, tokenizer.vocab_size, (shards * sequences, SEQ_LEN))
+    entries = write_shards(rows, folder, sequences, tokenizer.vocab_size)
     manifest = Manifest(SEQ_LEN, tokenizer.sha256, entries, documents=shards, tokens=shards * sequences * SEQ_LEN)
     write_atomic(folder / MANIFEST, manifest.to_json().encode())
     return manifest_digest(folder)

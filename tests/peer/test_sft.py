@@ -4,7 +4,7 @@ import torch
 
 from coordinator.data_cli import main as starling_data
 from model import CausalLM
-from model.chat import inputs_and_labels
+from model.evaluate import evaluate
 from model.prepared import load_prepared
 from peer.run_config import RunConfig
 
@@ -38,12 +38,10 @@ averaging_timeout = 15.0
 
 
 def assistant_loss(run: RunConfig, params: dict, held_out) -> float:
-    """The mean loss on the assistant's tokens of the held-out conversations."""
-    model = CausalLM(run.model_config()).eval()
+    """The mean loss on the assistant's tokens of the held-out conversations (starling-eval's)."""
+    model = CausalLM(run.model_config())
     model.load_state_dict(params, strict=False)
-    inputs, labels = inputs_and_labels(held_out)
-    with torch.no_grad():
-        return model(inputs, labels=labels).loss.item()
+    return evaluate(model, held_out, chat=True)["loss"]
 
 
 def test_two_peers_fine_tune_on_conversations_as_one_process_does(

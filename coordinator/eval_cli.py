@@ -1,0 +1,60 @@
+"""starling-eval: a checkpoint's loss on a prepared dataset, as a user reads it.
+
+    starling-eval --checkpoint DIR --data PREPARED_DIR [--sequences N] [--batch-size B]
+
+The checkpoint is a coordinator's (runs/<run_id>/checkpoints/epoch-NNNNNN), `starling-train
+--save`'s, or a transformers Mistral, Mixtral or BLOOM folder; the data a folder that `starling-data
+prepare` (text: the loss on every next token) or `prepare-chat` (conversations: the loss on the
+assistant's tokens only) wrote, ideally a split held out of training. It prints one JSON object:
+loss (nats per token that carries the loss), perplexity, tokens, sequences and data ("text" or
+"conversations").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import transformers
+
+from coordinator.data_cli import positive_int
+from model.adapters import load_checkpoint
+from model.chat import CHAT_VOCAB
+from model.evaluate import evaluate
+from model.prepared import PreparedDataError, load_prepared
+from model.tokenizer import load_tokenizer
+from peer.command_line import OneLineParser
+
+PROG = "starling-eval"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder")
+    parser.add_argument("--data", required=True, help="a prepared dataset folder (starling-data prepare[-chat])")
+    parser.add_argument("--sequences", type=positive_int, help="evaluate the first N sequences only")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
+    parsed = parser.parse_or_exit_code(argv)
+    if isinstance(parsed, int):
+        return parsed
+    transformers.utils.logging.disable_progress_bar()  # stdout and stderr say what came out, nothing else
+    try:
+        manifest, sequences = load_prepared(parsed.data)
+        model = load_checkpoint(parsed.checkpoint)
+        sequences = sequences[: parsed.sequences]
+        vocab_size = CHAT_VOCAB if manifest.chat else load_tokenizer().vocab_size
+        if vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"--data {parsed.data} was tokenised with a vocabulary of {vocab_size}, beyond the model's "
+                f"{model.config.vocab_size}"
+            )
+        result = evaluate(model, sequences, manifest.chat, parsed.batch_size)
+    except (PreparedDataError, ValueError, OSError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({**result, "data": "conversations" if manifest.chat else "text"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""starling-eval: a checkpoint's loss on a prepared dataset of text or conversations; its errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from coordinator.data_cli import main as starling_data
+from coordinator.eval_cli import main
+from model import CausalLM, ModelConfig
+from model.chat import CHAT_VOCAB, inputs_and_labels
+from model.prepared import MANIFEST, Manifest, load_prepared, write_atomic, write_shards
+from model.tokenizer import load_tokenizer
+
+SEQ_LEN = 32
+
+
+def checkpoint(folder, vocab_size: int):
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.from_preset("tiny", vocab_size=vocab_size))
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def text_dataset(folder) -> torch.Tensor:
+    tokenizer = load_tokenizer()
+    rows = np.random.default_rng(0).integers(0, tokenizer.vocab_size, (10, SEQ_LEN))
+    shards = write_shards(rows, folder, 4, tokenizer.vocab_size)
+    write_atomic(folder / MANIFEST, Manifest(SEQ_LEN, tokenizer.sha256, shards, 10, rows.size).to_json().encode())
+    return torch.from_numpy(rows)
+
+
+def evaluated(capsys, *arguments) -> dict:
+    assert main(list(arguments)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_loss_of_text_is_the_models_mean_over_every_next_token(tmp_path, capsys):
+    """In batches of 3 (the last one short), weighted by their tokens: the model's own loss over
+    all ten sequences at once."""
+    model = checkpoint(tmp_path / "checkpoint", load_tokenizer().vocab_size)
+    rows = text_dataset(tmp_path / "text")
+    result = evaluated(
+        capsys, "--checkpoint", str(tmp_path / "checkpoint"), "--data", str(tmp_path / "text"), "--batch-size", "3"
+    )
+    with torch.no_grad():
+        expected = model(rows, labels=rows).loss.item()
+    assert result["data"] == "text" and result["sequences"] == 10 and result["tokens"] == 10 * (SEQ_LEN - 1)
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(np.exp(expected), rel=1e-5)
+
+
+def test_the_loss_of_conversations_is_on_the_assistants_tokens(tmp_path, capsys, write_conversations):
+    model = checkpoint(tmp_path / "checkpoint", CHAT_VOCAB)
+    source = write_conversations(tmp_path / "chats.jsonl", 12)
+    assert starling_data(["prepare-chat", str(source), "--out", str(tmp_path / "chats"), "--seq-len", "48"]) == 0
+    capsys.readouterr()
+    _, sequences = load_prepared(tmp_path / "chats")
+    result = evaluated(capsys, "--checkpoint", str(tmp_path / "checkpoint"), "--data", str(tmp_path / "chats"))
+    inputs, labels = inputs_and_labels(sequences)
+    with torch.no_grad():
+        expected = model(inputs, labels=labels).loss.item()
+    assert result["data"] == "conversations" and result["tokens"] == int((labels[:, 1:] != -100).sum())
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_input_is_one_line_naming_it_and_exit_status_2(tmp_path, capsys, write_conversations):
+    checkpoint(tmp_path / "small", load_tokenizer().vocab_size)
+    text_dataset(tmp_path / "text")
+    source = write_conversations(tmp_path / "chats.jsonl", 4)
+    assert starling_data(["prepare-chat", str(source), "--out", str(tmp_path / "chats"), "--seq-len", "48"]) == 0
+    capsys.readouterr()
+    cases = [
+        (
+            ["--checkpoint", str(tmp_path / "nowhere"), "--data", str(tmp_path / "text")],
+            "is not a transformers checkpoint",
+        ),
+        (["--checkpoint", str(tmp_path / "small"), "--data", str(tmp_path / "nowhere")], "cannot be read"),
+        (
+            ["--checkpoint", str(tmp_path / "small"), "--data", str(tmp_path / "chats")],
+            "a vocabulary of 32768, beyond the model's 32000",
+        ),
+    ]
+    for arguments, message in cases:
+        assert main(arguments) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("starling-eval: error: ") and message in line, line
