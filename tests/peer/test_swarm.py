@@ -65,16 +65,23 @@ def test_late_joiner_loads_state_and_trains_to_the_same_epoch(
     wait_until(lambda: any(p.logged_epoch() >= 2 for p in early), 120, "the first peers to reach epoch 2")
     go.touch()
     late_summary = late.wait(timeout=300)
-    for peer in early:
-        peer.process.send_signal(signal.SIGTERM)
-    early_summaries = [p.wait(timeout=60) for p in early]
+    last = late_summary["epoch"]  # a load that ended its catching up may have taken it past max_epochs
+    # Their snapshot of its last epoch is written before their next epoch's event; they need not
+    # stop for it (the fixture kills them).
+    wait_until(
+        lambda: all(any(e["event"] == "epoch" and e["epoch"] > last for e in p.events()) for p in early),
+        60,
+        "the first peers to pass its last epoch",
+    )
 
-    assert late_summary["state_loads"] >= 1
-    assert late_summary["epoch"] == epochs <= min(summary["epoch"] for summary in early_summaries)
+    assert late_summary["state_loads"] >= 1 and last >= epochs
     assert late_summary["samples_contributed"] > 0 and late_summary["rounds_succeeded"] >= 1
     # State is averaged every epoch: the peers are within about one Adam step (lr 1e-3) of each other,
     # from the codec's error on each one's share of the averaged gradient (or pseudo-gradient).
     late_params = late.params()
-    for peer in early:
-        for key, value in peer.snapshot(epochs).items():
+    # (A peer that entered that epoch by loading state has no snapshot of it.)
+    snapshots = [peer.snapshot(last) for peer in early if peer.snapshot_path(last).exists()]
+    assert snapshots
+    for snapshot in snapshots:
+        for key, value in snapshot.items():
             torch.testing.assert_close(late_params[key], value, atol=5e-3, rtol=0)
