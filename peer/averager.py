@@ -314,6 +314,9 @@ class StateRoundsAverager(AggregatingAverager):
 
     def __init__(self, *args, **kwargs) -> None:
         self._state_rounds: list = []  # StepControls, oldest first; appended from hivemind's background thread
+        # The latest group epoch whose state this peer took in a round (it was behind), not yet
+        # applied: written in the averager's process once the round averaged every value, -1 if none.
+        self._group_epoch_taken = multiprocessing.get_context("fork").Value(ctypes.c_int64, -1)
         super().__init__(*args, aggregation="mean", **kwargs)
 
     def step(self, *args, wait: bool = True, **kwargs):
@@ -327,15 +330,23 @@ class StateRoundsAverager(AggregatingAverager):
         one. hivemind's state rounds match peers of any epoch, and in DiLoCo mode an epoch is a
         whole outer step (a slow peer's round once left the others 0.018 apart)."""
         epochs = state_epochs(group_info, self.serializer)
-        own = epochs.get(self.peer_id)
-        if own is not None and own < max(epochs.values()):
-            logger.info(
-                "state round: this peer's epoch %d is behind its group's %d, taking their state",
-                own,
-                max(epochs.values()),
-            )
+        own, group_epoch = epochs.get(self.peer_id), max(epochs.values(), default=None)
+        behind = own is not None and own < group_epoch
+        if behind:
+            logger.info("state round: this peer's epoch %d is behind its group's %d: taking theirs", own, group_epoch)
             kwargs["weight"] = 0.0
-        return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        if behind and gathered.averaged_fraction >= 1.0:  # a partial round left it neither epoch's state
+            with self._group_epoch_taken.get_lock():
+                self._group_epoch_taken.value = max(self._group_epoch_taken.value, group_epoch)
+        return gathered
+
+    def take_group_epoch(self) -> int | None:
+        """The group epoch whose state a round gave this peer since the last call (it was behind),
+        or None: once that state is the peer's, so is the epoch."""
+        with self._group_epoch_taken.get_lock():
+            epoch, self._group_epoch_taken.value = self._group_epoch_taken.value, -1
+        return None if epoch < 0 else epoch
 
     def settle_state_rounds(self) -> list[StateRound]:
         """How the state averaging rounds that ended since the last call ended. A pre-scheduled round

@@ -153,6 +153,12 @@ class DilocoStateAverager(CheckedStateAverager):
     _model_moved = False
     pseudo_gradients: PseudoGradientAverager | None = None  # set by DilocoOptimizer
 
+    def __init__(self, *args, **kwargs) -> None:
+        # Averaged in buffers of their own, not in place (hivemind's default with an offloaded
+        # optimizer): hivemind then applies a round through _apply_averaging_results_ below. In
+        # place, it copied the outer parameters into the model, erasing the inner steps taken since.
+        super().__init__(*args, reuse_tensors=False, **kwargs)
+
     def outer_parameters(self) -> list[torch.Tensor]:
         """The outer optimizer's parameters: the round's anchors, on the CPU in float32."""
         return [param for group in self.optimizer.param_groups for param in group["params"]]

@@ -2,16 +2,18 @@
 
 Events: "joined" (peer_id, run_id, epoch, addresses), "state_loaded" (epoch, resync),
 "state_refused" (donor: its peer id, problem: what did not fit; once per donor), "epoch" (epoch,
-rounds: the outcomes of the gradient rounds that ended with it, round_problems: one line for each of
-them that did not succeed (the averaged fraction and each failed reducer's error), state_rounds:
+rounds: the outcomes of the gradient rounds that ended with it, round_problems: one line for each
+of them that did not succeed (the averaged fraction and each failed reducer's error), state_rounds:
 [outcome, group size] of each state averaging round that ended since the last epoch, off_swarm,
-state_loads: the states loaded so far (hivemind's own catching up included), inner_steps: DiLoCo's
-local steps so far, samples_contributed and compute_seconds so far, train_loss: the mean loss of the
-micro_batches contributed in the epoch, step_seconds: the optimizer step that ended it, all-reduce
-and update included, optimizer_steps: the step count in the shared optimizer's state, learning_rate:
-its first group's), "out_of_memory" (epoch, micro_batch: the halved micro-batch the peer goes on
-with), "stopped" (the PeerSummary). Every event has "event" and "time" (Unix seconds). Tests,
-benchmarks and tools read these, not the human log.
+state_loads: the states loaded so far (hivemind's own catching up included), group_states_taken:
+the state rounds so far that gave this peer, behind its group, their later epoch's state and epoch,
+inner_steps: DiLoCo's local steps so far, samples_contributed and compute_seconds so far,
+train_loss: the mean loss of the micro_batches contributed in the epoch, step_seconds: the
+optimizer step that ended it, all-reduce and update included, optimizer_steps: the step count in
+the shared optimizer's state, learning_rate: its first group's), "out_of_memory" (epoch,
+micro_batch: the halved micro-batch the peer goes on with), "stopped" (the PeerSummary). Every
+event has "event" and "time" (Unix seconds). Tests, benchmarks and tools read these, not the human
+log.
 """
 
 from __future__ import annotations

@@ -610,6 +610,7 @@ class Peer:
             state_rounds=[[state.outcome.value, state.group_size] for state in state_rounds],
             off_swarm=self.off_swarm,
             state_loads=self.state_loads,
+            group_states_taken=self.optimizer.state_averager.group_states_taken,
             inner_steps=self.inner_steps,
             samples_contributed=self.samples_contributed,
             train_loss=statistics.fmean(self._epoch_losses) if self._epoch_losses else None,

@@ -179,6 +179,7 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
         self._epoch_count = threading.Lock()
         self._epochs_unstepped = 0
         self._optimizer_stepped = False  # in the call of _do under way
+        self.group_states_taken = 0  # state rounds that gave this peer a later epoch's state, and that epoch
         super().__init__(*args, **kwargs)
         self.optimizer.register_step_post_hook(lambda *_: self._finish_epoch_step())
 
@@ -205,6 +206,28 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
         with self._epoch_count:
             self._optimizer_stepped = True
             self._epochs_unstepped = max(0, self._epochs_unstepped - 1)
+
+    def _apply_averaging_results_(self) -> None:
+        super()._apply_averaging_results_()
+        self._take_group_epoch()
+
+    def _apply_optimizer_parameters_(self) -> None:
+        super()._apply_optimizer_parameters_()
+        if self.reuse_tensors:  # averaged in place: the parameters just copied hold any round that ended
+            self._take_group_epoch()
+
+    def _take_group_epoch(self) -> None:
+        """A state round that gave this peer the state of its group's later epoch has reached its
+        parameters: that epoch is now its own. Keeping the older one left the parameters a step
+        ahead of their epoch (a peer stopping then saved epoch N + 1's parameters as epoch N's)."""
+        epoch = self.take_group_epoch()
+        if epoch is None or epoch <= self.local_epoch:
+            return
+        logger.info("took epoch %d's state from a state averaging round (was at epoch %d)", epoch, self.local_epoch)
+        with self._epoch_count:
+            self.local_epoch = epoch
+        self.group_states_taken += 1
+        self._update_scheduler()
 
     def get_current_state(self):
         """The state hivemind shares with loading peers and the coordinator, labelled with the epoch

@@ -84,12 +84,14 @@ def averaged_every_value(rounds: list[str]) -> bool:
 
 def epochs_missed(events: list[dict], after: int, until: int) -> dict[int, list[str]]:
     """The epochs in (after, until] a peer reached neither through rounds that averaged every value
-    nor by loading the swarm's state, with the outcomes of their rounds."""
+    nor by taking the swarm's state (a load, or a state round with a group ahead), with the outcomes
+    of their rounds."""
     missed, loads = {}, 0
     for event in events:
         if event["event"] != "epoch":
             continue
-        loaded, loads = event["state_loads"] > loads, event["state_loads"]
+        taken = event["state_loads"] + event["group_states_taken"]
+        loaded, loads = taken > loads, taken
         if after < event["epoch"] <= until and not averaged_every_value(event["rounds"]):
             if event["rounds"] or not loaded:
                 missed[event["epoch"]] = event["rounds"]

@@ -502,10 +502,26 @@ CONTRACT = [
         "peer/diloco.py",
         called_from=("hivemind.Optimizer._update_global_epoch", "hivemind.Optimizer.load_state_from_peers"),
     ),
-    Reliance(f"{STATE_AVERAGER}._apply_averaging_results_", "peer/diloco.py", called_from=(f"{STATE_AVERAGER}.step",)),
     Reliance(
-        f"{STATE_AVERAGER}._apply_optimizer_parameters_", "peer/diloco.py", called_from=(f"{STATE_AVERAGER}.step",)
+        f"{STATE_AVERAGER}._apply_averaging_results_",
+        "peer/diloco.py, peer/state_loading.py",
+        called_from=(f"{STATE_AVERAGER}.step",),
     ),
+    Reliance(
+        f"{STATE_AVERAGER}._apply_optimizer_parameters_",
+        "peer/diloco.py, peer/state_loading.py",
+        called_from=(f"{STATE_AVERAGER}.step",),
+    ),
+    # DilocoStateAverager averages in buffers of its own, so that hivemind applies a round through
+    # _apply_averaging_results_ (in place, it copied the outer parameters over the inner steps)
+    Reliance(
+        f"{STATE_AVERAGER}.__init__",
+        "peer/diloco.py",
+        params=("reuse_tensors",),
+        source_has=("reuse_tensors = offload_optimizer and not delta_rule_averaging",),
+    ),
+    # CheckedStateAverager takes the epoch of a state taken from a group, with the scheduler's
+    Reliance(f"{STATE_AVERAGER}._update_scheduler", "peer/state_loading.py"),
     Reliance("hivemind.averaging.partition.DEFAULT_PART_SIZE_BYTES", "peer/diloco.py, benchmarks/allreduce.py"),
     # ErrorFeedback.round_trip() cuts tensors into parts as TensorPartContainer does
     Reliance(

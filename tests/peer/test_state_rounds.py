@@ -83,13 +83,16 @@ def test_a_state_round_with_the_group_succeeds_and_one_alone_fails(two_averagers
 
 def test_a_peer_behind_its_groups_epoch_takes_their_state_without_pulling_it_back(two_averagers):
     """State rounds match peers of any epoch: the one behind (epoch 4 against 5) averages with
-    weight 0, so both end with the state of the one ahead, not with the mean of the two epochs."""
+    weight 0, so both end with the state of the one ahead, not with the mean of the two epochs, and
+    the one behind takes that epoch with it (its parameters are of epoch 5 now)."""
     ahead, behind = two_averagers
     ahead.local_epoch, behind.local_epoch = 5, 4
     average_state_together(two_averagers)
     for averager in two_averagers:
         assert averager.main_parameters[0].tolist() == [1.0] * 1000  # ahead's, exactly
         assert settled(averager, timeout=ROUND_TIMEOUT) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
+        assert averager.local_epoch == 5
+    assert (ahead.group_states_taken, behind.group_states_taken) == (0, 1)
 
 
 # The statistics of each mode's shared optimizer (shipped settings): AdamW's moments in batch mode,
@@ -139,6 +142,48 @@ def test_a_state_round_brings_the_peers_optimizer_statistics_together(mode):
                 for key, (value, power) in STATISTICS[mode].items():
                     mean = value * (1 + 2**power) / 2
                     torch.testing.assert_close(state[key], torch.full_like(state[key], mean))
+    finally:
+        for opt in optimizers:
+            opt.shutdown()
+        first.shutdown()
+        second.shutdown()
+
+
+def test_a_diloco_state_round_ending_mid_round_keeps_the_inner_steps_taken_meanwhile():
+    """DiLoCo mode: a state round averages the outer parameters in the background while the peers
+    take their next round's inner steps. When it ends, each model moves by what the round changed
+    in its outer parameters and keeps those inner steps (copying the outer parameters into the
+    model, as hivemind does with an offloaded optimizer, erased them)."""
+    run = RunConfig.from_dict({"run_id": "mid-round", "model": {"preset": "tiny"}, "training": {"mode": "diloco"}})
+    first = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
+    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=LOOPBACK, start=True)
+    torch.manual_seed(0)
+    models = [CausalLM(run.model_config())]
+    models.append(copy.deepcopy(models[0]))
+    optimizers = [
+        make_collaborative_optimizer(model, dht, run, batch_size_per_step=4)
+        for model, dht in zip(models, (first, second))
+    ]
+    try:
+        averagers = [opt.state_averager for opt in optimizers]
+        with torch.no_grad():  # the second peer's round started from outer parameters 0.01 apart
+            for outer, param in zip(averagers[1].outer_parameters(), models[1].parameters()):
+                outer.add_(0.01)
+                param.add_(0.01)
+        mean = [(a + b) / 2 for a, b in zip(*(averager.outer_parameters() for averager in averagers))]
+        timeout = run.averaging.averaging_timeout
+        for averager in averagers:  # as hivemind's epoch step starts it: in the background
+            averager.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=timeout))
+        inner_steps = [[torch.randn_like(p) * 1e-3 for p in model.parameters()] for model in models]
+        with torch.no_grad():
+            for model, steps in zip(models, inner_steps):
+                torch._foreach_add_(list(model.parameters()), steps)
+        wait_until(lambda: all(a.finished_averaging_round.is_set() for a in averagers), timeout, "the state round")
+        for averager, model, steps in zip(averagers, models, inner_steps):
+            averager.step(apply_delayed_updates=True)  # as hivemind's next Optimizer.step begins
+            assert settled(averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
+            for param, outer, step in zip(model.parameters(), mean, steps):
+                torch.testing.assert_close(param.detach(), outer + step, atol=1e-6, rtol=0)
     finally:
         for opt in optimizers:
             opt.shutdown()
