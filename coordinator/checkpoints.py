@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ logger = logging.getLogger("starling.coordinator")
 FOLDER = re.compile(r"^epoch-(\d{6,})$")
 TRAINING_TENSORS = "training_state.safetensors"
 TRAINING_METADATA = "training_state.json"
+EVALUATION = "evaluation.json"  # its held-out loss, once the coordinator has measured it (--eval-data)
 
 
 _RENAME_EXCHANGE = 2  # renameat2(2) flag: swap the two paths atomically
@@ -69,9 +70,16 @@ class Checkpoint:
     path: Path
     time: float
     size_bytes: int
+    evaluation: dict | None = None  # model.evaluate.evaluate's result on the held-out set, once measured
 
     def as_dict(self) -> dict:
-        return {"epoch": self.epoch, "path": str(self.path), "time": self.time, "size_bytes": self.size_bytes}
+        return {
+            "epoch": self.epoch,
+            "path": str(self.path),
+            "time": self.time,
+            "size_bytes": self.size_bytes,
+            "evaluation": self.evaluation,
+        }
 
 
 @dataclass
@@ -99,7 +107,7 @@ class CheckpointStore:
             match = FOLDER.match(path.name)
             if match and path.is_dir():
                 size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-                found.append(Checkpoint(int(match.group(1)), path, path.stat().st_mtime, size))
+                found.append(Checkpoint(int(match.group(1)), path, path.stat().st_mtime, size, _evaluation(path)))
         return sorted(found, key=lambda c: c.epoch)
 
     def latest(self) -> Checkpoint | None:
@@ -136,6 +144,19 @@ class CheckpointStore:
                 shutil.rmtree(old, ignore_errors=True)
         self._prune()
         return next(c for c in self.all() if c.path == final)
+
+    @staticmethod
+    def save_evaluation(checkpoint: Checkpoint, evaluation: dict) -> Checkpoint:
+        """Keep a checkpoint's held-out evaluation beside it (written atomically)."""
+        final = checkpoint.path / EVALUATION
+        partial = final.with_name(f".{EVALUATION}.partial-{os.getpid()}")
+        with open(partial, "w", encoding="utf-8") as handle:
+            json.dump(evaluation, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, final)
+        _fsync_folder(checkpoint.path)
+        return replace(checkpoint, evaluation=evaluation)
 
     @staticmethod
     def _write(folder: Path, model: CausalLM, state: TrainingState) -> None:
@@ -182,3 +203,12 @@ class CheckpointStore:
             optimizer_tensors=[tensors[f"optimizer.{i}"] for i in range(len(tensors))],
             optimizer_metadata=metadata["optimizer_metadata"],
         )
+
+
+def _evaluation(folder: Path) -> dict | None:
+    """The held-out evaluation kept in a checkpoint folder, if any (one left unreadable counts as none)."""
+    try:
+        evaluation = json.loads((folder / EVALUATION).read_text())
+    except (OSError, ValueError):
+        return None
+    return evaluation if isinstance(evaluation, dict) else None

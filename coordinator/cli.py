@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peer.command_line import OneLineParser, env_default, run_config_error, setup_logging
+from peer.command_line import OneLineParser, env_default, positive_int, run_config_error, setup_logging
 
 if TYPE_CHECKING:
     from peer.run_config import RunConfig
@@ -74,6 +74,17 @@ def build_parser() -> OneLineParser:
     )
     add("--duration", type=float, default=env_default("--duration"), help="stop after this many seconds")
     add("--events", default=env_default("--events"), help="append what the coordinator does to this JSON-lines file")
+    add(
+        "--eval-data",
+        default=env_default("--eval-data"),
+        help="a prepared dataset held out of training (starling-data prepare[-chat]): each checkpoint's loss on it",
+    )
+    add(
+        "--eval-sequences",
+        type=positive_int,
+        default=env_default("--eval-sequences", "256"),
+        help="evaluate on the first N sequences of --eval-data",
+    )
     add("--log-level", default=env_default("--log-level", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -181,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint_dir=args.checkpoint_dir,
                 state_dir=args.state_dir,
                 events=args.events,
+                eval_data=args.eval_data,
+                eval_sequences=args.eval_sequences,
             )
         )
         coordinator.run(duration=args.duration)

@@ -24,7 +24,7 @@ from hivemind.optim.progress_tracker import TrainingProgressSchema
 from hivemind.p2p import P2PDaemonError
 from tqdm.auto import tqdm
 
-from coordinator.checkpoints import CheckpointStore
+from coordinator.checkpoints import Checkpoint, CheckpointStore
 from coordinator.history import History, Point
 from coordinator.initial_state import adopt_architecture, initial_state, load_pretrained
 from coordinator.prometheus import registry_for
@@ -32,12 +32,15 @@ from coordinator.server import DashboardServer
 from coordinator.state_sharing import CheckpointAverager
 from coordinator.swarm import ONLINE_WITHIN, SwarmState, peer_kind, read_progress, summarize
 from model import CausalLM, ModelConfig
+from model.adapters import load_checkpoint
+from model.evaluate import check_vocabulary, evaluate
 from model.prepared import (
     MANIFEST,
     Manifest,
     PreparedDataError,
     is_prepared,
     load_manifest,
+    load_prepared,
     manifest_digest,
     manifest_path,
 )
@@ -71,6 +74,8 @@ class CoordinatorOptions:
     checkpoint_dir: str | None = None  # default: <state dir>/checkpoints
     state_dir: str | None = None  # default: runs/<run_id>
     events: str | None = None  # a JSON-lines file of what the coordinator does (see _emit)
+    eval_data: str | None = None  # a prepared held-out dataset: each checkpoint's loss on it
+    eval_sequences: int = 256  # of eval_data's sequences, the first ones
 
 
 class Coordinator:
@@ -92,6 +97,11 @@ class Coordinator:
             self._start_from_pretrained(self.run_config.model.init_from)
         self.latest_checkpoint = self.checkpoints.latest()  # kept here: the views ask for it on every request
         self.dataset = self._dataset()
+        self.held_out = self._held_out()
+        # the newest checkpoint's held-out evaluation, with its epoch (the dashboard's and /metrics')
+        self.latest_evaluation = next(
+            ({**c.evaluation, "epoch": c.epoch} for c in reversed(self.checkpoints.all()) if c.evaluation), None
+        )
         self.checkpoint_error: str | None = None  # why the last checkpoint failed, until one succeeds
         self.history = History(self.state_dir / "history.sqlite3")
         points = self.history.points(limit=1)
@@ -144,6 +154,21 @@ class Coordinator:
             return load_manifest(data.path)
         except PreparedDataError as error:
             raise CoordinatorError(str(error)) from None
+
+    def _held_out(self) -> tuple[Manifest, torch.Tensor] | None:
+        """The held-out sequences each checkpoint is evaluated on (--eval-data), checked to fit the model."""
+        if self.options.eval_data is None:
+            return None
+        where = f"eval_data {self.options.eval_data!r}"
+        try:
+            manifest, sequences = load_prepared(self.options.eval_data)
+            check_vocabulary(manifest, self.run_config.model_config().vocab_size, where)
+        except (PreparedDataError, ValueError, OSError) as error:
+            raise CoordinatorError(str(error)) from None
+        if manifest.chat != (self.run_config.objective.kind == "sft"):
+            held = "conversations" if manifest.chat else "text"
+            raise CoordinatorError(f"{where} holds {held}; the run trains on the other")
+        return manifest, sequences[: self.options.eval_sequences]
 
     def _served_dataset(self) -> tuple[Path, frozenset[str]] | None:
         """The folder and file names the dashboard's server serves under /data/."""
@@ -361,12 +386,38 @@ class Coordinator:
                 download_seconds=download_seconds,
                 write_seconds=write_seconds,
             )
+            if self.held_out is not None:
+                self._evaluate(checkpoint)
         except Exception as error:  # a failed checkpoint must not stop the coordinator
             self.checkpoint_error = f"{type(error).__name__}: {error}"
             self._emit("checkpoint_failed", error=self.checkpoint_error)
             logger.error("checkpoint failed (training goes on, the previous checkpoint is kept): %s", error)
         finally:
             self._checkpointing.release()
+
+    def _evaluate(self, checkpoint: Checkpoint) -> None:
+        """The checkpoint's loss on the held-out set, as starling-eval measures it, kept beside it."""
+        manifest, sequences = self.held_out
+        try:
+            started = time.perf_counter()
+            result = evaluate(load_checkpoint(checkpoint.path), sequences, manifest.chat)
+            evaluated = self.checkpoints.save_evaluation(checkpoint, result)
+        except Exception as error:  # training goes on; the checkpoint stays, without its evaluation
+            logger.error("evaluation of the checkpoint of epoch %d failed: %s", checkpoint.epoch, error)
+            self._emit("evaluation_failed", epoch=checkpoint.epoch, error=f"{type(error).__name__}: {error}")
+            return
+        if self.latest_checkpoint is not None and self.latest_checkpoint.path == checkpoint.path:
+            self.latest_checkpoint = evaluated
+        self.latest_evaluation = {**result, "epoch": checkpoint.epoch}
+        seconds = time.perf_counter() - started
+        logger.info(
+            "checkpoint of epoch %d: held-out loss %.4f (perplexity %.1f) in %.1f s",
+            checkpoint.epoch,
+            result["loss"],
+            result["perplexity"],
+            seconds,
+        )
+        self._emit("evaluation", epoch=checkpoint.epoch, path=str(checkpoint.path), seconds=seconds, **result)
 
     # ---- views -------------------------------------------------------------------------------
 
@@ -395,6 +446,7 @@ class Coordinator:
             "leaderboard": board,
             "checkpoint": checkpoint.as_dict() if checkpoint else None,
             "checkpoint_error": self.checkpoint_error,
+            "evaluation": self.latest_evaluation,
             "config": self.run_config.to_dict(),
             "dataset": self._dataset_view(sum(entry["samples"] for entry in board)),
         }
@@ -417,7 +469,9 @@ class Coordinator:
 
     def _emit(self, event: str, **fields) -> None:
         """An event for harnesses and tools: "started" (peer_id, initial_peers, dashboard), "checkpoint"
-        (epoch, path, size_bytes, download_seconds, write_seconds), "checkpoint_failed" (error), "stopped"."""
+        (epoch, path, size_bytes, download_seconds, write_seconds), "checkpoint_failed" (error),
+        "evaluation" (epoch, path, seconds and model.evaluate.evaluate's loss, perplexity, tokens,
+        sequences), "evaluation_failed" (epoch, error), "stopped"."""
         if self.events is not None:
             self.events.write(event, **fields)
 

@@ -11,17 +11,10 @@ import sys
 from pathlib import Path
 
 from model.prepared import PrepareError, PrepareSettings, manifest_digest
-from peer.command_line import OneLineParser, setup_logging
+from peer.command_line import OneLineParser, positive_int, setup_logging
 
 PROG = "starling-data"
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def ratio(text: str) -> float:

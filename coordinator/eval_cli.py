@@ -17,13 +17,10 @@ import sys
 
 import transformers
 
-from coordinator.data_cli import positive_int
 from model.adapters import load_checkpoint
-from model.chat import CHAT_VOCAB
-from model.evaluate import evaluate
+from model.evaluate import check_vocabulary, evaluate
 from model.prepared import PreparedDataError, load_prepared
-from model.tokenizer import load_tokenizer
-from peer.command_line import OneLineParser
+from peer.command_line import OneLineParser, positive_int
 
 PROG = "starling-eval"
 
@@ -42,12 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest, sequences = load_prepared(parsed.data)
         model = load_checkpoint(parsed.checkpoint)
         sequences = sequences[: parsed.sequences]
-        vocab_size = CHAT_VOCAB if manifest.chat else load_tokenizer().vocab_size
-        if vocab_size > model.config.vocab_size:
-            raise ValueError(
-                f"--data {parsed.data} was tokenised with a vocabulary of {vocab_size}, beyond the model's "
-                f"{model.config.vocab_size}"
-            )
+        check_vocabulary(manifest, model.config.vocab_size, f"--data {parsed.data}")
         result = evaluate(model, sequences, manifest.chat, parsed.batch_size)
     except (PreparedDataError, ValueError, OSError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

@@ -169,8 +169,10 @@ class CoordinatorProcess(ManagedProcess):
         dashboard_port: int | None = None,
         dht_port: int | None = None,
         state_dir: Path | None = None,
+        arguments: list[str] | None = None,
     ) -> None:
         self.folder, self.run_toml = folder, Path(run_toml)
+        self.arguments = arguments or []  # more starling-coordinator arguments
         self.state_dir = state_dir or folder / "state"
         self.dashboard_port = dashboard_port or free_port()
         self.dht_port = dht_port or free_port()
@@ -186,6 +188,7 @@ class CoordinatorProcess(ManagedProcess):
             *(sys.executable, "-m", "coordinator.cli", "--config", str(self.run_toml)),
             *("--state-dir", str(self.state_dir), "--host-maddrs", f"/ip4/127.0.0.1/tcp/{self.dht_port}"),
             *("--dashboard-port", str(self.dashboard_port), "--events", str(self.events_path)),
+            *self.arguments,
         ]
         super().__init__(command, self.folder / f"coordinator-{self.starts}.log")
         wait_until(self._ready, timeout, "the coordinator's address", alive=[self])

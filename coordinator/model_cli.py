@@ -17,13 +17,12 @@ from pathlib import Path
 
 import transformers
 
-from coordinator.data_cli import positive_int
 from model.adapters import load_checkpoint
 from model.chat import inputs_and_labels
 from model.data import load_corpus
 from model.prepared import PreparedDataError, is_prepared, load_prepared
 from model.prune import prune
-from peer.command_line import OneLineParser
+from peer.command_line import OneLineParser, positive_int
 
 PROG = "starling-model"
 

@@ -65,6 +65,17 @@ class SwarmCollector:
                 "When the latest checkpoint was written",
                 value=state["checkpoint"]["time"],
             )
+        evaluation = state["evaluation"]
+        if evaluation is not None:
+            yield GaugeMetricFamily(
+                "starling_eval_loss",
+                "Held-out loss of the newest evaluated checkpoint (coordinator --eval-data)",
+                value=evaluation["loss"],
+            )
+            yield GaugeMetricFamily(
+                "starling_eval_perplexity", "Held-out perplexity of that checkpoint", value=evaluation["perplexity"]
+            )
+            yield GaugeMetricFamily("starling_eval_epoch", "Epoch of that checkpoint", value=evaluation["epoch"])
         contributed = CounterMetricFamily(
             "starling_contributor_samples",
             f"Samples contributed, top {TOP_CONTRIBUTORS} contributors and other",

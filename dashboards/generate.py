@@ -268,8 +268,9 @@ def panels() -> list[dict]:
                         12,
                         timeseries(
                             "Loss",
-                            "Training loss, weighted by the peers' speed",
-                            [target("starling_loss", "loss")],
+                            "Training loss, weighted by the peers' speed, and the newest checkpoint's held-out "
+                            "loss (coordinator --eval-data)",
+                            [target("starling_loss", "training"), target("starling_eval_loss", "held-out", "B")],
                             decimals=3,
                         ),
                     ),

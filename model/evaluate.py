@@ -8,9 +8,20 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from model.chat import inputs_and_labels
+from model.chat import CHAT_VOCAB, inputs_and_labels
 from model.kernels import IGNORE_INDEX
+from model.prepared import Manifest
+from model.tokenizer import load_tokenizer
 from model.transformer import CausalLM
+
+
+def check_vocabulary(manifest: Manifest, vocab_size: int, where: str) -> None:
+    """Raise ValueError unless the tokens of a prepared dataset fit a model's vocabulary."""
+    data_vocabulary = CHAT_VOCAB if manifest.chat else load_tokenizer().vocab_size
+    if data_vocabulary > vocab_size:
+        raise ValueError(
+            f"{where} was tokenised with a vocabulary of {data_vocabulary}, beyond the model's {vocab_size}"
+        )
 
 
 def evaluate(model: CausalLM, sequences: torch.Tensor, chat: bool, batch_size: int = 8) -> dict:

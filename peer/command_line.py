@@ -40,6 +40,14 @@ def env_default(option: str, default=None, kind=str, multiple: bool = False):
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def setup_logging(level: str | int = "INFO") -> None:
     """Starling's lines (the `starling` hierarchy) and hivemind's through one handler in one format,
     at `level`. hivemind's own INFO lines (matchmaking chatter, every epoch) show only at DEBUG: at

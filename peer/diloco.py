@@ -148,16 +148,33 @@ class DilocoStateAverager(CheckedStateAverager):
     the background at the next step, by copying the averaged (outer) parameters into the model's;
     in DiLoCo mode these hold the round's inner progress by then, so the model's parameters move by
     what the averaging changed in the outer ones instead. With overlap, an outer step done in the
-    background moves them by the outer parameters minus the round-end parameters it started from."""
+    background moves them by the outer parameters minus the round-end parameters it started from.
+
+    The outer state is averaged in buffers of its own, not in place (hivemind's default with an
+    offloaded optimizer), so that a round is applied through _apply_averaging_results_ below: in
+    place, hivemind copied the outer parameters into the model, erasing the inner steps taken since.
+    A round's result is then copied over the outer state when applied, so an outer step waits for a
+    round still under way and takes its result first (after it, the round's older state would
+    replace that step's); and a round that never loaded this peer's state applies nothing (the
+    buffers hold an older round's)."""
 
     _model_moved = False
+    _buffers_loaded = False  # the buffers hold this peer's state as the latest round took it
     pseudo_gradients: PseudoGradientAverager | None = None  # set by DilocoOptimizer
 
     def __init__(self, *args, **kwargs) -> None:
-        # Averaged in buffers of their own, not in place (hivemind's default with an offloaded
-        # optimizer): hivemind then applies a round through _apply_averaging_results_ below. In
-        # place, it copied the outer parameters into the model, erasing the inner steps taken since.
         super().__init__(*args, reuse_tensors=False, **kwargs)
+
+    def step(self, *args, optimizer_step: bool = False, wait_for_delayed_updates: bool | None = None, **kwargs):
+        if optimizer_step and wait_for_delayed_updates is None:
+            wait_for_delayed_updates = True
+        return super().step(
+            *args, optimizer_step=optimizer_step, wait_for_delayed_updates=wait_for_delayed_updates, **kwargs
+        )
+
+    def _load_local_tensors_into_averager_(self) -> None:
+        super()._load_local_tensors_into_averager_()
+        self._buffers_loaded = True
 
     def outer_parameters(self) -> list[torch.Tensor]:
         """The outer optimizer's parameters: the round's anchors, on the CPU in float32."""
@@ -169,6 +186,9 @@ class DilocoStateAverager(CheckedStateAverager):
 
     @torch.no_grad()
     def _apply_averaging_results_(self) -> None:
+        if not self._buffers_loaded:
+            return
+        self._buffers_loaded = False
         pending_round = self.pseudo_gradients is not None and self.pseudo_gradients.round_end is not None
         if not self.finished_averaging_round.is_set() or pending_round:
             # awaited right after the outer step, or averaged after an outer step not applied yet

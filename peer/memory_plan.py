@@ -119,8 +119,10 @@ def plan(
     optimizer = INNER_OPTIMIZERS[run.training.optimizer]
     state = optimizer.state_bytes * count
     offload = run.averaging.offload_optimizer if offload is None else offload
-    if run.training.mode == "diloco":  # inner state on the device; outer parameters, momentum, averager
-        on_device, gradients, host = state, FLOAT32 * count, 3 * FLOAT32 * count
+    if run.training.mode == "diloco":
+        # Inner state on the device. In host memory: the outer parameters and momentum, the state
+        # averager's own copies of both (peer.diloco.DilocoStateAverager), the pseudo-gradient buffer.
+        on_device, gradients, host = state, FLOAT32 * count, 5 * FLOAT32 * count
     else:  # gradients and hivemind's accumulators; the averagers' buffers in host memory
         gradients = 2 * FLOAT32 * count
         on_device = 0 if offload else state

@@ -7,9 +7,13 @@ import random
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from coordinator.harness import CoordinatorProcess, PeerProcess, PeerSpec, free_port, release
+from model.prepared import MANIFEST, Manifest, write_atomic, write_shards
+from model.tokenizer import load_tokenizer
 
 # Triton kernels run on CPU through the interpreter; Triton reads this when it is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -162,11 +166,12 @@ def unused_port() -> int:
 
 @pytest.fixture
 def coordinator(tmp_path):
-    """coordinator(run_toml) -> a started coordinator.harness.CoordinatorProcess; killed at the end of the test."""
+    """coordinator(run_toml, *arguments) -> a started coordinator.harness.CoordinatorProcess (with
+    more starling-coordinator arguments); killed at the end of the test."""
     made = []
 
-    def make(run_toml: Path) -> CoordinatorProcess:
-        process = CoordinatorProcess(tmp_path / "coordinator", run_toml)
+    def make(run_toml: Path, *arguments: str) -> CoordinatorProcess:
+        process = CoordinatorProcess(tmp_path / "coordinator", run_toml, arguments=list(arguments))
         made.append(process)
         return process.start()
 
@@ -238,5 +243,21 @@ def write_conversations():
             lines.append(json.dumps({"messages": messages}))
         path.write_text("\n".join(lines) + "\n")
         return path
+
+    return write
+
+
+@pytest.fixture
+def write_prepared_text():
+    """write_prepared_text(folder, sequences, seq_len=, seed=) -> the sequences: a prepared text
+    dataset (model.prepared) of random tokens of the bundled tokenizer, in shards of 4 sequences."""
+
+    def write(folder: Path, sequences: int, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
+        tokenizer = load_tokenizer()
+        rows = np.random.default_rng(seed).integers(0, tokenizer.vocab_size, (sequences, seq_len))
+        shards = write_shards(rows, folder, 4, tokenizer.vocab_size)
+        manifest = Manifest(seq_len, tokenizer.sha256, shards, sequences, rows.size)
+        write_atomic(folder / MANIFEST, manifest.to_json().encode())
+        return torch.from_numpy(rows)
 
     return write

@@ -104,7 +104,7 @@ function renderState(state) {
   renderPeers(state.peers ?? [], state.time);
   renderLeaderboard(state.leaderboard ?? []);
   renderJoin(state);
-  renderCheckpoint(state.checkpoint ?? null, state.checkpoint_error ?? null, state.time);
+  renderCheckpoint(state.checkpoint ?? null, state.checkpoint_error ?? null, state.time, state.evaluation ?? null);
   renderDataset(state.dataset ?? null);
   setText("config", state.config == null ? DASH : JSON.stringify(state.config, null, 2));
 }
@@ -198,13 +198,20 @@ function renderJoin(state) {
   replaceIfChanged(byId("initial-peers"), addresses, () => addresses.map((address) => h("li", {}, h("code", {}, address))));
 }
 
-function renderCheckpoint(checkpoint, error, now) {
+function renderCheckpoint(checkpoint, error, now, evaluation) {
   setText("checkpoint-age", error ? "last write failed" : checkpoint ? `saved ${formatAgo(checkpoint.time, now)}` : "none yet");
   setText("checkpoint-error", error ?? DASH);
   setText("checkpoint-detail-epoch", formatNumber(checkpoint?.epoch));
   setText("checkpoint-path", checkpoint?.path ?? DASH);
   setText("checkpoint-size", formatMegabytes(checkpoint?.size_bytes));
   setText("checkpoint-time", formatDateTime(checkpoint?.time));
+  // The newest checkpoint evaluated on the coordinator's held-out set (--eval-data), if any.
+  setText(
+    "checkpoint-evaluation",
+    evaluation
+      ? `${evaluation.loss.toFixed(3)} (perplexity ${evaluation.perplexity.toFixed(1)}) at epoch ${evaluation.epoch}`
+      : DASH,
+  );
 }
 
 function renderDataset(dataset) {

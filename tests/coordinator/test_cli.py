@@ -77,6 +77,8 @@ def test_dashboard_port_in_use_is_named(tmp_path, write_run_config):
         (["token", "revoke"], "--user"),
         (["--dashboard-port", "http"], "--dashboard-port"),
         (["--host-maddrs", "/ip4/127.0.0.1/tcp/abc"], "host_maddrs: '/ip4/127.0.0.1/tcp/abc' is not a valid multiaddr"),
+        (["--eval-data", "/nowhere/held-out"], "/nowhere/held-out"),
+        (["--eval-sequences", "0"], "--eval-sequences"),
     ],
 )
 def test_bad_options_exit_2(tmp_path, write_run_config, args, culprit):

@@ -1,6 +1,7 @@
 """The coordinator's dashboard in headless Chromium, open on a live run of two peers."""
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,8 +46,12 @@ def save_screenshot(page: Page, path: Path) -> None:
         shutil.copy(path, Path(artifacts) / path.name)
 
 
-def test_dashboard_follows_a_live_run(tmp_path, write_run_config, coordinator, launch_peer, browser):
-    coord = coordinator(write_run_config(tmp_path, target_batch_size=32, checkpoint_every=2))
+def test_dashboard_follows_a_live_run(
+    tmp_path, write_run_config, coordinator, launch_peer, browser, write_prepared_text
+):
+    write_prepared_text(tmp_path / "held-out", 8)
+    run_toml = write_run_config(tmp_path, target_batch_size=32, checkpoint_every=2)
+    coord = coordinator(run_toml, "--eval-data", str(tmp_path / "held-out"))
     for name in PEERS:
         launch_peer(name, initial_peers=[coord.address], duration=240)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -78,6 +83,10 @@ def test_dashboard_follows_a_live_run(tmp_path, write_run_config, coordinator, l
     expect(page.locator("#leaderboard-table tbody tr")).to_have_count(len(PEERS))
     assert figure(page, "#samples-per-second") > 0 and figure(page, "#loss") > 0
     expect(page.locator("#checkpoint-epoch")).not_to_have_text("—", timeout=90_000)  # every 2 epochs
+    # The held-out loss of the newest evaluated checkpoint (each one is evaluated once written).
+    expect(page.locator("#checkpoint-evaluation")).to_have_text(
+        re.compile(r"^\d+\.\d{3} \(perplexity \d+\.\d\) at epoch \d+$"), timeout=60_000
+    )
 
     save_screenshot(page, tmp_path / "dashboard.png")
     assert errors == []

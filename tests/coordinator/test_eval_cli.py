@@ -10,7 +10,7 @@ from coordinator.data_cli import main as starling_data
 from coordinator.eval_cli import main
 from model import CausalLM, ModelConfig
 from model.chat import CHAT_VOCAB, inputs_and_labels
-from model.prepared import MANIFEST, Manifest, load_prepared, write_atomic, write_shards
+from model.prepared import load_prepared
 from model.tokenizer import load_tokenizer
 
 SEQ_LEN = 32
@@ -23,24 +23,16 @@ def checkpoint(folder, vocab_size: int):
     return model.eval()
 
 
-def text_dataset(folder) -> torch.Tensor:
-    tokenizer = load_tokenizer()
-    rows = np.random.default_rng(0).integers(0, tokenizer.vocab_size, (10, SEQ_LEN))
-    shards = write_shards(rows, folder, 4, tokenizer.vocab_size)
-    write_atomic(folder / MANIFEST, Manifest(SEQ_LEN, tokenizer.sha256, shards, 10, rows.size).to_json().encode())
-    return torch.from_numpy(rows)
-
-
 def evaluated(capsys, *arguments) -> dict:
     assert main(list(arguments)) == 0
     return json.loads(capsys.readouterr().out)
 
 
-def test_the_loss_of_text_is_the_models_mean_over_every_next_token(tmp_path, capsys):
+def test_the_loss_of_text_is_the_models_mean_over_every_next_token(tmp_path, capsys, write_prepared_text):
     """In batches of 3 (the last one short), weighted by their tokens: the model's own loss over
     all ten sequences at once."""
     model = checkpoint(tmp_path / "checkpoint", load_tokenizer().vocab_size)
-    rows = text_dataset(tmp_path / "text")
+    rows = write_prepared_text(tmp_path / "text", 10, SEQ_LEN)
     result = evaluated(
         capsys, "--checkpoint", str(tmp_path / "checkpoint"), "--data", str(tmp_path / "text"), "--batch-size", "3"
     )
@@ -65,9 +57,9 @@ def test_the_loss_of_conversations_is_on_the_assistants_tokens(tmp_path, capsys,
     assert result["loss"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_bad_input_is_one_line_naming_it_and_exit_status_2(tmp_path, capsys, write_conversations):
+def test_bad_input_is_one_line_naming_it_and_exit_status_2(tmp_path, capsys, write_conversations, write_prepared_text):
     checkpoint(tmp_path / "small", load_tokenizer().vocab_size)
-    text_dataset(tmp_path / "text")
+    write_prepared_text(tmp_path / "text", 10, SEQ_LEN)
     source = write_conversations(tmp_path / "chats.jsonl", 4)
     assert starling_data(["prepare-chat", str(source), "--out", str(tmp_path / "chats"), "--seq-len", "48"]) == 0
     capsys.readouterr()

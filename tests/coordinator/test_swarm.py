@@ -1,13 +1,16 @@
 """A real coordinator with real peer processes on loopback: what it shows, what it saves, how it recovers."""
 
+import json
 import math
 import signal
 import time
 
+import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import model  # noqa: F401  (registers the "starling" architecture with transformers' Auto classes)
+from coordinator.eval_cli import main as starling_eval
 
 
 def contributions(state: dict) -> dict[str, int]:
@@ -15,10 +18,12 @@ def contributions(state: dict) -> dict[str, int]:
 
 
 def test_state_metrics_and_a_checkpoint_equal_to_the_peers(
-    tmp_path, write_run_config, coordinator, launch_peer, release_peers
+    tmp_path, write_run_config, coordinator, launch_peer, release_peers, write_prepared_text, capsys
 ):
     run_toml = write_run_config(tmp_path, target_batch_size=32, checkpoint_every=2)
-    coord = coordinator(run_toml)
+    held_out = tmp_path / "held-out"
+    write_prepared_text(held_out, 12, seq_len=48)
+    coord = coordinator(run_toml, "--eval-data", str(held_out), "--eval-sequences", "10")
     peers = [
         launch_peer(name, initial_peers=[coord.address], max_epochs=6, snapshots=True, hold=True)
         for name in ("alice", "bob")
@@ -65,6 +70,18 @@ def test_state_metrics_and_a_checkpoint_equal_to_the_peers(
     held = [*snapshots, {key: (snapshots[0][key] + snapshots[1][key]) / 2 for key in snapshots[0]}]
     distances = [max((loaded[key].detach() - value).abs().max().item() for key, value in s.items()) for s in held]
     assert min(distances) < 1e-6 and max(distances) < 5e-3, distances
+
+    # The coordinator evaluates each checkpoint on its held-out set as starling-eval does.
+    evaluation = coord.wait_for(
+        lambda s: s["evaluation"] is not None and s["evaluation"]["epoch"] == checkpoint["epoch"],
+        120,
+        "the checkpoint's evaluation",
+    )["evaluation"]
+    assert starling_eval(["--checkpoint", checkpoint["path"], "--data", str(held_out), "--sequences", "10"]) == 0
+    command = json.loads(capsys.readouterr().out)
+    assert evaluation["sequences"] == command["sequences"] == 10 and evaluation["tokens"] == command["tokens"]
+    assert evaluation["loss"] == pytest.approx(command["loss"], rel=1e-6)
+    assert coord.metrics()["starling_eval_loss"][0].value == evaluation["loss"]
 
     points = coord.history()
     assert points and points[-1]["epoch"] >= later["epoch"]

@@ -88,9 +88,11 @@ def prometheus_server(prometheus, tmp_path):
 
 
 def test_every_dashboard_query_returns_samples_from_a_live_swarm(
-    tmp_path, write_run_config, coordinator, launch_peer, prometheus_server, queries
+    tmp_path, write_run_config, coordinator, launch_peer, prometheus_server, queries, write_prepared_text
 ):
-    coord = coordinator(write_run_config(tmp_path, target_batch_size=32, checkpoint_every=2))
+    write_prepared_text(tmp_path / "held-out", 8)  # each checkpoint's held-out loss has its panel
+    run_toml = write_run_config(tmp_path, target_batch_size=32, checkpoint_every=2)
+    coord = coordinator(run_toml, "--eval-data", str(tmp_path / "held-out"))
     peer_hosts = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     for name, host in zip(("alice", "bob"), peer_hosts):
         launch_peer(name, initial_peers=[coord.address], metrics_port=int(host.split(":")[1]), duration=600)
@@ -98,9 +100,9 @@ def test_every_dashboard_query_returns_samples_from_a_live_swarm(
     server = prometheus_server({"starling-coordinator": [coordinator_host], "starling-peers": peer_hosts})
 
     coord.wait_for(
-        lambda s: s["epoch"] >= 2 and s["checkpoint"] is not None and len(s["peers"]) == 2,
+        lambda s: s["epoch"] >= 2 and s["evaluation"] is not None and len(s["peers"]) == 2,
         300,
-        "two epochs and a checkpoint",
+        "two epochs and an evaluated checkpoint",
     )
     health = poll(
         lambda: {t["labels"]["instance"]: t["health"] for t in server.api("targets")["activeTargets"]},

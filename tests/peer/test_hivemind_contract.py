@@ -520,6 +520,19 @@ CONTRACT = [
         params=("reuse_tensors",),
         source_has=("reuse_tensors = offload_optimizer and not delta_rule_averaging",),
     ),
+    # DilocoStateAverager notes when a round took this peer's state into its buffers, and has an
+    # outer step wait for a round under way (its result is copied over the outer state when applied)
+    Reliance(
+        f"{STATE_AVERAGER}._load_local_tensors_into_averager_",
+        "peer/diloco.py",
+        called_from=(f"{STATE_AVERAGER}._do", f"{STATE_AVERAGER}.load_state_from_peers"),
+    ),
+    Reliance(
+        f"{STATE_AVERAGER}.step",
+        "peer/diloco.py",
+        params=("optimizer_step", "wait_for_delayed_updates"),
+        source_has=("if wait_for_delayed_updates:", "self._apply_averaging_results_()"),
+    ),
     # CheckedStateAverager takes the epoch of a state taken from a group, with the scheduler's
     Reliance(f"{STATE_AVERAGER}._update_scheduler", "peer/state_loading.py"),
     Reliance("hivemind.averaging.partition.DEFAULT_PART_SIZE_BYTES", "peer/diloco.py, benchmarks/allreduce.py"),

@@ -1,10 +1,12 @@
 """The state averager reports how its rounds ended, as the peer needs to know whether a state
 averaging round brought it back together with the swarm (peer.averager.StateRoundsAverager)."""
 
+import contextlib
 import copy
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 
 import hivemind
@@ -95,6 +97,28 @@ def test_a_peer_behind_its_groups_epoch_takes_their_state_without_pulling_it_bac
     assert (ahead.group_states_taken, behind.group_states_taken) == (0, 1)
 
 
+@contextlib.contextmanager
+def two_peers(run: RunConfig) -> Iterator[tuple[list[CausalLM], list]]:
+    """The collaborative optimizers of two peers of `run` (on two DHTs of one swarm) over copies of
+    one model: (models, optimizers), shut down afterwards."""
+    first = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
+    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=LOOPBACK, start=True)
+    torch.manual_seed(0)
+    models = [CausalLM(run.model_config())]
+    models.append(copy.deepcopy(models[0]))
+    optimizers = [
+        make_collaborative_optimizer(model, dht, run, batch_size_per_step=4)
+        for model, dht in zip(models, (first, second))
+    ]
+    try:
+        yield models, optimizers
+    finally:
+        for opt in optimizers:
+            opt.shutdown()
+        first.shutdown()
+        second.shutdown()
+
+
 # The statistics of each mode's shared optimizer (shipped settings): AdamW's moments in batch mode,
 # the outer Nesterov momentum in DiLoCo mode; each filled with value x (peer index + 1)^power.
 STATISTICS = {
@@ -112,17 +136,11 @@ def test_a_state_round_brings_the_peers_optimizer_statistics_together(mode):
     statistics the joiner held before it loaded state, left peers stepping apart after every state
     round (tests/peer/test_agreement.py)."""
     run = RunConfig.from_dict({"run_id": "moments", "model": {"preset": "tiny"}, "training": {"mode": mode}})
-    first = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
-    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=LOOPBACK, start=True)
-    torch.manual_seed(0)
-    model = CausalLM(run.model_config())
-    optimizers = [
-        make_collaborative_optimizer(copy.deepcopy(model), dht, run, batch_size_per_step=4) for dht in (first, second)
-    ]
-    try:
+    with two_peers(run) as (_, optimizers):
         veteran, joiner = (opt.state_averager for opt in optimizers)
         prefix = veteran.prefix
-        wait_until(lambda: veteran.peer_id in state_offers(second, prefix), 30, "the first peer's state offer")
+        joining = optimizers[1].dht
+        wait_until(lambda: veteran.peer_id in state_offers(joining, prefix), 30, "the first peer's state offer")
         joiner.load_state_from_peers()
         assert joiner.states_received == 1
         for index, averager in enumerate((veteran, joiner)):
@@ -142,53 +160,75 @@ def test_a_state_round_brings_the_peers_optimizer_statistics_together(mode):
                 for key, (value, power) in STATISTICS[mode].items():
                     mean = value * (1 + 2**power) / 2
                     torch.testing.assert_close(state[key], torch.full_like(state[key], mean))
-    finally:
-        for opt in optimizers:
-            opt.shutdown()
-        first.shutdown()
-        second.shutdown()
 
 
-def test_a_diloco_state_round_ending_mid_round_keeps_the_inner_steps_taken_meanwhile():
+@pytest.fixture
+def diloco_pair():
+    """Two peers of a DiLoCo-mode run (tiny model, shipped settings) as (run, models, optimizers),
+    the second's round started from outer parameters 0.01 above the first's."""
+    run = RunConfig.from_dict({"run_id": "diloco-pair", "model": {"preset": "tiny"}, "training": {"mode": "diloco"}})
+    with two_peers(run) as (models, optimizers):
+        with torch.no_grad():
+            for outer, param in zip(optimizers[1].state_averager.outer_parameters(), models[1].parameters()):
+                outer.add_(0.01)
+                param.add_(0.01)
+        yield run, models, optimizers
+
+
+def start_state_rounds(averagers, timeout: float) -> list[torch.Tensor]:
+    """Start a state round of both in the background, as hivemind's epoch step does; returns the
+    mean of their outer parameters, what the round leads both to."""
+    mean = [(a + b) / 2 for a, b in zip(*(averager.outer_parameters() for averager in averagers))]
+    for averager in averagers:
+        averager.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=timeout))
+    return mean
+
+
+def test_a_diloco_state_round_ending_mid_round_keeps_the_inner_steps_taken_meanwhile(diloco_pair):
     """DiLoCo mode: a state round averages the outer parameters in the background while the peers
     take their next round's inner steps. When it ends, each model moves by what the round changed
     in its outer parameters and keeps those inner steps (copying the outer parameters into the
     model, as hivemind does with an offloaded optimizer, erased them)."""
-    run = RunConfig.from_dict({"run_id": "mid-round", "model": {"preset": "tiny"}, "training": {"mode": "diloco"}})
-    first = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
-    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=LOOPBACK, start=True)
-    torch.manual_seed(0)
-    models = [CausalLM(run.model_config())]
-    models.append(copy.deepcopy(models[0]))
-    optimizers = [
-        make_collaborative_optimizer(model, dht, run, batch_size_per_step=4)
-        for model, dht in zip(models, (first, second))
-    ]
-    try:
-        averagers = [opt.state_averager for opt in optimizers]
-        with torch.no_grad():  # the second peer's round started from outer parameters 0.01 apart
-            for outer, param in zip(averagers[1].outer_parameters(), models[1].parameters()):
-                outer.add_(0.01)
-                param.add_(0.01)
-        mean = [(a + b) / 2 for a, b in zip(*(averager.outer_parameters() for averager in averagers))]
-        timeout = run.averaging.averaging_timeout
-        for averager in averagers:  # as hivemind's epoch step starts it: in the background
-            averager.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=timeout))
-        inner_steps = [[torch.randn_like(p) * 1e-3 for p in model.parameters()] for model in models]
-        with torch.no_grad():
-            for model, steps in zip(models, inner_steps):
-                torch._foreach_add_(list(model.parameters()), steps)
-        wait_until(lambda: all(a.finished_averaging_round.is_set() for a in averagers), timeout, "the state round")
-        for averager, model, steps in zip(averagers, models, inner_steps):
-            averager.step(apply_delayed_updates=True)  # as hivemind's next Optimizer.step begins
-            assert settled(averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
-            for param, outer, step in zip(model.parameters(), mean, steps):
-                torch.testing.assert_close(param.detach(), outer + step, atol=1e-6, rtol=0)
-    finally:
-        for opt in optimizers:
-            opt.shutdown()
-        first.shutdown()
-        second.shutdown()
+    run, models, optimizers = diloco_pair
+    averagers = [opt.state_averager for opt in optimizers]
+    timeout = run.averaging.averaging_timeout
+    mean = start_state_rounds(averagers, timeout)
+    inner_steps = [[torch.randn_like(p) * 1e-3 for p in model.parameters()] for model in models]
+    with torch.no_grad():
+        for model, steps in zip(models, inner_steps):
+            torch._foreach_add_(list(model.parameters()), steps)
+    wait_until(lambda: all(a.finished_averaging_round.is_set() for a in averagers), timeout, "the state round")
+    for averager, model, steps in zip(averagers, models, inner_steps):
+        averager.step(apply_delayed_updates=True)  # as hivemind's next Optimizer.step begins
+        assert settled(averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
+        for param, outer, step in zip(model.parameters(), mean, steps):
+            torch.testing.assert_close(param.detach(), outer + step, atol=1e-6, rtol=0)
+
+
+def test_a_diloco_outer_step_waits_for_the_state_round_under_way_and_steps_from_its_average(diloco_pair):
+    """DiLoCo mode: a peer's next outer step comes while its state round still averages. The step
+    waits for the round and steps from the average (first step of Nesterov SGD from a zero
+    momentum: lr * (1 + momentum) * gradient). Taken before, the round's older state was copied over
+    it when applied: the step was lost, and the peer a whole outer step off the others."""
+    run, models, optimizers = diloco_pair
+    averagers = [opt.state_averager for opt in optimizers]
+    timeout = run.averaging.averaging_timeout
+    mean = start_state_rounds(averagers, timeout)
+    stepping = averagers[0]
+    gradients = [torch.randn_like(p) * 1e-3 for p in stepping.outer_parameters()]
+    for param, gradient in zip(stepping.outer_parameters(), gradients):
+        param.grad = gradient.clone()
+    group = stepping.optimizer.param_groups[0]
+    scale = group["lr"] * (1 + group["momentum"])
+    stepping.step(increment_epoch=True, optimizer_step=True)  # as hivemind's epoch step takes it
+    wait_until(lambda: averagers[1].finished_averaging_round.is_set(), timeout, "the other's state round")
+    for averager in averagers:
+        averager.step(wait_for_delayed_updates=True)  # whatever is left to apply
+        assert settled(averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
+    for param, outer, gradient in zip(stepping.outer_parameters(), mean, gradients):
+        torch.testing.assert_close(param.detach(), outer - scale * gradient, atol=1e-6, rtol=0)
+    for param, outer in zip(models[0].parameters(), stepping.outer_parameters()):
+        torch.testing.assert_close(param.detach(), outer, atol=0, rtol=0)
 
 
 def test_peers_an_epoch_apart_take_the_state_round_of_the_same_epochs():
@@ -200,16 +240,7 @@ def test_peers_an_epoch_apart_take_the_state_round_of_the_same_epochs():
     run = RunConfig.from_dict(
         {"run_id": "epoch-apart", "model": {"preset": "tiny"}, "averaging": {"average_state_every": 2}}
     )
-    first = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
-    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=LOOPBACK, start=True)
-    torch.manual_seed(0)
-    models = [CausalLM(run.model_config())]
-    models.append(copy.deepcopy(models[0]))
-    optimizers = [
-        make_collaborative_optimizer(model, dht, run, batch_size_per_step=4)
-        for model, dht in zip(models, (first, second))
-    ]
-    try:
+    with two_peers(run) as (models, optimizers):
         tokens = torch.randint(0, run.model_config().vocab_size, (4, 16))
         for opt, model, epoch in zip(optimizers, models, (3, 2)):  # the first's next epoch ends with a state round
             opt.state_averager.local_epoch = epoch
@@ -233,8 +264,3 @@ def test_peers_an_epoch_apart_take_the_state_round_of_the_same_epochs():
         for opt in optimizers:
             assert settled(opt.state_averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
         assert [opt.local_epoch for opt in optimizers] == [4, 4]
-    finally:
-        for opt in optimizers:
-            opt.shutdown()
-        first.shutdown()
-        second.shutdown()
