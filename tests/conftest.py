@@ -1,22 +1,24 @@
 """Fixtures shared by the test folders: small run configs, peer and coordinator processes."""
 
-import json
-import logging
 import os
-import random
-import subprocess
-from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-
-from coordinator.harness import CoordinatorProcess, PeerProcess, PeerSpec, free_port, release
-from model.prepared import MANIFEST, Manifest, write_atomic, write_shards
-from model.tokenizer import load_tokenizer
-
-# Triton kernels run on CPU through the interpreter; Triton reads this when it is first imported.
+# Triton kernels run on CPU through the interpreter; Triton reads this when it is first imported
+# (the model imports it: so before any import of the model below).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from coordinator.harness import CoordinatorProcess, PeerProcess, PeerSpec, free_port, release  # noqa: E402
+from model.prepared import MANIFEST, Manifest, write_atomic, write_shards  # noqa: E402
+from model.tokenizer import load_tokenizer  # noqa: E402
 
 RELEASE_FILE = "release-held-peers"
 
