@@ -31,10 +31,16 @@ def distillation_loss(
     kept = targets != IGNORE_INDEX
     student, teacher, targets = student[kept], teacher[kept], targets[kept]
     hard = F.cross_entropy(student, targets)
-    soft = F.kl_div(
-        F.log_softmax(student / temperature, dim=-1),
-        F.log_softmax(teacher / temperature, dim=-1),
-        log_target=True,
-        reduction="batchmean",
-    )
+    soft = teacher_kl(student, teacher, temperature) / len(student)
     return kl_weight * temperature**2 * soft + (1 - kl_weight) * hard
+
+
+def teacher_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The sum over rows of KL(teacher || student) of the distributions of [rows, vocab] logits
+    softened by `temperature`, in float32."""
+    return F.kl_div(
+        F.log_softmax(student_logits.float() / temperature, dim=-1),
+        F.log_softmax(teacher_logits.float() / temperature, dim=-1),
+        log_target=True,
+        reduction="sum",
+    )
