@@ -1,13 +1,15 @@
 """What each training objective costs a peer: tokens/s and the memory autograd keeps, on the demo
 model's shapes, for pretraining, supervised fine-tuning and distillation from a teacher twice as
-deep; then held-out KL to the teacher and loss during distillation against next-token training
-alone, at equal samples (on the tiny model, so that it runs in minutes on a CPU).
+deep (run beside the student, or its top-16 log-probs precomputed into the data); then held-out
+KL to the teacher and loss during distillation (both ways) against next-token training alone, at
+equal samples (on the tiny model, so that it runs in minutes on a CPU).
 
     python benchmarks/objectives.py                  # CPU
     python benchmarks/objectives.py --device cuda
 
 Each step is a training micro-batch as a peer runs it (forward with the objective's loss, backward).
-Prints two tables and writes benchmarks/results/objectives-<device>.json.
+Prints two tables and writes benchmarks/results/objectives-<device>.json and, with matplotlib
+(pip install -e '.[bench]'), objectives-<device>.png.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from benchmarks.measure import machine, median_seconds, mib, peak_bytes, saved_b
 from model import CausalLM, ModelConfig  # noqa: E402
 from model.chat import CHAT_VOCAB, inputs_and_labels  # noqa: E402
 from model.data import load_corpus  # noqa: E402
-from model.objectives import distillation_loss  # noqa: E402
+from model.objectives import distillation_loss, teacher_top_k, top_k_distillation_loss  # noqa: E402
 
 TEMPERATURE, KL_WEIGHT = 2.0, 0.5  # the run config's defaults ([objective])
+TOP_K = 16  # starling-data teacher-targets' default
 
 
 def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -54,7 +57,14 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
             teacher_logits = teacher(ids).logits
         distillation_loss(student(ids).logits, teacher_logits, ids, TEMPERATURE, KL_WEIGHT).backward()
 
-    steps = {"pretrain": pretrain, "sft": sft, "distill": distill}
+    with torch.no_grad():  # what starling-data teacher-targets stores: the step reads it with the tokens
+        top_ids, top_log_probs = teacher_top_k(teacher(ids).logits, TOP_K, TEMPERATURE)
+
+    def distill_top_k() -> None:
+        student_logits = student(ids).logits
+        top_k_distillation_loss(student_logits, top_ids, top_log_probs, ids, TEMPERATURE, KL_WEIGHT).backward()
+
+    steps = {"pretrain": pretrain, "sft": sft, "distill": distill, f"top-{TOP_K}": distill_top_k}
     seconds = median_seconds(steps, device, args.repeats)
     student.zero_grad(set_to_none=True)
     tokens = args.batch * args.seq
@@ -107,7 +117,8 @@ def curves(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(1)
     start = CausalLM(ModelConfig.from_preset("tiny")).state_dict()
     points = []
-    for objective in ("distill", "next-token"):
+    objectives = ("distill", f"top-{TOP_K}", "next-token")
+    for objective in objectives:
         student = CausalLM(ModelConfig.from_preset("tiny"))
         student.load_state_dict(start)
         optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
@@ -117,21 +128,56 @@ def curves(args: argparse.Namespace) -> list[dict]:
                 points.append(dict(objective=objective, step=step, samples=step * 8, kl=kl, loss=loss))
                 student.train()
             batch = train[(step * 8) % (len(train) - 8) :][:8]
-            if objective == "distill":
+            if objective == "next-token":
+                loss = student(batch, labels=batch).loss
+            else:
                 with torch.no_grad():
                     teacher_logits = teacher(batch).logits
-                loss = distillation_loss(student(batch).logits, teacher_logits, batch, TEMPERATURE, KL_WEIGHT)
-            else:
-                loss = student(batch, labels=batch).loss
+                if objective == "distill":
+                    loss = distillation_loss(student(batch).logits, teacher_logits, batch, TEMPERATURE, KL_WEIGHT)
+                else:  # the targets a peer reads from its data
+                    top = teacher_top_k(teacher_logits, TOP_K, TEMPERATURE)
+                    loss = top_k_distillation_loss(student(batch).logits, *top, batch, TEMPERATURE, KL_WEIGHT)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-    print(f"{'samples':>8}{'KL distill':>12}{'KL next-token':>15}{'loss distill':>14}{'loss next-token':>17}")
+    header = "".join(f"{f'KL {name}':>16}" for name in objectives) + "".join(
+        f"{f'loss {name}':>18}" for name in objectives
+    )
+    print(f"{'samples':>8}{header}")
     by = {(p["objective"], p["samples"]): p for p in points}
     for samples in sorted({p["samples"] for p in points}):
-        d, n = by[("distill", samples)], by[("next-token", samples)]
-        print(f"{samples:>8}{d['kl']:>12.3f}{n['kl']:>15.3f}{d['loss']:>14.3f}{n['loss']:>17.3f}")
+        kls = "".join(f"{by[(name, samples)]['kl']:>16.3f}" for name in objectives)
+        losses = "".join(f"{by[(name, samples)]['loss']:>18.3f}" for name in objectives)
+        print(f"{samples:>8}{kls}{losses}")
     return points
+
+
+def plot(points: list[dict], path: Path) -> None:
+    """Held-out KL to the teacher and next-token loss against samples, one line per objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (kl_axes, loss_axes) = pyplot.subplots(1, 2, figsize=(11, 4.5))
+    for objective in dict.fromkeys(p["objective"] for p in points):
+        curve = [p for p in points if p["objective"] == objective]
+        samples = [p["samples"] for p in curve]
+        kl_axes.plot(samples, [p["kl"] for p in curve], label=objective)
+        loss_axes.plot(samples, [p["loss"] for p in curve], label=objective)
+    for axes, label in (
+        (kl_axes, "held-out KL(teacher || student) per token"),
+        (loss_axes, "held-out next-token loss"),
+    ):
+        axes.set_xlabel("samples")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle(f"tiny student, teacher twice as deep; T = {TEMPERATURE}, kl_weight = {KL_WEIGHT}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
 
 
 def main() -> None:
@@ -165,6 +211,11 @@ def main() -> None:
         ),
     )
     print(f"wrote {path}")
+    try:
+        plot(points, path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+    except ImportError:
+        print("matplotlib is missing: no plot (pip install -e '.[bench]')")
 
 
 if __name__ == "__main__":

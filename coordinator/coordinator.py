@@ -151,9 +151,16 @@ class Coordinator:
         if manifest_digest(data.path) != data.dataset:
             raise CoordinatorError(f"{manifest_path(data.path)}: its SHA-256 is not the run's data.dataset")
         try:
-            return load_manifest(data.path)
+            manifest = load_manifest(data.path)
         except PreparedDataError as error:
             raise CoordinatorError(str(error)) from None
+        objective = self.run_config.objective
+        if manifest.teacher_targets is not None and objective.kind == "distill":
+            try:
+                objective.check_teacher_targets(manifest.teacher_targets, self.run_config.model_config().vocab_size)
+            except ValueError as error:
+                raise CoordinatorError(str(error)) from None
+        return manifest
 
     def _held_out(self) -> tuple[Manifest, torch.Tensor] | None:
         """The held-out sequences each checkpoint is evaluated on (--eval-data), checked to fit the model."""

@@ -2,6 +2,7 @@
 
 starling-data prepare SOURCES... --out DIR
 starling-data prepare-chat CONVERSATIONS... --out DIR
+starling-data teacher-targets DATASET --teacher CHECKPOINT --out DIR
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from model.prepared import PrepareError, PrepareSettings, manifest_digest
-from peer.command_line import OneLineParser, positive_int, setup_logging
+from model.prepared import PrepareError, PrepareSettings, load_manifest, manifest_digest
+from peer.command_line import OneLineParser, positive_float, positive_int, setup_logging
+from peer.run_config import ObjectiveSection
 
 PROG = "starling-data"
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -46,11 +48,31 @@ def build_parser() -> OneLineParser:
     add("--seq-len", type=positive_int, default=defaults.seq_len, help="tokens per sequence (the run's [data] seq_len)")
     add("--sequences-per-shard", type=positive_int, default=defaults.sequences_per_shard, help="sequences per shard")
     add("--log-level", default="INFO", choices=LOG_LEVELS)
+    targets = commands.add_parser(
+        "teacher-targets", help="add a teacher's top-k log-probs to a prepared dataset, for distillation"
+    )
+    add = targets.add_argument
+    add("dataset", type=Path, help="a text dataset prepared with starling-data prepare")
+    add("--teacher", type=Path, required=True, help="the teacher: a Starling or transformers checkpoint folder")
+    add("--out", type=Path, required=True, help="the folder to write the shards and manifest.json into (new or empty)")
+    add("--top-k", type=positive_int, default=16, help="the teacher's most likely tokens kept at each position")
+    add(
+        "--temperature",
+        type=positive_float,
+        default=ObjectiveSection.temperature,
+        help="of the teacher's distribution (the run's objective.temperature)",
+    )
+    add("--log-level", default="INFO", choices=LOG_LEVELS)
     return parser
 
 
 def prepare_from(parsed: argparse.Namespace) -> None:
     """Run the command's preparation (raises PrepareError, OSError or UnicodeDecodeError)."""
+    if parsed.command == "teacher-targets":
+        from coordinator.teacher_targets import add_teacher_targets
+
+        add_teacher_targets(parsed.dataset, parsed.teacher, parsed.out, parsed.top_k, parsed.temperature)
+        return
     if parsed.command == "prepare-chat":
         from coordinator.prepare_chat import prepare_chat
 
@@ -86,9 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     # What the organiser puts in the run configuration to hand the dataset to peers.
-    print(f'[data]\npath = "{parsed.out}"\ndataset = "{manifest_digest(parsed.out)}"\nseq_len = {parsed.seq_len}')
+    manifest = load_manifest(parsed.out)
+    print(f'[data]\npath = "{parsed.out}"\ndataset = "{manifest_digest(parsed.out)}"\nseq_len = {manifest.seq_len}')
     if parsed.command == "prepare-chat":
         print('[objective]\nkind = "sft"')
+    if manifest.teacher_targets is not None:
+        targets = manifest.teacher_targets
+        print(
+            f'[objective]\nkind = "distill"\nteacher_sha256 = "{targets["teacher_sha256"]}"\n'
+            f"temperature = {targets['temperature']}"
+        )
     return 0
 
 

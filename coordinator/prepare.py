@@ -52,7 +52,15 @@ from loguru import logger as datatrove_logger
 from tqdm.auto import tqdm
 
 from model.data import TEXT_SUFFIXES, pack
-from model.prepared import MANIFEST, Manifest, PrepareError, PrepareSettings, write_atomic, write_shards
+from model.prepared import (
+    MANIFEST,
+    Manifest,
+    PrepareError,
+    PrepareSettings,
+    token_bytes_for,
+    write_atomic,
+    write_shards,
+)
 from model.tokenizer import load_tokenizer
 
 logger = logging.getLogger("starling.data")
@@ -139,7 +147,7 @@ def prepare(
         raise PrepareError(f"the {len(kept)} documents kept hold fewer tokens than one sequence of {settings.seq_len}")
 
     with _timed(seconds, "writing shards"):
-        shards = write_shards(sequences, out, settings.sequences_per_shard, tokenizer.vocab_size)
+        shards = write_shards(sequences, out, settings.sequences_per_shard, token_bytes_for(tokenizer.vocab_size))
     manifest = Manifest(
         seq_len=settings.seq_len,
         tokenizer_sha256=tokenizer.sha256,

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from model.chat import CHAT_VOCAB, ChatError, chat_tokenizer_sha256, parse_conversation, render, sequence_of
-from model.prepared import MANIFEST, Manifest, PrepareError, write_atomic, write_shards
+from model.prepared import MANIFEST, Manifest, PrepareError, token_bytes_for, write_atomic, write_shards
 
 logger = logging.getLogger("starling.data")
 
@@ -82,7 +82,7 @@ def prepare_chat(sources: list[Path], out: Path, seq_len: int, sequences_per_sha
             f"{too_long} whose first assistant turn ends beyond {seq_len} tokens)"
         )
     sequences = np.stack(rows)
-    shards = write_shards(sequences, out, sequences_per_shard, 2 * CHAT_VOCAB)
+    shards = write_shards(sequences, out, sequences_per_shard, token_bytes_for(2 * CHAT_VOCAB))
     steps = [
         dict(
             name="exact duplicates", documents_in=total, documents_out=total - duplicates, removed={"exact": duplicates}

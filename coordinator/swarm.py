@@ -104,6 +104,10 @@ def summarize(
                 "device": report.device if report else None,
                 "device_name": contributor.device_name,
                 "precision": report.precision if report else None,
+                # What it minimises; a distilling peer also says from what ("teacher" or "top-K").
+                "objective": (f"{report.objective} ({report.teacher})" if report.teacher else report.objective)
+                if report
+                else None,
                 "client_mode": report.client_mode if report else contributor.kind == "client",
                 "auxiliary": report.auxiliary if report else contributor.kind == "auxiliary",
                 "epoch": report.epoch if report else None,

@@ -108,15 +108,17 @@ def pack(tokens: np.ndarray | torch.Tensor, seq_len: int) -> torch.Tensor:
 class PackedCorpus:
     """Fixed-length training sequences, split deterministically into disjoint shards."""
 
-    sequences: torch.Tensor  # [num_sequences, seq_len], int64
+    sequences: torch.Tensor  # [num_sequences, seq_len], int64; wider with teacher targets
     seed: int = 0
+    teacher_targets: dict | None = None  # the manifest's, when the rows carry a teacher's top-k (model.prepared)
 
     def __len__(self) -> int:
         return len(self.sequences)
 
     @property
     def seq_len(self) -> int:
-        return self.sequences.shape[1]
+        top_k = self.teacher_targets["top_k"] if self.teacher_targets else 0
+        return self.sequences.shape[1] // (1 + 2 * top_k)
 
     def shard_indices(self, num_shards: int) -> list[torch.Tensor]:
         """Row indices of each shard: a seeded permutation cut into near-equal parts.
@@ -148,22 +150,22 @@ def check_fits(manifest: Manifest, seq_len: int, where: str, chat: bool = False)
         raise ValueError(f"{where} was tokenised with another tokenizer than the run's")
 
 
-def prepared_sequences(folder: str | os.PathLike, seq_len: int, chat: bool = False) -> torch.Tensor:
-    """The sequences of a prepared dataset (model.prepared), checked to fit this run."""
-    manifest, sequences = load_prepared(folder)
-    check_fits(manifest, seq_len, f"prepared dataset {str(folder)!r}", chat)
-    return sequences
-
-
 def load_corpus(
-    source: str | os.PathLike | None = None, seq_len: int = 256, seed: int = 0, chat: bool = False
+    source: str | os.PathLike | None = None,
+    seq_len: int = 256,
+    seed: int = 0,
+    chat: bool = False,
+    with_teacher_targets: bool = False,
 ) -> PackedCorpus:
     """Tokenise (or read from cache) and pack a corpus. Raises a clear error for a missing,
-    empty or too-short corpus. Conversations (`chat`) come prepared only (starling-data prepare-chat)."""
+    empty or too-short corpus. Conversations (`chat`) come prepared only (starling-data prepare-chat).
+    A prepared dataset's rows keep their teacher targets, if it has them, when `with_teacher_targets`."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     if source is not None and is_prepared(source):
-        return PackedCorpus(prepared_sequences(source, seq_len, chat), seed)
+        manifest, sequences = load_prepared(source, with_teacher_targets)
+        check_fits(manifest, seq_len, f"prepared dataset {str(source)!r}", chat)
+        return PackedCorpus(sequences, seed, manifest.teacher_targets if with_teacher_targets else None)
     if chat:
         where = "the bundled corpus" if source is None else repr(str(source))
         raise ValueError(f"{where} is not a folder of conversations prepared with starling-data prepare-chat")

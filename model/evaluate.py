@@ -37,6 +37,8 @@ def evaluate(
             f"the teacher's vocabulary ({teacher.config.vocab_size}) is not the model's ({model.config.vocab_size})"
         )
     model.eval()
+    if teacher is not None:
+        teacher.eval()
     total, tokens, kl = 0.0, 0, 0.0
     with torch.no_grad():
         for start in tqdm(range(0, len(sequences), batch_size), desc="evaluating", unit="batch", disable=None):
@@ -50,7 +52,7 @@ def evaluate(
             total += output.loss.item() * counted
             tokens += counted
             if teacher is not None:
-                kl += teacher_kl(output.logits[:, :-1][kept], teacher.eval()(inputs).logits[:, :-1][kept]).item()
+                kl += teacher_kl(output.logits[:, :-1][kept], teacher(inputs).logits[:, :-1][kept]).item()
     if not tokens:
         raise ValueError("no token of these sequences carries a loss")
     loss = total / tokens

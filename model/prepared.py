@@ -80,10 +80,19 @@ class Manifest:
     settings: dict[str, Any] = field(default_factory=dict)  # PrepareSettings.as_dict()
     format_version: int = FORMAT_VERSION
     chat: bool = False  # conversations for fine-tuning (model.chat's sequences), not text
+    # A teacher's top-k log-probs after each row's tokens (starling-data teacher-targets):
+    # {"teacher_sha256", "top_k", "temperature", "vocab_size"}; None for tokens alone.
+    teacher_targets: dict[str, Any] | None = None
 
     @property
     def sequences(self) -> int:
         return sum(shard.sequences for shard in self.shards)
+
+    @property
+    def row_width(self) -> int:
+        """Values per row of a shard: the tokens, then the teacher targets' ids and log-probs."""
+        top_k = self.teacher_targets["top_k"] if self.teacher_targets else 0
+        return self.seq_len * (1 + 2 * top_k)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
@@ -122,27 +131,35 @@ def write_atomic(path: Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def shard_bytes(sequences: np.ndarray, vocab_size: int) -> bytes:
-    """The shard file holding these [n, seq_len] token rows."""
-    token_bytes = 2 if vocab_size <= 1 << 16 else 4
+def token_bytes_for(vocab_size: int) -> int:
+    """The bytes per token of a shard of this vocabulary's ids."""
+    return 2 if vocab_size <= 1 << 16 else 4
+
+
+def shard_bytes(sequences: np.ndarray, token_bytes: int) -> bytes:
+    """The shard file holding these [n, seq_len] rows of unsigned values of `token_bytes` bytes."""
     rows, seq_len = sequences.shape
     header = HEADER.pack(MAGIC, FORMAT_VERSION, token_bytes, seq_len, rows)
     return header + np.ascontiguousarray(sequences, dtype=TOKEN_DTYPES[token_bytes]).tobytes()
 
 
-def write_shards(sequences: np.ndarray, out: Path, sequences_per_shard: int, vocab_size: int) -> list[ShardEntry]:
-    """Write [n, seq_len] token rows into shard files of `sequences_per_shard` rows in `out` (made
-    if missing), in order; their manifest entries."""
+def write_shards(sequences: np.ndarray, out: Path, sequences_per_shard: int, token_bytes: int) -> list[ShardEntry]:
+    """Write [n, seq_len] rows into shard files of `sequences_per_shard` rows in `out` (made if
+    missing), in order; their manifest entries."""
     out.mkdir(parents=True, exist_ok=True)
     shards = []
     starts = range(0, len(sequences), sequences_per_shard)
     for start in tqdm(starts, desc="writing shards", unit="shard", disable=None):
         rows = sequences[start : start + sequences_per_shard]
-        data = shard_bytes(rows, vocab_size)
-        name = f"shard-{len(shards):05d}.bin"
-        write_atomic(out / name, data)
-        shards.append(ShardEntry(name, len(data), len(rows), hashlib.sha256(data).hexdigest()))
+        shards.append(write_shard(rows, out / f"shard-{len(shards):05d}.bin", token_bytes))
     return shards
+
+
+def write_shard(rows: np.ndarray, path: Path, token_bytes: int) -> ShardEntry:
+    """Write one shard file of these [n, seq_len] rows; its manifest entry."""
+    data = shard_bytes(rows, token_bytes)
+    write_atomic(path, data)
+    return ShardEntry(path.name, len(data), len(rows), hashlib.sha256(data).hexdigest())
 
 
 def read_shard(path: Path, expected: ShardEntry | None = None) -> torch.Tensor:
@@ -189,14 +206,38 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     return Manifest.from_json(text, str(path))
 
 
-def load_prepared(folder: str | os.PathLike) -> tuple[Manifest, torch.Tensor]:
-    """The manifest and all sequences of a prepared dataset, every shard checked against it."""
+def load_prepared(folder: str | os.PathLike, with_teacher_targets: bool = False) -> tuple[Manifest, torch.Tensor]:
+    """The manifest and all sequences of a prepared dataset, every shard checked against it: rows
+    of tokens, or whole rows with the teacher targets if it has them and `with_teacher_targets`."""
     manifest = load_manifest(folder)
     rows = [read_shard(Path(folder) / shard.file, shard) for shard in manifest.shards]
     for shard, got in zip(manifest.shards, rows):
-        if got.shape != (shard.sequences, manifest.seq_len):
+        if got.shape != (shard.sequences, manifest.row_width):
             raise PreparedDataError(
                 f"{Path(folder) / shard.file}: holds {tuple(got.shape)}, the manifest says otherwise"
             )
-    sequences = torch.cat(rows) if rows else torch.zeros(0, manifest.seq_len, dtype=torch.long)
-    return manifest, sequences
+    sequences = torch.cat(rows) if rows else torch.zeros(0, manifest.row_width, dtype=torch.long)
+    return manifest, sequences if with_teacher_targets else sequences[:, : manifest.seq_len]
+
+
+def rows_with_teacher_targets(tokens: torch.Tensor, top_ids: torch.Tensor, top_log_probs: torch.Tensor) -> np.ndarray:
+    """Shard rows of [n, seq_len] tokens followed by a teacher's [n, seq_len, k] top-k ids and float32
+    log-probs (as their bit patterns): uint32 [n, seq_len x (1 + 2k)]."""
+    n = len(tokens)
+    bits = top_log_probs.float().contiguous().view(torch.int32).numpy().view(np.uint32)
+    return np.concatenate(
+        [tokens.numpy().astype(np.uint32), top_ids.reshape(n, -1).numpy().astype(np.uint32), bits.reshape(n, -1)],
+        axis=1,
+    )
+
+
+TokensAndTargets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def split_teacher_targets(rows: torch.Tensor, seq_len: int, top_k: int) -> TokensAndTargets:
+    """The tokens [n, seq_len], top-k ids [n, seq_len, k] and log-probs (float32) of int64 shard rows
+    written by rows_with_teacher_targets, on the rows' device."""
+    n, width = len(rows), seq_len * top_k
+    tokens, ids, bits = rows[:, :seq_len], rows[:, seq_len : seq_len + width], rows[:, seq_len + width :]
+    as_int32 = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)  # the uint32 bit patterns
+    return tokens, ids.reshape(n, seq_len, top_k), as_int32.view(torch.float32).reshape(n, seq_len, top_k)

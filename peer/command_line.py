@@ -48,6 +48,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
 def setup_logging(level: str | int = "INFO") -> None:
     """Starling's lines (the `starling` hierarchy) and hivemind's through one handler in one format,
     at `level`. hivemind's own INFO lines (matchmaking chatter, every epoch) show only at DEBUG: at

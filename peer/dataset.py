@@ -123,6 +123,10 @@ class RemoteDataset:
     def num_shards(self) -> int:
         return len(self.manifest.shards)
 
+    @property
+    def teacher_targets(self) -> dict | None:
+        return self.manifest.teacher_targets
+
     def sequences_of(self, shard: int) -> torch.Tensor:
         """The [sequences, seq_len] rows of shard `shard`, checked against the manifest."""
         entry = self.manifest.shards[shard]

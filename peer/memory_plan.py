@@ -9,6 +9,10 @@ in the backward pass). Measured on CPU against the profiler's memory timeline of
 is 3-14% above the peak and never below (tests/peer/test_memory_plan.py). Activations are counted
 in float32: under bf16 or fp16 autocast most are half as large, so there the plan errs high.
 
+A distilling peer adds a teacher beside the model (its float32 parameters) or reads the teacher's
+top-k from its data, and either way the loss keeps more vocabulary-sized tensors per sequence
+(DISTILLATION_LOGITS).
+
 Where each part lives follows the run: in batch mode hivemind keeps gradient accumulators beside
 the gradients and, with offload_optimizer (the default), the optimizer's state and a float32 copy
 of the parameters in host memory; in DiLoCo mode the inner optimizer's state is on the device and
@@ -23,6 +27,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from model import CausalLM, ModelConfig
+from model.adapters import checkpoint_config
 from peer.optimizer import INNER_OPTIMIZERS
 from peer.run_config import RunConfig
 
@@ -30,6 +35,12 @@ FLOAT32 = 4
 SAFETY = 0.85  # of the device's memory a plan fills: the rest is the allocator's and the libraries'
 MAX_MICRO_BATCH = 256
 GIB = 1 << 30
+# Float32 [seq_len, vocab] tensors per sequence that a distillation loss adds at the peak of a step,
+# beyond the next-token loss's, by what the peer distills from (peer.peer.Peer.teacher_variant's
+# kinds), measured with the profiler (5.9-6.0 and 2.9-3.0 on the test's shapes): beside the teacher,
+# its logits, both distributions at T and the KL's terms and gradients; from top-k targets, the
+# student's distribution at T, its copy without the top-k and their gradient.
+DISTILLATION_LOGITS = {"teacher": 6, "top-k": 3}
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class MemoryPlan:
     parameters: int  # on the device, float32
     gradients: int  # on the device, with hivemind's accumulators in batch mode
     optimizer_state_on_device: int
+    teacher: int  # a distillation teacher's float32 parameters beside the model, 0 without one
     host: int  # offloaded optimizer state and parameters, averaging buffers, the outer state
     per_sequence: int  # kept for backward, plus the logits' share of the backward pass
     micro_batch: int  # the largest power of two that fits with SAFETY (0: not even one sequence)
@@ -49,7 +61,7 @@ class MemoryPlan:
     @property
     def fixed(self) -> int:
         """Device bytes that do not grow with the micro-batch."""
-        return self.parameters + self.gradients + self.optimizer_state_on_device
+        return self.parameters + self.gradients + self.optimizer_state_on_device + self.teacher
 
     def peak(self, micro_batch: int) -> int:
         """Device bytes at the peak of a training step on `micro_batch` sequences."""
@@ -68,6 +80,8 @@ class MemoryPlan:
             f"optimizer state on the device {mib(self.optimizer_state_on_device)}, in host memory {mib(self.host)}",
             f"per sequence: {mib(self.per_sequence)}",
         ]
+        if self.teacher:
+            lines.insert(2, f"the teacher beside the model: {mib(self.teacher)}")
         if self.device_memory is None:
             lines.append(f"a step of n sequences peaks at {mib(self.fixed)} + n x {mib(self.per_sequence)}")
         elif self.fits:
@@ -110,10 +124,12 @@ def plan(
     precision: str,
     device_memory: int | None = None,
     offload: bool | None = None,
+    distill_from: str | None = None,
 ) -> MemoryPlan:
     """The memory plan of a peer of `run` on `device`, training in `precision` (bf16, fp16 or fp32).
     `device_memory`: the bytes it may use (default: a CUDA device's total memory; none on CPU);
-    `offload`: the run's offload_optimizer."""
+    `offload`: the run's offload_optimizer; `distill_from`: in a distillation run, "teacher" (the
+    run's objective.teacher beside the model, whose config it reads) or "top-k" (the data's targets)."""
     config = run.model_config()
     count = parameter_count(config)
     optimizer = INNER_OPTIMIZERS[run.training.optimizer]
@@ -133,6 +149,11 @@ def plan(
     if device_memory is None and device.type == "cuda":
         device_memory = torch.cuda.get_device_properties(device).total_memory
     per_sequence = per_sequence_bytes(config, run.data.seq_len)
+    teacher = 0
+    if distill_from is not None:
+        per_sequence += DISTILLATION_LOGITS[distill_from] * run.data.seq_len * config.vocab_size * FLOAT32
+    if distill_from == "teacher":
+        teacher = FLOAT32 * parameter_count(checkpoint_config(run.objective.teacher))
     partial = MemoryPlan(
         device=str(device) if device.type != "cuda" else f"{device} {torch.cuda.get_device_name(device)}",
         precision=precision,
@@ -140,6 +161,7 @@ def plan(
         parameters=FLOAT32 * count,
         gradients=gradients,
         optimizer_state_on_device=on_device,
+        teacher=teacher,
         host=host,
         per_sequence=per_sequence,
         micro_batch=0,

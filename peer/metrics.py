@@ -38,6 +38,7 @@ class PeerMetrics(BaseModel):
     micro_batch: StrictInt
     precision: StrictStr = "fp32"  # what it trains in (peer.options.PRECISIONS); absent from older peers' records
     objective: StrictStr = "pretrain"  # what it minimises (peer.run_config.OBJECTIVES)
+    teacher: StrictStr = ""  # distill: "teacher" (run beside the model) or "top-K" (the data's targets)
     bytes_sent: StrictInt = 0  # of all-reduce messages so far (peer.averager: parts and averages)
     compute_seconds: StrictFloat = 0.0  # spent in forward and backward so far ...
     training_seconds: StrictFloat = 0.0  # ... of these since it began to train

@@ -20,12 +20,11 @@ from hivemind.p2p import P2PDaemonError
 from tqdm.auto import tqdm
 
 from model import CausalLM, ModelConfig
-from model.adapters import load_checkpoint
 from model.chat import inputs_and_labels
 from model.data import load_corpus
 from model.kernels import guard as kernel_guard
-from model.objectives import distillation_loss
-from model.prepared import is_prepared, manifest_digest, sha256_of
+from model.objectives import distillation_loss, load_teacher, top_k_distillation_loss
+from model.prepared import is_prepared, manifest_digest, split_teacher_targets
 from peer import memory_plan, metrics, run_record
 from peer.auth import RunAuthorizer, check_grant_for, parse_token
 from peer.averager import AggregatingAverager, CountingGradientAverager, RoundOutcome
@@ -144,6 +143,7 @@ class Peer:
         self.optimizer: hivemind.Optimizer | None = None
         self.model: CausalLM | None = None
         self.teacher: CausalLM | None = None  # objective.kind = "distill": frozen, beside the model
+        self.teacher_targets: dict | None = None  # the data's teacher top-k, when its rows carry them
         self.prometheus = metrics.PrometheusMetrics.create()
         self.prometheus.precision.info({"precision": self.precision.precision})
         self._stop = threading.Event()
@@ -219,7 +219,25 @@ class Peer:
                 self._join_run()
             finally:
                 self.dht.shutdown()
-        return memory_plan.plan(self.run_config, self.device, self.precision.precision, self._device_memory())
+        try:
+            return memory_plan.plan(
+                self.run_config,
+                self.device,
+                self.precision.precision,
+                self._device_memory(),
+                distill_from=self._distill_from(),
+            )
+        except ValueError as error:  # the teacher's folder is not a checkpoint
+            raise PeerError(f"objective.teacher: {error}") from None
+
+    def _distill_from(self) -> str | None:
+        """What this peer will distill from, for its memory plan: None (it does not distill), "top-k"
+        (targets in its data, or no teacher named) or "teacher". Before the data is known (a plan
+        alone), a named teacher counts."""
+        objective = self.run_config.objective
+        if objective.kind != "distill" or self.options.auxiliary:
+            return None
+        return "top-k" if self.teacher_targets is not None or objective.teacher is None else "teacher"
 
     def _device_memory(self) -> int | None:
         gigabytes = self.options.device_memory_gb
@@ -242,16 +260,20 @@ class Peer:
 
     def _build_model(self) -> None:
         run = self.run_config
+        self.shards = self._training_shards()
+        self.reader = ShardReader(self.shards, self.peer_id)
+        self.teacher_targets = self.shards.teacher_targets
         self.memory_plan = self._check_memory()
         torch.manual_seed(run.training.seed)  # every peer starts from the same weights
         config = run.model_config()
         if self.faults.model_overrides:
             config = ModelConfig.from_dict({**config.to_dict(), **self.faults.model_overrides})
         self.model = CausalLM(config).to(self.device)
-        distilling = run.objective.kind == "distill" and not self.options.auxiliary  # an auxiliary peer does not train
-        self.teacher = self._load_teacher() if distilling else None
-        self.shards = self._training_shards()
-        self.reader = ShardReader(self.shards, self.peer_id)
+        if run.objective.kind == "distill" and not self.options.auxiliary:  # an auxiliary peer does not train
+            if self.teacher_targets is not None:
+                self._check_teacher_targets()
+            else:
+                self.teacher = self._load_teacher()
         if self.options.auxiliary:
             self.micro_batch = 0
         elif self.options.batch_size == "auto":
@@ -265,18 +287,13 @@ class Peer:
         """The run's teacher (objective.teacher), frozen on this peer's device, once its weights file
         is checked against the run's digest; a PeerError naming what is wrong otherwise."""
         objective = self.run_config.objective
-        folder = Path(objective.teacher)
-        weights = folder / "model.safetensors"
-        if not weights.is_file():
-            raise PeerError(f"objective.teacher: {weights} is missing (every peer needs the run's teacher)")
-        digest = sha256_of(weights)
-        if digest != objective.teacher_sha256:
+        if objective.teacher is None:
             raise PeerError(
-                f"objective.teacher: {weights} is not the run's teacher "
-                f"(SHA-256 {digest[:16]}..., the run's {objective.teacher_sha256[:16]}...)"
+                "objective.teacher is not set and the run's data carries no teacher targets "
+                "(starling-data teacher-targets): this peer has nothing to distill from"
             )
         try:
-            teacher = load_checkpoint(folder)
+            teacher, _ = load_teacher(objective.teacher, objective.teacher_sha256)
         except ValueError as error:
             raise PeerError(f"objective.teacher: {error}") from None
         if teacher.config.vocab_size != self.model.config.vocab_size:
@@ -286,10 +303,17 @@ class Peer:
             )
         logger.info(
             "distilling from the teacher in %s (%s parameters)",
-            folder,
+            objective.teacher,
             f"{sum(p.numel() for p in teacher.parameters()):,}",
         )
-        return teacher.to(self.device).eval().requires_grad_(False)
+        return teacher.to(self.device)
+
+    def _check_teacher_targets(self) -> None:
+        try:
+            self.run_config.objective.check_teacher_targets(self.teacher_targets, self.model.config.vocab_size)
+        except ValueError as error:
+            raise PeerError(str(error)) from None
+        logger.info("distilling from the teacher's top-%d log-probs in the data", self.teacher_targets["top_k"])
 
     def _training_shards(self) -> ShardSource:
         """The data this peer trains on: --data (offline), else the run's prepared dataset as it
@@ -304,7 +328,13 @@ class Peer:
             return RemoteDataset(
                 url, run.data.dataset, run.data.seq_len, cache, self.options.data_cache_mb << 20, chat=self.chat
             )
-        corpus = load_corpus(data or run.data.path, seq_len=run.data.seq_len, seed=run.training.seed, chat=self.chat)
+        corpus = load_corpus(
+            data or run.data.path,
+            seq_len=run.data.seq_len,
+            seed=run.training.seed,
+            chat=self.chat,
+            with_teacher_targets=True,
+        )
         return CorpusShards(corpus, run.data.num_shards)
 
     def _coordinator_data_url(self) -> str:
@@ -363,6 +393,14 @@ class Peer:
         """Whether this peer fine-tunes on conversations (objective.kind = "sft"): its data holds
         them, and its loss falls on the assistant's tokens (model.chat)."""
         return self.run_config is not None and self.run_config.objective.kind == "sft"
+
+    @property
+    def teacher_variant(self) -> str:
+        """What this peer distills from, as its metrics say: "" (it does not), "teacher" or "top-K"."""
+        found = self._distill_from()
+        if found == "top-k" and self.teacher_targets is not None:
+            return f"top-{self.teacher_targets['top_k']}"
+        return found or ""
 
     @property
     def state_loads(self) -> int:
@@ -541,14 +579,22 @@ class Peer:
         if self.faults.slow_forward:
             time.sleep(self.faults.slow_forward)
         self.faults.check_memory(len(batch))
+        objective = self.run_config.objective
+        if self.teacher_targets is not None:
+            batch, top_ids, top_log_probs = split_teacher_targets(
+                batch, self.run_config.data.seq_len, self.teacher_targets["top_k"]
+            )
         inputs, labels = inputs_and_labels(batch) if self.chat else (batch, batch)
         with self.precision.autocast():
-            if self.teacher is None:
+            if objective.kind != "distill":
                 loss = self.model(inputs, labels=labels).loss
+            elif self.teacher_targets is not None:
+                loss = top_k_distillation_loss(
+                    self.model(batch).logits, top_ids, top_log_probs, batch, objective.temperature, objective.kl_weight
+                )
             else:
                 with torch.no_grad():
                     teacher_logits = self.teacher(batch).logits
-                objective = self.run_config.objective
                 loss = distillation_loss(
                     self.model(batch).logits, teacher_logits, batch, objective.temperature, objective.kl_weight
                 )
@@ -752,6 +798,7 @@ class Peer:
                 device_name=device_name(self.device),
                 precision=self.precision.precision,
                 objective=self.run_config.objective.kind,
+                teacher=self.teacher_variant,
                 bytes_sent=bytes_sent,
                 compute_seconds=self.compute_seconds,
                 training_seconds=time.perf_counter() - self._training_started,

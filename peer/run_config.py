@@ -131,13 +131,33 @@ class CoordinatorSection:
 class ObjectiveSection:
     # "pretrain": next-token loss on the data. "sft": next-token loss on the assistant's tokens of
     # conversations (prepared by starling-data prepare-chat; model.chat). "distill": also match a
-    # frozen teacher's next-token distribution, which every peer runs beside the student
-    # (model.objectives.distillation_loss).
+    # frozen teacher's next-token distribution: its top-k log-probs when the run's dataset carries
+    # them (starling-data teacher-targets), else the teacher itself, run beside the student on each
+    # peer (model.objectives).
     kind: str = "pretrain"
-    teacher: str | None = None  # distill: a Starling or transformers checkpoint folder, on every peer
-    teacher_sha256: str | None = None  # distill: SHA-256 of its weights file: each peer checks its copy
+    teacher: str | None = None  # distill: a Starling or transformers checkpoint folder, without teacher targets
+    teacher_sha256: str | None = None  # distill: SHA-256 of its weights file: what peers and targets are checked by
     temperature: float = 2.0  # distill: of both distributions
     kl_weight: float = 0.5  # distill: loss = kl_weight x T^2 x KL(teacher || student) + (1 - kl_weight) x next-token
+
+    def check_teacher_targets(self, targets: dict, vocab_size: int) -> None:
+        """ValueError unless a dataset's teacher targets (model.prepared.Manifest.teacher_targets) are
+        this objective's teacher's, at its temperature, over a vocabulary of `vocab_size` tokens."""
+        if targets["teacher_sha256"] != self.teacher_sha256:
+            raise ValueError(
+                f"the run's data carries the top-k of another teacher (SHA-256 {targets['teacher_sha256'][:16]}..., "
+                f"objective.teacher_sha256 {str(self.teacher_sha256)[:16]}...)"
+            )
+        if targets["temperature"] != self.temperature:
+            raise ValueError(
+                f"the run's data carries teacher log-probs at temperature {targets['temperature']}, "
+                f"objective.temperature is {self.temperature}"
+            )
+        if targets["vocab_size"] != vocab_size:
+            raise ValueError(
+                f"the run's data carries the top-k of a teacher of {targets['vocab_size']} tokens, "
+                f"the run's model has {vocab_size}"
+            )
 
 
 @dataclass
@@ -255,17 +275,17 @@ class RunConfig:
             ("objective.kind", self.objective.kind in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
             (
                 "objective.teacher",
-                (self.objective.teacher is not None) == (self.objective.kind == "distill"),
-                'set when objective.kind = "distill", and only then',
+                self.objective.teacher is None or self.objective.kind == "distill",
+                'set only when objective.kind = "distill"',
             ),
             (
                 "objective.teacher_sha256",
-                (self.objective.teacher_sha256 is None) == (self.objective.teacher is None)
+                (self.objective.teacher_sha256 is not None) == (self.objective.kind == "distill")
                 and (
                     self.objective.teacher_sha256 is None
                     or re.fullmatch("[0-9a-f]{64}", self.objective.teacher_sha256) is not None
                 ),
-                "the 64 lowercase hex digits of the teacher's weights file's SHA-256, with objective.teacher",
+                'the SHA-256 of the teacher\'s weights (64 lowercase hex digits), set when objective.kind = "distill"',
             ),
             ("objective.temperature", self.objective.temperature > 0, "positive"),
             ("objective.kl_weight", 0 <= self.objective.kl_weight <= 1, "in [0, 1]"),

@@ -24,6 +24,10 @@ class ShardSource(Protocol):
     @property
     def num_shards(self) -> int: ...
 
+    @property
+    def teacher_targets(self) -> dict | None:
+        """The manifest's teacher targets when each row carries them after its tokens (model.prepared)."""
+
     def sequences_of(self, shard: int) -> torch.Tensor: ...
 
     def prefetch(self, shard: int) -> None: ...
@@ -39,6 +43,10 @@ class CorpusShards:
     @property
     def num_shards(self) -> int:
         return len(self.indices)
+
+    @property
+    def teacher_targets(self) -> dict | None:
+        return self.corpus.teacher_targets
 
     def sequences_of(self, shard: int) -> torch.Tensor:
         return self.corpus.sequences[self.indices[shard]]

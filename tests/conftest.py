@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from coordinator.harness import CoordinatorProcess, PeerProcess, PeerSpec, free_port, release  # noqa: E402
-from model.prepared import MANIFEST, Manifest, write_atomic, write_shards  # noqa: E402
+from model.data import load_corpus  # noqa: E402
+from model.prepared import MANIFEST, Manifest, token_bytes_for, write_atomic, write_shards  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
 RELEASE_FILE = "release-held-peers"
@@ -251,13 +252,17 @@ def write_conversations():
 
 @pytest.fixture
 def write_prepared_text():
-    """write_prepared_text(folder, sequences, seq_len=, seed=) -> the sequences: a prepared text
-    dataset (model.prepared) of random tokens of the bundled tokenizer, in shards of 4 sequences."""
+    """write_prepared_text(folder, sequences, seq_len=, seed=, text=False) -> the sequences: a
+    prepared text dataset (model.prepared) of random tokens of the bundled tokenizer (with `text`,
+    the first sequences of the bundled corpus), in shards of 4 sequences."""
 
-    def write(folder: Path, sequences: int, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
+    def write(folder: Path, sequences: int, seq_len: int = 32, seed: int = 0, text: bool = False) -> torch.Tensor:
         tokenizer = load_tokenizer()
-        rows = np.random.default_rng(seed).integers(0, tokenizer.vocab_size, (sequences, seq_len))
-        shards = write_shards(rows, folder, 4, tokenizer.vocab_size)
+        if text:
+            rows = load_corpus(seq_len=seq_len).sequences[:sequences].numpy()
+        else:
+            rows = np.random.default_rng(seed).integers(0, tokenizer.vocab_size, (sequences, seq_len))
+        shards = write_shards(rows, folder, 4, token_bytes_for(tokenizer.vocab_size))
         manifest = Manifest(seq_len, tokenizer.sha256, shards, sequences, rows.size)
         write_atomic(folder / MANIFEST, manifest.to_json().encode())
         return torch.from_numpy(rows)

@@ -160,6 +160,7 @@ function renderPeers(peers, now) {
       cell(peer.device_name ?? peer.device ?? DASH),
       cell(peer.precision ?? DASH),
       cell(peer.kind ?? DASH),
+      cell(peer.objective ?? DASH),
       statusCell(peer.status),
       cell(formatNumber(peer.epoch), "num"),
       cell(formatNumber(peer.samples_per_second, 1), "num"),

@@ -47,12 +47,23 @@ def from_hf(hf_model_or_dir: PreTrainedModel | str | os.PathLike, **config_overr
 def load_checkpoint(path: str | os.PathLike) -> CausalLM:
     """A checkpoint folder (Starling's own, or a transformers Mistral, Mixtral or BLOOM one) as a
     CausalLM; ValueError naming the folder when it is neither."""
+    if checkpoint_config(path).model_type == ModelConfig.model_type:
+        return CausalLM.from_pretrained(path)
+    return from_hf(path)
+
+
+def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint folder that load_checkpoint reads, without its weights;
+    ValueError naming the folder when it is not one."""
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{path!r} is not a transformers checkpoint directory")
-    if AutoConfig.from_pretrained(path).model_type == ModelConfig.model_type:
-        return CausalLM.from_pretrained(path)
-    return from_hf(path)
+    config = AutoConfig.from_pretrained(path)
+    if isinstance(config, ModelConfig):
+        return config
+    if config.model_type not in ADAPTERS:
+        raise ValueError(f"{path}: unsupported model_type {config.model_type!r}; supported: {', '.join(ADAPTERS)}")
+    return ADAPTERS[config.model_type].config_from_hf(config)
 
 
 def hf_model_type(config: ModelConfig) -> str:

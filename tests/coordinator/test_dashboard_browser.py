@@ -68,6 +68,7 @@ def test_dashboard_follows_a_live_run(
     expect(page.locator("#status")).to_have_text("training")
     assert sorted(rows.locator("td:first-child").all_inner_texts()) == sorted(PEERS)
     expect(rows.locator("td:nth-child(3)")).to_have_text(["fp32"] * len(PEERS))  # the precision on CPU
+    expect(rows.locator("td:nth-child(5)")).to_have_text(["pretrain"] * len(PEERS))  # the objective
     # The history gains a point every 5 s and the page fetches it every 10 s.
     expect(page.locator("#loss-chart svg path.line")).to_have_count(1, timeout=60_000)
     expect(page.locator("#throughput-chart svg path.line")).to_have_count(1)

@@ -11,7 +11,15 @@ from prometheus_client import CollectorRegistry
 
 from coordinator.cli import main as coordinator_main
 from coordinator.server import DashboardServer
-from model.prepared import MANIFEST, Manifest, manifest_digest, read_shard, write_atomic, write_shards
+from model.prepared import (
+    MANIFEST,
+    Manifest,
+    manifest_digest,
+    read_shard,
+    token_bytes_for,
+    write_atomic,
+    write_shards,
+)
 from model.tokenizer import load_tokenizer
 from peer.dataset import DatasetError, RemoteDataset
 
@@ -22,7 +30,7 @@ def prepared_dataset(folder: Path, shards: int = 8, sequences: int = 16) -> str:
     """A prepared dataset of random tokens for the run's tokenizer; returns its manifest's digest."""
     tokenizer = load_tokenizer()
     rows = np.random.default_rng(0).integers(0, tokenizer.vocab_size, (shards * sequences, SEQ_LEN))
-    entries = write_shards(rows, folder, sequences, tokenizer.vocab_size)
+    entries = write_shards(rows, folder, sequences, token_bytes_for(tokenizer.vocab_size))
     manifest = Manifest(SEQ_LEN, tokenizer.sha256, entries, documents=shards, tokens=shards * sequences * SEQ_LEN)
     write_atomic(folder / MANIFEST, manifest.to_json().encode())
     return manifest_digest(folder)

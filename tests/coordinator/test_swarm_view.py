@@ -98,3 +98,18 @@ def test_round_outcomes_of_the_online_peers_are_summed_and_listed_per_peer():
         "a": {"succeeded": 10, "partial": 1, "failed": 2},
         "old": {"succeeded": 50, "partial": 5, "failed": 0},
     }
+
+
+def test_each_peer_is_listed_with_what_it_distills_from():
+    reports = [
+        report("big", 6.0, 1.0, objective="distill", teacher="teacher"),
+        report("small", 6.0, 1.0, objective="distill", teacher="top-16"),
+        report("plain", 6.0, 1.0),
+    ]
+    contributors = [contributor(name, 1) for name in ("big", "small", "plain")]
+    state = summarize([], reports, contributors, target_batch_size=64, seq_len=32, known_epoch=5, now=NOW)
+    assert {p["name"]: p["objective"] for p in state.peers} == {
+        "big": "distill (teacher)",
+        "small": "distill (top-16)",
+        "plain": "pretrain",
+    }

@@ -9,28 +9,52 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from coordinator.harness import STARLING_PEER
-from model import CausalLM
+from model import CausalLM, ModelConfig
+from model.objectives import distillation_loss, teacher_top_k, top_k_distillation_loss
 from peer.memory_plan import plan
 from peer.optimizer import INNER_OPTIMIZERS, make_inner_optimizer
 from peer.run_config import RunConfig
 
 
-def run_config(preset: str, seq_len: int, mode: str = "diloco") -> RunConfig:
+def run_config(preset: str, seq_len: int, mode: str = "diloco", teacher: Path | None = None) -> RunConfig:
+    """A run of these shapes; with `teacher`, one distilling from the checkpoint there."""
+    objective = {} if teacher is None else {"kind": "distill", "teacher": str(teacher), "teacher_sha256": "0" * 64}
     return RunConfig.from_dict(
-        {"model": {"preset": preset}, "data": {"seq_len": seq_len}, "training": {"mode": mode, "optimizer": "adamw"}}
+        {
+            "model": {"preset": preset},
+            "data": {"seq_len": seq_len},
+            "training": {"mode": mode, "optimizer": "adamw"},
+            "objective": objective,
+        }
     )
 
 
-def measured_peak(run: RunConfig, micro_batch: int, folder: Path) -> int:
+def measured_peak(run: RunConfig, micro_batch: int, folder: Path, distill_from: str | None = None) -> int:
     """Peak bytes of CPU tensors during one training step as a DiLoCo peer takes it (forward,
-    backward, the inner AdamW step on the device), from the profiler's memory timeline."""
+    backward, the inner AdamW step on the device), from the profiler's memory timeline; distilling
+    from the run's teacher beside the model, or from its top-16 as a peer reads them from its data."""
     torch.manual_seed(0)
     model = CausalLM(run.model_config())
     optimizer = make_inner_optimizer(model.parameters(), run.training)
     tokens = torch.randint(0, run.model_config().vocab_size, (micro_batch, run.data.seq_len))
+    objective = run.objective
+    if distill_from is not None:
+        teacher = CausalLM.from_pretrained(objective.teacher).eval().requires_grad_(False)
+    if distill_from == "top-k":
+        with torch.no_grad():
+            top = teacher_top_k(teacher(tokens).logits, 16, objective.temperature)
+        del teacher
 
     def step() -> None:
-        model(tokens, labels=tokens).loss.backward()
+        if distill_from is None:
+            loss = model(tokens, labels=tokens).loss
+        elif distill_from == "teacher":
+            with torch.no_grad():
+                teacher_logits = teacher(tokens).logits
+            loss = distillation_loss(model(tokens).logits, teacher_logits, tokens, objective.temperature, 0.5)
+        else:
+            loss = top_k_distillation_loss(model(tokens).logits, *top, tokens, objective.temperature, 0.5)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -52,6 +76,21 @@ def test_the_plan_is_at_most_a_fifth_above_the_measured_peak_and_never_below(tmp
     planned = plan(run, torch.device("cpu"), "fp32").peak(micro_batch)
     measured = measured_peak(run, micro_batch, tmp_path)
     assert measured <= planned <= 1.2 * measured, (planned, measured)
+
+
+@pytest.mark.parametrize("distill_from", ["teacher", "top-k"])
+@pytest.mark.parametrize("seq_len, micro_batch", [(32, 4), (128, 8)])
+def test_a_distilling_peer_s_plan_counts_its_teacher_and_its_loss(tmp_path, distill_from, seq_len, micro_batch):
+    """The same bound for a peer distilling from a teacher twice as deep beside its model, or from
+    top-k targets in its data: DISTILLATION_LOGITS' vocabulary-sized tensors per sequence, and the
+    teacher's parameters, are what the step adds (the plan measured 1-9% above the real peak)."""
+    torch.manual_seed(1)
+    CausalLM(ModelConfig.from_preset("tiny", num_hidden_layers=4)).save_pretrained(tmp_path / "teacher")
+    run = run_config("tiny", seq_len, teacher=tmp_path / "teacher")
+    found = plan(run, torch.device("cpu"), "fp32", distill_from=distill_from)
+    assert (found.teacher > 0) == (distill_from == "teacher")
+    measured = measured_peak(run, micro_batch, tmp_path, distill_from)
+    assert measured <= found.peak(micro_batch) <= 1.2 * measured, (found.peak(micro_batch), measured)
 
 
 def test_batch_mode_adds_the_accumulators_and_offloads_the_optimizer():
