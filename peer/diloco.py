@@ -200,6 +200,13 @@ class DilocoStateAverager(CheckedStateAverager):
         self._model_moved = True
 
     @torch.no_grad()
+    def _enter_group_state(self) -> None:
+        """The next round starts from the outer parameters the state round gave, as after an outer step."""
+        for model_param, outer in zip(self.main_parameters, self.outer_parameters()):
+            model_param.copy_(outer.to(model_param.device, model_param.dtype))
+        self._model_moved = False
+
+    @torch.no_grad()
     def _apply_optimizer_parameters_(self) -> None:
         round_end = self.pseudo_gradients.round_end if self.pseudo_gradients is not None else None
         if round_end is not None:  # overlap: the outer step of a round the model has trained past

@@ -185,13 +185,37 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
 
     def step(self, *args, increment_epoch: bool = False, optimizer_step: bool = False, **kwargs):
         """TrainingStateAverager's step; an epoch it counts for an optimizer step is counted as not
-        stepped until that step has run."""
+        stepped until that step has run. A state round that gave this peer the state of the epoch
+        it is stepping into (it was behind its group) already holds that epoch's optimizer step: it
+        is applied first, and the step is not taken again."""
         if increment_epoch and optimizer_step:
+            entering = self.local_epoch + 1
+            if kwargs.get("wait_for_trigger") is None and self._settle_state_rounds(kwargs):
+                if self.local_epoch >= entering:
+                    logger.info("a state round gave this peer epoch %d's state: its own step is in it", entering)
+                    self._enter_group_state()
+                    return super().step(*args, optimizer_step=False, **kwargs)
             with self._epoch_count:
                 self.local_epoch += 1
                 self._epochs_unstepped += 1
             increment_epoch = False
         return super().step(*args, increment_epoch=increment_epoch, optimizer_step=optimizer_step, **kwargs)
+
+    def _settle_state_rounds(self, step_kwargs: dict) -> bool:
+        """Apply the state rounds that the coming step would apply before its optimizer step (waiting
+        for those under way where it would wait: hivemind's default, or as the caller asks); whether
+        one was applied."""
+        wait = step_kwargs.get("wait_for_delayed_updates")
+        if wait is None:
+            wait = bool(step_kwargs.get("averaging_round"))
+        if not (self.finished_averaging_round.is_set() or (wait and self.pending_updates)):
+            return False
+        super().step(wait_for_delayed_updates=wait, apply_delayed_updates=True)
+        return True
+
+    def _enter_group_state(self) -> None:
+        """The model takes the state a state round gave it in place of its own step's result (in
+        batch mode applying the round already copied it in)."""
 
     def _do(self, wait_for_trigger, optimizer_step: bool, *args, **kwargs):
         # hivemind runs these one at a time, in the order their steps were counted

@@ -231,6 +231,32 @@ def test_a_diloco_outer_step_waits_for_the_state_round_under_way_and_steps_from_
         torch.testing.assert_close(param.detach(), outer, atol=0, rtol=0)
 
 
+def test_a_diloco_peer_whose_state_round_gives_it_the_epoch_it_steps_into_does_not_step_again(diloco_pair):
+    """DiLoCo mode: a peer's state round, started for epoch 5, matches the other's round of epoch 6
+    (hivemind's keys carry no epoch), whose state holds the outer step of round 6 both averaged the
+    pseudo-gradients of. The round ends as the peer's own step into epoch 6 begins: it takes the
+    other's state and epoch and does not step again. Stepping again left it a whole outer step
+    (0.014) from the other at the end of a test run."""
+    run, models, optimizers = diloco_pair
+    averagers = [opt.state_averager for opt in optimizers]
+    behind, ahead = averagers
+    behind.local_epoch, ahead.local_epoch = 5, 6
+    timeout = run.averaging.averaging_timeout
+    start_state_rounds(averagers, timeout)
+    theirs = [param.detach().clone() for param in ahead.outer_parameters()]
+    for param in behind.outer_parameters():
+        param.grad = torch.randn_like(param) * 1e-3  # round 6's averaged pseudo-gradient, already in theirs
+    behind.step(increment_epoch=True, optimizer_step=True)  # as hivemind's epoch step takes it
+    ahead.step(wait_for_delayed_updates=True)
+    for averager in averagers:
+        assert settled(averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
+        assert averager.local_epoch == 6
+    for param, their in zip(behind.outer_parameters(), theirs):
+        torch.testing.assert_close(param.detach(), their, atol=0, rtol=0)
+    for param, outer in zip(models[0].parameters(), behind.outer_parameters()):
+        torch.testing.assert_close(param.detach(), outer, atol=0, rtol=0)
+
+
 def test_peers_an_epoch_apart_take_the_state_round_of_the_same_epochs():
     """A joiner whose state was an epoch old averages its first gradient round with a peer an epoch
     ahead (matchmaking keys carry no epoch). hivemind decides whether an epoch ends with a state
