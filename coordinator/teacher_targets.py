@@ -3,12 +3,12 @@ of a distillation run (objective.kind = "distill") need not hold the teacher.
 
     starling-data teacher-targets DATASET --teacher CHECKPOINT --out DIR [--top-k 16] [--temperature 2.0]
 
-Every shard of DATASET (from starling-data prepare) becomes a shard of the same sequences in the same
-order, each row followed by the teacher's k most likely next tokens at each position and their
+Every shard of DATASET (from starling-data prepare) becomes a shard of the same sequences in the
+same order, each row followed by the teacher's k most likely next tokens at each position and their
 log-probs at the run's temperature (model.prepared.rows_with_teacher_targets); the manifest keeps
-the dataset's steps and records the teacher's SHA-256 and vocabulary size, k and T. A peer training on it learns the
-bucketed KL (model.objectives.bucketed_teacher_kl), which differs from the full KL by the teacher's
-mass outside its top-k times the KL within that tail.
+the dataset's steps and records the teacher's SHA-256 and vocabulary size, k and T. A peer training
+on it learns the bucketed KL (model.objectives.bucketed_teacher_kl), which differs from the full
+KL by the teacher's mass outside its top-k times the KL within that tail.
 """
 
 from __future__ import annotations

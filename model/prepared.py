@@ -10,6 +10,9 @@ A shard file is a 24-byte header, then the tokens, little-endian, row after row:
     seq_len      uint32   tokens per sequence
     sequences    uint64   rows in the file
 No pickle anywhere: the header is parsed field by field and the body read as plain integers.
+A dataset with teacher targets (starling-data teacher-targets) stores uint32 rows of the tokens,
+then the teacher's top-k ids and float32 log-probs (their bit patterns) at every position:
+seq_len x (1 + 2k) values, the header's seq_len being that row width.
 
 manifest.json names the tokenizer (the SHA-256 of its model file), the sequence length, every shard
 (file, bytes, sequences, SHA-256) in order, and what the preparation kept and removed at each
