@@ -3,9 +3,11 @@
 1. the Triton kernels against eager PyTorch and torch.compile (benchmarks/kernels.py --device cuda);
 2. the model's training throughput and memory against transformers, in bf16 and fp16
    (benchmarks/model.py --device cuda --dtype ...);
-3. the memory plan (peer.memory_plan) against the peak memory CUDA measures in a real training
+3. what each training objective costs (benchmarks/objectives.py --device cuda: pretraining, SFT,
+   distillation from a teacher or from its top-16 log-probs);
+4. the memory plan (peer.memory_plan) against the peak memory CUDA measures in a real training
    step, for the tiny and demo presets, in each precision the device runs;
-4. a peer smoke test: an offline peer of the tiny model trains a few epochs in each precision
+5. a peer smoke test: an offline peer of the tiny model trains a few epochs in each precision
    (starling-peer --config ... --device cuda --precision ...), and its summary is kept.
 Each part writes its JSON under benchmarks/results/ (gpu-plan-<device>.json and
 gpu-peer-<device>.json for the last two) and a failing part does not stop the others. On a machine
@@ -139,6 +141,7 @@ def main() -> None:
         dtype = {"bf16": "bfloat16", "fp16": "float16"}[precision]
         command = [python, "benchmarks/model.py", "--device", str(device), "--dtype", dtype]
         parts.append(run_part(f"model {precision}", command, timeout=900))
+    parts.append(run_part("objectives", [python, "benchmarks/objectives.py", "--device", str(device)], timeout=900))
     try:
         write_json(f"gpu-plan-{name}.json", dict(device=name, rows=plan_against_peak(device)))
         parts.append(dict(part="plan", status=0))

@@ -9,7 +9,7 @@ in the backward pass). Measured on CPU against the profiler's memory timeline of
 is 3-14% above the peak and never below (tests/peer/test_memory_plan.py). Activations are counted
 in float32: under bf16 or fp16 autocast most are half as large, so there the plan errs high.
 
-A distilling peer adds a teacher beside the model (its float32 parameters) or reads the teacher's
+A distilling peer adds a teacher beside the model (its parameters, in the precision it runs in) or reads the teacher's
 top-k from its data, and either way the loss keeps more vocabulary-sized tensors per sequence
 (DISTILLATION_LOGITS).
 
@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from model import CausalLM, ModelConfig
 from model.adapters import checkpoint_config
 from peer.optimizer import INNER_OPTIMIZERS
+from peer.precision import AUTOCAST_DTYPES
 from peer.run_config import RunConfig
 
 FLOAT32 = 4
@@ -53,7 +54,7 @@ class MemoryPlan:
     parameters: int  # on the device, float32
     gradients: int  # on the device, with hivemind's accumulators in batch mode
     optimizer_state_on_device: int
-    teacher: int  # a distillation teacher's float32 parameters beside the model, 0 without one
+    teacher: int  # a distillation teacher's parameters beside the model (in bf16 or fp16 on a GPU), 0 without one
     host: int  # offloaded optimizer state and parameters, averaging buffers, the outer state
     per_sequence: int  # kept for backward, plus the logits' share of the backward pass
     micro_batch: int  # the largest power of two that fits with SAFETY (0: not even one sequence)
@@ -152,8 +153,9 @@ def plan(
     teacher = 0
     if distill_from is not None:
         per_sequence += DISTILLATION_LOGITS[distill_from] * run.data.seq_len * config.vocab_size * FLOAT32
-    if distill_from == "teacher":
-        teacher = FLOAT32 * parameter_count(checkpoint_config(run.objective.teacher))
+    if distill_from == "teacher":  # held in the precision it runs in (peer.peer.Peer._load_teacher)
+        value_bytes = 2 if precision in AUTOCAST_DTYPES else FLOAT32
+        teacher = value_bytes * parameter_count(checkpoint_config(run.objective.teacher))
     partial = MemoryPlan(
         device=str(device) if device.type != "cuda" else f"{device} {torch.cuda.get_device_name(device)}",
         precision=precision,

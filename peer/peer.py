@@ -36,7 +36,7 @@ from peer.faults import FaultPlan
 from peer.memory_plan import MemoryPlan
 from peer.optimizer import make_collaborative_optimizer
 from peer.options import PeerOptions
-from peer.precision import MixedPrecision, choose_precision
+from peer.precision import AUTOCAST_DTYPES, MixedPrecision, choose_precision
 from peer.run_config import RunConfig
 from peer.shards import CorpusShards, ShardReader, ShardSource
 from peer.state_loading import state_offers
@@ -306,7 +306,8 @@ class Peer:
             objective.teacher,
             f"{sum(p.numel() for p in teacher.parameters()):,}",
         )
-        return teacher.to(self.device)
+        # Frozen, it needs no float32 master copy: on a GPU it is held in the precision it runs in.
+        return teacher.to(self.device, AUTOCAST_DTYPES.get(self.precision.precision, torch.float32))
 
     def _check_teacher_targets(self) -> None:
         try:

@@ -89,6 +89,8 @@ def test_a_distilling_peer_s_plan_counts_its_teacher_and_its_loss(tmp_path, dist
     run = run_config("tiny", seq_len, teacher=tmp_path / "teacher")
     found = plan(run, torch.device("cpu"), "fp32", distill_from=distill_from)
     assert (found.teacher > 0) == (distill_from == "teacher")
+    if distill_from == "teacher":  # on a GPU in bf16 the frozen teacher is held in bf16
+        assert 2 * plan(run, torch.device("cpu"), "bf16", distill_from="teacher").teacher == found.teacher
     measured = measured_peak(run, micro_batch, tmp_path, distill_from)
     assert measured <= found.peak(micro_batch) <= 1.2 * measured, (found.peak(micro_batch), measured)
 
