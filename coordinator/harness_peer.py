@@ -8,7 +8,8 @@ FaultPlan (peer.faults), and writes into the spec's folder (the folder of SPEC_J
 - ready: it has joined the run (DHT, averagers and state ready) and waits for `hold_until`;
 - summary.json: its PeerSummary, with "processed" (rows its training forward passes saw),
   "micro_batch", "training_started" and "training_ended" (Unix seconds: from its start line to its
-  last epoch) and "epochs" (its epoch events);
+  last epoch), "epochs" (its epoch events) and "dht_requests" (the requests its DHT node sent, by
+  kind: pings, stores and finds);
 - params.safetensors: its parameters at the end;
 - with "snapshots": epoch-N.safetensors, its parameters on reaching epoch N, and in DiLoCo mode for
   the round that started at epoch N its local parameters before the outer step (round-N.safetensors)
@@ -17,13 +18,16 @@ FaultPlan (peer.faults), and writes into the spec's folder (the folder of SPEC_J
 
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+from hivemind.dht.protocol import DHTProtocol
 from safetensors.torch import save_file
 
 from coordinator.harness import PeerSpec
@@ -74,8 +78,29 @@ class StartLine:
             self.processed += args[0].shape[0]
 
 
-def main() -> None:
-    spec_path = Path(sys.argv[1])
+DHT_REQUESTS = ("call_ping", "call_store", "call_find")  # hivemind.dht.protocol.DHTProtocol's
+
+
+def count_dht_requests():
+    """Counters of the requests this peer's DHT node sends, one per kind (DHT_REQUESTS), shared with
+    the DHT's process, which hivemind forks from this one once the peer starts it."""
+    counters = multiprocessing.get_context("fork").Array(ctypes.c_uint64, len(DHT_REQUESTS))
+
+    def counted(index: int, send):
+        async def send_counted(self, *args, **kwargs):
+            with counters.get_lock():
+                counters[index] += 1
+            return await send(self, *args, **kwargs)
+
+        return send_counted
+
+    for index, name in enumerate(DHT_REQUESTS):
+        setattr(DHTProtocol, name, counted(index, getattr(DHTProtocol, name)))
+    return counters
+
+
+def run(spec_path: Path) -> None:
+    """Run the harness peer that the spec at `spec_path` describes, in this process."""
     spec = PeerSpec(**json.loads(spec_path.read_text()))
     out = spec_path.parent
     torch.set_num_threads(spec.threads)
@@ -91,6 +116,7 @@ def main() -> None:
         )
         callbacks.on_round_end = partial(save_round, out=out)
     events = out / "events.jsonl"
+    dht_requests = count_dht_requests()
     faults = FaultPlan(**{**spec.faults, "record_to": str(out)})
     peer = Peer(**spec.options, events=str(events), callbacks=callbacks, faults=faults)
     start_line = StartLine(out, Path(spec.hold_until) if spec.hold_until else None)
@@ -104,10 +130,11 @@ def main() -> None:
         training_started=start_line.crossed,
         training_ended=epochs[-1]["time"] if epochs else start_line.crossed,
         epochs=epochs,
+        dht_requests=dict(zip(DHT_REQUESTS, dht_requests[:])),
     )
     save_params(peer.model, out / "params.safetensors")
     (out / "summary.json").write_text(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    main()
+    run(Path(sys.argv[1]))

@@ -59,6 +59,16 @@ averaged parts, and hivemind saw a stream that ended early ("sent 11 parts, but 
 a partial round for that member alone. Fixed in two halves: a member stops reading once it has
 every part it expects and closes its end, and a reducer, once it has sent its last part, waits for
 that (up to the part timeout) before it closes its own.
+
+While an averager looks for a group, it keeps a queue of the would-be leaders it may join, read from
+the DHT. When the queue holds nobody to join (the peer is the one the others should join, or the
+others have not declared yet), it asks for a fresh read, and the read, once done, finds the queue as
+empty and asks again at once: the averager reads its group key from the DHT as fast as the DHT
+answers, for the whole matchmaking time: about 5,800 DHT requests in 6 s of looking, and three
+peers of the tiny model in a swarm sent 170 a second each, nearly all of them these reads (every
+read reaches more nodes as the swarm grows). 0.5 s between reads brought those to 31.
+Fixed by reading the queue at most once every LEADER_QUEUE_PERIOD seconds (a tenth of the
+matchmaking time at most): a leader stays declared for the matchmaking time, so it is still found.
 """
 
 from __future__ import annotations
@@ -66,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import AsyncIterator  # noqa: UP035  (hivemind's servicer reads typing's stream hints, not collections.abc's)
@@ -74,12 +85,14 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.control import StepControl
-from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.averaging.key_manager import GroupKeyManager
+from hivemind.averaging.matchmaking import Matchmaking, PotentialLeaders
 from hivemind.dht import DHT
 from hivemind.optim import state_averager
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.timed_storage import MAX_DHT_TIME_DISCREPANCY_SECONDS, get_dht_time
 
 
 def _cancel_step(self: StepControl) -> bool:
@@ -185,6 +198,33 @@ async def _aggregate_part_then_linger(
     await asyncio.sleep(self.next_chunk_timeout or STREAM_LINGER)
 
 
+async def _update_leader_queue_periodically(self: PotentialLeaders, key_manager: GroupKeyManager) -> None:
+    """PotentialLeaders._update_queue_periodically, reading the would-be leaders from the DHT at most
+    once every LEADER_QUEUE_PERIOD seconds (a tenth of the matchmaking time at most)."""
+    period = min(LEADER_QUEUE_PERIOD, self.min_matchmaking_time / 10)
+    while get_dht_time() < self.search_end_time:
+        read_at = time.monotonic()
+        leaders = await key_manager.get_averagers(key_manager.current_key, only_active=True)
+        assured = get_dht_time() + self.min_matchmaking_time - MAX_DHT_TIME_DISCREPANCY_SECONDS
+        self.max_assured_time = max(self.max_assured_time, assured)
+        self.leader_queue.clear()
+        for peer, expiration in leaders:
+            if peer == self.peer_id or (peer, expiration) in self.past_attempts:
+                continue
+            self.leader_queue.store(peer, expiration, expiration)
+            self.max_assured_time = max(self.max_assured_time, expiration - MAX_DHT_TIME_DISCREPANCY_SECONDS)
+        self.update_finished.set()
+        waits = {asyncio.create_task(self.running.wait()), asyncio.create_task(self.update_triggered.wait())}
+        left = self.search_end_time - get_dht_time()
+        try:
+            await asyncio.wait(waits, timeout=left if math.isfinite(left) else None)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self.update_triggered.clear()
+        await asyncio.sleep(max(0.0, read_at + period - time.monotonic()))
+
+
 def replace_torch_thread_pool() -> None:
     """In a forked process's first thread of torch work: torch's thread pool, replaced before other threads start."""
     torch.set_num_threads(torch.get_num_threads())
@@ -204,6 +244,8 @@ _HIVEMIND_DHT_RUN = DHT.run
 _HIVEMIND_AVERAGER_SERVE = DecentralizedAverager._run_internal
 _HIVEMIND_PEER_STUB = AllReduceRunner._get_peer_stub
 _HIVEMIND_AGGREGATE_PART = DecentralizedAverager.rpc_aggregate_part
+_HIVEMIND_UPDATE_LEADERS = PotentialLeaders._update_queue_periodically
+LEADER_QUEUE_PERIOD = 0.5  # seconds between two reads of the would-be leaders, at most
 STREAM_LINGER = 10.0  # seconds a reducer waits for the member to close, when no part timeout is set
 
 
@@ -217,6 +259,7 @@ def apply() -> None:
     DecentralizedAverager._run_internal = _serve_averager
     AllReduceRunner._get_peer_stub = _parts_stub
     DecentralizedAverager.rpc_aggregate_part = _aggregate_part_then_linger
+    PotentialLeaders._update_queue_periodically = _update_leader_queue_periodically
 
 
 def revert() -> None:
@@ -228,3 +271,4 @@ def revert() -> None:
     DecentralizedAverager._run_internal = _HIVEMIND_AVERAGER_SERVE
     AllReduceRunner._get_peer_stub = _HIVEMIND_PEER_STUB
     DecentralizedAverager.rpc_aggregate_part = _HIVEMIND_AGGREGATE_PART
+    PotentialLeaders._update_queue_periodically = _HIVEMIND_UPDATE_LEADERS

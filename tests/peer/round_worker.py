@@ -9,7 +9,7 @@ trigger_delay (seconds it waits, once its group is found, before it lets the all
 peer still finishing its micro-batch), slow_group_assembly and slow_reading (peer.faults.FaultPlan). It waits
 until all PEERS averagers are up before it looks for a group, and leaves right after its round.
 OUT_FILE gets a JSON object: outcome, fraction, group (size), means (of each tensor afterwards),
-problems (the failed reducers).
+problems (the failed reducers), dht_requests (those its DHT node sent, by kind, as harness peers count them).
 """
 
 import json
@@ -21,6 +21,7 @@ import hivemind
 import torch
 from hivemind.utils.timed_storage import get_dht_time
 
+from coordinator.harness_peer import DHT_REQUESTS, count_dht_requests
 from peer.averager import AggregatingAverager, RoundOutcome, round_outcome
 from peer.faults import FaultPlan
 from peer.run_config import AveragingSection
@@ -35,6 +36,7 @@ def main() -> None:
     index, peers, spec = int(index), int(peers), json.loads(spec_json)
     averaging = AveragingSection(matchmaking_time=MATCHMAKING_TIME)  # every other setting as shipped
     client_mode = spec.get("client_mode", False)
+    dht_requests = count_dht_requests()
     dht = hivemind.DHT(
         initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=client_mode, start=True
     )
@@ -76,6 +78,7 @@ def main() -> None:
         group=len(control.result()) if succeeded_at_all else 0,
         means=means,
         problems=control.result().reducer_failures if succeeded_at_all else repr(control.exception()),
+        dht_requests=dict(zip(DHT_REQUESTS, dht_requests[:])),
     )
     Path(out_file).write_text(json.dumps(result))
     averager.shutdown()

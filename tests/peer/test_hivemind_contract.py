@@ -138,11 +138,40 @@ CONTRACT = [
         "peer/hivemind_fixes.py, peer/faults.py",
         attrs=("request_timeout", "client_mode", "potential_leaders"),
     ),
-    # A client-mode follower's requests expire when its search ends (peer/hivemind_fixes.py).
+    # A client-mode follower's requests expire when its search ends; the queue of would-be leaders is
+    # read from the DHT at most once every LEADER_QUEUE_PERIOD (peer/hivemind_fixes.py).
     Reliance(
         "hivemind.averaging.matchmaking.PotentialLeaders",
         "peer/hivemind_fixes.py",
-        attrs=("search_end_time",),
+        attrs=(
+            "search_end_time",
+            "min_matchmaking_time",
+            "max_assured_time",
+            "leader_queue",
+            "past_attempts",
+            "peer_id",
+            "running",
+            "update_triggered",
+            "update_finished",
+        ),
+    ),
+    Reliance(
+        "hivemind.averaging.matchmaking.PotentialLeaders._update_queue_periodically",
+        "peer/hivemind_fixes.py",
+        params=("key_manager",),
+        called_from=("hivemind.averaging.matchmaking.PotentialLeaders.begin_search",),
+    ),
+    Reliance(
+        "hivemind.averaging.key_manager.GroupKeyManager.get_averagers",
+        "peer/hivemind_fixes.py",
+        params=("group_key", "only_active"),
+    ),
+    Reliance("hivemind.averaging.key_manager.GroupKeyManager", "peer/hivemind_fixes.py", attrs=("current_key",)),
+    Reliance("hivemind.utils.timed_storage.MAX_DHT_TIME_DISCREPANCY_SECONDS", "peer/hivemind_fixes.py"),
+    # The harness peer counts the requests its DHT node sends (coordinator/harness_peer.py).
+    *(
+        Reliance(f"hivemind.dht.protocol.DHTProtocol.{name}", "coordinator/harness_peer.py")
+        for name in ("call_ping", "call_store", "call_find")
     ),
     Reliance(
         "hivemind.averaging.matchmaking.Matchmaking._check_reasons_to_reject",
@@ -186,7 +215,7 @@ CONTRACT = [
     ),
     Reliance("hivemind.utils.asyncio.as_aiter", "peer/averager.py"),
     Reliance("hivemind.utils.asyncio.azip", "peer/averager.py"),
-    Reliance("hivemind.utils.timed_storage.get_dht_time", "peer/averager.py, peer/auth.py"),
+    Reliance("hivemind.utils.timed_storage.get_dht_time", "peer/averager.py, peer/auth.py, peer/hivemind_fixes.py"),
     # peer/faults.py breaks rounds on purpose (for the tests) through AllReduceRunner subclasses.
     Reliance(
         f"{ALLREDUCE}._communicate_with_peer",

@@ -144,6 +144,24 @@ def test_a_member_reading_slower_than_its_reducer_sends_receives_every_averaged_
     assert_averaged_together(results)
 
 
+def test_an_averager_looking_for_a_group_reads_the_dht_at_most_once_a_period(tmp_path):
+    """Two averagers look for a group for 6 s (their rounds scheduled that far ahead, as a peer's
+    round is before its epoch ends). The one the other should join found nobody to join in its queue
+    of would-be leaders, and hivemind read the queue again as soon as each read was back: 5,750 and
+    5,890 DHT requests from that averager in two runs. Now each reads its queue at most once a period
+    (with the tests' 2 s of matchmaking, 0.2 s), each read asking each of the two other DHT nodes
+    (the bootstrap node and the other averager's) once; joining the DHT and declaring take the rest
+    (13-17 requests for the averager that joined at once; 72-78 in all for the one that waited)."""
+    search = 6.0
+    results = average_once(tmp_path, [dict(scheduled_in=search)] * 2)
+    assert_averaged_together(results)
+    matchmaking_time = 2.0  # round_worker.py's
+    period = min(hivemind_fixes.LEADER_QUEUE_PERIOD, matchmaking_time / 10)
+    reads = search / period + 1
+    for result in results:
+        assert result["dht_requests"]["call_find"] <= 2 * reads + 30, result["dht_requests"]
+
+
 def _store_and_exit(dht: hivemind.DHT) -> None:
     """In a forked process: send the DHT process a request, then exit before it is read."""
     dht.store("left", "behind", expiration_time=get_dht_time() + 60, return_future=True)
