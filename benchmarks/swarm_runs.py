@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ RUN_TOML = """\
 run_id = "{run_id}"
 [model]
 preset = "{preset}"
+{overrides_line}
 [data]
 seq_len = {seq_len}
 {data_line}
@@ -58,6 +59,7 @@ class RunSettings:
     """The run configuration a benchmark swarm trains with; other keys keep their defaults."""
 
     preset: str = "demo"
+    model_overrides: dict[str, int] = field(default_factory=dict)  # [model] overrides of the preset's sizes
     seq_len: int = 128
     target_batch_size: int = 64
     lr: float = 2e-3
@@ -80,10 +82,20 @@ class RunSettings:
     def write(self, path: Path, run_id: str) -> Path:
         """Write run.toml for this run and check it as a peer would."""
         data_line = "" if self.data is None else f"path = {json.dumps(self.data)}"
-        values = {key: value for key, value in vars(self).items() if key != "data"}
+        overrides = ", ".join(f"{key} = {json.dumps(value)}" for key, value in self.model_overrides.items())
+        overrides_line = f"overrides = {{ {overrides} }}" if overrides else ""
+        values = {key: value for key, value in vars(self).items() if key not in ("data", "model_overrides")}
         overlap_toml = json.dumps(self.overlap)
         diloco_section = DILOCO_SECTION.format(overlap_toml=overlap_toml, **values) if self.mode == "diloco" else ""
-        path.write_text(RUN_TOML.format(run_id=run_id, data_line=data_line, diloco_section=diloco_section, **values))
+        path.write_text(
+            RUN_TOML.format(
+                run_id=run_id,
+                data_line=data_line,
+                overrides_line=overrides_line,
+                diloco_section=diloco_section,
+                **values,
+            )
+        )
         RunConfig.load(path)
         return path
 

@@ -112,6 +112,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._checkpointing = threading.Lock()
         self._last_report_time: dict[str, float] = {}
+        self.poll_seconds: float | None = None  # how long the latest look at the swarm's records took
         self.dht: hivemind.DHT | None = None
         self.averager: CheckpointAverager | None = None
         self.server: DashboardServer | None = None
@@ -316,7 +317,7 @@ class Coordinator:
 
     def poll(self) -> None:
         """Read the swarm's records and update the history and the current view."""
-        run, now = self.run_config, time.time()
+        run, now, began = self.run_config, time.time(), time.monotonic()
         progress = read_progress(self.dht, run.training_key())
         reports = metrics.read_all(self.dht, run.run_id)
         for report in reports:
@@ -336,6 +337,7 @@ class Coordinator:
             self.swarm.epoch,
             now,
         )
+        self.poll_seconds = time.monotonic() - began
         if self.swarm.epoch != previous_epoch:
             logger.info(
                 "epoch %d: loss %s, %.1f samples/s, %d active peers",
@@ -449,6 +451,7 @@ class Coordinator:
             "samples_total": sum(entry["samples"] for entry in board),
             "active_peers": s.active_peers,
             "rounds": s.rounds,
+            "poll_seconds": self.poll_seconds,
             "peers": s.peers,
             "leaderboard": board,
             "checkpoint": checkpoint.as_dict() if checkpoint else None,

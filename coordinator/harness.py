@@ -92,7 +92,14 @@ def wait_until(
 class ManagedProcess:
     """A process in a session of its own, its output in `log`."""
 
-    def __init__(self, command: list[str], log: Path, threads: int = 1, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        log: Path,
+        threads: int = 1,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.log = log
         self.name = log.parent.name if log.name == "log.txt" else log.stem
         with open(log, "w") as handle:
@@ -102,7 +109,7 @@ class ManagedProcess:
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                env={**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})},
             )
 
     @property
@@ -271,30 +278,20 @@ class PeerSpec:
     hivemind_fixes: bool = True  # False: hivemind's own code where peer.hivemind_fixes corrects it
 
 
-class PeerProcess(ManagedProcess):
-    """A peer process and the files it leaves in its folder: log.txt, events.jsonl (peer.events)
-    and, for a harness peer, ready (joined, held at its start line), summary.json,
-    params.safetensors, epoch-N.safetensors with snapshots (see coordinator.harness_peer).
-    `wrap` prefixes the command line (such as `ip netns exec NAMESPACE`, keeping the process id)."""
+class PeerFolder:
+    """What a peer leaves in its folder: log.txt, events.jsonl (peer.events) and, for a harness peer,
+    ready (joined, held at its start line), summary.json, params.safetensors, epoch-N.safetensors
+    with snapshots (see coordinator.harness_peer). Subclasses say whether the peer still runs:
+    check_running(context) and wait_exit(timeout), as ManagedProcess has them."""
 
-    def __init__(self, folder: Path, command: list[str], threads: int = 1) -> None:
-        self.folder = folder
-        super().__init__(command, folder / "log.txt", threads=threads)
+    folder: Path
+    name: str
 
-    @classmethod
-    def harness_peer(cls, folder: Path, spec: PeerSpec, wrap: Sequence[str] = ()) -> PeerProcess:
-        """The harness peer (the Python API) doing what `spec` says."""
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "spec.json").write_text(json.dumps(asdict(spec)))
-        command = [*wrap, sys.executable, "-m", "coordinator.harness_peer", str(folder / "spec.json")]
-        return cls(folder, command, threads=spec.threads)
+    def log_text(self) -> str:
+        return (self.folder / "log.txt").read_text(errors="replace")
 
-    @classmethod
-    def command_line(cls, folder: Path, arguments: Sequence[str], wrap: Sequence[str] = ()) -> PeerProcess:
-        """`starling-peer ARGUMENTS` as a volunteer runs it, writing its events into the folder."""
-        folder.mkdir(parents=True, exist_ok=True)
-        events = ["--events", str(folder / "events.jsonl")]
-        return cls(folder, [*wrap, str(STARLING_PEER), *arguments, *events])
+    def log_tail(self, characters: int = 3000) -> str:
+        return self.log_text()[-characters:]
 
     def wait(self, timeout: float) -> dict:
         """Its summary once it has exited with status 0: summary.json of a harness peer, else the
@@ -306,9 +303,6 @@ class PeerProcess(ManagedProcess):
         if summary.exists():
             return json.loads(summary.read_text())
         return self.wait_for_event("stopped", timeout=0)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
 
     def ready(self) -> bool:
         """Whether a harness peer held at its start line has joined the run and waits to be released."""
@@ -341,6 +335,86 @@ class PeerProcess(ManagedProcess):
         from safetensors.torch import load_file
 
         return load_file(self.snapshot_path(epoch))
+
+
+def write_spec(folder: Path, spec: PeerSpec) -> Path:
+    """The spec of a harness peer, written into its folder (made if need be)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spec.json"
+    path.write_text(json.dumps(asdict(spec)))
+    return path
+
+
+class PeerProcess(ManagedProcess, PeerFolder):
+    """A peer process and the files it leaves in its folder (PeerFolder). `wrap` prefixes the
+    command line (such as `ip netns exec NAMESPACE`, keeping the process id)."""
+
+    def __init__(self, folder: Path, command: list[str], threads: int = 1) -> None:
+        self.folder = folder
+        super().__init__(command, folder / "log.txt", threads=threads)
+
+    @classmethod
+    def harness_peer(cls, folder: Path, spec: PeerSpec, wrap: Sequence[str] = ()) -> PeerProcess:
+        """The harness peer (the Python API) doing what `spec` says."""
+        command = [*wrap, sys.executable, "-m", "coordinator.harness_peer", str(write_spec(folder, spec))]
+        return cls(folder, command, threads=spec.threads)
+
+    @classmethod
+    def command_line(cls, folder: Path, arguments: Sequence[str], wrap: Sequence[str] = ()) -> PeerProcess:
+        """`starling-peer ARGUMENTS` as a volunteer runs it, writing its events into the folder."""
+        folder.mkdir(parents=True, exist_ok=True)
+        events = ["--events", str(folder / "events.jsonl")]
+        return cls(folder, [*wrap, str(STARLING_PEER), *arguments, *events])
+
+
+class PeerFleet(ManagedProcess):
+    """Harness peers forked from one warmed-up process (coordinator.harness_fleet), for swarms of
+    dozens of peers on one machine: they share its imported torch, hivemind and Starling copy-on-write.
+    `peers` are their handles (FleetPeer), in the order of `specs`; stop_all([fleet]) stops them all.
+
+    Two settings of the peers' helpers save memory without changing what the swarm does: hivemind's
+    shared tensors go through file descriptors (its HIVEMIND_MEMORY_SHARING_STRATEGY) instead of
+    torch's shared-memory manager, a process of 60 MiB per peer; and each libp2p daemon collects its
+    garbage sooner (Go's GOGC at 25 instead of 100: 65 MiB instead of 90)."""
+
+    ENV = {"HIVEMIND_MEMORY_SHARING_STRATEGY": "file_descriptor", "GOGC": "25"}
+
+    def __init__(self, folder: Path, specs: Sequence[tuple[str, PeerSpec]], threads: int = 1) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [write_spec(folder / name, spec) for name, spec in specs]
+        self.peers = [FleetPeer(path.parent, self) for path in paths]
+        command = [sys.executable, "-m", "coordinator.harness_fleet", *map(str, paths)]
+        super().__init__(command, folder / "fleet.log", threads=threads, env=self.ENV)
+
+
+class FleetPeer(PeerFolder):
+    """A peer of a PeerFleet: its process id is in its folder's `pid`, its exit status in
+    `exit_status` once it has ended."""
+
+    def __init__(self, folder: Path, fleet: PeerFleet) -> None:
+        self.folder, self.name, self.fleet = folder, folder.name, fleet
+
+    @property
+    def pid(self) -> int | None:
+        path = self.folder / "pid"
+        return int(path.read_text()) if path.exists() else None
+
+    def exit_status(self) -> int | None:
+        path = self.folder / "exit_status"
+        return int(path.read_text()) if path.exists() else None
+
+    def check_running(self, context: str = "") -> None:
+        code = self.exit_status()
+        if code is not None:
+            raise HarnessError(f"{self.name} exited with status {code} {context}; its log ends:\n{self.log_tail()}")
+        self.fleet.check_running(f"(the fleet of {self.name}) {context}")
+
+    def wait_exit(self, timeout: float) -> int:
+        """Its exit status (the fleet's, if the fleet ended without saying), waiting at most `timeout` seconds."""
+        ended = lambda: self.exit_status() is not None or self.fleet.process.poll() is not None  # noqa: E731
+        wait_until(ended, timeout, f"{self.name} to exit")
+        code = self.exit_status()
+        return self.fleet.process.returncode if code is None else code
 
 
 def release(peers: Sequence[PeerProcess], go: Path, timeout: float = 120) -> float:

@@ -54,6 +54,12 @@ class SwarmCollector:
             value=state["samples_this_epoch"],
         )
         yield GaugeMetricFamily("starling_target_batch_size", "Samples per epoch", value=state["target_batch_size"])
+        if state["poll_seconds"] is not None:
+            yield GaugeMetricFamily(
+                "starling_coordinator_poll_seconds",
+                "Seconds the coordinator's latest read of the swarm's records took",
+                value=state["poll_seconds"],
+            )
         if state["loss"] is not None:
             yield GaugeMetricFamily("starling_loss", "Training loss, weighted by the peers' speed", value=state["loss"])
         if state["checkpoint"] is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import enum
 import logging
@@ -29,6 +30,10 @@ from peer.robust import CenteredClipAllReduceRunner
 hivemind_fixes.apply()  # every process that averages imports this module
 
 logger = logging.getLogger("starling.peer")
+
+# When the averaging step running in this task began looking for a group (time.monotonic(), in the
+# averager's process; a pre-scheduled round begins before the peer's epoch ends).
+_looking_since: contextvars.ContextVar[float] = contextvars.ContextVar("looking_since")
 
 
 class ReducerFailures:
@@ -94,15 +99,28 @@ class RoundOutcome(enum.Enum):
     FAILED = "failed"  # no group, an error or a timeout: it kept its own values everywhere
 
 
+class RoundTiming(NamedTuple):
+    """How long a round that formed a group took: from when its step began looking for a group to
+    the start of the all-reduce (pre-scheduled rounds include the wait for the peer's trigger), and
+    the all-reduce itself."""
+
+    group_size: int
+    to_group_seconds: float
+    allreduce_seconds: float
+
+
 class GatheredRound(dict):
     """What a round gathered from the group (hivemind's result: peer id -> gathered data), the
-    fraction of this peer's values that came back averaged with the group, and why the reducers
-    that did not average theirs failed (reducer peer id -> error)."""
+    fraction of this peer's values that came back averaged with the group, why the reducers that
+    did not average theirs failed (reducer peer id -> error), and how long it took."""
 
-    def __init__(self, gathered: dict, averaged_fraction: float, reducer_failures: dict[str, str]) -> None:
+    def __init__(
+        self, gathered: dict, averaged_fraction: float, reducer_failures: dict[str, str], timing: RoundTiming
+    ) -> None:
         super().__init__(gathered)
         self.averaged_fraction = averaged_fraction
         self.reducer_failures = reducer_failures
+        self.timing = timing
 
 
 class AggregatingAverager(DecentralizedAverager):
@@ -150,6 +168,7 @@ class AggregatingAverager(DecentralizedAverager):
         await super()._shutdown(timeout)
 
     async def _step(self, *, step, future_for_init) -> None:
+        _looking_since.set(time.monotonic())  # this step runs as a task of its own: the value is its own
         if self._faults is not None:  # in the averager's process, where its matchmaking lives
             self._faults.delay_group_assembly(self._matchmaking)
         await super()._step(step=step, future_for_init=future_for_init)
@@ -158,12 +177,15 @@ class AggregatingAverager(DecentralizedAverager):
         """DecentralizedAverager's aggregation, returning with the gathered data the fraction of this
         peer's values that were averaged: hivemind fills the parts of a reducer that failed or timed
         out with the peer's own values and still reports the round as done."""
+        began = time.monotonic()
         try:
             gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+            timing = RoundTiming(len(group_info.peer_ids), began - _looking_since.get(began), time.monotonic() - began)
             return GatheredRound(
                 gathered,
                 self._averaged_fractions.get(group_info.group_id, 0.0),
                 self._reducer_failures.get(group_info.group_id, {}),
+                timing,
             )
         finally:
             self._averaged_fractions.pop(group_info.group_id, None)
@@ -214,6 +236,7 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
         self.partial_fractions: list[float] = []  # the averaged fraction of each partial round
         self.latest_round_epochs: RoundEpochs | None = None  # of the latest succeeded round settled, until taken
         self.round_problems: list[str] = []  # why the rounds settled since take_round_problems did not succeed
+        self.round_timings: list[RoundTiming] = []  # of the rounds with a group settled since take_round_timings
         self._unsettled: list = []  # StepControls of rounds not counted yet, oldest first
 
     def schedule_step(self, *args, **kwargs):
@@ -230,6 +253,11 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
         """Why the rounds settled since the last call did not average every value (one line each)."""
         problems, self.round_problems = self.round_problems, []
         return problems
+
+    def take_round_timings(self) -> list[RoundTiming]:
+        """How long the rounds that formed a group, settled since the last call, took."""
+        timings, self.round_timings = self.round_timings, []
+        return timings
 
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None, **kwargs) -> None:
         """Nothing to load. hivemind.Optimizer downloads its gradient averager's state (another
@@ -252,6 +280,8 @@ class CountingGradientAverager(GradientAverager, AggregatingAverager):
 
     def _outcome(self, control) -> RoundOutcome:
         outcome, fraction = round_outcome(control)
+        if outcome is not RoundOutcome.FAILED:
+            self.round_timings.append(control.result().timing)
         if outcome is RoundOutcome.SUCCEEDED:
             self.latest_round_epochs = round_epochs(control, self.peer_id)
         if outcome is RoundOutcome.PARTIAL:

@@ -3,7 +3,9 @@
 Events: "joined" (peer_id, run_id, epoch, addresses), "state_loaded" (epoch, resync),
 "state_refused" (donor: its peer id, problem: what did not fit; once per donor), "epoch" (epoch,
 rounds: the outcomes of the gradient rounds that ended with it, round_problems: one line for each
-of them that did not succeed (the averaged fraction and each failed reducer's error), state_rounds:
+of them that did not succeed (the averaged fraction and each failed reducer's error), round_timings:
+[group size, seconds from looking for a group to the all-reduce, seconds of all-reduce] of each of
+them that formed a group (peer.averager.RoundTiming), state_rounds:
 [outcome, group size] of each state averaging round that ended since the last epoch, off_swarm,
 state_loads: the states loaded so far (hivemind's own catching up included), group_states_taken:
 the state rounds so far that gave this peer, behind its group, their later epoch's state and epoch,

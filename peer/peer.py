@@ -654,6 +654,9 @@ class Peer:
             epoch=self.optimizer.local_epoch,
             rounds=[outcome.value for outcome in outcomes],
             round_problems=averager.take_round_problems() if isinstance(averager, CountingGradientAverager) else [],
+            round_timings=[list(timing) for timing in averager.take_round_timings()]
+            if isinstance(averager, CountingGradientAverager)
+            else [],
             state_rounds=[[state.outcome.value, state.group_size] for state in state_rounds],
             off_swarm=self.off_swarm,
             state_loads=self.state_loads,

@@ -1,0 +1,293 @@
+"""Scale: swarms of 2 to 64 real peers on this machine, with the coordinator watching them.
+
+    python benchmarks/scale.py                                # 2, 4, 8, 16, 32 and 64 peers
+    python benchmarks/scale.py --peers-list 4 --epochs 4      # a quick check
+
+For each swarm size, a coordinator (`starling-coordinator`) and a fleet of tiny-model harness peers
+forked from one warmed-up process (coordinator.harness.PeerFleet: they share torch, hivemind and
+Starling copy-on-write), joined through the coordinator, released together, trained with the shipped
+run configuration (target batch: two micro-batches per peer, so that every peer contributes to every
+epoch). Once the swarm is half-way, one more peer (the newcomer) starts. Measured, from the peers'
+event streams and summaries and the coordinator's API:
+
+- time to form a group: from a round's start of matchmaking to its all-reduce (peer.averager.RoundTiming;
+  hivemind pre-schedules a round before the epoch ends, so this includes the wait for the trigger),
+  and the all-reduce itself (medians over every peer's rounds), and the group sizes;
+- the fraction of rounds that averaged every part (succeeded), partial, failed, and of those with
+  a group, the fraction whose group held the whole swarm;
+- DHT requests per second per peer (requests its DHT node sent over its life);
+- memory per peer: the proportional set size (PSS) of the fleet's processes (the warmed-up parent,
+  every peer with hivemind's processes and its libp2p daemon, the newcomer waiting to start), over
+  the peers; measured once the swarm has trained a few epochs; and the CPU cores the fleet used
+  from then until the swarm's last epoch but one, over the peers (all peers share this machine's
+  cores: where they ask for more than it has, everything slows down);
+- the coordinator's poll time (its read of the swarm's DHT records), and the most peers its API
+  listed online at once;
+- the newcomer's time from start to its first contributed round (an epoch event with a succeeded
+  round), and to its first state load.
+
+Prints a table and writes benchmarks/results/scale-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from itertools import pairwise
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/
+
+from benchmarks.measure import write_json  # noqa: E402
+from benchmarks.swarm_runs import RunSettings  # noqa: E402
+from coordinator.harness import (  # noqa: E402
+    CoordinatorProcess,
+    HarnessError,
+    PeerFleet,
+    PeerSpec,
+    release,
+    stop_all,
+)
+
+BATCH_SIZE = 4  # each peer's micro-batch
+# The tiny preset, narrower: 0.5 M parameters, 2 MB of gradient. Every process of a peer holds a few
+# copies of its parameters or gradient (averagers' buffers, codec scratch), so this is what makes 64
+# peers fit on one machine; matchmaking, the DHT and the coordinator do not depend on it.
+MODEL = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
+PEER_MEMORY = 400 * 2**20  # bytes a fleet peer takes, about (the table's PSS per peer, 16 peers and fewer)
+MEMORY_AT_EPOCH = 3  # the epoch after which the fleet's memory is measured
+START_TIMEOUT = 900.0  # seconds for the swarm to join
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process descended from it."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def pss_bytes(pids: list[int]) -> int:
+    """The proportional set size of these processes together (each shared page split among its users)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue  # it ended meanwhile
+    return total
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user and system) these processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended meanwhile
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def available_memory() -> int:
+    """Bytes of memory the kernel says are available for new work (MemAvailable)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def run_scale(folder: Path, peers: int, epochs: int, newcomer: bool = True, timeout: float = 3600.0) -> dict:
+    """Train a swarm of `peers` fleet peers with a coordinator for `epochs` epochs (and a newcomer
+    half-way); what it measured (see the module's docstring), with each peer's summary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = RunSettings(preset="tiny", model_overrides=MODEL, target_batch_size=2 * peers * BATCH_SIZE)
+    run_toml = settings.write(folder / "run.toml", run_id=f"scale-{peers}")
+    coordinator = CoordinatorProcess(folder / "coordinator", run_toml).start()
+    processes: list = [coordinator]
+    polls, listed, memory, cpu, newcomer_started = [], 0, None, None, None
+    try:
+        base = dict(initial_peers=[coordinator.address], config=str(run_toml), batch_size=BATCH_SIZE)
+        base.update(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        hold = str(folder / "go")
+        specs = [
+            (f"peer-{i}", PeerSpec(options=dict(base, name=f"peer-{i}"), max_epochs=epochs, hold_until=hold))
+            for i in range(peers)
+        ]
+        if newcomer:
+            go = str(folder / "newcomer-go")
+            specs.append(("newcomer", PeerSpec(dict(base, name="newcomer"), max_epochs=epochs, start_after=go)))
+        launched = time.time()
+        fleet = PeerFleet(folder, specs)
+        processes.insert(0, fleet)
+        swarm, joiner = fleet.peers[:peers], fleet.peers[peers] if newcomer else None
+        released = release(swarm, folder / "go", timeout=START_TIMEOUT)
+        deadline = time.monotonic() + timeout
+        while any(peer.exit_status() is None for peer in swarm):
+            for peer in fleet.peers:
+                if peer.exit_status() not in (None, 0):
+                    peer.check_running("while the swarm trained")
+            state = coordinator.state()
+            if state["poll_seconds"] is not None:
+                polls.append(state["poll_seconds"])
+            listed = max(listed, sum(row["status"] == "online" for row in state["peers"]))
+            reached = min(peer.logged_epoch() for peer in swarm)
+            if memory is None and reached >= MEMORY_AT_EPOCH:
+                memory = pss_bytes(process_tree(fleet.pid))
+                cpu_from = (time.monotonic(), cpu_seconds(process_tree(fleet.pid)))
+            if cpu is None and reached >= epochs - 1 and memory is not None:
+                cpu = (cpu_seconds(process_tree(fleet.pid)) - cpu_from[1]) / (time.monotonic() - cpu_from[0])
+            if joiner is not None and newcomer_started is None and reached >= epochs // 2:
+                newcomer_started = time.time()
+                Path(go).touch()
+            if time.monotonic() > deadline:
+                raise HarnessError(f"the swarm of {peers} did not finish within {timeout:.0f} s")
+            time.sleep(1.0)
+        summaries = [peer.wait(timeout=60) for peer in swarm]
+        if joiner is not None:
+            joiner.wait(timeout=max(60.0, deadline - time.monotonic()))
+    finally:
+        stop_all(processes)
+    return dict(
+        peers=peers,
+        launched=launched,
+        released=released,
+        summaries=summaries,
+        newcomer=newcomer_figures(joiner.events(), newcomer_started) if joiner else {},
+        polls=polls,
+        listed=listed,
+        memory_bytes=memory,
+        cores=cpu,
+    )
+
+
+def newcomer_figures(events: list[dict], started: float | None) -> dict:
+    """Seconds from the newcomer's start to its first state load and to its first contributed round."""
+
+    def first(kind: str, condition=lambda event: True) -> float | None:
+        times = [e["time"] - started for e in events if e["event"] == kind and condition(e)]
+        return times[0] if times and started is not None else None
+
+    return dict(
+        state_loaded_s=first("state_loaded"),
+        first_round_s=first("epoch", lambda event: "succeeded" in event["rounds"]),
+    )
+
+
+def scale_row(result: dict) -> dict:
+    """The figures of one swarm size (see the module's docstring)."""
+    summaries = result["summaries"]
+    epochs = [epoch for peer in summaries for epoch in peer["epochs"]]
+    outcomes = [outcome for epoch in epochs for outcome in epoch["rounds"]]
+    timings = [timing for epoch in epochs for timing in epoch["round_timings"]]
+    lifetimes = [peer["training_ended"] - result["launched"] for peer in summaries]
+    return dict(
+        peers=result["peers"],
+        rounds=len(outcomes),
+        succeeded=outcomes.count("succeeded") / len(outcomes) if outcomes else None,
+        partial=outcomes.count("partial") / len(outcomes) if outcomes else None,
+        failed=outcomes.count("failed") / len(outcomes) if outcomes else None,
+        group_sizes=sorted({timing[0] for timing in timings}),
+        # of the rounds with a group, those whose group held every peer of the swarm (hivemind forms
+        # one group only when every peer's matchmaking overlaps; otherwise groups average apart)
+        whole_swarm=sum(timing[0] >= result["peers"] for timing in timings) / len(timings) if timings else None,
+        to_group_s=median([timing[1] for timing in timings]),
+        allreduce_s=median([timing[2] for timing in timings]),
+        allreduce_max_s=max((timing[2] for timing in timings), default=None),
+        epoch_s=median(
+            [later["time"] - earlier["time"] for peer in summaries for earlier, later in pairwise(peer["epochs"])]
+        ),
+        dht_requests_per_s=median(
+            [sum(peer["dht_requests"].values()) / life for peer, life in zip(summaries, lifetimes)]
+        ),
+        dht_requests_by_kind_per_s={
+            kind: median([peer["dht_requests"][kind] / life for peer, life in zip(summaries, lifetimes)])
+            for kind in summaries[0]["dht_requests"]
+        },
+        memory_per_peer_mib=result["memory_bytes"] / result["peers"] / 2**20 if result["memory_bytes"] else None,
+        cores_per_peer=result["cores"] / result["peers"] if result["cores"] else None,
+        poll_s=median(result["polls"]),
+        poll_max_s=max(result["polls"], default=None),
+        listed_online=result["listed"],
+        start_s=result["released"] - result["launched"],
+        newcomer_state_loaded_s=result["newcomer"].get("state_loaded_s"),
+        newcomer_first_round_s=result["newcomer"].get("first_round_s"),
+    )
+
+
+def show(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+COLUMNS = {  # the table's columns: header, then the cell of a row
+    "peers": lambda row: str(row["peers"]),
+    "rounds": lambda row: str(row["rounds"]),
+    "averaged every part": lambda row: show(row["succeeded"], 3),
+    "in one group of all": lambda row: show(row["whole_swarm"]),
+    "group sizes": lambda row: ",".join(map(str, row["group_sizes"])),
+    "to group s": lambda row: show(row["to_group_s"]),
+    "all-reduce s (max)": lambda row: f"{show(row['allreduce_s'])} ({show(row['allreduce_max_s'])})",
+    "epoch s": lambda row: show(row["epoch_s"]),
+    "DHT req/s/peer": lambda row: show(row["dht_requests_per_s"], 1),
+    "PSS/peer MiB": lambda row: show(row["memory_per_peer_mib"], 0),
+    "cores/peer": lambda row: show(row["cores_per_peer"], 3),
+    "coordinator poll s (max)": lambda row: f"{show(row['poll_s'], 3)} ({show(row['poll_max_s'], 3)})",
+    "listed": lambda row: str(row["listed_online"]),
+    "newcomer's first round s": lambda row: show(row["newcomer_first_round_s"], 1),
+}
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(cell(row) for cell in COLUMNS.values()) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--peers-list", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
+    parser.add_argument("--epochs", type=int, default=10, help="epochs each swarm trains")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one swarm may take")
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="starling-scale-"))
+    print(f"logs in {folder}", flush=True)
+    rows = []
+    for peers in args.peers_list:
+        need = (peers + 1) * PEER_MEMORY
+        if need > available_memory():
+            sys.exit(f"{peers} peers need about {need / 2**30:.1f} GiB; {available_memory() / 2**30:.1f} GiB available")
+        try:
+            result = run_scale(folder / f"{peers}-peers", peers, args.epochs, timeout=args.timeout)
+        except HarnessError as error:
+            sys.exit(f"the swarm of {peers} failed: {error}")
+        rows.append(scale_row(result))
+        print(rows[-1], flush=True)
+    path = write_json("scale-cpu.json", dict(preset="tiny", epochs=args.epochs, batch_size=BATCH_SIZE, rows=rows))
+    print_table(rows)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
