@@ -23,12 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator import harness_peer
-
-
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
+from model.prepared import write_atomic
 
 
 def run_child(spec_path: Path) -> int:
@@ -71,7 +66,7 @@ def main() -> None:
                 sys.stderr.flush()
                 os._exit(code)
         children[pid] = spec_path.parent
-        write_atomically(spec_path.parent / "pid", str(pid))
+        write_atomic(spec_path.parent / "pid", str(pid).encode())
 
     def pass_on(signum: int, frame) -> None:
         for pid in children:
@@ -89,7 +84,7 @@ def main() -> None:
         if folder is not None:
             code = os.waitstatus_to_exitcode(status)
             failed += code != 0
-            write_atomically(folder / "exit_status", str(code))
+            write_atomic(folder / "exit_status", str(code).encode())
     sys.exit(1 if failed else 0)
 
 

@@ -11,16 +11,19 @@ import multiprocessing
 import multiprocessing.sharedctypes
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import AsyncIterator, NamedTuple  # noqa: UP035  (hivemind's servicer reads typing's stream hints, not collections.abc's)
 
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import BannedException
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 
 from peer import hivemind_fixes
@@ -80,12 +83,86 @@ class ReducerFailures:
             logger.warning("stopped reducing the parts of %s after %d of %d: %s", sender, sent, expected, why)
 
 
-class MeanRunner(ReducerFailures, AllReduceRunner):
-    """hivemind's weighted mean, reporting failed reducers."""
+class SharedAverages:
+    """Mixed into an AllReduceRunner: every member of a group ends a round with the same values.
+
+    hivemind's reducer sends each sender the difference between a part's average and that sender's
+    own part, through the codec, and keeps the exact average itself: every member ends the round
+    with its own codec error. Peers that averaged every gradient round then still stepped on
+    different gradients, and Adam turned the 8-bit codec's error in a value near zero into whole
+    steps apart (two peers 0.0065 apart after two epochs whose state rounds found nobody). Here a
+    reducer encodes each part's average once, sends that message to every sender, and every member,
+    the reducer too, takes the decoded message as the part's new value (the runner's outputs are
+    averages, not differences; a failed reducer's parts keep the member's own values). Peers of
+    hivemind's format would read an average as a difference: the training key names the format
+    (peer.run_config.ALLREDUCE_FORMAT)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tensor_part_container.return_deltas = False
+        self._encoded_averages: dict[int, asyncio.Future[runtime_pb2.Tensor]] = {}
+
+    def _encoded_average(
+        self, part_index: int, average: torch.Tensor, encode: Callable[[torch.Tensor], runtime_pb2.Tensor]
+    ) -> asyncio.Future[runtime_pb2.Tensor]:
+        """The message of a part's average: encoded once, by the first member whose part is in, with
+        that member's codec (all members decode the same message, whatever codec each sent with)."""
+        if part_index not in self._encoded_averages:
+            self._encoded_averages[part_index] = asyncio.get_running_loop().run_in_executor(None, encode, average)
+        return self._encoded_averages[part_index]
+
+    async def _communicate_with_peer(self, peer_id: PeerID) -> None:
+        """hivemind's, but for this peer's own parts: their new values are the decoded averages its
+        other members receive. hivemind's exchange with another reducer registers what that
+        reducer sends: the decoded average too."""
+        if peer_id != self.peer_id:
+            return await super()._communicate_with_peer(peer_id)
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        sender_index = self.sender_peer_ids.index(peer_id)
+        parts = self.tensor_part_container
+        loop = asyncio.get_running_loop()
+        infos = [info for _, info in parts._input_parts_by_peer[peer_index]]  # a copy: finalize() clears them
+        for part_index, (part, info) in enumerate(zip(self.parts_for_local_averaging, infos)):
+            average = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=self.weight)
+            message = await self._encoded_average(part_index, average, partial(parts.compression.compress, info=info))
+            average = await loop.run_in_executor(None, deserialize_torch_tensor, message)
+            parts.register_processed_part(peer_index, part_index, average)
+
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
+        """hivemind's reducer loop, answering each part with its average's shared message."""
+        part_index = 0
+        try:
+            async for part, weight, compression in amap_in_executor(
+                lambda message: (
+                    deserialize_torch_tensor(message.tensor_part),
+                    message.weight,
+                    message.tensor_part.compression,
+                ),
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    average = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, part, weight=weight
+                    )
+                except BannedException:
+                    break  # hivemind no longer reduces a banned sender's parts
+                encoded = await self._encoded_average(
+                    part_index, average, partial(serialize_torch_tensor, compression_type=compression)
+                )
+                part_index += 1
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=encoded)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
-class CenteredClipRunner(ReducerFailures, CenteredClipAllReduceRunner):
-    """CenteredClip (peer.robust), reporting failed reducers."""
+class MeanRunner(ReducerFailures, SharedAverages, AllReduceRunner):
+    """hivemind's weighted mean, shared by the whole group, reporting failed reducers."""
+
+
+class CenteredClipRunner(ReducerFailures, SharedAverages, CenteredClipAllReduceRunner):
+    """CenteredClip (peer.robust), shared by the whole group, reporting failed reducers."""
 
 
 RUNNERS: dict[str, type[AllReduceRunner]] = {"centered-clip": CenteredClipRunner, "mean": MeanRunner}
@@ -209,8 +286,8 @@ class AggregatingAverager(DecentralizedAverager):
         assert group_id in self._running_groups, f"group {group_id} was not registered for all-reduce"
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
+            async for tensor, average in azip(as_aiter(*tensors), runner):
+                tensor.copy_(average)  # the group's shared average (SharedAverages); hivemind's alpha stays 1
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
             parts = runner.tensor_part_container

@@ -30,6 +30,10 @@ PSEUDO_GRADIENT_COMPRESSIONS = ("adaptive-8bit", "blockwise-4bit", "fp16", "none
 MAX_OUTER_LR = 2.0  # beyond it the outer step overshoots the averaged inner progress
 AGGREGATIONS = ("centered-clip", "mean")
 AUTH_MODES = ("open", "token")
+# How all-reduce messages carry averages (peer.averager.SharedAverages: the average itself, where
+# hivemind sends each member its difference from it). Peers of other formats would misread each
+# other's averages: the training key holds it, so they never average together.
+ALLREDUCE_FORMAT = 2
 URL_SCHEMES = ("http://", "https://")
 
 
@@ -193,8 +197,10 @@ class RunConfig:
         configuration of the same run id averages with nobody of this run and never counts toward
         its epochs. Local choices (kernels, the corpus path and download address, averaging and
         coordinator settings) are left out; the outer rounds ([diloco]) are in it when the run
-        trains in that mode, and the objective when it is not plain pretraining."""
+        trains in that mode, the objective when it is not plain pretraining, and the format of
+        all-reduce messages (ALLREDUCE_FORMAT)."""
         agreed = {
+            "allreduce_format": ALLREDUCE_FORMAT,
             "model": {"preset": self.model.preset, "overrides": self.model.overrides},
             "data": {"seq_len": self.data.seq_len, "num_shards": self.data.num_shards, "dataset": self.data.dataset},
             "training": dataclasses.asdict(self.training),

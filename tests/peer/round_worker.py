@@ -6,12 +6,17 @@ client_mode (this averager takes no part as a reducer, as a volunteer behind a N
 scheduled_in (seconds from its start at which its round is scheduled, as hivemind.Optimizer
 schedules a round for the epoch's expected end; by default the matchmaking time),
 trigger_delay (seconds it waits, once its group is found, before it lets the all-reduce begin: a
-peer still finishing its micro-batch), slow_group_assembly and slow_reading (peer.faults.FaultPlan). It waits
-until all PEERS averagers are up before it looks for a group, and leaves right after its round.
+peer still finishing its micro-batch), slow_group_assembly and slow_reading (peer.faults.FaultPlan),
+codec (a run config's averaging.compression; "none" by default) and random (tensors of normal values
+seeded by the index in place of the index). It waits until all PEERS averagers are up before it looks
+for a group, and leaves right after its round.
 OUT_FILE gets a JSON object: outcome, fraction, group (size), means (of each tensor afterwards),
-problems (the failed reducers), dht_requests (those its DHT node sent, by kind, as harness peers count them).
+digest (SHA-256 of the values afterwards), error (their relative L2 distance from the exact mean of
+all PEERS averagers' tensors), problems (the failed reducers), dht_requests (those its DHT node
+sent, by kind, as harness peers count them).
 """
 
+import hashlib
 import json
 import sys
 import time
@@ -23,12 +28,20 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from coordinator.harness_peer import DHT_REQUESTS, count_dht_requests
 from peer.averager import AggregatingAverager, RoundOutcome, round_outcome
+from peer.compression import codec_named
 from peer.faults import FaultPlan
 from peer.run_config import AveragingSection
 
 MATCHMAKING_TIME = 2.0  # the tests' (tests/conftest.py)
 STEP_TIMEOUT = 15.0  # the tests' averaging timeout
 SIZES = (2_048_000, 64, 8192)  # the tiny model's embedding (several parts) and two small tensors
+
+
+def local_tensors(index: int, random: bool) -> list[torch.Tensor]:
+    if not random:
+        return [torch.full((size,), float(index)) for size in SIZES]
+    generator = torch.Generator().manual_seed(index)
+    return [torch.randn(size, generator=generator) for size in SIZES]
 
 
 def main() -> None:
@@ -40,9 +53,11 @@ def main() -> None:
     dht = hivemind.DHT(
         initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=client_mode, start=True
     )
+    random = spec.get("random", False)
     averager = AggregatingAverager(
-        [torch.full((size,), float(index)) for size in SIZES],
+        local_tensors(index, random),
         dht,
+        compression=codec_named(spec.get("codec", "none"), averaging.compression_threshold),
         prefix="round",
         min_matchmaking_time=averaging.matchmaking_time,
         request_timeout=averaging.request_timeout,
@@ -71,12 +86,16 @@ def main() -> None:
     outcome, fraction = round_outcome(control)
     succeeded_at_all = outcome is not RoundOutcome.FAILED
     with averager.get_tensors() as tensors:
+        values = torch.cat([tensor.flatten() for tensor in tensors])
         means = [float(tensor.mean()) for tensor in tensors]
+    exact = torch.stack([torch.cat(local_tensors(i, random)) for i in range(peers)]).mean(0)
     result = dict(
         outcome=outcome.value,
         fraction=fraction,
         group=len(control.result()) if succeeded_at_all else 0,
         means=means,
+        digest=hashlib.sha256(values.numpy().tobytes()).hexdigest(),
+        error=float((values - exact).norm() / exact.norm()),
         problems=control.result().reducer_failures if succeeded_at_all else repr(control.exception()),
         dht_requests=dict(zip(DHT_REQUESTS, dht_requests[:])),
     )

@@ -85,7 +85,6 @@ CONTRACT = [
         attrs=(
             "_p2p",
             "_running_groups",
-            "_averaging_alpha",
             "_state_updated",
             "last_updated",
             "prefix",
@@ -103,6 +102,8 @@ CONTRACT = [
             "ordered_peer_ids",
             "peer_id",
             "sender_peer_ids",
+            "weight",
+            "parts_for_local_averaging",
         ),
     ),
     Reliance("hivemind.averaging.allreduce.AveragingMode.AUX", "peer/averager.py"),
@@ -126,6 +127,28 @@ CONTRACT = [
         params=("stream", "sender_index"),
         called_from=(f"{ALLREDUCE}.rpc_aggregate_part",),
     ),
+    # peer/averager.py (SharedAverages) sends averages, not differences: the runner's outputs are what
+    # its member registers as each part's result, a remote reducer's message as received and a failed
+    # reducer's parts as the member's own values once the container stops returning deltas.
+    Reliance(
+        f"{ALLREDUCE}._communicate_with_peer",
+        "peer/averager.py",
+        params=("peer_id",),
+        called_from=(f"{ALLREDUCE}.run",),
+        source_has=("register_processed_part(peer_index, part_index, delta)",),
+    ),
+    Reliance(f"{ALLREDUCE}._ban_sender", "peer/averager.py", params=("peer_id",)),
+    Reliance(
+        f"{CONTAINER}.register_failed_reducer",
+        "peer/averager.py",
+        source_has=("torch.zeros_like(part_and_info[0]) if self.return_deltas else part_and_info[0]",),
+    ),
+    Reliance(CONTAINER, "peer/averager.py", attrs=("compression", "prefetch", "return_deltas")),
+    Reliance(
+        f"{REDUCER}.accumulate_part", "peer/averager.py", params=("sender_index", "part_index", "tensor_part", "weight")
+    ),
+    Reliance("hivemind.averaging.partition.BannedException", "peer/averager.py"),
+    Reliance("hivemind.utils.asyncio.amap_in_executor", "peer/averager.py"),
     # peer/hivemind_fixes.py: followers ask leaders to hold them one request timeout longer;
     # peer/faults.py slows a leader's group assembly down.
     Reliance(
