@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a script
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 

@@ -38,6 +38,18 @@ def prose(seed: int, words: int = 160) -> str:
     return " ".join(sentences)
 
 
+def verse(seed: int, lines: int = 40) -> str:
+    """A scene of a play: speakers' names and short, heavily punctuated lines, as in the bundled plays.
+    Cut into words with its punctuation apart, fewer than 80% of its words hold a letter."""
+    rng = random.Random(seed)
+    speakers = ("HAMLET.", "HORATIO.", "OPHELIA.", "LAERTES.")
+    said = []
+    for _ in range(lines):
+        words = [rng.choice(WORDS) + ("," if rng.random() < 0.5 else "") for _ in range(rng.randint(5, 8))]
+        said.append(f"{rng.choice(speakers)} {' '.join(words).capitalize().rstrip(',')}{rng.choice('.!?;')}")
+    return "\n".join(said)
+
+
 def symbols(seed: int, count: int = 200) -> str:
     """Mostly symbols, a few words, nothing repeated often enough for the repetition filter."""
     rng = random.Random(seed)
@@ -50,13 +62,13 @@ def symbols(seed: int, count: int = 200) -> str:
 
 def corpus(folder: Path) -> tuple[list[Path], set[str], dict[str, str]]:
     """Sources in the three formats, the ids of the documents to keep, and the texts by id."""
-    texts = {f"good{i}": prose(i) for i in range(8)}
+    texts = {f"good{i}": prose(i) for i in range(8)} | {"verse": verse(8)}
     near = texts["good3"].split(" ")
     near[10], near[40] = "ocean", "harbour"
     bad = {
         "repeated lines": "buy the best shoes now\n" * 60,
         "mostly symbols": symbols(7),
-        "flagged": " ".join(f"{word} {FLAGGED}" if i % 10 == 0 else word for i, word in enumerate(prose(50).split())),
+        "flagged": " ".join(f"{word} {FLAGGED}," if i % 10 == 0 else word for i, word in enumerate(prose(50).split())),
         "too short": prose(77, words=40),
         "exact duplicate": texts["good2"],
         "near duplicate": " ".join(near),
@@ -66,6 +78,7 @@ def corpus(folder: Path) -> tuple[list[Path], set[str], dict[str, str]]:
     (folder / "plays").mkdir()
     for i in range(3):
         (folder / "plays" / f"good{i}.txt").write_text(texts[f"good{i}"])
+    (folder / "plays" / "verse.txt").write_text(texts["verse"])
     (folder / "plays" / "bad.txt").write_text(bad["repeated lines"])
     with open(folder / "web.jsonl", "w") as lines:
         for name in ("good3", "good4", "good5"):
@@ -106,7 +119,7 @@ def test_the_filters_keep_exactly_the_good_documents_and_count_what_they_removed
     assert reasons["quality"].keys() <= {"gopher_short_doc", "gopher_below_alpha_threshold", "gopher_too_many_symbols"}
     assert "gopher_short_doc" in reasons["quality"]
     assert reasons["flagged words"] == {"flagged_words": 1}
-    assert steps[0]["documents_in"] == len(documents) == 14
+    assert steps[0]["documents_in"] == len(documents) == 15
 
 
 def test_preparing_twice_gives_the_same_shards_which_hold_every_sequence(tmp_path):
