@@ -82,29 +82,19 @@ from hivemind.compression import (  # noqa: E402
     BlockwiseQuantization,
     CompressionBase,
     CompressionInfo,
-    Float16Compression,
-    NoCompression,
-    Quantile8BitQuantization,
-    ScaledFloat16Compression,
-    Uniform8BitQuantization,
     deserialize_torch_tensor,
     serialization,
 )
 
-from benchmarks.measure import write_json  # noqa: E402
+from benchmarks.measure import codec_table, write_json  # noqa: E402
 from peer.averager import AggregatingAverager  # noqa: E402
-from peer.codec import Blockwise8Bit, register  # noqa: E402
+from peer.codec import register  # noqa: E402
 from peer.compression import gradient_compression  # noqa: E402
 from peer.run_config import AGGREGATIONS, AveragingSection  # noqa: E402
 
+# benchmarks.measure's codecs, and the adaptive one Starling's peers send gradients with by default.
 CODECS: dict[str, Callable[[], CompressionBase]] = {
-    "none": NoCompression,
-    "fp16": Float16Compression,
-    "scaled-fp16": ScaledFloat16Compression,
-    "uniform8": Uniform8BitQuantization,
-    "quantile8": Quantile8BitQuantization,
-    "blockwise8": BlockwiseQuantization,
-    "starling8": Blockwise8Bit,
+    **codec_table(),
     "adaptive": lambda: gradient_compression(AveragingSection()),
 }
 GLOO = "gloo"

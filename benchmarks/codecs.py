@@ -24,34 +24,17 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/, first
 
 import torch  # noqa: E402
-from hivemind.compression import (  # noqa: E402
-    BlockwiseQuantization,
-    CompressionBase,
-    CompressionInfo,
-    Float16Compression,
-    NoCompression,
-    Quantile8BitQuantization,
-    ScaledFloat16Compression,
-    Uniform8BitQuantization,
-    deserialize_torch_tensor,
-)
+from hivemind.compression import CompressionBase, CompressionInfo, deserialize_torch_tensor  # noqa: E402
 
-from benchmarks.measure import machine, median_seconds, write_json  # noqa: E402
-from peer.codec import Blockwise8Bit  # noqa: E402
+from benchmarks.measure import codec_table, machine, median_seconds, write_json  # noqa: E402
 
 BASELINE = "hivemind BlockwiseQuantization"
 
 
-def codecs() -> dict[str, CompressionBase]:
-    return {
-        "starling Blockwise8Bit": Blockwise8Bit(),
-        BASELINE: BlockwiseQuantization(),
-        "hivemind Uniform8BitQuantization": Uniform8BitQuantization(),
-        "hivemind Quantile8BitQuantization": Quantile8BitQuantization(),
-        "hivemind Float16Compression": Float16Compression(),
-        "hivemind ScaledFloat16Compression": ScaledFloat16Compression(),
-        "hivemind NoCompression": NoCompression(),
-    }
+def label(codec: CompressionBase) -> str:
+    """A codec's row name: whose it is and its class (such as "starling Blockwise8Bit")."""
+    owner = "starling" if type(codec).__module__.startswith("peer.") else "hivemind"
+    return f"{owner} {type(codec).__name__}"
 
 
 def measure(numel: int, repeats: int) -> list[dict]:
@@ -60,7 +43,8 @@ def measure(numel: int, repeats: int) -> list[dict]:
     x = torch.randn(numel)
     info = CompressionInfo.from_tensor(x)
     messages, steps = {}, {}
-    for name, codec in codecs().items():
+    for codec in (make() for make in codec_table().values()):
+        name = label(codec)
         messages[name] = codec.compress(x, info)
         steps[f"{name} compress"] = lambda codec=codec: codec.compress(x, info)
         steps[f"{name} decode"] = lambda message=messages[name]: deserialize_torch_tensor(message)

@@ -8,9 +8,12 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from hivemind.compression import CompressionBase
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -80,3 +83,29 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
 
 def mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def codec_table() -> dict[str, Callable[[], CompressionBase]]:
+    """The codecs the benchmarks compare (benchmarks/codecs.py, benchmarks/allreduce.py), by short
+    name: hivemind's and Starling's 8-bit blockwise one (peer.codec). Imported here rather than above:
+    the other benchmarks that use this module need no hivemind."""
+    from hivemind.compression import (
+        BlockwiseQuantization,
+        Float16Compression,
+        NoCompression,
+        Quantile8BitQuantization,
+        ScaledFloat16Compression,
+        Uniform8BitQuantization,
+    )
+
+    from peer.codec import Blockwise8Bit
+
+    return {
+        "none": NoCompression,
+        "fp16": Float16Compression,
+        "scaled-fp16": ScaledFloat16Compression,
+        "uniform8": Uniform8BitQuantization,
+        "quantile8": Quantile8BitQuantization,
+        "blockwise8": BlockwiseQuantization,
+        "starling8": Blockwise8Bit,
+    }
