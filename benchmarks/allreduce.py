@@ -87,6 +87,7 @@ from hivemind.compression import (  # noqa: E402
 )
 
 from benchmarks.measure import codec_table, write_json  # noqa: E402
+from coordinator.harness import HarnessError, free_port, wait_until  # noqa: E402
 from peer.averager import AggregatingAverager  # noqa: E402
 from peer.codec import register  # noqa: E402
 from peer.compression import gradient_compression  # noqa: E402
@@ -397,14 +398,18 @@ def hivemind_rounds(
         barrier.wait(3 * config.timeout)
         start = time.perf_counter()
         control = averager.step(wait=False, require_trigger=True, allow_retries=False, timeout=config.timeout)
-        while control.stage != AveragingStage.AWAITING_TRIGGER:
+
+        def grouped() -> bool:
             if control.done():
                 control.result()  # raises what went wrong
                 raise RuntimeError("the averaging step finished before its trigger")
-            if time.perf_counter() - start > config.timeout + 30:
-                control.cancel()
-                raise TimeoutError(f"no group in {config.timeout + 30:.0f} s")
-            time.sleep(0.001)
+            return control.stage == AveragingStage.AWAITING_TRIGGER
+
+        try:  # polled every millisecond: the time to form the group is measured
+            wait_until(grouped, config.timeout + 30, "a group", period=0.001)
+        except HarnessError:
+            control.cancel()
+            raise
         return time.perf_counter() - start
 
     def one_round() -> float:
@@ -636,8 +641,6 @@ def main() -> None:
     print(HEADER)
     rows = []
     for world in args.peers:
-        with socket.create_server(("127.0.0.1", 0)) as probe:
-            port = probe.getsockname()[1]
         config = Config(
             world=world,
             sizes=args.sizes,
@@ -648,7 +651,7 @@ def main() -> None:
             threads=args.threads,
             profile=args.profile,
             aggregation=args.aggregation,
-            gloo_port=port,
+            gloo_port=free_port(),
             timeout=args.timeout,
         )
         rows += run_peers(config, bandwidth)
