@@ -1,4 +1,8 @@
-"""A whole run on this machine: a coordinator and two peers training the demo model on the bundled corpus.
+"""A whole run on this machine: a coordinator and two peers training the demo model on the bundled plays.
+
+The plays go the way of any run's data: prepared at first use (starling-data prepare's steps, kept
+in the cache), served by the coordinator, and downloaded by the peers shard by shard, each checked
+against the manifest that the signed run record names.
 
     python -m coordinator.demo [--duration SECONDS] [--peers N] [--dashboard-port PORT]
 
@@ -9,13 +13,19 @@ process it started.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 
 from coordinator.harness import CoordinatorProcess, HarnessError, PeerProcess, stop_all
+from coordinator.prepare import prepare_cached
+from model.data import bundled_corpus_files
+from model.prepared import PrepareSettings, load_manifest, manifest_digest, write_atomic
+from peer.run_config import RunConfig
 
 STARTUP_TIMEOUT = 120.0
 
@@ -34,8 +44,8 @@ def main() -> int:
     args = parser.parse_args()
 
     state_dir = Path(args.state_dir)
-    config = resources.files("coordinator") / "run.example.toml"
-    coordinator = CoordinatorProcess(state_dir, str(config), dashboard_port=args.dashboard_port, state_dir=state_dir)
+    config = demo_run_config(state_dir)
+    coordinator = CoordinatorProcess(state_dir, config, dashboard_port=args.dashboard_port, state_dir=state_dir)
     processes: list = [coordinator]
     try:
         coordinator.start(timeout=STARTUP_TIMEOUT)
@@ -67,6 +77,26 @@ def main() -> int:
     finally:
         stop_all(processes)
     return 0
+
+
+def demo_run_config(state_dir: Path) -> Path:
+    """The example run on the bundled plays, prepared for its sequence length: written to
+    `state_dir`/run.toml, with the [data] lines that name the prepared folder and its digest."""
+    example_path = resources.files("coordinator") / "run.example.toml"
+    example = example_path.read_text()
+    seq_len = RunConfig.load(str(example_path)).data.seq_len
+    plays = prepare_cached(bundled_corpus_files(), PrepareSettings(seq_len=seq_len))
+    manifest = load_manifest(plays)
+    print(
+        f"data:       the bundled plays, prepared: {manifest.documents} documents, {manifest.tokens} tokens "
+        f"in {len(manifest.shards)} shards ({plays})",
+        flush=True,
+    )
+    data_lines = f'[data]\npath = {json.dumps(str(plays))}\ndataset = "{manifest_digest(plays)}"\n'
+    config = state_dir / "run.toml"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(config, re.sub(r"^\[data\]\n", data_lines, example, count=1, flags=re.MULTILINE).encode())
+    return config
 
 
 if __name__ == "__main__":

@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
+import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -53,12 +56,15 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from loguru import logger as datatrove_logger
 from tqdm.auto import tqdm
 
-from model.data import TEXT_SUFFIXES, pack
+from model.data import TEXT_SUFFIXES, cache_dir, pack
 from model.prepared import (
     MANIFEST,
     Manifest,
+    PreparedDataError,
     PrepareError,
     PrepareSettings,
+    is_prepared,
+    load_prepared,
     token_bytes_for,
     write_atomic,
     write_shards,
@@ -172,6 +178,36 @@ def prepare(
     return manifest
 
 
+def prepare_cached(sources: list[Path], settings: PrepareSettings) -> Path:
+    """The folder of `sources` prepared with `settings`, prepared at first use and kept in the
+    cache (STARLING_CACHE) under a digest of the sources' bytes, the tokenizer and the settings;
+    a cached folder is used again once every shard checks against its manifest."""
+    files = source_files(sources)
+    key = hashlib.sha256(json.dumps(settings.as_dict(), sort_keys=True).encode())
+    key.update(load_tokenizer().sha256.encode())
+    for path in files:
+        key.update(hashlib.sha256(path.read_bytes()).digest())
+    folder = cache_dir() / "prepared" / key.hexdigest()[:24]
+    if folder.is_dir():
+        try:
+            load_prepared(folder)
+            return folder
+        except (PreparedDataError, OSError) as error:
+            logger.warning("preparing %s again: %s", folder, error)
+            shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        prepare(files, scratch, settings)
+        os.rename(scratch, folder)  # whole or not at all; a concurrent first use may have won the race
+    except OSError:
+        if not is_prepared(folder):
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
+
+
 def filter_documents(
     documents: list[tuple[str, str]], settings: PrepareSettings, seconds: dict[str, float] | None = None
 ) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -213,7 +249,8 @@ def remove_near_duplicates(documents: list[tuple[str, str]], words) -> tuple[lis
         _run_stage(MinhashDedupSignature(signatures, config=config, language=words), iter(docs))
         for bucket in range(config.num_buckets):
             _run_stage(MinhashDedupBuckets(signatures, buckets, config=config), None, bucket, config.num_buckets)
-        _run_stage(MinhashDedupCluster(buckets, removals, config=config), None)
+        with contextlib.redirect_stderr(io.StringIO()):  # its own progress bar, even off a terminal
+            _run_stage(MinhashDedupCluster(buckets, removals, config=config), None)
         near_filter = MinhashDedupFilter(removals)
         kept = [(doc.id, doc.text) for doc in near_filter.run(iter(docs), 0, 1)]
     counts = _step_counts("near duplicates", near_filter.stats.stats)

@@ -11,7 +11,7 @@ import pyarrow.parquet
 import pytest
 
 from coordinator.data_cli import main
-from coordinator.prepare import filter_documents, read_documents, source_files
+from coordinator.prepare import filter_documents, prepare_cached, read_documents, source_files
 from model.data import load_corpus
 from model.prepared import PreparedDataError, PrepareSettings, load_manifest, load_prepared, manifest_digest
 from model.tokenizer import load_tokenizer
@@ -182,3 +182,26 @@ def test_bad_input_is_one_line_naming_it_and_exit_status_2(tmp_path, capsys, cas
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("starling-data: error: ") and message in line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_corpus_prepared_at_first_use_is_kept_and_prepared_again_when_damaged(tmp_path, monkeypatch):
+    """The way the demo's bundled plays go: prepared once into the cache, used again while every
+    shard checks against the manifest, prepared again when one does not."""
+    monkeypatch.setenv("STARLING_CACHE", str(tmp_path / "cache"))
+    sources, good, _ = corpus(tmp_path / "corpus")
+    settings = PrepareSettings(seq_len=32, sequences_per_shard=10, flagged_words=frozenset({FLAGGED}))
+    folder = prepare_cached(sources, settings)
+    digest = manifest_digest(folder)
+    assert load_manifest(folder).documents == len(good)
+    assert [path.name for path in folder.parent.iterdir()] == [folder.name]  # no scratch folder left behind
+
+    shard = folder / load_manifest(folder).shards[-1].file
+    prepared_at = shard.stat().st_mtime_ns
+    assert prepare_cached(sources, settings) == folder and shard.stat().st_mtime_ns == prepared_at
+
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+    assert prepare_cached(sources, settings) == folder and manifest_digest(folder) == digest
+    assert load_prepared(folder)[0].documents == len(good)
+
+    other = prepare_cached(sources, PrepareSettings(seq_len=16, sequences_per_shard=10))
+    assert other != folder and load_manifest(other).seq_len == 16
