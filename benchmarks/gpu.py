@@ -97,31 +97,27 @@ def plan_against_peak(device: torch.device) -> list[dict]:
 
 def peer_smoke(device: torch.device, epochs: int) -> list[dict]:
     """An offline peer of the tiny model, a few epochs in each precision: its summary."""
+    from coordinator.harness import HarnessError, PeerProcess
+
     rows = []
     for precision in precisions():
         with tempfile.TemporaryDirectory() as folder:
             run_toml = Path(folder) / "run.toml"
             run_toml.write_text('run_id = "gpu-smoke"\n[model]\npreset = "tiny"\n[training]\ntarget_batch_size = 64\n')
-            events = Path(folder) / "events.jsonl"
-            command = [
-                str(Path(sys.executable).with_name("starling-peer")),
-                "--config",
-                str(run_toml),
-                "--device",
-                str(device),
-                "--precision",
-                precision,
-                "--max-epochs",
-                str(epochs),
-                "--host-maddrs",
-                "/ip4/127.0.0.1/tcp/0",
-                "--events",
-                str(events),
+            arguments = [
+                *("--config", str(run_toml), "--device", str(device), "--precision", precision),
+                *("--max-epochs", str(epochs), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"),
             ]
-            outcome = run_part(f"peer {precision}", command, timeout=600)
-            stopped = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
-            summary = next((e for e in stopped if e["event"] == "stopped"), None)
-            rows.append(dict(precision=precision, status=outcome["status"], summary=summary))
+            print(f"== peer {precision}: starling-peer {' '.join(arguments)}", flush=True)
+            peer = PeerProcess.command_line(Path(folder) / "peer", arguments)
+            try:
+                summary = peer.wait(timeout=600)  # its "stopped" event
+            except HarnessError:  # failed or still running: its status says which
+                summary = None
+            status = peer.process.poll()
+            peer.kill()
+            print(peer.log_tail(4000), flush=True)
+            rows.append(dict(precision=precision, status="timed out" if status is None else status, summary=summary))
     return rows
 
 
