@@ -37,7 +37,8 @@ from model.prepared import MANIFEST, PrepareSettings, manifest_digest  # noqa: E
 
 SEQ_LEN = 256
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
-TEXT_SUFFIXES = (".txt", ".rst", ".md", ".py")
+PROSE_SUFFIXES = (".txt", ".rst", ".md")
+CODE_SUFFIXES = (".py",)
 
 
 def text_files() -> list[Path]:
@@ -45,8 +46,10 @@ def text_files() -> list[Path]:
     found = list(bundled_corpus_files())
     if PYTHON_DOCS.is_dir():
         found += sorted(PYTHON_DOCS.rglob("*.txt"))
-    for root in (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]):
-        found += sorted(path for path in Path(root).rglob("*") if path.suffix in TEXT_SUFFIXES and path.is_file())
+    roots = [Path(sysconfig.get_paths()[name]) for name in ("stdlib", "purelib")]
+    for suffixes in (PROSE_SUFFIXES, CODE_SUFFIXES):  # prose first: code is what the filters should remove
+        for root in roots:
+            found += sorted(path for path in root.rglob("*") if path.suffix in suffixes and path.is_file())
     return found
 
 
@@ -119,12 +122,15 @@ def main() -> None:
         seconds: dict[str, float] = {}
         out = Path(scratch) / "prepared"
         manifest = prepare([Path(scratch) / "corpus.jsonl"], out, PrepareSettings(seq_len=SEQ_LEN), seconds)
+        near = manifest.steps[-1]["documents_in"]
+        handled = {"near duplicates": near, "tokenising": manifest.documents, "writing shards": manifest.documents}
         stages = [
             {
                 "stage": stage,
                 "seconds": took,
-                "documents_per_second": corpus["documents"] / took,
-                "megabytes_per_second": corpus["megabytes"] / took,
+                "documents": handled.get(stage, corpus["documents"]),
+                "documents_per_second": handled.get(stage, corpus["documents"]) / took,
+                "tokens_per_second": manifest.tokens / took if stage in ("tokenising", "writing shards") else None,
             }
             for stage, took in seconds.items()
         ]
@@ -163,11 +169,12 @@ def main() -> None:
     }
     path = write_json("data-cpu.json", payload)
     print(f"corpus: {corpus['documents']} documents, {corpus['megabytes']:.1f} MB; kept {manifest.documents}")
-    print("| stage | s | documents/s | MB/s |\n|---|---|---|---|")
+    print("| stage | s | documents | documents/s | tokens/s |\n|---|---|---|---|---|")
     for row in stages:
+        tokens = "" if row["tokens_per_second"] is None else f"{row['tokens_per_second']:.0f}"
         print(
-            f"| {row['stage']} | {row['seconds']:.1f} | {row['documents_per_second']:.0f} "
-            f"| {row['megabytes_per_second']:.2f} |"
+            f"| {row['stage']} | {row['seconds']:.1f} | {row['documents']} | {row['documents_per_second']:.0f} "
+            f"| {tokens} |"
         )
     print("| step | documents in | removed | fraction |\n|---|---|---|---|")
     for row in removed:
