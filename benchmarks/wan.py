@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/
@@ -48,6 +47,7 @@ from benchmarks.swarm_runs import (  # noqa: E402
     swarm_arguments,
     swarm_options,
 )
+from coordinator.harness import wait_until  # noqa: E402
 from peer.run_config import MODES, PSEUDO_GRADIENT_COMPRESSIONS  # noqa: E402
 
 LINK_PORT = 5001
@@ -77,16 +77,9 @@ def link_bytes_per_second(sender: Host, receiver: Host) -> float:
         receiver.command([sys.executable, "-c", RECEIVER, receiver.address]), stdout=subprocess.PIPE, text=True
     )
     try:
-        for _ in range(50):  # until the receiver listens
-            if (
-                subprocess.run(
-                    sender.command([sys.executable, "-c", SENDER, receiver.address, str(LINK_SECONDS)]),
-                    capture_output=True,
-                ).returncode
-                == 0
-            ):
-                break
-            time.sleep(0.1)
+        send = sender.command([sys.executable, "-c", SENDER, receiver.address, str(LINK_SECONDS)])
+        # the sender fails to connect until the receiver listens
+        wait_until(lambda: subprocess.run(send, capture_output=True).returncode == 0, 10, "the receiver to listen")
         return float(listening.communicate(timeout=30)[0])
     finally:
         listening.kill()

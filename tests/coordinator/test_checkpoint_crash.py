@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from coordinator.checkpoints import CheckpointStore
+from coordinator.harness import ManagedProcess, wait_until
 
 WRITER = Path(__file__).parents[1] / "workers" / "checkpoint_writer.py"
 OPTIMIZER_VALUES = 20_000_000  # 80 MB: a write (with fsync) takes a good part of a second
@@ -43,23 +44,17 @@ def test_killed_checkpoint_writes_leave_the_previous_checkpoint_loadable(tmp_pat
     store = CheckpointStore(tmp_path / "checkpoints", keep=2)
     interrupted = 0
     for kill in range(KILLS):
-        with open(tmp_path / "writer.log", "a") as log:
-            writer = subprocess.Popen(
-                [sys.executable, str(WRITER), str(tmp_path), str(OPTIMIZER_VALUES)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        command = [sys.executable, str(WRITER), str(tmp_path), str(OPTIMIZER_VALUES)]
+        writer = ManagedProcess(command, tmp_path / f"writer-{kill}.log")
         done_before = len(written(tmp_path))
-        deadline = time.monotonic() + 120
-        while len(written(tmp_path)) == done_before:  # kill only after it has written at least once
-            assert writer.poll() is None and time.monotonic() < deadline, (tmp_path / "writer.log").read_text()[-2000:]
-            time.sleep(0.05)
+        # Kill only after it has written at least once (the condition is only called in this iteration).
+        wrote = lambda: len(written(tmp_path)) > done_before  # noqa: B023, E731
+        wait_until(wrote, 120, "a checkpoint", alive=[writer], period=0.05)
         if kill % 2:  # somewhere in a later write, its fsync, rename or pruning
             time.sleep(chance.uniform(0.0, 1.5))
         else:  # surely inside a write: frozen while a partial checkpoint is on disk
-            freeze_inside_a_write(writer, tmp_path / "checkpoints")
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
+            freeze_inside_a_write(writer.process, tmp_path / "checkpoints")
+        writer.kill()  # SIGKILL
         interrupted += bool(list((tmp_path / "checkpoints").glob(".epoch-*")))  # killed inside a write
 
         last_written = written(tmp_path)[-1]

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import model  # noqa: F401  (registers the "starling" architecture with transformers' Auto classes)
 from coordinator.eval_cli import main as starling_eval
+from coordinator.harness import wait_until
 
 
 def contributions(state: dict) -> dict[str, int]:
@@ -104,10 +105,12 @@ def test_peers_outlive_the_coordinator_and_a_restarted_swarm_resumes_from_the_ch
     coord.kill()  # SIGKILL, helpers included
     killed_at = time.time()
     epoch_at_kill = max(peer.logged_epoch() for peer in peers)
-    deadline = time.monotonic() + 90
-    while max(peer.logged_epoch() for peer in peers) < epoch_at_kill + 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert max(peer.logged_epoch() for peer in peers) >= epoch_at_kill + 2, "the peers stopped without the coordinator"
+    wait_until(
+        lambda: max(peer.logged_epoch() for peer in peers) >= epoch_at_kill + 2,
+        90,
+        "two more epochs without the coordinator",
+        period=1,
+    )
 
     coord.start()
     after = coord.wait_for(

@@ -1,27 +1,17 @@
 """A real Prometheus scrapes a live coordinator and two peers; every dashboard query then returns data."""
 
+import contextlib
 import json
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from coordinator.harness import free_port
+from coordinator.harness import HarnessError, free_port, wait_until
 
 ALERTS = Path(__file__).parents[2] / "dashboards" / "prometheus" / "alerts.yml"
-
-
-def poll(value, done, timeout: float):
-    """Call value() every second until done(result) or the timeout; returns the last result."""
-    deadline = time.monotonic() + timeout
-    result = value()
-    while not done(result) and time.monotonic() < deadline:
-        time.sleep(1)
-        result = value()
-    return result
 
 
 class PrometheusServer:
@@ -79,7 +69,7 @@ def prometheus_server(prometheus, tmp_path):
         folder = tmp_path / "prometheus"
         folder.mkdir()
         started.append(PrometheusServer(prometheus, folder, targets))
-        assert poll(started[-1].ready, bool, 30), "Prometheus did not become ready"
+        wait_until(started[-1].ready, 30, "Prometheus to be ready", period=1)
         return started[-1]
 
     yield start
@@ -104,23 +94,26 @@ def test_every_dashboard_query_returns_samples_from_a_live_swarm(
         300,
         "two epochs and an evaluated checkpoint",
     )
-    health = poll(
-        lambda: {t["labels"]["instance"]: t["health"] for t in server.api("targets")["activeTargets"]},
-        lambda found: set(found.values()) == {"up"},
-        30,
-    )
+
+    def targets_up() -> dict[str, str] | None:
+        health = {t["labels"]["instance"]: t["health"] for t in server.api("targets")["activeTargets"]}
+        return health if set(health.values()) == {"up"} else None
+
+    health = wait_until(targets_up, 30, "every target up", period=1)
     assert health == {host: "up" for host in [coordinator_host, *peer_hosts]}
 
-    empty = poll(
-        lambda: [expr for expr in queries if not server.api("query", query=expr)["result"]], lambda found: not found, 60
-    )
-    assert not empty, f"no samples for {empty}"
+    def without_samples() -> list[str]:
+        return [expr for expr in queries if not server.api("query", query=expr)["result"]]
 
-    rules = poll(
-        lambda: {rule["name"]: rule["health"] for group in server.api("rules")["groups"] for rule in group["rules"]},
-        lambda found: set(found.values()) == {"ok"},
-        30,
-    )
+    with contextlib.suppress(HarnessError):  # and then name the queries still without samples
+        wait_until(lambda: not without_samples(), 60, "samples for every query", period=1)
+    assert not (empty := without_samples()), f"no samples for {empty}"
+
+    def rules_ok() -> dict[str, str] | None:
+        rules = {rule["name"]: rule["health"] for group in server.api("rules")["groups"] for rule in group["rules"]}
+        return rules if set(rules.values()) == {"ok"} else None
+
+    rules = wait_until(rules_ok, 30, "every alerting rule evaluated", period=1)
     assert rules == {
         name: "ok"
         for name in (

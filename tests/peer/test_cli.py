@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.harness import PeerProcess, free_port
+from coordinator.harness import PeerProcess, free_port, wait_until
 from peer.cli import build_parser
 from peer.options import PeerOptions
 from tests.commands import run_at_once
@@ -135,9 +135,13 @@ def test_metrics_then_sigterm_exits_0_within_10_s_and_leaves_no_process(tmp_path
     peer = PeerProcess.command_line(tmp_path / "peer", [*arguments, "--batch-size", "4", "--metrics-port", str(port)])
     process = peer.process
     peer.wait_for_event("epoch", timeout=120)
-    deadline = time.monotonic() + 10
-    while (metrics := scrape(port)).get("starling_peer_epoch", 0) < 1 and time.monotonic() < deadline:
-        time.sleep(0.5)  # the exported figures refresh every few seconds
+
+    def exported_epoch() -> dict[str, float] | None:
+        metrics = scrape(port)
+        return metrics if metrics.get("starling_peer_epoch", 0) >= 1 else None
+
+    # the exported figures refresh every few seconds
+    metrics = wait_until(exported_epoch, 10, "the exported epoch", period=0.5)
     # The counter holds at least what the peer had contributed when its first epoch ended (hivemind
     # may end an epoch before the target batch, when its estimated time is up).
     contributed = peer.wait_for_event("epoch", timeout=0)["samples_contributed"]
@@ -149,7 +153,5 @@ def test_metrics_then_sigterm_exits_0_within_10_s_and_leaves_no_process(tmp_path
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
     assert time.monotonic() - sent < 10
-    deadline = time.monotonic() + 5  # torch's shared-memory manager leaves once its clients have gone
-    while [pid for pid in children if alive(pid)] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [pid for pid in children if alive(pid)], "helper processes outlived the peer"
+    # torch's shared-memory manager leaves once its clients have gone
+    wait_until(lambda: not any(alive(pid) for pid in children), 5, "the helper processes to exit", period=0.2)

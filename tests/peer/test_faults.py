@@ -6,6 +6,7 @@ import pytest
 import torch
 from swarm_checks import mode_settings
 
+from coordinator.harness import wait_until
 from peer.run_config import RunConfig
 
 
@@ -25,10 +26,12 @@ def test_peer_killed_in_the_middle_of_a_round(tmp_path, write_run_config, start_
 
     # Nobody hangs: within the averaging timeout (plus a new round's matchmaking) the survivors
     # have finished or abandoned the round, and their next epoch comes.
-    deadline = died_at + 4 * timeout
-    while max(peer.logged_epoch() for peer in survivors) <= epoch_at_death:
-        assert time.monotonic() < deadline, "no epoch after the peer died: " + survivors[0].log_text()[-3000:]
-        time.sleep(0.5)
+    wait_until(
+        lambda: max(peer.logged_epoch() for peer in survivors) > epoch_at_death,
+        died_at + 4 * timeout - time.monotonic(),
+        "an epoch after the peer died",
+        period=0.5,
+    )
     summaries = [peer.wait(timeout=300) for peer in survivors]
 
     for summary in summaries:

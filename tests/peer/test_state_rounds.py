@@ -5,7 +5,6 @@ import contextlib
 import copy
 import dataclasses
 import threading
-import time
 from collections.abc import Iterator
 from functools import partial
 
@@ -54,11 +53,7 @@ def average_state(averager, timeout: float = ROUND_TIMEOUT) -> None:
 
 def settled(averager, timeout: float) -> list[StateRound]:
     """The outcomes of the averager's rounds, once at least one has ended."""
-    deadline = time.monotonic() + timeout
-    while not (outcomes := averager.settle_state_rounds()):
-        assert time.monotonic() < deadline, "no state averaging round ended"
-        time.sleep(0.1)
-    return outcomes
+    return wait_until(averager.settle_state_rounds, timeout, "a state averaging round to end")
 
 
 def average_state_together(averagers) -> None:
