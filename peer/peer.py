@@ -66,6 +66,9 @@ class PeerCallbacks:
     # DiLoCo mode: the round's inner steps are over; the model holds this peer's local parameters,
     # about to become the pseudo-gradient (optimizer.grad_averager.local_samples_accumulated: its weight).
     on_round_end: Callable[[Peer], None] | None = None
+    # The peer took another peer's state (on joining, after a partial round or to resynchronise):
+    # optimizer.local_epoch is the state's epoch, the model holds its parameters.
+    on_state_loaded: Callable[[Peer], None] | None = None
 
 
 @dataclass
@@ -384,7 +387,7 @@ class Peer:
         applied = self.optimizer.load_state_from_peers(**limits)  # the averager's process shows the download
         if applied:
             logger.info("loaded state from peers: epoch %d", self.optimizer.local_epoch)
-            self._emit("state_loaded", epoch=self.optimizer.local_epoch, resync=False)
+            self._state_loaded(resync=False)
         else:
             logger.warning("loaded no state: no peer offered a state that fits this one")
         return applied
@@ -505,6 +508,12 @@ class Peer:
     def _emit(self, event: str, **fields) -> None:
         if self.events is not None:
             self.events.write(event, **fields)
+
+    def _state_loaded(self, resync: bool) -> None:
+        """This peer took another peer's state: its event, then its callback."""
+        self._emit("state_loaded", epoch=self.optimizer.local_epoch, resync=resync)
+        if self.callbacks.on_state_loaded is not None:
+            self.callbacks.on_state_loaded(self)
 
     def _loop(self, started: float, duration: float | None, max_epochs: int | None) -> None:
         self._training_started = started
@@ -697,7 +706,7 @@ class Peer:
         while not self._stop.is_set() and time.monotonic() < deadline:
             if self.optimizer.load_state_from_peers(min_donor_priority=epoch - 1, min_epoch=epoch):
                 logger.info("loaded the group's state: epoch %d", self.optimizer.local_epoch)
-                self._emit("state_loaded", epoch=self.optimizer.local_epoch, resync=False)
+                self._state_loaded(resync=False)
                 return
             time.sleep(RESYNC_DELAY)
         self.load_state_from_peers()
@@ -761,7 +770,7 @@ class Peer:
         # epoch behind are asked too; one whose state really is older is left before its tensors.
         elif max(others) >= epoch - 1 and self.optimizer.load_state_from_peers(min_donor_priority=epoch - 1):
             self.resyncs += 1
-            self._emit("state_loaded", epoch=self.optimizer.local_epoch, resync=True)
+            self._state_loaded(resync=True)
             logger.info("resynchronised with the swarm: loaded the state of epoch %d", self.optimizer.local_epoch)
             self._set_off_swarm(False)
 
