@@ -46,6 +46,11 @@ def contributed(events: list[dict]) -> bool:
     return any(e["samples_contributed"] > 0 for e in events if e["event"] == "epoch")
 
 
+def leaderboard(state: dict) -> dict[str, int]:
+    """Samples by peer name, from the coordinator's state."""
+    return {entry["name"]: entry["samples"] for entry in state["leaderboard"]}
+
+
 def stop_politely(peer, signalled: bool = False) -> dict | None:
     """SIGTERM: a peer that is training finishes its step, reports and exits 0 (its summary is
     returned); one still importing its libraries simply ends (None)."""
@@ -96,8 +101,17 @@ def test_churn_keeps_training_and_accounts_for_every_peer(tmp_path, write_run_co
         summary = stop_politely(peer, signalled=True)
         if summary is not None:
             final.append((name, peer, summary))
-    time.sleep(3)  # the coordinator reads the final reports
-    board = {entry["name"]: entry["samples"] for entry in coord.state()["leaderboard"]}
+    # Every peer that contributed is on the leaderboard (once the coordinator has read the final
+    # reports): polite ones with what they reported at the end.
+    contributors = [name for name, _, summary in polite + final if summary["samples_contributed"] > 0]
+    contributors += [name for name, _, events_before in killed if contributed(events_before)]
+    board = leaderboard(
+        coord.wait_for(
+            lambda state: all(leaderboard(state).get(name, 0) > 0 for name in contributors),
+            60,
+            f"every contributing peer on the leaderboard: {contributors}",
+        )
+    )
     figures = dict(
         seconds=CHURN_SECONDS,
         joined=joined,
@@ -118,13 +132,6 @@ def test_churn_keeps_training_and_accounts_for_every_peer(tmp_path, write_run_co
     # The peers that stayed to the end were on one epoch (one apart at most: each stops after its own step).
     final_epochs = [summary["epoch"] for _, _, summary in final]
     assert max(final_epochs) - min(final_epochs) <= 1
-    # Every peer that contributed is on the leaderboard: polite ones with what they reported at the end.
-    for name, _, summary in polite + final:
-        if summary["samples_contributed"] > 0:
-            assert board.get(name, 0) > 0, name
-    for name, _, events_before in killed:
-        if contributed(events_before):
-            assert board.get(name, 0) > 0, name
     # Nothing leaked: every peer's helpers went with it, and the coordinator holds what it held before.
     for name, peer, _ in [*polite, *final, *killed]:
         assert not session_processes(peer.process.pid), f"{name} left processes behind"
