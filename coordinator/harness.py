@@ -5,7 +5,8 @@ the benchmarks all use it.
 - PeerProcess: a peer, either the `starling-peer` command as volunteers run it, or the harness peer
   (coordinator.harness_peer) driven by a PeerSpec: the Python API with declared faults
   (peer.faults.FaultPlan), a start line and snapshots of its parameters;
-- release(): wait until every held peer has joined, then let them all train at once;
+- release(): wait until every held peer has joined, then let them all train at once (a held process
+  waits with wait_at_start_line);
 - bootstrap_node(): a plain hivemind DHT node that peers join through.
 
 Every process runs in a session of its own (so that stopping it reaches hivemind's helper processes),
@@ -34,6 +35,7 @@ from peer.events import read_events
 
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 LISTEN_PORTS = range(20000, 32768)  # below Linux's default ephemeral range
+HOLD_TIMEOUT = 900.0  # seconds a process at its start line waits to be released
 STOP_GRACE = 30.0  # seconds a process gets to stop after SIGTERM before it is killed
 POLL = 0.1  # seconds between two looks at a condition
 STARLING_PEER = Path(sys.executable).with_name("starling-peer")  # the command pip installed beside Python
@@ -415,6 +417,13 @@ class FleetPeer(PeerFolder):
         wait_until(ended, timeout, f"{self.name} to exit")
         code = self.exit_status()
         return self.fleet.process.returncode if code is None else code
+
+
+def wait_at_start_line(folder: Path, go: Path, timeout: float = HOLD_TIMEOUT) -> None:
+    """The held process's side of release(): say it has joined (`ready` in its folder, what
+    PeerFolder.ready reads), then wait until `go` exists."""
+    (folder / "ready").touch()
+    wait_until(go.exists, timeout, "the release from the start line", period=0.05)
 
 
 def release(peers: Sequence[PeerProcess], go: Path, timeout: float = 120) -> float:

@@ -30,15 +30,13 @@ import torch
 from hivemind.dht.protocol import DHTProtocol
 from safetensors.torch import save_file
 
-from coordinator.harness import PeerSpec
+from coordinator.harness import PeerSpec, wait_at_start_line
 from model import CausalLM
-from peer import Peer, PeerError, hivemind_fixes
+from peer import Peer, hivemind_fixes
 from peer.command_line import env_default, setup_logging
 from peer.events import read_events
 from peer.faults import FaultPlan
 from peer.peer import PeerCallbacks
-
-HOLD_TIMEOUT = 900.0  # seconds a ready peer waits to be released
 
 
 def save_params(model: CausalLM, path: Path) -> None:
@@ -65,12 +63,7 @@ class StartLine:
     def __call__(self, peer: Peer) -> None:
         peer.model.register_forward_pre_hook(self._count)
         if self.hold_until is not None:
-            (self.out / "ready").touch()
-            deadline = time.monotonic() + HOLD_TIMEOUT
-            while not self.hold_until.exists():
-                if time.monotonic() > deadline:
-                    raise PeerError(f"not released from the start line within {HOLD_TIMEOUT:.0f} s")
-                time.sleep(0.05)
+            wait_at_start_line(self.out, self.hold_until)
         self.crossed = time.time()
 
     def _count(self, model: CausalLM, args: tuple) -> None:

@@ -1,7 +1,8 @@
 """One peer of the averaging test: contributes a known gradient until the first collaborative step.
 
-Run as a process: averaging_worker.py RUN_TOML INITIAL_PEER INDEX MICRO_BATCH PRECISION OUT_FILE
-It waits until all three peers are in the run before it contributes. The gradient comes from a
+Run as a process: averaging_worker.py RUN_TOML INITIAL_PEER INDEX MICRO_BATCH PRECISION OUT_FILE GO
+Once in the run it waits at its start line (coordinator.harness.wait_at_start_line, in the folder of
+OUT_FILE) until the test releases all three peers by creating GO; only then it contributes. The gradient comes from a
 backward pass in PRECISION's way (peer.precision: in fp16, of the loss scaled by 2^16, then
 unscaled), as a peer's gradients do.
 """
@@ -14,6 +15,7 @@ import hivemind
 import torch
 from safetensors.torch import save_file
 
+from coordinator.harness import wait_at_start_line
 from model import CausalLM
 from peer.averager import RoundOutcome
 from peer.optimizer import make_collaborative_optimizer
@@ -27,7 +29,7 @@ def known_gradient(param: torch.Tensor, index: int, position: int) -> torch.Tens
 
 
 def main() -> None:
-    run_toml, initial_peer, index, micro_batch, precision, out_file = sys.argv[1:]
+    run_toml, initial_peer, index, micro_batch, precision, out_file, go = sys.argv[1:]
     index, micro_batch = int(index), int(micro_batch)
     run = RunConfig.load(run_toml)
     torch.manual_seed(run.training.seed)
@@ -35,10 +37,7 @@ def main() -> None:
     precision = MixedPrecision(precision, torch.device("cpu"))
     dht = hivemind.DHT(initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     opt = make_collaborative_optimizer(model, dht, run, micro_batch)
-    barrier = Path(out_file).parent
-    (barrier / f"ready.{index}").touch()
-    while len(list(barrier.glob("ready.*"))) < 3:
-        time.sleep(0.1)
+    wait_at_start_line(Path(out_file).parent, Path(go))
     steps = 0
     while opt.local_epoch == 0:
         params = list(model.parameters())

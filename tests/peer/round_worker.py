@@ -1,15 +1,16 @@
 """One averager of the round tests in test_hivemind_fixes.py: averages tensors filled with its index
 once with the other averagers, and writes how the round went.
 
-Run as a process: round_worker.py INITIAL_PEER INDEX PEERS OUT_FILE SPEC_JSON, where the spec may give
+Run as a process: round_worker.py INITIAL_PEER INDEX PEERS OUT_FILE SPEC_JSON GO, where the spec may give
 client_mode (this averager takes no part as a reducer, as a volunteer behind a NAT),
 scheduled_in (seconds from its start at which its round is scheduled, as hivemind.Optimizer
 schedules a round for the epoch's expected end; by default the matchmaking time),
 trigger_delay (seconds it waits, once its group is found, before it lets the all-reduce begin: a
 peer still finishing its micro-batch), slow_group_assembly and slow_reading (peer.faults.FaultPlan),
 codec (a run config's averaging.compression; "none" by default) and random (tensors of normal values
-seeded by the index in place of the index). It waits until all PEERS averagers are up before it looks
-for a group, and leaves right after its round.
+seeded by the index in place of the index). Once up it waits at its start line
+(coordinator.harness.wait_at_start_line, in the folder of OUT_FILE) until the test releases all PEERS
+averagers by creating GO, then looks for a group, and leaves right after its round.
 OUT_FILE gets a JSON object: outcome, fraction, group (size), means (of each tensor afterwards),
 digest (SHA-256 of the values afterwards), error (their relative L2 distance from the exact mean of
 all PEERS averagers' tensors), problems (the failed reducers), dht_requests (those its DHT node
@@ -26,6 +27,7 @@ import hivemind
 import torch
 from hivemind.utils.timed_storage import get_dht_time
 
+from coordinator.harness import wait_at_start_line
 from coordinator.harness_peer import DHT_REQUESTS, count_dht_requests
 from peer.averager import AggregatingAverager, RoundOutcome, round_outcome
 from peer.compression import codec_named
@@ -45,7 +47,7 @@ def local_tensors(index: int, random: bool) -> list[torch.Tensor]:
 
 
 def main() -> None:
-    initial_peer, index, peers, out_file, spec_json = sys.argv[1:]
+    initial_peer, index, peers, out_file, spec_json, go = sys.argv[1:]
     index, peers, spec = int(index), int(peers), json.loads(spec_json)
     averaging = AveragingSection(matchmaking_time=MATCHMAKING_TIME)  # every other setting as shipped
     client_mode = spec.get("client_mode", False)
@@ -69,10 +71,7 @@ def main() -> None:
         ),
         start=True,
     )
-    barrier = Path(out_file).parent
-    (barrier / f"ready.{index}").touch()
-    while len(list(barrier.glob("ready.*"))) < peers:
-        time.sleep(0.05)
+    wait_at_start_line(Path(out_file).parent, Path(go))
     scheduled_time = get_dht_time() + spec.get("scheduled_in", MATCHMAKING_TIME)
     control = averager.step(wait=False, scheduled_time=scheduled_time, timeout=STEP_TIMEOUT, require_trigger=True)
     while control.stage.name in ("IDLE", "LOOKING_FOR_GROUP") and not control.done():

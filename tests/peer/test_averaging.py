@@ -9,7 +9,7 @@ import torch
 from hivemind.optim import state_averager
 from safetensors.torch import load_file
 
-from coordinator.harness import ManagedProcess, bootstrap_node, exit_statuses
+from coordinator.harness import HarnessError, PeerProcess, bootstrap_node, exit_statuses, release, stop_all
 from model import CausalLM
 from peer.optimizer import lr_multiplier, make_inner_optimizer
 from peer.run_config import RunConfig
@@ -27,15 +27,19 @@ def test_three_peers_average_known_gradients(tmp_path, write_run_config):
         tmp_path, target_batch_size=240, matchmaking_time=3.0, average_state_every=100
     )  # no state averaging: parameters show the step alone
     run = RunConfig.load(run_toml)
-    outputs = [tmp_path / f"peer{i}.safetensors" for i in range(3)]
+    folders, go = [tmp_path / f"peer{i}" for i in range(3)], tmp_path / "go"
+    outputs = [folder / "result.safetensors" for folder in folders]
     with bootstrap_node() as address:
-        workers = [
-            ManagedProcess(
-                [sys.executable, str(WORKER), str(run_toml), address, str(i), str(b), precision, str(out)],
-                tmp_path / f"peer{i}.log",
-            )
-            for i, (b, precision, out) in enumerate(zip(MICRO_BATCHES, PRECISIONS, outputs))
-        ]
+        workers = []
+        for i, (folder, b, precision) in enumerate(zip(folders, MICRO_BATCHES, PRECISIONS)):
+            folder.mkdir()
+            arguments = [str(run_toml), address, str(i), str(b), precision, str(outputs[i]), str(go)]
+            workers.append(PeerProcess(folder, [sys.executable, str(WORKER), *arguments]))
+        try:
+            release(workers, go)
+        except HarnessError:
+            stop_all(workers)
+            raise
         codes = exit_statuses(workers, timeout=240)
     assert codes == [0, 0, 0], [worker.log_tail() for worker in workers]
     results = [load_file(out) for out in outputs]

@@ -18,7 +18,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
 import peer.averager  # noqa: F401  (applies peer.hivemind_fixes, as every averaging process does)
-from coordinator.harness import ManagedProcess, bootstrap_node, exit_statuses
+from coordinator.harness import HarnessError, PeerProcess, bootstrap_node, exit_statuses, release, stop_all
 from peer import hivemind_fixes
 from peer.run_config import AveragingSection
 
@@ -86,15 +86,19 @@ def test_creating_the_optimizer_state_leaves_the_parameters_as_they_were():
 def average_once(tmp_path: Path, specs: list[dict]) -> list[dict]:
     """round_worker.py averagers, one per spec, average once; returns what each wrote, with the
     end of its log (shown when an assertion fails)."""
-    outputs = [tmp_path / f"averager{i}.json" for i in range(len(specs))]
+    folders, go = [tmp_path / f"averager{i}" for i in range(len(specs))], tmp_path / "go"
+    outputs = [folder / "result.json" for folder in folders]
     with bootstrap_node() as address:
-        workers = [
-            ManagedProcess(
-                [sys.executable, str(ROUND_WORKER), address, str(i), str(len(specs)), str(out), json.dumps(spec)],
-                tmp_path / f"averager{i}.log",
-            )
-            for i, (out, spec) in enumerate(zip(outputs, specs))
-        ]
+        workers = []
+        for i, (folder, spec) in enumerate(zip(folders, specs)):
+            folder.mkdir()
+            arguments = [address, str(i), str(len(specs)), str(outputs[i]), json.dumps(spec), str(go)]
+            workers.append(PeerProcess(folder, [sys.executable, str(ROUND_WORKER), *arguments]))
+        try:
+            release(workers, go)
+        except HarnessError:
+            stop_all(workers)
+            raise
         codes = exit_statuses(workers, timeout=120)
     assert codes == [0] * len(specs), [worker.log_tail() for worker in workers]
     return [dict(json.loads(out.read_text()), log=worker.log_tail()) for out, worker in zip(outputs, workers)]
