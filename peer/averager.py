@@ -26,6 +26,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 
+from model.kernels import guard as kernel_guard
 from peer import hivemind_fixes
 from peer.faults import FaultPlan
 from peer.robust import CenteredClipAllReduceRunner
@@ -212,12 +213,19 @@ class AggregatingAverager(DecentralizedAverager):
         self._parts_served = 0  # reducer streams open, in the averager's process
         # Bytes of the all-reduce messages this peer sent, counted in the averager's process.
         self._bytes_sent = multiprocessing.get_context("fork").Value(ctypes.c_uint64, 0)
+        # Kernels replaced by their reference in the averager's process (the codec's, model.kernels.guard).
+        self._kernel_fallbacks = multiprocessing.get_context("fork").Value(ctypes.c_uint32, 0)
         super().__init__(*args, **kwargs)
 
     @property
     def bytes_sent(self) -> int:
         """Bytes of all-reduce messages (tensor parts and averages) this averager has sent so far."""
         return self._bytes_sent.value
+
+    @property
+    def kernel_fallbacks(self) -> int:
+        """Kernels its process replaced by their reference (a codec payload that did not read back)."""
+        return self._kernel_fallbacks.value
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
@@ -285,6 +293,15 @@ class AggregatingAverager(DecentralizedAverager):
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered for all-reduce"
         self._running_groups[group_id].set_result(runner)
+        try:
+            await self._take_averages(runner, tensors, group_info, group_id)
+        finally:
+            self._kernel_fallbacks.value = len(kernel_guard.fallbacks())
+
+    async def _take_averages(
+        self, runner: AllReduceRunner, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes
+    ) -> None:
+        """Run the round's runner and copy in the averages it yields, noting how much was averaged."""
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, average in azip(as_aiter(*tensors), runner):
                 tensor.copy_(average)  # the group's shared average (SharedAverages); hivemind's alpha stays 1

@@ -4,7 +4,11 @@
 (256-value blocks, one float32 absmax per block, then one int8 code per value): about 1.016
 bytes per value and a relative L2 error of about 0.007 on N(0,1) data. It encodes with the
 Triton kernel for CUDA tensors and with the PyTorch reference elsewhere, and decodes on CPU.
-Nothing in the encode or decode path uses numpy.
+Nothing in the encode or decode path uses numpy. A payload the kernel encoded is decoded again
+before it is sent: unless every value reads back within half a code step of its block's scale (the
+format's bound), the kernel is replaced by the reference for the rest of the process (guard.distrust:
+one warning, counted in the peer's kernel fallbacks) and the payload is encoded again by the
+reference. So a peer never sends a payload that its own decoder does not read back.
 
 Payload (runtime_pb2.Tensor.buffer): a 16-byte header, then the packed bytes of quantize_blockwise:
     bytes [0, 4)    MAGIC, b"SB8\\x01" (format version 1)
@@ -39,9 +43,17 @@ import torch
 from hivemind.compression import CompressionBase, CompressionInfo, serialization
 from hivemind.proto import runtime_pb2
 
-from model.kernels import BLOCK_SIZE, dequantize_blockwise, packed_size, quantize_blockwise
+from model.kernels import (
+    BLOCK_SIZE,
+    dequantize_blockwise,
+    guard,
+    packed_size,
+    quantize_blockwise,
+    quantize_blockwise_uses_kernel,
+)
 
 MAGIC = b"SB8\x01"
+_LEVELS_8BIT = 127  # codes in [-127, 127] (model.kernels.quantize)
 _HEADER = struct.Struct("<4sIQ")  # magic, block size, number of values
 _REGISTRY_NAME = runtime_pb2.CompressionType.Name(runtime_pb2.BLOCKWISE_8BIT)
 _SCRATCH_LIMIT = 1 << 26  # bytes of payload assembled in a reused per-thread buffer
@@ -96,26 +108,62 @@ class _BlockwiseCodec(CompressionBase):
 
 
 class Blockwise8Bit(_BlockwiseCodec):
-    """8-bit blockwise absmax quantisation (see the module docstring for the payload)."""
+    """8-bit blockwise absmax quantisation (see the module docstring for the payload); `kernels`
+    chooses the encoder as model.kernels does (auto: the Triton kernel on CUDA)."""
 
     compression_type = runtime_pb2.BLOCKWISE_8BIT
     bits, default_block_size = 8, BLOCK_SIZE
+    kernels = "auto"
+
+    def __init__(self, block_size: int | None = None, kernels: str = "auto"):
+        super().__init__(block_size)
+        self.kernels = kernels
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         """Encodes a floating tensor (any shape, fp32, fp16 or bf16); it is never modified."""
         self._check_floating(tensor)
+        message = self._encode(tensor, self.kernels)
+        if quantize_blockwise_uses_kernel(tensor, self.block_size, self.kernels):
+            problem = read_back_problem(_decode(message.buffer, message), tensor, self.block_size, _LEVELS_8BIT)
+            if problem is not None:
+                guard.distrust("quantize_blockwise", tensor.device, f"its payload does not read back: {problem}")
+                message = self._encode(tensor, "torch")
+        return message
+
+    def _encode(self, tensor: torch.Tensor, kernels: str) -> runtime_pb2.Tensor:
         values = tensor.detach()
         payload = _payload_buffer(_HEADER.size + packed_size(values.numel(), self.block_size))
         ctypes.memmove(payload.data_ptr(), _HEADER.pack(MAGIC, self.block_size, values.numel()), _HEADER.size)
         if values.device.type == "cpu":
-            quantize_blockwise(values, self.block_size, out=payload[_HEADER.size :])
+            quantize_blockwise(values, self.block_size, mode=kernels, out=payload[_HEADER.size :])
         else:
-            payload[_HEADER.size :].copy_(quantize_blockwise(values, self.block_size))
+            payload[_HEADER.size :].copy_(quantize_blockwise(values, self.block_size, mode=kernels))
         return self._message(ctypes.string_at(payload.data_ptr(), payload.numel()), tensor)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         """Decodes a payload of this codec into a CPU tensor of the sent shape and dtype."""
         return _decode(serialized_tensor.buffer, serialized_tensor)
+
+
+def read_back_problem(decoded: torch.Tensor, values: torch.Tensor, block_size: int, levels: int) -> str | None:
+    """What is wrong with a blockwise absmax payload that decodes to `decoded`, or None when each
+    finite value reads back within half a code step of its block (absmax / (2 x levels), plus the
+    decoded dtype's rounding): the format's own bound."""
+    sent = values.detach().reshape(-1).float().cpu()
+    got = decoded.reshape(-1).float()
+    if got.shape != sent.shape:
+        return f"it decodes to {got.numel()} values, not {sent.numel()}"
+    pad = -sent.numel() % block_size
+    blocks = torch.nn.functional.pad(sent, (0, pad)).view(-1, block_size)
+    finite = blocks.isfinite().all(dim=1, keepdim=True)  # a block with inf or NaN has no scale to hold to
+    step = blocks.abs().amax(dim=1, keepdim=True) / levels
+    allowed = step * (0.5 + 1e-3) + blocks.abs() * torch.finfo(decoded.dtype).eps
+    error = torch.nn.functional.pad(got - sent, (0, pad)).view(-1, block_size).abs()
+    wrong = (~(error <= allowed) & finite).sum().item()
+    if wrong:
+        worst = torch.where(finite, error / step.clamp_min(torch.finfo(torch.float32).tiny), 0.0).max().item()
+        return f"{wrong} of {sent.numel()} values off by up to {worst:.3g} code steps"
+    return None
 
 
 def _payload_buffer(size: int) -> torch.Tensor:

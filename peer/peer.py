@@ -431,12 +431,22 @@ class Peer:
         return getattr(self.optimizer, "grad_averager", None)
 
     @property
+    def _averagers(self) -> list[AggregatingAverager]:
+        """This peer's averagers (gradients or pseudo-gradients, and state), each in a process of its own."""
+        if self.optimizer is None:
+            return []
+        averagers = (self._grad_averager, self.optimizer.state_averager)
+        return [averager for averager in averagers if isinstance(averager, AggregatingAverager)]
+
+    @property
     def bytes_sent(self) -> int:
         """Bytes of all-reduce messages this peer's averagers have sent (gradients or pseudo-gradients, and state)."""
-        if self.optimizer is None:
-            return 0
-        averagers = (self._grad_averager, self.optimizer.state_averager)
-        return sum(averager.bytes_sent for averager in averagers if isinstance(averager, AggregatingAverager))
+        return sum(averager.bytes_sent for averager in self._averagers)
+
+    @property
+    def averager_kernel_fallbacks(self) -> int:
+        """Kernels the averagers' processes replaced by their reference (the codec's encoder)."""
+        return sum(averager.kernel_fallbacks for averager in self._averagers)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -787,7 +797,7 @@ class Peer:
             self.prometheus.rounds[outcome].inc(count - self._reported_rounds[outcome])
         self._reported_rounds = rounds
         self.prometheus.samples_per_second.set(self.samples_per_second)
-        self.prometheus.kernel_fallbacks.set(len(kernel_guard.fallbacks()))
+        self.prometheus.kernel_fallbacks.set(len(kernel_guard.fallbacks()) + self.averager_kernel_fallbacks)
         self.prometheus.loss_scale.set(self.precision.loss_scale)
         bytes_sent = self.bytes_sent
         self.prometheus.bytes_sent.inc(bytes_sent - self._reported_bytes)

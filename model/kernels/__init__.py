@@ -39,6 +39,7 @@ __all__ = [
     "linear_cross_entropy",
     "packed_size",
     "quantize_blockwise",
+    "quantize_blockwise_uses_kernel",
     "rms_norm",
     "rotary",
     "swiglu",
@@ -185,6 +186,12 @@ def quantize_blockwise(
             out=out,
         )
     return quantize_blockwise_reference(x, block_size, out)
+
+
+def quantize_blockwise_uses_kernel(x: torch.Tensor, block_size: int = BLOCK_SIZE, mode: str = "auto") -> bool:
+    """Whether quantize_blockwise(x, block_size, mode) runs the Triton kernel (unless the guard has
+    replaced it) rather than the reference."""
+    return _fused(mode, x, supported=triton_supports(block_size))
 
 
 def dequantize_blockwise(

@@ -8,8 +8,9 @@ disagrees is replaced by its reference for the rest of the process, with one war
 kernel and the device; `fallbacks()` lists them (the peer exports their count as a metric). A
 kernel that misbehaves would otherwise stop the peer or, worse, send wrong gradients to the swarm.
 
-Faults are declared, not patched in: `declare_faults(KernelFaults(...))` makes named kernels fail
-or return a wrong result, so that tests can watch the guard at work.
+Faults are declared, not patched in: `declare_faults(KernelFaults(...))` makes named kernels fail,
+return a wrong result, or garble their result beyond what the probe sees, so that tests can watch
+the guard at work (and the codec's read-back check, peer.codec, that catches the last kind).
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ PROBE_SEED = 1234  # the output gradients of the backward check
 
 @dataclass(frozen=True)
 class KernelFaults:
-    """Kernels (by dispatch name, such as "rms_norm") that raise, or return a result off by 1%."""
+    """Kernels (by dispatch name, such as "rms_norm") that raise, return a result off by 1%, or
+    (`garbled`) answer the guard's probe right and return their result reversed on the real inputs,
+    as a kernel wrong only on large inputs would."""
 
     failing: frozenset[str] = frozenset()
     wrong: frozenset[str] = frozenset()
+    garbled: frozenset[str] = frozenset()
 
 
 _faults = KernelFaults()
@@ -70,25 +74,37 @@ def checked(
     """fused(*inputs, **call_options) once the kernel has agreed with reference(*probe_inputs)
     (a small slice of `inputs`; default: the inputs themselves) for this device, dtype and shape
     class; reference(*inputs, **call_options) if it ever did not."""
-    fused = _with_faults(name, fused)
     device = inputs[0].device
     kernel = f"{name} on {device}"  # every call: no device query here
     if kernel not in _fallbacks:
         key = (name, str(device), inputs[0].dtype, shape_class)
         if key not in _trusted:
-            problem = _disagreement(fused, reference, probe_inputs if probe_inputs is not None else inputs)
+            probe = probe_inputs if probe_inputs is not None else inputs
+            problem = _disagreement(_with_faults(name, fused, probing=True), reference, probe)
             if problem is None:
                 _trusted.add(key)
             else:
-                _fallbacks[kernel] = problem
-                where = f"{name} on {_device_name(device)}"
-                logger.warning("kernel %s: %s; using its PyTorch reference from now on", where, problem)
+                distrust(name, device, problem)
     if kernel in _fallbacks:
         return reference(*inputs, **call_options)
-    return fused(*inputs, **call_options)
+    return _with_faults(name, fused)(*inputs, **call_options)
 
 
-def _with_faults(name: str, fused: Callable[..., object]) -> Callable[..., object]:
+def distrust(name: str, device: torch.device, problem: str) -> None:
+    """Replace kernel `name` by its reference on `device` for the rest of the process, with one
+    warning: `problem` says what was wrong with it."""
+    _fallbacks[f"{name} on {device}"] = problem
+    logger.warning("kernel %s on %s: %s; using its PyTorch reference from now on", name, _device_name(device), problem)
+
+
+def _with_faults(name: str, fused: Callable[..., object], probing: bool = False) -> Callable[..., object]:
+    if name in _faults.garbled and not probing:
+
+        def garbled(*args, **kwargs):
+            result = fused(*args, **kwargs)
+            return _map_outputs(result, lambda t: t.copy_(t.flatten().flip(0).view_as(t)))
+
+        return garbled
     if name in _faults.failing:
 
         def failing(*args, **kwargs):
@@ -149,6 +165,10 @@ def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 
 def _as_list(outputs: object) -> list[torch.Tensor]:
     return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+
+def _map_outputs(outputs: object, change: Callable[[torch.Tensor], torch.Tensor]) -> object:
+    return tuple(change(t) for t in outputs) if isinstance(outputs, tuple) else change(outputs)
 
 
 def _map_floats(outputs: object, change: Callable[[torch.Tensor], torch.Tensor]) -> object:

@@ -2,9 +2,11 @@
 
 import multiprocessing
 import pickle
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
+from codec_child import decode_in_this_process
 from hivemind.compression import (
     BlockwiseQuantization,
     CompressionInfo,
@@ -15,8 +17,16 @@ from hivemind.compression import (
 )
 from hivemind.proto import runtime_pb2
 
-from model.kernels import dequantize_blockwise, quantize_blockwise
-from peer.codec import MAGIC, MAGIC_4BIT, Blockwise4Bit, Blockwise8Bit, is_starling_payload, register
+from model.kernels import dequantize_blockwise, guard, quantize_blockwise
+from peer.codec import (
+    MAGIC,
+    MAGIC_4BIT,
+    Blockwise4Bit,
+    Blockwise8Bit,
+    is_starling_payload,
+    read_back_problem,
+    register,
+)
 
 register()
 
@@ -158,16 +168,12 @@ def test_each_message_keeps_its_own_bytes():
     assert relative_error(deserialize_torch_tensor(message), first) < 0.01
 
 
-def decode_in_this_process(pickled_codec: bytes, payload: bytes) -> list[float]:
-    pickle.loads(pickled_codec)  # as a spawned averager process receives its codec
-    return deserialize_torch_tensor(runtime_pb2.Tensor.FromString(payload)).tolist()
-
-
 def test_a_process_that_unpickles_the_codec_decodes_its_payloads():
     x = torch.randn(1000)
     message = Blockwise8Bit().compress(x, CompressionInfo.from_tensor(x))
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        decoded = pool.apply(decode_in_this_process, (pickle.dumps(Blockwise8Bit()), message.SerializeToString()))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        work = pool.submit(decode_in_this_process, pickle.dumps(Blockwise8Bit()), message.SerializeToString())
+        decoded = work.result(timeout=120)
     assert relative_error(torch.tensor(decoded), x) < 0.01
 
 
@@ -196,3 +202,49 @@ def test_4bit_leaves_hivemind_uniform_8bit_payloads_to_hivemind():
     assert relative_error(deserialize_torch_tensor(message), x) < 0.05
     via_registry = serialize_torch_tensor(x, runtime_pb2.UNIFORM_8BIT)  # reducers send parts back this way
     assert via_registry.buffer[:4] == MAGIC_4BIT
+
+
+@pytest.fixture
+def fresh_guard():
+    """Nothing checked and no kernel faults, before and after."""
+    guard.declare_faults(guard.KernelFaults())
+    yield
+    guard.declare_faults(guard.KernelFaults())
+
+
+def test_a_payload_that_does_not_read_back_is_never_sent(fresh_guard, caplog):
+    """The Triton quantiser (interpreted here) garbles its output beyond the slice the kernel
+    guard probes: the codec reads the payload back, replaces the kernel by the reference with one
+    warning, and sends the reference's payload instead, then and afterwards."""
+    torch.manual_seed(0)
+    x = torch.randn(5000)  # more than the guard's probe
+    reference = Blockwise8Bit(kernels="torch").compress(x, CompressionInfo.from_tensor(x)).buffer
+    kernel = Blockwise8Bit(kernels="checked")
+    assert kernel.compress(x, CompressionInfo.from_tensor(x)).buffer == reference  # a right kernel: same bytes
+    assert guard.fallbacks() == {}
+
+    guard.declare_faults(guard.KernelFaults(garbled=frozenset({"quantize_blockwise"})))
+    garbled = bytearray(quantize_blockwise(x, mode="checked").numpy().tobytes())
+    assert garbled != reference[16:]  # the fault gets past the guard's probe
+    with caplog.at_level("WARNING", logger="starling.model"):
+        for _ in range(2):
+            assert kernel.compress(x, CompressionInfo.from_tensor(x)).buffer == reference
+    assert list(guard.fallbacks()) == ["quantize_blockwise on cpu"]
+    assert "does not read back" in guard.fallbacks()["quantize_blockwise on cpu"]
+    assert len([record for record in caplog.records if "quantize_blockwise" in record.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_read_back_bound_holds_for_the_codec_and_fails_for_one_code_off(dtype):
+    torch.manual_seed(1)
+    x = (torch.randn(4099) * torch.logspace(-3, 3, 4099)).to(dtype)
+    x[100] = float("inf")  # its block has no scale; the others are held to theirs
+    decoded, message = round_trip(x)
+    assert read_back_problem(decoded, x, 256, 127) is None
+    payload = bytearray(message.buffer)
+    absmax_bytes = 16 + 4 * -(-x.numel() // 256)
+    payload[absmax_bytes + 3000] = (payload[absmax_bytes + 3000] + 2) % 256  # one code two steps away
+    off = dequantize_blockwise(torch.frombuffer(payload[16:], dtype=torch.uint8), x.numel(), dtype=dtype)
+    problem = read_back_problem(off, x, 256, 127)
+    assert problem is not None and problem.startswith(f"1 of {x.numel()} values off by up to ")
+    assert float(problem.split()[-3]) > 1  # two steps from a code at most half a step (plus rounding) away
