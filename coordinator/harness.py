@@ -27,11 +27,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from peer.events import read_events
+
+if TYPE_CHECKING:  # peer.faults imports torch and hivemind, which starting a process does not need
+    from peer.faults import FaultPlan
 
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 LISTEN_PORTS = range(20000, 32768)  # below Linux's default ephemeral range
@@ -272,7 +275,7 @@ class PeerSpec:
     options: dict[str, Any]  # Peer keyword arguments (peer.options.PeerOptions' fields)
     duration: float | None = None  # seconds of training
     max_epochs: int | None = None  # train until the run reaches this epoch
-    faults: dict[str, Any] = field(default_factory=dict)  # peer.faults.FaultPlan fields
+    faults: FaultPlan | None = None  # the faults it injects; None: none
     start_after: str | None = None  # a file: the peer starts only once it exists
     hold_until: str | None = None  # a file: once joined, the peer trains only once it exists
     snapshots: bool = False  # save the parameters of every epoch (and of DiLoCo rounds)
@@ -340,7 +343,8 @@ class PeerFolder:
 
 
 def write_spec(folder: Path, spec: PeerSpec) -> Path:
-    """The spec of a harness peer, written into its folder (made if need be)."""
+    """The spec of a harness peer, written into its folder (made if need be) as JSON, its FaultPlan
+    as a JSON object of its fields (coordinator.harness_peer.read_spec reads it back)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "spec.json"
     path.write_text(json.dumps(asdict(spec)))

@@ -19,6 +19,7 @@ FaultPlan (peer.faults), and writes into the spec's folder (the folder of SPEC_J
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import multiprocessing
 import sys
@@ -92,9 +93,15 @@ def count_dht_requests():
     return counters
 
 
+def read_spec(path: Path) -> PeerSpec:
+    """The spec coordinator.harness.write_spec wrote, its faults a FaultPlan again (empty if none)."""
+    fields = json.loads(path.read_text())
+    return PeerSpec(**{**fields, "faults": FaultPlan(**(fields["faults"] or {}))})
+
+
 def run(spec_path: Path) -> None:
     """Run the harness peer that the spec at `spec_path` describes, in this process."""
-    spec = PeerSpec(**json.loads(spec_path.read_text()))
+    spec = read_spec(spec_path)
     out = spec_path.parent
     torch.set_num_threads(spec.threads)
     setup_logging(env_default("--log-level", "INFO"))  # STARLING_LOG_LEVEL, as for starling-peer
@@ -110,7 +117,7 @@ def run(spec_path: Path) -> None:
         callbacks.on_round_end = partial(save_round, out=out)
     events = out / "events.jsonl"
     dht_requests = count_dht_requests()
-    faults = FaultPlan(**{**spec.faults, "record_to": str(out)})
+    faults = dataclasses.replace(spec.faults, record_to=str(out))
     peer = Peer(**spec.options, events=str(events), callbacks=callbacks, faults=faults)
     start_line = StartLine(out, Path(spec.hold_until) if spec.hold_until else None)
     summary = peer.run(duration=spec.duration, max_epochs=spec.max_epochs, start_line=start_line).as_dict()

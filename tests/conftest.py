@@ -20,6 +20,7 @@ from coordinator.harness import CoordinatorProcess, PeerProcess, PeerSpec, free_
 from model.data import load_corpus  # noqa: E402
 from model.prepared import MANIFEST, Manifest, token_bytes_for, write_atomic, write_shards  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
+from peer.faults import FaultPlan  # noqa: E402
 
 RELEASE_FILE = "release-held-peers"
 
@@ -98,40 +99,24 @@ def write_run_config():
 
 @pytest.fixture
 def launch_peer(tmp_path):
-    """launch_peer(name, duration=, max_epochs=, slow=, start_after=, hold=, snapshots=, die_in_round=,
-    drop_reducer_in_round=, model_overrides=, memory_for_sequences=, initial_loss_scale=, wrap=,
+    """launch_peer(name, duration=, max_epochs=, faults=, start_after=, hold=, snapshots=, wrap=,
     **peer_options) -> a harness peer (coordinator.harness.PeerProcess) in tmp_path/name, killed at the
-    end of the test. slow, die_in_round, drop_reducer_in_round, model_overrides, memory_for_sequences
-    and initial_loss_scale are its
-    declared faults (peer.faults: slow_forward and the others); a peer launched with hold=True joins, then waits for
-    release_peers to start training."""
+    end of the test. `faults` is its declared peer.faults.FaultPlan; a peer launched with hold=True
+    joins, then waits for release_peers to start training."""
     started = []
 
     def launch(
         name: str,
         duration=None,
         max_epochs=None,
-        slow=None,
+        faults: FaultPlan | None = None,
         start_after=None,
         hold=False,
         snapshots=False,
-        die_in_round=None,
-        drop_reducer_in_round=None,
-        model_overrides=None,
-        memory_for_sequences=None,
-        initial_loss_scale=None,
         wrap=(),
         **options,
     ) -> PeerProcess:
         options = {"batch_size": 4, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "name": name, **options}
-        faults = dict(
-            slow_forward=slow or 0.0,
-            die_in_round=die_in_round,
-            drop_reducer_in_round=drop_reducer_in_round,
-            model_overrides=model_overrides or {},
-            memory_for_sequences=memory_for_sequences,
-            initial_loss_scale=initial_loss_scale,
-        )
         spec = PeerSpec(
             options=options,
             duration=duration,

@@ -6,9 +6,10 @@ client_mode (this averager takes no part as a reducer, as a volunteer behind a N
 scheduled_in (seconds from its start at which its round is scheduled, as hivemind.Optimizer
 schedules a round for the epoch's expected end; by default the matchmaking time),
 trigger_delay (seconds it waits, once its group is found, before it lets the all-reduce begin: a
-peer still finishing its micro-batch), slow_group_assembly and slow_reading (peer.faults.FaultPlan),
-codec (a run config's averaging.compression; "none" by default) and random (tensors of normal values
-seeded by the index in place of the index). Once up it waits at its start line
+peer still finishing its micro-batch), faults (the fields of a peer.faults.FaultPlan: its averager's
+slow_group_assembly and slow_reading are the ones that act here), codec (a run config's
+averaging.compression; "none" by default) and random (tensors of normal values seeded by the index
+in place of the index). Once up it waits at its start line
 (coordinator.harness.wait_at_start_line, in the folder of OUT_FILE) until the test releases all PEERS
 averagers by creating GO, then looks for a group, and leaves right after its round.
 OUT_FILE gets a JSON object: outcome, fraction, group (size), means (of each tensor afterwards),
@@ -66,9 +67,7 @@ def main() -> None:
         next_chunk_timeout=averaging.part_timeout,
         allreduce_timeout=STEP_TIMEOUT,
         client_mode=client_mode,
-        faults=FaultPlan(
-            slow_group_assembly=spec.get("slow_group_assembly", 0.0), slow_reading=spec.get("slow_reading", 0.0)
-        ),
+        faults=FaultPlan(**spec.get("faults", {})),
         start=True,
     )
     wait_at_start_line(Path(out_file).parent, Path(go))

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, 
 
 from benchmarks import netlab  # noqa: E402
 from coordinator.harness import bootstrap_node, wait_until  # noqa: E402
+from peer.faults import FaultPlan  # noqa: E402
 from peer.peer import EPOCH_TOLERANCE  # noqa: E402
 from peer.run_config import RunConfig  # noqa: E402
 
@@ -65,7 +66,7 @@ def join_after_first_epoch(
     first to reach the target batch takes its epoch alone (it counts the others only once they
     report samples) and the two stay an epoch apart. `first_slow` (seconds per forward) keeps the
     first peer from taking epochs alone faster than the joiner downloads its state."""
-    first = lab_peer(first_host, "first", run_toml, max_epochs=epochs, slow=first_slow)
+    first = lab_peer(first_host, "first", run_toml, max_epochs=epochs, faults=FaultPlan(slow_forward=first_slow))
     wait_until(lambda: first.logged_epoch() >= 1, 120, "the first peer's first epoch")
     joiner = lab_peer(joiner_host, "joiner", run_toml, max_epochs=epochs, **joiner_options)
     return first, joiner

@@ -13,6 +13,7 @@ from model.data import load_corpus
 from peer.codec import Blockwise4Bit
 from peer.compression import pseudo_gradient_compression
 from peer.diloco import ErrorFeedback
+from peer.faults import FaultPlan
 from peer.optimizer import lr_multiplier
 from peer.run_config import RunConfig, RunConfigError, TrainingSection
 from peer.shards import CorpusShards, ShardReader
@@ -46,8 +47,8 @@ def test_an_outer_round_steps_every_peer_on_the_weighted_average_pseudo_gradient
     run_toml = write_run_config(tmp_path, average_state_every=5, diloco=dict(samples_per_round=360, inner_batch_size=8))
     run = RunConfig.load(run_toml)
     peers = [
-        start_peer(name, run_toml, max_epochs=1, hold=True, snapshots=True, slow=slow)
-        for name, slow in (("fast-a", None), ("fast-b", None), ("slow", 0.3))
+        start_peer(name, run_toml, max_epochs=1, hold=True, snapshots=True, faults=FaultPlan(slow_forward=slow))
+        for name, slow in (("fast-a", 0.0), ("fast-b", 0.0), ("slow", 0.3))
     ]
     release_peers(peers)
     summaries = [peer.wait(timeout=240) for peer in peers]

@@ -7,6 +7,7 @@ import torch
 from swarm_checks import mode_settings
 
 from coordinator.harness import wait_until
+from peer.faults import FaultPlan
 from peer.run_config import RunConfig
 
 
@@ -16,7 +17,7 @@ def test_peer_killed_in_the_middle_of_a_round(tmp_path, write_run_config, start_
     timeout = RunConfig.load(run_toml).averaging.averaging_timeout
     epochs = 6
     survivors = [start_peer(f"peer{i}", run_toml, max_epochs=epochs, hold=True) for i in range(2)]
-    victim = start_peer("victim", run_toml, die_in_round=2, hold=True)
+    victim = start_peer("victim", run_toml, faults=FaultPlan(die_in_round=2), hold=True)
     release_peers([*survivors, victim])
 
     assert victim.process.wait(timeout=240) == -9, victim.log_text()[-3000:]

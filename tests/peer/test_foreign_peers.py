@@ -7,6 +7,7 @@ import signal
 import torch
 
 from coordinator.harness import wait_until
+from peer.faults import FaultPlan
 
 
 def test_peers_of_another_configuration_or_shape_average_with_nobody_of_the_run(
@@ -19,7 +20,7 @@ def test_peers_of_another_configuration_or_shape_average_with_nobody_of_the_run(
     intruders = {
         "other-config": start_peer("other-config", other_toml),
         # The run's configuration, a model of another shape: hivemind's matchmaking refuses its schema.
-        "tampered": start_peer("tampered", run_toml, model_overrides={"intermediate_size": 192}),
+        "tampered": start_peer("tampered", run_toml, faults=FaultPlan(model_overrides={"intermediate_size": 192})),
     }
     # The tampered peer runs epochs ahead alone, so it is the first donor the members ask for state.
     tampered = intruders["tampered"]

@@ -1,6 +1,7 @@
 """The corrections Starling makes to hivemind (peer.hivemind_fixes, and the all-reduce runners of
 peer.averager), each checked against the behaviour it fixes."""
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -20,6 +21,7 @@ from hivemind.utils.timed_storage import get_dht_time
 import peer.averager  # noqa: F401  (applies peer.hivemind_fixes, as every averaging process does)
 from coordinator.harness import HarnessError, PeerProcess, bootstrap_node, exit_statuses, release, stop_all
 from peer import hivemind_fixes
+from peer.faults import FaultPlan
 from peer.run_config import AveragingSection
 
 ROUND_WORKER = Path(__file__).with_name("round_worker.py")
@@ -92,7 +94,8 @@ def average_once(tmp_path: Path, specs: list[dict]) -> list[dict]:
         workers = []
         for i, (folder, spec) in enumerate(zip(folders, specs)):
             folder.mkdir()
-            arguments = [address, str(i), str(len(specs)), str(outputs[i]), json.dumps(spec), str(go)]
+            spec_json = json.dumps(spec, default=dataclasses.asdict)  # a FaultPlan as its fields
+            arguments = [address, str(i), str(len(specs)), str(outputs[i]), spec_json, str(go)]
             workers.append(PeerProcess(folder, [sys.executable, str(ROUND_WORKER), *arguments]))
         try:
             release(workers, go)
@@ -118,7 +121,7 @@ def test_a_follower_waits_for_a_leader_slow_to_assemble_the_group(tmp_path):
     later than hivemind's follower waits (its matchmaking lock held, as by a join request of its
     own). They still average with each other in that round."""
     request_timeout = AveragingSection(matchmaking_time=2.0).request_timeout  # as round_worker.py's
-    slow = dict(slow_group_assembly=1.5 * request_timeout)
+    slow = dict(faults=FaultPlan(slow_group_assembly=1.5 * request_timeout))
     assert_averaged_together(average_once(tmp_path, [slow, slow]))
 
 
@@ -145,7 +148,7 @@ def test_a_member_reading_slower_than_its_reducer_sends_receives_every_averaged_
     partner, as reducer, has sent them all long before. Closing the reducer's stream right after
     its last part made the libp2p daemons drop the parts still on their way (without the fix, 2
     runs of 2 ended partial for the slow member, 93.6% and 99.6% averaged); it receives them all."""
-    results = average_once(tmp_path, [dict(slow_reading=0.25), {}])
+    results = average_once(tmp_path, [dict(faults=FaultPlan(slow_reading=0.25)), {}])
     assert_averaged_together(results)
 
 

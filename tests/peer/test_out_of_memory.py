@@ -1,5 +1,7 @@
 """A peer whose device runs out of memory in the middle of training goes on with smaller micro-batches."""
 
+from peer.faults import FaultPlan
+
 
 def test_a_peer_out_of_memory_halves_its_micro_batch_and_contributes_only_what_it_trained(
     tmp_path, write_run_config, start_peer
@@ -8,7 +10,7 @@ def test_a_peer_out_of_memory_halves_its_micro_batch_and_contributes_only_what_i
     the first fails, and so does one of 4; the peer goes on with 2 and reaches its epochs. Nothing
     of a failed micro-batch is contributed: every sample counted came from a micro-batch of 2."""
     run_toml = write_run_config(tmp_path, target_batch_size=16)
-    peer = start_peer("small-device", run_toml, max_epochs=2, batch_size=8, memory_for_sequences=3)
+    peer = start_peer("small-device", run_toml, max_epochs=2, batch_size=8, faults=FaultPlan(memory_for_sequences=3))
     summary = peer.wait(timeout=180)
     events = peer.events()
 

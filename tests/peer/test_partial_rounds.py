@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from swarm_checks import parameter_gap
 
 from coordinator.harness import wait_until
+from peer.faults import FaultPlan
 from peer.run_config import RunConfig
 
 
@@ -35,7 +36,12 @@ def test_a_partial_round_is_counted_with_its_fraction_and_the_peer_resynchronise
     first = start_peer("first", run_toml, duration=600, snapshots=True)
     wait_until(lambda: any(e["event"] == "epoch" for e in first.events()), 120, "the first peer's first epoch")
     dropper = start_peer(
-        "dropper", run_toml, duration=600, drop_reducer_in_round=2, metrics_port=unused_port, snapshots=True
+        "dropper",
+        run_toml,
+        duration=600,
+        faults=FaultPlan(drop_reducer_in_round=2),
+        metrics_port=unused_port,
+        snapshots=True,
     )
     other = start_peer("other", run_toml, duration=600, snapshots=True)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model import CausalLM, ModelConfig
+from peer.faults import FaultPlan
 from peer.precision import MixedPrecision, choose_precision
 
 CPU = torch.device("cpu")
@@ -61,7 +62,9 @@ def test_a_peer_in_fp16_skips_the_micro_batches_that_overflow_and_goes_on(tmp_pa
     overflow: each is skipped, not contributed, and halves the scale, until the gradients fit fp16's
     range; the peer then trains and contributes exactly the micro-batches that did not overflow."""
     run_toml = write_run_config(tmp_path, target_batch_size=16)
-    peer = start_peer("fp16", run_toml, max_epochs=2, batch_size=4, precision="fp16", initial_loss_scale=2.0**30)
+    peer = start_peer(
+        "fp16", run_toml, max_epochs=2, batch_size=4, precision="fp16", faults=FaultPlan(initial_loss_scale=2.0**30)
+    )
     summary = peer.wait(timeout=180)
     events = peer.events()
 

@@ -7,6 +7,7 @@ import torch
 from swarm_checks import mode_settings
 
 from coordinator.harness import wait_until
+from peer.faults import FaultPlan
 
 
 @pytest.mark.parametrize("mode", ["batch", "diloco"])
@@ -17,7 +18,9 @@ def test_heterogeneous_client_and_auxiliary_peers_all_take_part(
     epochs = 4
     peers = {
         "fast": start_peer("fast", run_toml, max_epochs=epochs, batch_size=8, hold=True),
-        "slow": start_peer("slow", run_toml, max_epochs=epochs, batch_size=2, slow=0.15, hold=True),
+        "slow": start_peer(
+            "slow", run_toml, max_epochs=epochs, batch_size=2, faults=FaultPlan(slow_forward=0.15), hold=True
+        ),
         "client": start_peer("client", run_toml, max_epochs=epochs, batch_size=4, client_mode=True, hold=True),
     }
     helper = start_peer("helper", run_toml, auxiliary=True, hold=True)  # runs until stopped, as helpers do
