@@ -26,7 +26,9 @@ OPTIMIZERS = ("adamw", "adamw8bit", "lamb8bit", "sgd")
 MODES = ("batch", "diloco")
 OBJECTIVES = ("pretrain", "sft", "distill")
 COMPRESSIONS = ("adaptive-8bit", "fp16", "none")
-PSEUDO_GRADIENT_COMPRESSIONS = ("adaptive-8bit", "blockwise-4bit", "fp16", "none")
+# Pseudo-gradients take every gradient codec, and 4 bits too: a loss that DiLoCo's error feedback
+# sends in the next round (batch mode's gradients have no such feedback).
+PSEUDO_GRADIENT_COMPRESSIONS = tuple(sorted((*COMPRESSIONS, "blockwise-4bit")))
 MAX_OUTER_LR = 2.0  # beyond it the outer step overshoots the averaged inner progress
 AGGREGATIONS = ("centered-clip", "mean")
 AUTH_MODES = ("open", "token")
@@ -87,7 +89,7 @@ class DilocoSection:
     inner_batch_size: int = 16  # samples per inner step on each peer (micro-batches accumulate to it)
     outer_lr: float = 0.7  # DiLoCo's (Douillard et al., 2023)
     outer_momentum: float = 0.9  # Nesterov; 0 for plain SGD
-    compression: str = "adaptive-8bit"  # the pseudo-gradient's codec: adaptive-8bit | blockwise-4bit | fp16 | none
+    compression: str = "adaptive-8bit"  # the pseudo-gradient's codec: one of PSEUDO_GRADIENT_COMPRESSIONS
     # What a lossy codec did not send is added to the next round's pseudo-gradient.
     error_feedback: bool = True
     # Average a round's pseudo-gradients in the background while the next round's inner steps run,
