@@ -436,8 +436,13 @@ def release(peers: Sequence[PeerProcess], go: Path, timeout: float = 120) -> flo
 
     Peers that start training one by one race: the first alone in the swarm takes its epochs without
     averaging (hivemind averages only with more than one peer in the progress records), and with a
-    tiny model it can reach a test's last epoch before a slower-starting peer has joined."""
-    wait_until(lambda: all(peer.ready() for peer in peers), timeout, "the peers to join", alive=peers)
+    tiny model it can reach a test's last epoch before a slower-starting peer has joined. When one
+    does not join, every peer is stopped: none would ever leave its start line."""
+    try:
+        wait_until(lambda: all(peer.ready() for peer in peers), timeout, "the peers to join", alive=peers)
+    except HarnessError:
+        stop_all(peers)
+        raise
     go.touch()
     return time.time()
 

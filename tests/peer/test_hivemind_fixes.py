@@ -19,7 +19,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
 import peer.averager  # noqa: F401  (applies peer.hivemind_fixes, as every averaging process does)
-from coordinator.harness import HarnessError, PeerProcess, bootstrap_node, exit_statuses, release, stop_all
+from coordinator.harness import PeerProcess, bootstrap_node, exit_statuses, release
 from peer import hivemind_fixes
 from peer.faults import FaultPlan
 from peer.run_config import AveragingSection
@@ -97,11 +97,7 @@ def average_once(tmp_path: Path, specs: list[dict]) -> list[dict]:
             spec_json = json.dumps(spec, default=dataclasses.asdict)  # a FaultPlan as its fields
             arguments = [address, str(i), str(len(specs)), str(outputs[i]), spec_json, str(go)]
             workers.append(PeerProcess(folder, [sys.executable, str(ROUND_WORKER), *arguments]))
-        try:
-            release(workers, go)
-        except HarnessError:
-            stop_all(workers)
-            raise
+        release(workers, go)
         codes = exit_statuses(workers, timeout=120)
     assert codes == [0] * len(specs), [worker.log_tail() for worker in workers]
     return [dict(json.loads(out.read_text()), log=worker.log_tail()) for out, worker in zip(outputs, workers)]
