@@ -87,7 +87,7 @@ from hivemind.compression import (  # noqa: E402
 )
 
 from benchmarks.measure import codec_table, write_json  # noqa: E402
-from coordinator.harness import HarnessError, free_port, wait_until  # noqa: E402
+from coordinator.harness import LOOPBACK_MADDR, HarnessError, free_port, wait_until  # noqa: E402
 from peer.averager import AggregatingAverager  # noqa: E402
 from peer.codec import register  # noqa: E402
 from peer.compression import gradient_compression  # noqa: E402
@@ -99,7 +99,6 @@ CODECS: dict[str, Callable[[], CompressionBase]] = {
     "adaptive": lambda: gradient_compression(AveragingSection()),
 }
 GLOO = "gloo"
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 SAMPLE = 2**20  # values compressed to find a codec's bytes per value and error
 TICKS = os.sysconf("SC_CLK_TCK")
 SEED = 0
@@ -458,11 +457,11 @@ def worker(rank: int, config: Config, barrier: Any, addresses: mp.Queue, message
         torch.set_num_threads(config.threads)
         register()
         if rank == 0:
-            dht = hivemind.DHT(start=True, host_maddrs=[LOOPBACK])
+            dht = hivemind.DHT(start=True, host_maddrs=[LOOPBACK_MADDR])
             for _ in range(config.world - 1):
                 addresses.put([str(address) for address in dht.get_visible_maddrs()])
         else:
-            dht = hivemind.DHT(start=True, host_maddrs=[LOOPBACK], initial_peers=addresses.get(timeout=300))
+            dht = hivemind.DHT(start=True, host_maddrs=[LOOPBACK_MADDR], initial_peers=addresses.get(timeout=300))
         dist.init_process_group(
             "gloo",
             init_method=f"tcp://127.0.0.1:{config.gloo_port}",

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/
 
 from benchmarks.measure import write_json  # noqa: E402
-from coordinator.harness import CoordinatorProcess, PeerProcess, stop_all, wait_until  # noqa: E402
+from coordinator.harness import LOOPBACK_VOLUNTEER, CoordinatorProcess, PeerProcess, stop_all, wait_until  # noqa: E402
 
 RUN_TOML = """\
 run_id = "benchmark"
@@ -63,10 +63,8 @@ def main() -> None:
     try:
         coordinator.start()
         launched = time.monotonic()
-        arguments = ["--initial-peers", coordinator.address, "--name", "benchmark", "--batch-size", "4"]
-        processes.append(
-            PeerProcess.command_line(folder / "peer", [*arguments, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
-        )
+        arguments = ["--initial-peers", coordinator.address, "--name", "benchmark", *LOOPBACK_VOLUNTEER]
+        processes.append(PeerProcess.command_line(folder / "peer", arguments))
         wait_until(measure, TIMEOUT, f"{args.checkpoints} checkpoints (see {folder})", alive=processes, period=0.25)
     finally:
         stop_all(processes)

@@ -97,7 +97,7 @@ def plan_against_peak(device: torch.device) -> list[dict]:
 
 def peer_smoke(device: torch.device, epochs: int) -> list[dict]:
     """An offline peer of the tiny model, a few epochs in each precision: its summary."""
-    from coordinator.harness import HarnessError, PeerProcess
+    from coordinator.harness import LOOPBACK_MADDR, HarnessError, PeerProcess
 
     rows = []
     for precision in precisions():
@@ -106,7 +106,7 @@ def peer_smoke(device: torch.device, epochs: int) -> list[dict]:
             run_toml.write_text('run_id = "gpu-smoke"\n[model]\npreset = "tiny"\n[training]\ntarget_batch_size = 64\n')
             arguments = [
                 *("--config", str(run_toml), "--device", str(device), "--precision", precision),
-                *("--max-epochs", str(epochs), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"),
+                *("--max-epochs", str(epochs), "--host-maddrs", LOOPBACK_MADDR),
             ]
             print(f"== peer {precision}: starling-peer {' '.join(arguments)}", flush=True)
             peer = PeerProcess.command_line(Path(folder) / "peer", arguments)

@@ -45,6 +45,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not be
 from benchmarks.measure import write_json  # noqa: E402
 from benchmarks.swarm_runs import RunSettings  # noqa: E402
 from coordinator.harness import (  # noqa: E402
+    LOOPBACK_MADDR,
     CoordinatorProcess,
     HarnessError,
     PeerFleet,
@@ -128,7 +129,7 @@ def run_scale(folder: Path, peers: int, epochs: int, newcomer: bool = True, time
     polls, listed, memory, cpu, newcomer_started = [], 0, None, None, None
     try:
         base = dict(initial_peers=[coordinator.address], config=str(run_toml), batch_size=BATCH_SIZE)
-        base.update(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        base.update(host_maddrs=[LOOPBACK_MADDR])
         hold = str(folder / "go")
         specs = [
             (f"peer-{i}", PeerSpec(options=dict(base, name=f"peer-{i}"), max_epochs=epochs, hold_until=hold))

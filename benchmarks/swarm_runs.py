@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.netlab import Lab
-from coordinator.harness import HarnessError, PeerProcess, PeerSpec, bootstrap_node, release, stop_all
+from coordinator.harness import LOOPBACK_MADDR, HarnessError, PeerProcess, PeerSpec, bootstrap_node, release, stop_all
 from peer.run_config import AveragingSection, DilocoSection, RunConfig
 
 START_LINE_TIMEOUT = 900.0  # seconds for the peers to get ready
@@ -165,7 +165,7 @@ def run_swarm(folder: Path, run_toml: Path, options: SwarmOptions, max_epochs: i
     params.safetensors. Logs stay in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     peers: list[PeerProcess] = []
-    with bootstrap_node(lab.maddr() if lab else "/ip4/127.0.0.1/tcp/0") as address:
+    with bootstrap_node(lab.maddr() if lab else LOOPBACK_MADDR) as address:
         try:
             launched = time.time()
             for index in range(options.peers):
@@ -176,7 +176,7 @@ def run_swarm(folder: Path, run_toml: Path, options: SwarmOptions, max_epochs: i
                         batch_size=options.batch_size,
                         device=options.device,
                         name=f"peer-{index}",
-                        host_maddrs=[lab.hosts[index].maddr() if lab else "/ip4/127.0.0.1/tcp/0"],
+                        host_maddrs=[lab.hosts[index].maddr() if lab else LOOPBACK_MADDR],
                     ),
                     max_epochs=max_epochs,
                     hold_until=str(folder / "go"),

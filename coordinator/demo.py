@@ -21,7 +21,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from coordinator.harness import CoordinatorProcess, HarnessError, PeerProcess, stop_all
+from coordinator.harness import LOOPBACK_VOLUNTEER, CoordinatorProcess, HarnessError, PeerProcess, stop_all
 from coordinator.prepare import prepare_cached
 from model.data import bundled_corpus_files
 from model.prepared import PrepareSettings, load_manifest, manifest_digest, write_atomic
@@ -52,8 +52,7 @@ def main() -> int:
         state = coordinator.state()
         for index in range(args.peers):
             name = f"demo-peer-{index + 1}"
-            arguments = ["--initial-peers", *state["initial_peers"], "--name", name]
-            arguments += ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4"]
+            arguments = ["--initial-peers", *state["initial_peers"], "--name", name, *LOOPBACK_VOLUNTEER]
             processes.append(PeerProcess.command_line(state_dir / name, arguments))
         print(
             f"dashboard:  {coordinator.url}/\njoin with:  {state['join_command']}\n"

@@ -42,6 +42,9 @@ HOLD_TIMEOUT = 900.0  # seconds a process at its start line waits to be released
 STOP_GRACE = 30.0  # seconds a process gets to stop after SIGTERM before it is killed
 POLL = 0.1  # seconds between two looks at a condition
 STARLING_PEER = Path(sys.executable).with_name("starling-peer")  # the command pip installed beside Python
+LOOPBACK_MADDR = "/ip4/127.0.0.1/tcp/0"  # libp2p listening on loopback, on a port the system picks
+# starling-peer's options for a volunteer on this machine: loopback, micro-batch 4 (what two cores train briskly)
+LOOPBACK_VOLUNTEER = ("--host-maddrs", LOOPBACK_MADDR, "--batch-size", "4")
 _handed_out: set[int] = set()  # by this process, maybe not bound yet by whoever got them
 
 T = TypeVar("T")
@@ -448,7 +451,7 @@ def release(peers: Sequence[PeerProcess], go: Path, timeout: float = 120) -> flo
 
 
 @contextlib.contextmanager
-def bootstrap_node(maddr: str = "/ip4/127.0.0.1/tcp/0") -> Iterator[str]:
+def bootstrap_node(maddr: str = LOOPBACK_MADDR) -> Iterator[str]:
     """A plain hivemind DHT node listening on `maddr`, for peers to join through; yields its address."""
     import hivemind
 

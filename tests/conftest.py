@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from coordinator.harness import CoordinatorProcess, PeerProcess, PeerSpec, free_port, release  # noqa: E402
+from coordinator.harness import LOOPBACK_MADDR, CoordinatorProcess, PeerProcess, PeerSpec, free_port, release  # noqa: E402
 from model.data import load_corpus  # noqa: E402
 from model.prepared import MANIFEST, Manifest, token_bytes_for, write_atomic, write_shards  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
@@ -116,7 +116,7 @@ def launch_peer(tmp_path):
         wrap=(),
         **options,
     ) -> PeerProcess:
-        options = {"batch_size": 4, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "name": name, **options}
+        options = {"batch_size": 4, "host_maddrs": [LOOPBACK_MADDR], "name": name, **options}
         spec = PeerSpec(
             options=options,
             duration=duration,

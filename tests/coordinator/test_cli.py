@@ -9,7 +9,7 @@ import pytest
 from hivemind.utils.crypto import RSAPrivateKey
 
 from coordinator import cli as coordinator_cli
-from coordinator.harness import STARLING_PEER
+from coordinator.harness import LOOPBACK_MADDR, LOOPBACK_VOLUNTEER, STARLING_PEER
 from peer.auth import issue_token
 from tests.commands import run_at_once
 
@@ -22,7 +22,7 @@ def run_coordinator(*args: str, timeout: float = 120) -> subprocess.CompletedPro
 
 def peer_command(*args: str) -> list[str]:
     """`starling-peer ARGS` on loopback, as a volunteer runs it."""
-    return [str(STARLING_PEER), *args, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--batch-size", "4"]
+    return [str(STARLING_PEER), *args, *LOOPBACK_VOLUNTEER]
 
 
 BAD_RUN_CONFIGS = [
@@ -61,7 +61,7 @@ def test_dashboard_port_in_use_is_named(tmp_path, write_run_config):
             "--state-dir",
             str(tmp_path / "state"),
             "--host-maddrs",
-            "/ip4/127.0.0.1/tcp/0",
+            LOOPBACK_MADDR,
             "--dashboard-port",
             str(port),
         )

@@ -15,7 +15,7 @@ import hivemind
 import torch
 from safetensors.torch import save_file
 
-from coordinator.harness import wait_at_start_line
+from coordinator.harness import LOOPBACK_MADDR, wait_at_start_line
 from model import CausalLM
 from peer.averager import RoundOutcome
 from peer.optimizer import make_collaborative_optimizer
@@ -35,7 +35,7 @@ def main() -> None:
     torch.manual_seed(run.training.seed)
     model = CausalLM(run.model_config())
     precision = MixedPrecision(precision, torch.device("cpu"))
-    dht = hivemind.DHT(initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = hivemind.DHT(initial_peers=[initial_peer], host_maddrs=[LOOPBACK_MADDR], start=True)
     opt = make_collaborative_optimizer(model, dht, run, micro_batch)
     wait_at_start_line(Path(out_file).parent, Path(go))
     steps = 0

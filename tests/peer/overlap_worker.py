@@ -14,7 +14,7 @@ from pathlib import Path
 import hivemind
 import torch
 
-from coordinator.harness import wait_until
+from coordinator.harness import LOOPBACK_MADDR, wait_until
 from peer.averager import RoundOutcome
 from peer.diloco import make_diloco_optimizer
 from peer.run_config import RunConfig
@@ -100,7 +100,7 @@ def main() -> None:
     run_toml, initial_peer, seed, rounds, out = sys.argv[1:]
     torch.set_num_threads(1)
     run = RunConfig.load(run_toml)
-    dht = hivemind.DHT(initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = hivemind.DHT(initial_peers=[initial_peer], host_maddrs=[LOOPBACK_MADDR], start=True)
     peer = OverlapPeer(dht, run, int(seed))
     try:
         peer.train(int(rounds))

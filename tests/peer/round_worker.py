@@ -28,7 +28,7 @@ import hivemind
 import torch
 from hivemind.utils.timed_storage import get_dht_time
 
-from coordinator.harness import wait_at_start_line
+from coordinator.harness import LOOPBACK_MADDR, wait_at_start_line
 from coordinator.harness_peer import DHT_REQUESTS, count_dht_requests
 from peer.averager import AggregatingAverager, RoundOutcome, round_outcome
 from peer.compression import codec_named
@@ -53,9 +53,7 @@ def main() -> None:
     averaging = AveragingSection(matchmaking_time=MATCHMAKING_TIME)  # every other setting as shipped
     client_mode = spec.get("client_mode", False)
     dht_requests = count_dht_requests()
-    dht = hivemind.DHT(
-        initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=client_mode, start=True
-    )
+    dht = hivemind.DHT(initial_peers=[initial_peer], host_maddrs=[LOOPBACK_MADDR], client_mode=client_mode, start=True)
     random = spec.get("random", False)
     averager = AggregatingAverager(
         local_tensors(index, random),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from swarm_checks import assert_parameters_agree
 
-from coordinator.harness import PeerProcess, wait_until
+from coordinator.harness import LOOPBACK_VOLUNTEER, PeerProcess, wait_until
 from peer.run_config import RunConfig
 
 # Runs of the two-volunteer test in the suite; STARLING_PAIR_RUNS=10 for the issue's ten in a row.
@@ -108,12 +108,8 @@ def timeline(peers) -> list[tuple]:
 
 def start_volunteer(folder: Path, run_toml: Path, duration: float, initial_peers: list[str]) -> PeerProcess:
     """`starling-peer --config run.toml` as a volunteer runs it (micro-batch 4 on this machine)."""
-    arguments = ["--config", str(run_toml), "--batch-size", "4", "--duration", str(duration)]
-    arguments += [
-        "--host-maddrs",
-        "/ip4/127.0.0.1/tcp/0",
-        *(["--initial-peers", *initial_peers] if initial_peers else []),
-    ]
+    arguments = ["--config", str(run_toml), "--duration", str(duration), *LOOPBACK_VOLUNTEER]
+    arguments += ["--initial-peers", *initial_peers] if initial_peers else []
     return PeerProcess.command_line(folder, arguments)
 
 

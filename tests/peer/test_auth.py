@@ -12,11 +12,12 @@ from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
+from coordinator.harness import LOOPBACK_MADDR
 from peer.auth import Grant, RunAuthorizer, TokenError, check_grant_for, issue_token, parse_token
 from peer.identity import peer_id_of
 
 RUN = "moderated-run"
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+LOOPBACK = [LOOPBACK_MADDR]
 
 
 @pytest.fixture(scope="module")

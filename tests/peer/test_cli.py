@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.harness import PeerProcess, free_port, wait_until
+from coordinator.harness import LOOPBACK_MADDR, LOOPBACK_VOLUNTEER, PeerProcess, free_port, wait_until
 from peer.cli import build_parser
 from peer.options import PeerOptions
 from tests.commands import run_at_once
@@ -58,13 +58,13 @@ def test_bad_input_gives_one_line_and_exit_2(bad_input_results, index):
 def test_bad_run_config_given_to_a_peer_exits_2_naming_the_key(tmp_path):
     run_toml = tmp_path / "run.toml"
     run_toml.write_text('[training]\nmode = "diloco"\n[diloco]\ncompression = "int3"\n')
-    result = run_peer("--config", str(run_toml), "--host-maddrs", "/ip4/127.0.0.1/tcp/0")
+    result = run_peer("--config", str(run_toml), "--host-maddrs", LOOPBACK_MADDR)
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and "diloco.compression must be one of" in result.stderr
 
 
 def test_unreachable_initial_peers_name_the_address(tmp_path):
-    result = run_peer("--initial-peers", UNREACHABLE, "--host-maddrs", "/ip4/127.0.0.1/tcp/0")
+    result = run_peer("--initial-peers", UNREACHABLE, "--host-maddrs", LOOPBACK_MADDR)
     assert result.returncode == 2
     (line,) = error_lines(result)
     assert "none of the initial peers answered" in line and UNREACHABLE in line
@@ -131,8 +131,8 @@ def scrape(port: int) -> dict[str, float]:
 def test_metrics_then_sigterm_exits_0_within_10_s_and_leaves_no_process(tmp_path, write_run_config, bootstrap):
     run_toml = write_run_config(tmp_path)
     port = free_port()
-    arguments = ["--initial-peers", bootstrap, "--config", str(run_toml), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
-    peer = PeerProcess.command_line(tmp_path / "peer", [*arguments, "--batch-size", "4", "--metrics-port", str(port)])
+    arguments = ["--initial-peers", bootstrap, "--config", str(run_toml), "--metrics-port", str(port)]
+    peer = PeerProcess.command_line(tmp_path / "peer", [*arguments, *LOOPBACK_VOLUNTEER])
     process = peer.process
     peer.wait_for_event("epoch", timeout=120)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from coordinator.harness import LOOPBACK_MADDR
 from coordinator.teacher_targets import add_teacher_targets
 from model import CausalLM, ModelConfig
 from model.data import load_corpus
@@ -94,7 +95,7 @@ def test_a_peer_whose_teacher_is_not_the_run_s_is_refused_in_one_line(tmp_path, 
     teacher = tmp_path / "teacher"
     save_teacher(teacher)
     run_toml = with_objective(write_run_config(tmp_path), teacher, "0" * 64)
-    command = [sys.executable, "-m", "peer.cli", "--config", str(run_toml), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+    command = [sys.executable, "-m", "peer.cli", "--config", str(run_toml), "--host-maddrs", LOOPBACK_MADDR]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("starling-peer: error:")]
@@ -103,7 +104,7 @@ def test_a_peer_whose_teacher_is_not_the_run_s_is_refused_in_one_line(tmp_path, 
 
 def test_a_distilling_peer_without_the_teacher_or_its_targets_is_refused_in_one_line(tmp_path, write_run_config):
     run_toml = with_objective(write_run_config(tmp_path), None, "0" * 64)
-    command = [sys.executable, "-m", "peer.cli", "--config", str(run_toml), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+    command = [sys.executable, "-m", "peer.cli", "--config", str(run_toml), "--host-maddrs", LOOPBACK_MADDR]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("starling-peer: error:")]

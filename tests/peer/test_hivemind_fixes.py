@@ -19,7 +19,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
 import peer.averager  # noqa: F401  (applies peer.hivemind_fixes, as every averaging process does)
-from coordinator.harness import PeerProcess, bootstrap_node, exit_statuses, release
+from coordinator.harness import LOOPBACK_MADDR, PeerProcess, bootstrap_node, exit_statuses, release
 from peer import hivemind_fixes
 from peer.faults import FaultPlan
 from peer.run_config import AveragingSection
@@ -191,7 +191,7 @@ def test_the_dht_reads_on_after_a_request_from_a_process_that_has_exited():
     averager may, when its peer stops) leaves a request that cannot be answered. hivemind's DHT then
     paused its reading for its wait_timeout (3 s at every peer's stop); set to an hour here, so that
     the next request would not be answered while the test waits."""
-    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], wait_timeout=3600, start=True)
+    dht = hivemind.DHT(host_maddrs=[LOOPBACK_MADDR], wait_timeout=3600, start=True)
     try:
         os.kill(dht.pid, signal.SIGSTOP)  # the request is read only once its sender is gone
         try:

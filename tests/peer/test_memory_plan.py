@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from coordinator.harness import STARLING_PEER
+from coordinator.harness import LOOPBACK_MADDR, STARLING_PEER
 from model import CausalLM, ModelConfig
 from model.objectives import distillation_loss, teacher_top_k, top_k_distillation_loss
 from peer.memory_plan import plan
@@ -136,7 +136,7 @@ def mistral_run(tmp_path) -> Path:
 
 
 def starling_peer(*args: str) -> subprocess.CompletedProcess:
-    command = [str(STARLING_PEER), *args, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu"]
+    command = [str(STARLING_PEER), *args, "--host-maddrs", LOOPBACK_MADDR, "--device", "cpu"]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 

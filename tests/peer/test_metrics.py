@@ -6,6 +6,7 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
+from coordinator.harness import LOOPBACK_MADDR
 from peer import metrics
 
 RUN_ID = "metrics-test"
@@ -35,7 +36,7 @@ def node(*initial_peers: str) -> tuple[hivemind.DHT, RSASignatureValidator]:
     signer = RSASignatureValidator(hivemind.utils.crypto.RSAPrivateKey())
     dht = hivemind.DHT(
         initial_peers=list(initial_peers),
-        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        host_maddrs=[LOOPBACK_MADDR],
         record_validators=[signer, metrics.schema_validator(RUN_ID)],
         start=True,
     )

@@ -3,10 +3,10 @@
 import hivemind
 import pytest
 
-from coordinator.harness import wait_until
+from coordinator.harness import LOOPBACK_MADDR, wait_until
 from peer.progress import RunProgressTracker
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+LOOPBACK = [LOOPBACK_MADDR]
 TARGET = 32
 
 

@@ -2,6 +2,7 @@
 
 import torch
 
+from coordinator.harness import LOOPBACK_MADDR
 from peer.averager import RUNNERS
 from peer.robust import CLIP_FACTOR, centered_clip
 from peer.run_config import AGGREGATIONS
@@ -93,9 +94,7 @@ def test_all_reduce_keeps_honest_average_when_one_peer_sends_scaled_or_non_finit
     # is left out, and the two honest parts average exactly, up to the 8-bit codec's error.
     for attack, bound in [(lambda g: g * 1e6, 0.25), (lambda g: torch.full_like(g, float("nan")), 0.03)]:
         gradients = honest + [[attack(g) for g in honest[0]]]
-        dhts = [
-            hivemind.DHT(initial_peers=[bootstrap], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True) for _ in range(3)
-        ]
+        dhts = [hivemind.DHT(initial_peers=[bootstrap], host_maddrs=[LOOPBACK_MADDR], start=True) for _ in range(3)]
         averagers, params = [], []
         for dht, grads in zip(dhts, gradients):
             peer_params = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]

@@ -10,6 +10,7 @@ import hivemind
 import pytest
 import torch
 
+from coordinator.harness import LOOPBACK_MADDR
 from peer.state_loading import (
     CheckedStateAverager,
     check_metadata_epoch,
@@ -99,7 +100,7 @@ def test_the_state_shared_around_an_optimizer_step_is_labelled_with_its_paramete
     """hivemind counts an epoch before its background thread runs the epoch's optimizer step. A
     coordinator that downloaded the state in between wrote a checkpoint of epoch N holding the
     parameters of epoch N - 1 (tests/coordinator/test_swarm.py, fresh-clone make test)."""
-    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = hivemind.DHT(host_maddrs=[LOOPBACK_MADDR], start=True)
     param = torch.nn.Parameter(torch.zeros(4))
     averager = CheckedStateAverager(
         dht=dht,

@@ -12,14 +12,14 @@ import hivemind
 import pytest
 import torch
 
-from coordinator.harness import wait_until
+from coordinator.harness import LOOPBACK_MADDR, wait_until
 from model import CausalLM
 from peer.averager import RoundOutcome, StateRound
 from peer.optimizer import make_collaborative_optimizer
 from peer.run_config import RunConfig
 from peer.state_loading import CheckedStateAverager, state_offers
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+LOOPBACK = [LOOPBACK_MADDR]
 MATCHMAKING_TIME, ROUND_TIMEOUT = 2.0, 5.0
 
 
