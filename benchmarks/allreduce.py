@@ -56,7 +56,6 @@ import os
 import platform
 import pstats
 import queue
-import socket
 import statistics
 import sys
 import tempfile
@@ -86,6 +85,7 @@ from hivemind.compression import (  # noqa: E402
     serialization,
 )
 
+from benchmarks.link import stream_bytes_per_second  # noqa: E402
 from benchmarks.measure import codec_table, write_json  # noqa: E402
 from coordinator.harness import LOOPBACK_MADDR, HarnessError, free_port, wait_until  # noqa: E402
 from peer.averager import AggregatingAverager  # noqa: E402
@@ -170,40 +170,6 @@ def thread_cpu_seconds() -> dict[int, float]:
         except FileNotFoundError:  # the thread ended meanwhile
             pass
     return seconds
-
-
-def _sink(ports: mp.Queue, total: int, chunk: int, repeats: int) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        ports.put(server.getsockname()[1])
-        buffer = memoryview(bytearray(chunk))
-        for _ in range(repeats):
-            connection, _ = server.accept()
-            with connection:
-                remaining = total
-                while remaining:
-                    received = connection.recv_into(buffer, min(chunk, remaining))
-                    if not received:
-                        raise ConnectionError("sender closed early")
-                    remaining -= received
-                connection.sendall(b"\0")
-
-
-def loopback_bandwidth(total: int = 2**30, chunk: int = 4 * 2**20, repeats: int = 3) -> float:
-    """Bytes per second of one TCP stream between two processes on 127.0.0.1 (median of repeats)."""
-    context = mp.get_context("spawn")
-    ports = context.Queue()
-    receiver = context.Process(target=_sink, args=(ports, total, chunk, repeats))
-    receiver.start()
-    port, payload, seconds = ports.get(timeout=120), bytes(chunk), []
-    for _ in range(repeats):
-        with socket.create_connection(("127.0.0.1", port)) as connection:
-            start = time.perf_counter()
-            for _ in range(total // chunk):
-                connection.sendall(payload)
-            connection.recv(1)
-            seconds.append(time.perf_counter() - start)
-    receiver.join()
-    return total / statistics.median(seconds)
 
 
 class ProfilingExecutor(ThreadPoolExecutor):
@@ -635,7 +601,7 @@ def main() -> None:
         print(f"numpy {np.__version__}: hivemind's 8-bit codecs do not decode (expect partial averages, marked !)")
     codecs = [name for name in args.codecs if name not in args.skip]
     load_before = os.getloadavg()
-    bandwidth = loopback_bandwidth()
+    bandwidth = statistics.median(stream_bytes_per_second() for _ in range(3))
     print(f"loopback TCP: {bandwidth / 1e9:.2f} GB/s; load average {load_before[0]:.1f}")
     print(HEADER)
     rows = []

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,8 +35,9 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not be
 
 import torch  # noqa: E402
 
+from benchmarks.link import stream_bytes_per_second  # noqa: E402
 from benchmarks.measure import write_json  # noqa: E402
-from benchmarks.netlab import Host, Lab, why_no_lab  # noqa: E402
+from benchmarks.netlab import Lab, why_no_lab  # noqa: E402
 from benchmarks.swarm import swarm_row  # noqa: E402
 from benchmarks.swarm_runs import (  # noqa: E402
     RunSettings,
@@ -47,42 +47,7 @@ from benchmarks.swarm_runs import (  # noqa: E402
     swarm_arguments,
     swarm_options,
 )
-from coordinator.harness import wait_until  # noqa: E402
 from peer.run_config import MODES, PSEUDO_GRADIENT_COMPRESSIONS  # noqa: E402
-
-LINK_PORT = 5001
-LINK_SECONDS = 3.0
-RECEIVER = f"""
-import socket, sys, time
-server = socket.create_server((sys.argv[1], {LINK_PORT}))
-connection, _ = server.accept()
-received, started = 0, time.perf_counter()
-while chunk := connection.recv(1 << 20):
-    received += len(chunk)
-print(received / (time.perf_counter() - started))
-"""
-SENDER = f"""
-import socket, sys, time
-connection = socket.create_connection((sys.argv[1], {LINK_PORT}))
-block, until = bytes(1 << 20), time.perf_counter() + float(sys.argv[2])
-while time.perf_counter() < until:
-    connection.sendall(block)
-connection.close()
-"""
-
-
-def link_bytes_per_second(sender: Host, receiver: Host) -> float:
-    """Bytes per second of one TCP stream from sender to receiver for LINK_SECONDS."""
-    listening = subprocess.Popen(
-        receiver.command([sys.executable, "-c", RECEIVER, receiver.address]), stdout=subprocess.PIPE, text=True
-    )
-    try:
-        send = sender.command([sys.executable, "-c", SENDER, receiver.address, str(LINK_SECONDS)])
-        # the sender fails to connect until the receiver listens
-        wait_until(lambda: subprocess.run(send, capture_output=True).returncode == 0, 10, "the receiver to listen")
-        return float(listening.communicate(timeout=30)[0])
-    finally:
-        listening.kill()
 
 
 def step_seconds(result: dict) -> float:
@@ -98,7 +63,7 @@ def measure_cap(
     hosts = lab.hosts[: args.peers]
     for host in hosts:
         lab.cap(host, mbit)
-    link = link_bytes_per_second(hosts[0], hosts[1])
+    link = stream_bytes_per_second(hosts[1].address, sender=hosts[0].command, receiver=hosts[1].command)
     before = [lab.bytes_through(host) for host in hosts]
     result = run_swarm(folder, run_toml, swarm_options(args), max_epochs=epochs, lab=lab)
     moved = [sum(lab.bytes_through(host)) - sum(start) for host, start in zip(hosts, before)]
