@@ -4,9 +4,11 @@ the run's prepared dataset (/data/: its manifest and shards, with range requests
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -15,7 +17,9 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+logger = logging.getLogger("starling.coordinator.server")
 
 STATIC_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -35,6 +39,25 @@ def _json_safe(value):
     return value
 
 
+class _CountingHTTPServer(ThreadingHTTPServer):
+    """Counts the requests whose handler raised and says so in one line (the standard library prints
+    a traceback to stderr); a client that hangs up early is not an error of ours."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, errors: Counter) -> None:
+        super().__init__(address, handler)
+        self.errors = errors
+
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            return
+        self.errors.inc()
+        logger.warning("a request from %s failed: %r", client_address[0], error)
+        logger.debug("its traceback", exc_info=True)
+
+
 class DashboardServer:
     """Serves `/`, `/api/v1/state`, `/api/v1/history?since=T`, `/metrics`, `/healthz` and, given a
     prepared dataset's folder and file names, `/data/NAME` for those files only, in a thread."""
@@ -49,8 +72,8 @@ class DashboardServer:
         dataset: tuple[Path, frozenset[str]] | None = None,
     ) -> None:
         handler = self._handler_class(state, history, registry, dataset)
-        self.httpd = ThreadingHTTPServer((host, port), handler)  # OSError if the port is taken
-        self.httpd.daemon_threads = True
+        errors = Counter("starling_coordinator_request_errors", "HTTP requests whose handler failed", registry=registry)
+        self.httpd = _CountingHTTPServer((host, port), handler, errors)  # OSError if the port is taken
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="dashboard", daemon=True)
 
     @property

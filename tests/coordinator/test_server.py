@@ -1,4 +1,4 @@
-"""The coordinator's HTTP server under arbitrary requests: an answer for each, never a traceback."""
+"""The coordinator's HTTP server under arbitrary requests: an answer for each, and no request whose handler failed."""
 
 import http.client
 import string
@@ -6,6 +6,7 @@ from urllib.parse import quote
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 KNOWN_PATHS = ["/", "/index.html", "/api/v1/state", "/api/v1/history", "/metrics", "/healthz", "/static/x", "/.."]
 EXPECTED_STATUSES = {200, 400, 404, 414, 501}
@@ -61,4 +62,6 @@ def test_arbitrary_requests_get_an_answer_and_no_traceback(tmp_path, write_run_c
     assert request(coord.url, "GET", "/api/v1/history?since=nan")[0] == 200
     assert request(coord.url, "GET", "/api/v1/history?since=soon") == (400, b"since must be a number\n")
     assert {p.name for p in coord.state_dir.iterdir()} <= state_files | {"history.sqlite-journal"}
-    assert "Traceback" not in coord.log_text()
+    _, metrics = request(coord.url, "GET", "/metrics")
+    samples = {s.name: s.value for family in text_string_to_metric_families(metrics.decode()) for s in family.samples}
+    assert samples["starling_coordinator_request_errors_total"] == 0
