@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+PRECISIONS = get_args(Precision)
 
 
 def positive_int_or_auto(value: str) -> int | str:
@@ -48,7 +49,7 @@ class PeerOptions:
     )
     config: str | None = option(None, "run.toml with the run's settings (offline use)")
     device: str = option("auto", "auto, cpu or cuda[:N]")
-    precision: str = option(
+    precision: Precision = option(
         "auto",
         "auto: bf16 on GPUs with bf16 arithmetic, fp16 with loss scaling on older GPUs (T4, P100), fp32 on CPU",
         choices=PRECISIONS,

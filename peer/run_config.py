@@ -17,21 +17,27 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from model import ModelConfig
 from model.chat import CHAT_VOCAB
 
-OPTIMIZERS = ("adamw", "adamw8bit", "lamb8bit", "sgd")
-MODES = ("batch", "diloco")
-OBJECTIVES = ("pretrain", "sft", "distill")
-COMPRESSIONS = ("adaptive-8bit", "fp16", "none")
+# The choices of the run's settings, as the sections' field types: reading a run configuration
+# and validate() check them from these types, and the registries that implement them (peer.optimizer,
+# peer.compression, peer.averager) are tested to hold exactly these names.
+Optimizer = Literal["adamw", "adamw8bit", "lamb8bit", "sgd"]
+Mode = Literal["batch", "diloco"]
+Objective = Literal["pretrain", "sft", "distill"]
+Compression = Literal["adaptive-8bit", "fp16", "none"]
 # Pseudo-gradients take every gradient codec, and 4 bits too: a loss that DiLoCo's error feedback
 # sends in the next round (batch mode's gradients have no such feedback).
-PSEUDO_GRADIENT_COMPRESSIONS = tuple(sorted((*COMPRESSIONS, "blockwise-4bit")))
+PseudoGradientCompression = Literal[Compression, "blockwise-4bit"]
+Aggregation = Literal["centered-clip", "mean"]
+AuthMode = Literal["open", "token"]
+OPTIMIZERS, MODES, OBJECTIVES = typing.get_args(Optimizer), typing.get_args(Mode), typing.get_args(Objective)
+COMPRESSIONS, PSEUDO_GRADIENT_COMPRESSIONS = typing.get_args(Compression), typing.get_args(PseudoGradientCompression)
+AGGREGATIONS, AUTH_MODES = typing.get_args(Aggregation), typing.get_args(AuthMode)
 MAX_OUTER_LR = 2.0  # beyond it the outer step overshoots the averaged inner progress
-AGGREGATIONS = ("centered-clip", "mean")
-AUTH_MODES = ("open", "token")
 # How all-reduce messages carry averages (peer.averager.SharedAverages: the average itself, where
 # hivemind sends each member its difference from it). Peers of other formats would misread each
 # other's averages: the training key holds it, so they never average together.
@@ -65,9 +71,9 @@ class DataSection:
 class TrainingSection:
     # "batch": every epoch is one optimizer step on the swarm's averaged gradient (DeDLOC).
     # "diloco": every epoch is an outer round of local inner steps, then one averaged outer step ([diloco]).
-    mode: str = "batch"
+    mode: Mode = "batch"
     target_batch_size: int = 64  # batch mode: samples the swarm accumulates per epoch
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     lr: float = 2e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.1
@@ -89,7 +95,7 @@ class DilocoSection:
     inner_batch_size: int = 16  # samples per inner step on each peer (micro-batches accumulate to it)
     outer_lr: float = 0.7  # DiLoCo's (Douillard et al., 2023)
     outer_momentum: float = 0.9  # Nesterov; 0 for plain SGD
-    compression: str = "adaptive-8bit"  # the pseudo-gradient's codec: one of PSEUDO_GRADIENT_COMPRESSIONS
+    compression: PseudoGradientCompression = "adaptive-8bit"  # the pseudo-gradient's codec
     # What a lossy codec did not send is added to the next round's pseudo-gradient.
     error_feedback: bool = True
     # Average a round's pseudo-gradients in the background while the next round's inner steps run,
@@ -104,10 +110,10 @@ class AveragingSection:
     # Seconds a group member may take to send its next part before the round goes on without it.
     # hivemind's default (matchmaking_time) dropped peers of a loaded 2-core machine from rounds.
     part_timeout: float = 10.0
-    compression: str = "adaptive-8bit"
+    compression: Compression = "adaptive-8bit"
     # How each reducer combines the peers' parts: "centered-clip" (robust to a minority of broken
     # or hostile peers, peer.robust) or hivemind's weighted "mean".
-    aggregation: str = "centered-clip"
+    aggregation: Aggregation = "centered-clip"
     # Tensors with at least this many values go over the wire in 8 bits, smaller ones in 16.
     compression_threshold: int = 2**16
     # Parameters and AdamW's moments travel in float32 (3 x 4 bytes per parameter), several times a
@@ -130,7 +136,7 @@ class AveragingSection:
 class CoordinatorSection:
     checkpoint_every: int = 10  # epochs between two checkpoints
     keep_checkpoints: int = 3
-    auth: str = "open"  # "token": peers need an access token issued by the coordinator
+    auth: AuthMode = "open"  # "token": peers need an access token issued by the coordinator
 
 
 @dataclass
@@ -140,7 +146,7 @@ class ObjectiveSection:
     # frozen teacher's next-token distribution: its top-k log-probs when the run's dataset carries
     # them (starling-data teacher-targets), else the teacher itself, run beside the student on each
     # peer (model.objectives).
-    kind: str = "pretrain"
+    kind: Objective = "pretrain"
     teacher: str | None = None  # distill: a Starling or transformers checkpoint folder, without teacher targets
     teacher_sha256: str | None = None  # distill: SHA-256 of its weights file: what peers and targets are checked by
     temperature: float = 2.0  # distill: of both distributions
@@ -255,9 +261,7 @@ class RunConfig:
                 self.data.url is None or (self.data.dataset is not None and self.data.url.startswith(URL_SCHEMES)),
                 "an http:// or https:// address, with data.dataset set",
             ),
-            ("training.mode", self.training.mode in MODES, f"one of {', '.join(MODES)}"),
             ("training.target_batch_size", self.training.target_batch_size >= 1, "at least 1"),
-            ("training.optimizer", self.training.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("training.lr", self.training.lr > 0, "positive"),
             (
                 "training.betas",
@@ -275,12 +279,6 @@ class RunConfig:
             ),
             ("diloco.outer_lr", 0 < self.diloco.outer_lr <= MAX_OUTER_LR, f"in (0, {MAX_OUTER_LR}]"),
             ("diloco.outer_momentum", 0 <= self.diloco.outer_momentum < 1, "in [0, 1)"),
-            (
-                "diloco.compression",
-                self.diloco.compression in PSEUDO_GRADIENT_COMPRESSIONS,
-                f"one of {', '.join(PSEUDO_GRADIENT_COMPRESSIONS)}",
-            ),
-            ("objective.kind", self.objective.kind in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
             (
                 "objective.teacher",
                 self.objective.teacher is None or self.objective.kind == "distill",
@@ -304,12 +302,9 @@ class RunConfig:
                 0 < self.averaging.part_timeout <= self.averaging.averaging_timeout,
                 "positive and at most averaging.averaging_timeout",
             ),
-            ("averaging.compression", self.averaging.compression in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}"),
-            ("averaging.aggregation", self.averaging.aggregation in AGGREGATIONS, f"one of {', '.join(AGGREGATIONS)}"),
             ("averaging.average_state_every", self.averaging.average_state_every >= 1, "at least 1"),
             ("coordinator.checkpoint_every", self.coordinator.checkpoint_every >= 1, "at least 1"),
             ("coordinator.keep_checkpoints", self.coordinator.keep_checkpoints >= 1, "at least 1"),
-            ("coordinator.auth", self.coordinator.auth in AUTH_MODES, f"one of {', '.join(AUTH_MODES)}"),
         ]
         for key, ok, expected in checks:
             if not ok:
@@ -328,6 +323,8 @@ class RunConfig:
 def _matches(value: Any, annotation: Any) -> bool:
     """Whether a TOML value fits a field's type annotation (ints are accepted for floats)."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return value in typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, option) for option in typing.get_args(annotation))
     if annotation is type(None):
@@ -346,6 +343,13 @@ def _matches(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
+def _expected(annotation: Any) -> str:
+    """What a field of this type annotation takes, in words."""
+    if typing.get_origin(annotation) is Literal:
+        return f"one of {', '.join(typing.get_args(annotation))}"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise RunConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table")
@@ -360,8 +364,9 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
         if dataclasses.is_dataclass(annotation):
             values[key] = _build(annotation, value, source, prefix=f"{prefix}{key}.")
         elif not _matches(value, annotation):
-            expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-            raise RunConfigError(f"{source}: {prefix}{key} must be {expected}, got {type(value).__name__} {value!r}")
+            raise RunConfigError(
+                f"{source}: {prefix}{key} must be {_expected(annotation)}, got {type(value).__name__} {value!r}"
+            )
         elif annotation is float and not math.isfinite(value):
             raise RunConfigError(f"{source}: {prefix}{key} must be a finite number, got {value!r}")
         else:
