@@ -281,16 +281,17 @@ class PeerSpec:
     faults: FaultPlan | None = None  # the faults it injects; None: none
     start_after: str | None = None  # a file: the peer starts only once it exists
     hold_until: str | None = None  # a file: once joined, the peer trains only once it exists
-    snapshots: bool = False  # save the parameters of every epoch (and of DiLoCo rounds)
+    snapshots: bool = False  # save the parameters of every epoch, of every state it loads and of DiLoCo rounds
     threads: int = 1  # torch compute threads
     hivemind_fixes: bool = True  # False: hivemind's own code where peer.hivemind_fixes corrects it
 
 
 class PeerFolder:
     """What a peer leaves in its folder: log.txt, events.jsonl (peer.events) and, for a harness peer,
-    ready (joined, held at its start line), summary.json, params.safetensors, epoch-N.safetensors
-    with snapshots (see coordinator.harness_peer). Subclasses say whether the peer still runs:
-    check_running(context) and wait_exit(timeout), as ManagedProcess has them."""
+    ready (joined, held at its start line), summary.json, params.safetensors, and with snapshots
+    epoch-N.safetensors and state-N.safetensors (see coordinator.harness_peer). Subclasses say
+    whether the peer still runs: check_running(context) and wait_exit(timeout), as ManagedProcess
+    has them."""
 
     folder: Path
     name: str
@@ -335,14 +336,15 @@ class PeerFolder:
 
         return load_file(self.folder / "params.safetensors")
 
-    def snapshot_path(self, epoch: int) -> Path:
-        """Where the parameters it had on reaching `epoch` are (harness peers with snapshots)."""
-        return self.folder / f"epoch-{epoch}.safetensors"
+    def snapshot_path(self, epoch: int, loaded: bool = False) -> Path:
+        """Where the parameters it had on reaching `epoch` are (harness peers with snapshots): by
+        training, or with `loaded` by taking another peer's state of that epoch (the latest such)."""
+        return self.folder / f"{'state' if loaded else 'epoch'}-{epoch}.safetensors"
 
-    def snapshot(self, epoch: int) -> dict:
+    def snapshot(self, epoch: int, loaded: bool = False) -> dict:
         from safetensors.torch import load_file
 
-        return load_file(self.snapshot_path(epoch))
+        return load_file(self.snapshot_path(epoch, loaded))
 
 
 def write_spec(folder: Path, spec: PeerSpec) -> Path:

@@ -115,6 +115,9 @@ def run(spec_path: Path) -> None:
             peer.model, out / f"epoch-{peer.optimizer.local_epoch}.safetensors"
         )
         callbacks.on_round_end = partial(save_round, out=out)
+        callbacks.on_state_loaded = lambda peer: save_params(
+            peer.model, out / f"state-{peer.optimizer.local_epoch}.safetensors"
+        )
     events = out / "events.jsonl"
     dht_requests = count_dht_requests()
     faults = dataclasses.replace(spec.faults, record_to=str(out))

@@ -57,13 +57,15 @@ def test_late_joiner_loads_state_and_trains_to_the_same_epoch(
 ):
     """A peer that joins two others at their epoch 2 loads their state (in DiLoCo mode: the outer
     parameters and momentum), trains with them to its last epoch and ends with the parameters they
-    had in that epoch. (A joiner still catching up when the others leave has no one to catch up
+    had in that epoch. The state it loads on joining is exactly the parameters one of them had in
+    that state's epoch. (A joiner still catching up when the others leave has no one to catch up
     with: they train on until it is done.)"""
     run_toml = write_run_config(tmp_path, **mode_settings(mode, 64))
     epochs = 8
     early = [start_peer(f"early{i}", run_toml, duration=600, snapshots=True, hold=True) for i in range(2)]
     go = tmp_path / "late-joiner-go"
-    late = start_peer("late", run_toml, max_epochs=epochs, start_after=go)  # imports while the others train
+    # It imports while the others train.
+    late = start_peer("late", run_toml, max_epochs=epochs, start_after=go, snapshots=True)
     release_peers(early)
     wait_until(lambda: any(p.logged_epoch() >= 2 for p in early), 120, "the first peers to reach epoch 2")
     go.touch()
@@ -78,6 +80,11 @@ def test_late_joiner_loads_state_and_trains_to_the_same_epoch(
     )
 
     assert late_summary["state_loads"] >= 1 and last >= epochs
+    # State travels uncompressed: what it loaded is a donor's parameters, bit for bit.
+    joined = next(e["epoch"] for e in late.events() if e["event"] == "state_loaded")
+    loaded = late.snapshot(joined, loaded=True)
+    donors = [peer.snapshot(joined) for peer in early if peer.snapshot_path(joined).exists()]
+    assert any(all(torch.equal(loaded[key], value) for key, value in donor.items()) for donor in donors)
     assert late_summary["samples_contributed"] > 0 and late_summary["rounds_succeeded"] >= 1
     # State is averaged every epoch: the peers are within about one Adam step (lr 1e-3) of each other,
     # from the codec's error on each one's share of the averaged gradient (or pseudo-gradient).
