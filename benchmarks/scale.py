@@ -118,11 +118,23 @@ def available_memory() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def run_scale(folder: Path, peers: int, epochs: int, newcomer: bool = True, timeout: float = 3600.0) -> dict:
+def run_scale(
+    folder: Path,
+    peers: int,
+    epochs: int,
+    target_group_size: int | None = None,
+    newcomer: bool = True,
+    timeout: float = 3600.0,
+) -> dict:
     """Train a swarm of `peers` fleet peers with a coordinator for `epochs` epochs (and a newcomer
     half-way); what it measured (see the module's docstring), with each peer's summary."""
     folder.mkdir(parents=True, exist_ok=True)
-    settings = RunSettings(preset="tiny", model_overrides=MODEL, target_batch_size=2 * peers * BATCH_SIZE)
+    settings = RunSettings(
+        preset="tiny",
+        model_overrides=MODEL,
+        target_batch_size=2 * peers * BATCH_SIZE,
+        target_group_size=target_group_size,
+    )
     run_toml = settings.write(folder / "run.toml", run_id=f"scale-{peers}")
     coordinator = CoordinatorProcess(folder / "coordinator", run_toml).start()
     processes: list = [coordinator]
@@ -171,6 +183,7 @@ def run_scale(folder: Path, peers: int, epochs: int, newcomer: bool = True, time
         stop_all(processes)
     return dict(
         peers=peers,
+        target_group_size=target_group_size,
         launched=launched,
         released=released,
         summaries=summaries,
@@ -204,6 +217,7 @@ def scale_row(result: dict) -> dict:
     lifetimes = [peer["training_ended"] - result["launched"] for peer in summaries]
     return dict(
         peers=result["peers"],
+        target_group_size=result["target_group_size"],
         rounds=len(outcomes),
         succeeded=outcomes.count("succeeded") / len(outcomes) if outcomes else None,
         partial=outcomes.count("partial") / len(outcomes) if outcomes else None,
@@ -242,6 +256,7 @@ def show(value: float | None, digits: int = 2) -> str:
 
 COLUMNS = {  # the table's columns: header, then the cell of a row
     "peers": lambda row: str(row["peers"]),
+    "target group": lambda row: str(row["target_group_size"] or "all"),
     "rounds": lambda row: str(row["rounds"]),
     "averaged every part": lambda row: show(row["succeeded"], 3),
     "in one group of all": lambda row: show(row["whole_swarm"]),
@@ -270,6 +285,13 @@ def main() -> None:
     parser.add_argument("--peers-list", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--epochs", type=int, default=10, help="epochs each swarm trains")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one swarm may take")
+    parser.add_argument(
+        "--target-group-sizes",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="averaging.target_group_size values to measure each swarm size with (0: unset, one group of all)",
+    )
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="starling-scale-"))
@@ -279,13 +301,18 @@ def main() -> None:
         need = (peers + 1) * PEER_MEMORY
         if need > available_memory():
             sys.exit(f"{peers} peers need about {need / 2**30:.1f} GiB; {available_memory() / 2**30:.1f} GiB available")
-        try:
-            result = run_scale(folder / f"{peers}-peers", peers, args.epochs, timeout=args.timeout)
-        except HarnessError as error:
-            sys.exit(f"the swarm of {peers} failed: {error}")
-        rows.append(scale_row(result))
-        print(rows[-1], flush=True)
-    path = write_json("scale-cpu.json", dict(preset="tiny", epochs=args.epochs, batch_size=BATCH_SIZE, rows=rows))
+        for target in [size or None for size in args.target_group_sizes]:
+            name = f"{peers}-peers" + (f"-groups-of-{target}" if target else "")
+            try:
+                result = run_scale(folder / name, peers, args.epochs, target, timeout=args.timeout)
+            except HarnessError as error:
+                sys.exit(f"the swarm of {name} failed: {error}")
+            rows.append(scale_row(result))
+            print(rows[-1], flush=True)
+    path = write_json(
+        "scale-cpu.json",
+        dict(preset="tiny", epochs=args.epochs, batch_size=BATCH_SIZE, command=" ".join(sys.argv[1:]), rows=rows),
+    )
     print_table(rows)
     print(f"written to {path}")
 

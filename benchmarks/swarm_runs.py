@@ -44,6 +44,7 @@ total_epochs = {total_epochs}
 matchmaking_time = {matchmaking_time}
 compression = "{compression}"
 average_state_every = {average_state_every}
+{group_line}
 {diloco_section}"""
 DILOCO_SECTION = """\
 [diloco]
@@ -68,6 +69,7 @@ class RunSettings:
     matchmaking_time: float = 5.0
     compression: str = "adaptive-8bit"
     average_state_every: int = AveragingSection.average_state_every
+    target_group_size: int | None = AveragingSection.target_group_size
     data: str | None = None  # a text file or folder; None: the bundled corpus
     mode: str = "batch"  # or "diloco", with the [diloco] settings below
     samples_per_round: int = DilocoSection.samples_per_round
@@ -93,6 +95,7 @@ class RunSettings:
                 data_line=data_line,
                 overrides_line=overrides_line,
                 diloco_section=diloco_section,
+                group_line="" if self.target_group_size is None else f"target_group_size = {self.target_group_size}",
                 **values,
             )
         )

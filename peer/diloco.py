@@ -323,7 +323,7 @@ def make_diloco_optimizer(
         grad_averager_factory=partial(
             PseudoGradientAverager,
             aggregation=averaging.aggregation,
-            request_timeout=averaging.request_timeout,
+            **averaging.matchmaking_options(),
             error_feedback=error_feedback,
             keep_round_end=overlap,
             faults=faults,

@@ -123,6 +123,9 @@ class AveragingSection:
     average_state_every: int = 5
     offload_optimizer: bool = True
     delay_optimizer_step: bool = False
+    # Peers a group holds at most: a leader starts the round once it has this many. None: one group
+    # of every peer whose matchmaking overlaps (hivemind's default). See benchmarks/README.md (Scale).
+    target_group_size: int | None = None
 
     @property
     def request_timeout(self) -> float:
@@ -130,6 +133,11 @@ class AveragingSection:
         requests with it and warns when it is not below the matchmaking time: its 3 s default, or
         half the matchmaking time when that is shorter."""
         return min(3.0, self.matchmaking_time / 2)
+
+    def matchmaking_options(self) -> dict[str, Any]:
+        """hivemind's matchmaking settings, the same for every averager of the peer (gradients or
+        pseudo-gradients, and state)."""
+        return dict(request_timeout=self.request_timeout, target_group_size=self.target_group_size)
 
 
 @dataclass
@@ -303,6 +311,11 @@ class RunConfig:
                 "positive and at most averaging.averaging_timeout",
             ),
             ("averaging.average_state_every", self.averaging.average_state_every >= 1, "at least 1"),
+            (
+                "averaging.target_group_size",
+                self.averaging.target_group_size is None or self.averaging.target_group_size >= 2,
+                "at least 2",
+            ),
             ("coordinator.checkpoint_every", self.coordinator.checkpoint_every >= 1, "at least 1"),
             ("coordinator.keep_checkpoints", self.coordinator.keep_checkpoints >= 1, "at least 1"),
         ]

@@ -8,8 +8,8 @@ schedules a round for the epoch's expected end; by default the matchmaking time)
 trigger_delay (seconds it waits, once its group is found, before it lets the all-reduce begin: a
 peer still finishing its micro-batch), faults (the fields of a peer.faults.FaultPlan: its averager's
 slow_group_assembly and slow_reading are the ones that act here), codec (a run config's
-averaging.compression; "none" by default) and random (tensors of normal values seeded by the index
-in place of the index). Once up it waits at its start line
+averaging.compression; "none" by default), target_group_size (the run config's) and random
+(tensors of normal values seeded by the index in place of the index). Once up it waits at its start line
 (coordinator.harness.wait_at_start_line, in the folder of OUT_FILE) until the test releases all PEERS
 averagers by creating GO, then looks for a group, and leaves right after its round.
 OUT_FILE gets a JSON object: outcome, fraction, group (size), means (of each tensor afterwards),
@@ -50,7 +50,8 @@ def local_tensors(index: int, random: bool) -> list[torch.Tensor]:
 def main() -> None:
     initial_peer, index, peers, out_file, spec_json, go = sys.argv[1:]
     index, peers, spec = int(index), int(peers), json.loads(spec_json)
-    averaging = AveragingSection(matchmaking_time=MATCHMAKING_TIME)  # every other setting as shipped
+    # every other setting as shipped
+    averaging = AveragingSection(matchmaking_time=MATCHMAKING_TIME, target_group_size=spec.get("target_group_size"))
     client_mode = spec.get("client_mode", False)
     dht_requests = count_dht_requests()
     dht = hivemind.DHT(initial_peers=[initial_peer], host_maddrs=[LOOPBACK_MADDR], client_mode=client_mode, start=True)
@@ -61,7 +62,7 @@ def main() -> None:
         compression=codec_named(spec.get("codec", "none"), averaging.compression_threshold),
         prefix="round",
         min_matchmaking_time=averaging.matchmaking_time,
-        request_timeout=averaging.request_timeout,
+        **averaging.matchmaking_options(),
         next_chunk_timeout=averaging.part_timeout,
         allreduce_timeout=STEP_TIMEOUT,
         client_mode=client_mode,

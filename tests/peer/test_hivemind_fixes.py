@@ -112,6 +112,15 @@ def assert_averaged_together(results: list[dict]) -> None:
         assert all(abs(value - mean) < 1e-3 for value in result["means"]), results
 
 
+def test_averaging_groups_hold_at_most_the_target_group_size(tmp_path):
+    """Four averagers of a run with averaging.target_group_size = 2 average in two pairs: each
+    comes back with the mean of its pair, the two pairs' means summing to that of all four."""
+    results = average_once(tmp_path, [dict(target_group_size=2)] * 4)
+    assert all(result["outcome"] == "succeeded" and result["group"] == 2 for result in results), results
+    low, low_too, high, high_too = sorted(result["means"][0] for result in results)
+    assert max(abs(low - low_too), abs(high - high_too), abs(low + high - 3.0)) < 1e-3, results
+
+
 def test_a_follower_waits_for_a_leader_slow_to_assemble_the_group(tmp_path):
     """Two averagers look for a group together; whichever leads assembles it half a request timeout
     later than hivemind's follower waits (its matchmaking lock held, as by a join request of its
