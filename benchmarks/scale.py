@@ -95,15 +95,21 @@ def pss_bytes(pids: list[int]) -> int:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user and system) these processes have used so far."""
+    """CPU time (user and system) these processes and their ended children have used so far (a
+    child's time moves to its parent's account when it is reaped: peers that ended keep counting)."""
     ticks = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # it ended meanwhile
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        ticks += sum(map(int, fields[11:15]))  # utime, stime, cutime, cstime
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cores_since(start: tuple[float, float], root: int) -> float:
+    """The cores `root`'s processes used on average since `start` (time.monotonic(), their cpu_seconds then)."""
+    return (cpu_seconds(process_tree(root)) - start[1]) / (time.monotonic() - start[0])
 
 
 def median(values: list[float]) -> float | None:
@@ -169,13 +175,15 @@ def run_scale(
                 memory = pss_bytes(process_tree(fleet.pid))
                 cpu_from = (time.monotonic(), cpu_seconds(process_tree(fleet.pid)))
             if cpu is None and reached >= epochs - 1 and memory is not None:
-                cpu = (cpu_seconds(process_tree(fleet.pid)) - cpu_from[1]) / (time.monotonic() - cpu_from[0])
+                cpu = cores_since(cpu_from, fleet.pid)
             if joiner is not None and newcomer_started is None and reached >= epochs // 2:
                 newcomer_started = time.time()
                 Path(go).touch()
             if time.monotonic() > deadline:
                 raise HarnessError(f"the swarm of {peers} did not finish within {timeout:.0f} s")
             time.sleep(1.0)
+        if cpu is None and memory is not None:  # the swarm's last epochs passed between two looks
+            cpu = cores_since(cpu_from, fleet.pid)
         summaries = [peer.wait(timeout=60) for peer in swarm]
         if joiner is not None:
             joiner.wait(timeout=max(60.0, deadline - time.monotonic()))
