@@ -23,7 +23,7 @@ from model import ModelConfig
 from model.chat import CHAT_VOCAB
 
 # The choices of the run's settings, as the sections' field types: reading a run configuration
-# and validate() check them from these types, and the registries that implement them (peer.optimizer,
+# checks them from these types (_matches), and the registries that implement them (peer.optimizer,
 # peer.compression, peer.averager) are tested to hold exactly these names.
 Optimizer = Literal["adamw", "adamw8bit", "lamb8bit", "sgd"]
 Mode = Literal["batch", "diloco"]
