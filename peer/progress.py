@@ -3,12 +3,32 @@ leaving out the peers it refuses."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable
 
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, ProgressTracker
 from hivemind.utils import ValueWithExpiration
 
 OWN_RECORD = b"own"  # the key of this peer's own record among those fetched (which are keyed by public key)
+
+
+class HeldReports(threading.Event):
+    """hivemind's "store this peer's progress record now" signal, let through at most once per
+    `period` seconds unless `urgent` is set. A report held back goes out with the first one after
+    the period: the record then holds the latest count."""
+
+    def __init__(self, period: float) -> None:
+        super().__init__()
+        self.period = period
+        self.urgent = False
+        self._next = -float("inf")
+
+    def set(self) -> None:
+        now = time.monotonic()
+        if self.urgent or now >= self._next:
+            self._next = now + self.period
+            super().set()
 
 
 class RunProgressTracker(ProgressTracker):
@@ -26,13 +46,34 @@ class RunProgressTracker(ProgressTracker):
     "behind", loading state again on every step; once ignored, its progress counts for nothing.
     """
 
-    def __init__(self, *args, counts_itself: bool = True, **kwargs) -> None:
+    def __init__(
+        self, *args, counts_itself: bool = True, report_period: float = 0.0, start: bool = False, **kwargs
+    ) -> None:
         """`counts_itself`: False for an auxiliary peer, which reports no progress (it accumulates
-        no samples), so that the others never count it either."""
+        no samples), so that the others never count it either. `report_period`: the least time
+        between two stores of this peer's record, except when an epoch starts or this peer's
+        first samples of one arrive (see report_local_progress)."""
         self.counts_itself = counts_itself
         self.ignored_peers: frozenset[bytes] = frozenset()
         self._latest_records = None
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, start=False, **kwargs)
+        self.should_report_progress = HeldReports(report_period)  # before the reporter waits on it
+        if start:
+            self.start()
+
+    def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
+        """hivemind's report, whose record goes to the DHT at most once per report period. hivemind
+        stores one per micro-batch: at 90 samples/s that was most of a DiLoCo peer's traffic, and
+        N peers' stores load the record's replicas N times over. Between two stores the others
+        extrapolate from the stored samples/s. A new epoch and the first samples of one go out at
+        once: the others count this peer, and see it in the run's epoch, from these."""
+        previous = self.local_progress
+        self.should_report_progress.urgent = local_epoch != previous.epoch or previous.samples_accumulated == 0
+        super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        self.should_report_progress.urgent = True  # the reporter's last wake-up is not held back
+        super().shutdown(timeout)
 
     def ignore_peers(self, peer_ids: Iterable[bytes]) -> None:
         """Leave these peers (ids as bytes) out of the run's progress from now on, starting with

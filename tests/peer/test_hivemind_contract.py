@@ -422,6 +422,8 @@ CONTRACT = [
             "local_progress",
             "metadata_expiration",
             "training_progress_key",
+            "should_report_progress",
+            "shutdown_complete",
         ),
     ),
     Reliance(
@@ -431,6 +433,17 @@ CONTRACT = [
         called_from=(f"{TRACKER}.__init__", f"{TRACKER}._progress_fetcher"),
     ),
     Reliance(f"{TRACKER}.__init__", "coordinator/swarm.py", source_has=('f"{self.prefix}_progress"',)),
+    # peer/progress.py holds back the reporter's wake-ups (HeldReports) to store fewer records.
+    Reliance(
+        f"{TRACKER}.report_local_progress",
+        "peer/progress.py",
+        params=("local_epoch", "samples_accumulated", "update_global_samples"),
+        source_has=("self.should_report_progress.set()",),
+    ),
+    Reliance(f"{TRACKER}._progress_reporter", "peer/progress.py", source_has=("self.should_report_progress.wait",)),
+    Reliance(
+        f"{TRACKER}.shutdown", "peer/progress.py", params=("timeout",), source_has=("should_report_progress.set()",)
+    ),
     Reliance(
         "hivemind.optim.progress_tracker.GlobalTrainingProgress",
         "peer/progress.py, peer/diloco.py",

@@ -44,3 +44,31 @@ def test_a_peer_without_a_record_of_its_own_counts_itself(two_nodes, counts_itse
     finally:
         own.shutdown()
         other.shutdown()
+
+
+def test_a_peer_stores_its_progress_at_most_once_per_report_period(two_nodes):
+    """hivemind stores a peer's progress record at every micro-batch. Starling holds the stores back
+    to one per report period, except the first samples of an epoch and a new epoch, which the others
+    count peers and see the run's epoch by: those go out at once. (The period here is an hour, so
+    nothing held back can go out during the test.)"""
+    other, own = tracker(two_nodes[0]), tracker(two_nodes[1], report_period=3600)
+    try:
+        own.report_local_progress(local_epoch=0, samples_accumulated=4)
+        wait_until(lambda: other.global_progress.samples_accumulated == 4, 20, "the first samples' record")
+
+        own.report_local_progress(local_epoch=0, samples_accumulated=8)
+        own.report_local_progress(local_epoch=0, samples_accumulated=12)
+        for _ in range(2):  # the other peer reads the records again, twice
+            other.fetched_global_progress_this_epoch.clear()
+            wait_until(other.fetched_global_progress_this_epoch.is_set, 20, "another fetch")
+        assert other.global_progress.samples_accumulated == 4
+
+        own.report_local_progress(local_epoch=1, samples_accumulated=0)
+        wait_until(lambda: other.global_progress.epoch == 1, 20, "the new epoch's record")
+        own.report_local_progress(local_epoch=1, samples_accumulated=4)
+        wait_until(lambda: other.global_progress.samples_accumulated == 4, 20, "the new epoch's first samples")
+        own.report_local_progress(local_epoch=1, samples_accumulated=8)  # held back, as the stop begins
+    finally:
+        own.shutdown(timeout=10)
+        other.shutdown()
+    assert own.shutdown_complete.is_set(), "the reporter's last wake-up was held back"
