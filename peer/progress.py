@@ -1,5 +1,5 @@
-"""The run's progress as a peer counts it: hivemind's ProgressTracker, counting this peer itself and
-leaving out the peers it refuses."""
+"""The run's progress as a peer counts it: hivemind's ProgressTracker, counting this peer itself,
+leaving out the peers it refuses, and storing its own record less often."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ class RunProgressTracker(ProgressTracker):
     hivemind takes the run's epoch as the latest epoch any peer reports. A peer whose state was
     refused (a model of another shape running epochs ahead on its own) would keep everyone else
     "behind", loading state again on every step; once ignored, its progress counts for nothing.
+
+    hivemind stores a peer's record after every micro-batch; this tracker at most once per report
+    period (report_local_progress).
     """
 
     def __init__(
@@ -63,10 +66,10 @@ class RunProgressTracker(ProgressTracker):
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
         """hivemind's report, whose record goes to the DHT at most once per report period. hivemind
-        stores one per micro-batch: at 90 samples/s that was most of a DiLoCo peer's traffic, and
-        N peers' stores load the record's replicas N times over. Between two stores the others
-        extrapolate from the stored samples/s. A new epoch and the first samples of one go out at
-        once: the others count this peer, and see it in the run's epoch, from these."""
+        stores one per micro-batch (13 a second for a DiLoCo peer of the tiny model on 2 cores: most
+        of its traffic), and N peers' stores load the record's replicas N times over. Between two
+        stores the others extrapolate from the stored samples/s. A new epoch and the first samples
+        of one go out at once: the others count this peer, and see it in the run's epoch, from these."""
         previous = self.local_progress
         self.should_report_progress.urgent = local_epoch != previous.epoch or previous.samples_accumulated == 0
         super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
