@@ -4,6 +4,7 @@
     python benchmarks/convergence.py --compressions none adaptive-8bit --epochs 100
     python benchmarks/convergence.py --preset tiny --target-batch 16 --epochs 3 --matchmaking-time 2   # a quick check
     python benchmarks/convergence.py --compressions adaptive-8bit --diloco-rounds 6   # DiLoCo beside batch mode
+    python benchmarks/convergence.py --compressions adaptive-8bit --diloco-rounds 6 12 --overlap off on
 
 Configurations, each a fresh run with the same run settings for --epochs epochs, so the same
 number of optimizer steps on the same global batch (--target-batch samples per step):
@@ -12,7 +13,8 @@ number of optimizer steps on the same global batch (--target-batch samples per s
 (b) N Starling peers, one run per gradient codec (run config [averaging] compression);
 (c) with --diloco-rounds R: N peers in DiLoCo mode, R outer rounds of the same samples in all
     (--epochs x --target-batch / R per round), inner steps of --inner-batch samples on each peer
-    at the same lr, with the warm-up scaled to rounds.
+    at the same lr, with the warm-up scaled to rounds; one swarm per number of rounds, outer lr
+    (--outer-lrs) and overlap (--overlap).
 A swarm's epoch can hold more samples than the target: peers go on computing until they learn
 that the swarm reached it. So the table and the curves count the samples actually contributed.
 
@@ -34,6 +36,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from dataclasses import replace
+from itertools import product
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/
@@ -69,7 +72,9 @@ def split_corpus(folder: Path, held_out: int) -> tuple[Path, Path]:
     return train, test
 
 
-def diloco_settings(settings: RunSettings, rounds: int, inner_batch: int, compression: str) -> RunSettings:
+def diloco_settings(
+    settings: RunSettings, rounds: int, inner_batch: int, compression: str, outer_lr: float, overlap: bool
+) -> RunSettings:
     """`settings` in DiLoCo mode: `rounds` outer rounds holding the samples of all its epochs, the
     warm-up in the same share of training (at least a round when there is one)."""
     samples = settings.target_batch_size * settings.total_epochs
@@ -80,6 +85,8 @@ def diloco_settings(settings: RunSettings, rounds: int, inner_batch: int, compre
         samples_per_round=samples // rounds,
         inner_batch_size=inner_batch,
         diloco_compression=compression,
+        outer_lr=outer_lr,
+        overlap=overlap,
         total_epochs=rounds,
         warmup_epochs=warmup,
     )
@@ -158,7 +165,13 @@ def main() -> None:
         help="gradient codecs, one swarm each",
     )
     parser.add_argument(
-        "--diloco-rounds", type=int, default=0, help="outer rounds of a DiLoCo swarm on the same samples (0: none)"
+        "--diloco-rounds", type=int, nargs="*", default=[], help="outer rounds of DiLoCo swarms on the same samples"
+    )
+    parser.add_argument(
+        "--outer-lrs", type=float, nargs="+", default=[DilocoSection.outer_lr], help="DiLoCo swarms' outer lrs"
+    )
+    parser.add_argument(
+        "--overlap", nargs="+", choices=["off", "on"], default=["off"], help="DiLoCo swarms with and/or without overlap"
     )
     parser.add_argument(
         "--inner-batch", type=int, default=DilocoSection.inner_batch_size, help="samples per inner step in DiLoCo mode"
@@ -194,9 +207,12 @@ def main() -> None:
     plans = [("one process", replace(settings, compression="none"), solo)] + [
         (f"{args.peers} peers, {codec}", replace(settings, compression=codec), swarm) for codec in args.compressions
     ]
-    if args.diloco_rounds:
-        diloco = diloco_settings(settings, args.diloco_rounds, args.inner_batch, args.diloco_compression)
-        plans.append((f"{args.peers} peers, DiLoCo {args.diloco_compression}", diloco, swarm))
+    for rounds, outer_lr, overlap in product(args.diloco_rounds, args.outer_lrs, args.overlap):
+        diloco = diloco_settings(
+            settings, rounds, args.inner_batch, args.diloco_compression, outer_lr, overlap=overlap == "on"
+        )
+        name = f"{args.peers} peers, DiLoCo {args.diloco_compression}, {rounds} rounds, outer lr {outer_lr:g}"
+        plans.append((name + (", overlap" if overlap == "on" else ""), diloco, swarm))
 
     run_tomls = [
         plan.write(folder / f"run-{index}.toml", run_id=f"convergence-{index}")
@@ -215,6 +231,8 @@ def main() -> None:
                 name=name,
                 mode=plan.mode,
                 compression=plan.diloco_compression if plan.mode == "diloco" else plan.compression,
+                outer_lr=plan.outer_lr if plan.mode == "diloco" else None,
+                overlap=plan.overlap if plan.mode == "diloco" else None,
                 peers=options.peers,
                 micro_batch=options.batch_size,
                 samples=sum(peer["samples_contributed"] for peer in peers),

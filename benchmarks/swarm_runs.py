@@ -52,6 +52,7 @@ samples_per_round = {samples_per_round}
 inner_batch_size = {inner_batch_size}
 compression = "{diloco_compression}"
 overlap = {overlap_toml}
+outer_lr = {outer_lr}
 """
 
 
@@ -76,6 +77,7 @@ class RunSettings:
     inner_batch_size: int = DilocoSection.inner_batch_size
     diloco_compression: str = DilocoSection.compression
     overlap: bool = DilocoSection.overlap
+    outer_lr: float = DilocoSection.outer_lr
 
     @property
     def samples_per_epoch(self) -> int:
