@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py                                # 2, 4, 8, 16, 32 and 64 peers
     python benchmarks/scale.py --peers-list 4 --epochs 4      # a quick check
+    python benchmarks/scale.py --plot                         # redraw the plot from the saved runs
 
 For each swarm size, a coordinator (`starling-coordinator`) and a fleet of tiny-model harness peers
 forked from one warmed-up process (coordinator.harness.PeerFleet: they share torch, hivemind and
@@ -26,12 +27,15 @@ event streams and summaries and the coordinator's API:
 - the newcomer's time from start to its first contributed round (an epoch event with a succeeded
   round), and to its first state load.
 
-Prints a table and writes benchmarks/results/scale-cpu.json.
+Prints a table and writes benchmarks/results/scale-cpu-<sizes>.json (scale-cpu-2-4-8-16.json for
+--peers-list 2 4 8 16), then plots every saved run's figures against the swarm size into
+benchmarks/results/scale.png (needs matplotlib: pip install -e '.[bench]').
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -42,7 +46,7 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/
 
-from benchmarks.measure import write_json  # noqa: E402
+from benchmarks.measure import RESULTS, write_json  # noqa: E402
 from benchmarks.swarm_runs import RunSettings  # noqa: E402
 from coordinator.harness import (  # noqa: E402
     LOOPBACK_MADDR,
@@ -288,6 +292,41 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(cell(row) for cell in COLUMNS.values()) + " |")
 
 
+PLOTTED = {  # the plot's panels: title, then the figure of a row
+    "epoch s (median)": "epoch_s",
+    "rounds that averaged every part": "succeeded",
+    "DHT requests per second per peer": "dht_requests_per_s",
+    "PSS per peer, MiB": "memory_per_peer_mib",
+}
+
+
+def plot(path: Path) -> None:
+    """Every saved run's figures against the swarm size, one line per run and target group size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, panels = pyplot.subplots(2, 2, figsize=(10, 7))
+    for saved in sorted(RESULTS.glob("scale-cpu-*.json")):
+        rows = json.loads(saved.read_text(encoding="utf-8"))["rows"]
+        for target in dict.fromkeys(row["target_group_size"] for row in rows):
+            chosen = sorted((row for row in rows if row["target_group_size"] == target), key=lambda row: row["peers"])
+            label = f"{saved.stem.removeprefix('scale-cpu-')} peers, groups of {target or 'all'}"
+            for axes, key in zip(panels.flat, PLOTTED.values()):
+                axes.plot([row["peers"] for row in chosen], [row[key] for row in chosen], marker="o", label=label)
+    for axes, title in zip(panels.flat, PLOTTED):
+        axes.set_title(title)
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("peers")
+        axes.grid(alpha=0.3)
+    panels.flat[0].legend(fontsize="small")
+    figure.suptitle("Starling swarms on one 2-core machine (tiny model, loopback)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers-list", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
@@ -300,7 +339,12 @@ def main() -> None:
         default=[0],
         help="averaging.target_group_size values to measure each swarm size with (0: unset, one group of all)",
     )
+    parser.add_argument("--plot", action="store_true", help="only redraw results/scale.png from the saved runs")
     args = parser.parse_args()
+    if args.plot:
+        plot(RESULTS / "scale.png")
+        print(f"written to {RESULTS / 'scale.png'}")
+        return
 
     folder = Path(tempfile.mkdtemp(prefix="starling-scale-"))
     print(f"logs in {folder}", flush=True)
@@ -318,11 +362,12 @@ def main() -> None:
             rows.append(scale_row(result))
             print(rows[-1], flush=True)
     path = write_json(
-        "scale-cpu.json",
+        f"scale-cpu-{'-'.join(map(str, args.peers_list))}.json",
         dict(preset="tiny", epochs=args.epochs, batch_size=BATCH_SIZE, command=" ".join(sys.argv[1:]), rows=rows),
     )
     print_table(rows)
-    print(f"written to {path}")
+    plot(RESULTS / "scale.png")
+    print(f"written to {path} and {RESULTS / 'scale.png'}")
 
 
 if __name__ == "__main__":
