@@ -318,13 +318,16 @@ class AggregatingAverager(DecentralizedAverager):
 
 class CountingGradientAverager(GradientAverager, AggregatingAverager):
     """hivemind's GradientAverager with the run's aggregation (AggregatingAverager), counting its
-    all-reduce rounds by outcome (RoundOutcome), and loading no state."""
+    all-reduce rounds by outcome (RoundOutcome), loading no state and offering none."""
 
     # The epoch this peer's next round ends (set by CollaborativeOptimizer): every round gathers it
     # from each member, so that a peer whose epoch is behind its group's learns it.
     round_epoch: Callable[[], int] | None = None
 
     def __init__(self, *args, **kwargs) -> None:
+        # hivemind offers every averager's state to loading peers, and re-declares the offer in the DHT
+        # after each tensor a round averages: a burst of stores per round for buffers nobody loads.
+        kwargs["allow_state_sharing"] = False
         super().__init__(*args, **kwargs)
         self.rounds = {outcome: 0 for outcome in RoundOutcome}
         self.partial_fractions: list[float] = []  # the averaged fraction of each partial round

@@ -21,6 +21,7 @@ from peer.averager import RoundOutcome
 from peer.optimizer import make_collaborative_optimizer
 from peer.precision import MixedPrecision
 from peer.run_config import RunConfig
+from peer.state_loading import state_offers
 
 
 def known_gradient(param: torch.Tensor, index: int, position: int) -> torch.Tensor:
@@ -55,6 +56,9 @@ def main() -> None:
     tensors.update({f"param.{i}": p.detach().clone() for i, p in enumerate(model.parameters())})
     tensors["steps"] = torch.tensor(steps)
     tensors["rounds_succeeded"] = torch.tensor(opt.grad_averager.rounds[RoundOutcome.SUCCEEDED])
+    # Who offers state in the DHT: every peer's training state, no peer's gradient buffers.
+    tensors["state_offers"] = torch.tensor(len(state_offers(dht, opt.state_averager.prefix)))
+    tensors["gradient_offers"] = torch.tensor(len(state_offers(dht, opt.grad_averager.prefix)))
     save_file(tensors, out_file)
     opt.shutdown()
     dht.shutdown()

@@ -45,6 +45,8 @@ def test_three_peers_average_known_gradients(tmp_path, write_run_config):
     params = list(reference.parameters())
     weights = [int(r["steps"]) * b for r, b in zip(results, MICRO_BATCHES)]
     assert [int(r["rounds_succeeded"]) for r in results] == [1, 1, 1]
+    # Each peer offers its training state to newcomers, and not its gradient buffers (which nobody loads).
+    assert [(int(r["state_offers"]), int(r["gradient_offers"])) for r in results] == [(3, 0)] * 3
 
     from averaging_worker import known_gradient  # noqa: E402  (the workers' own definition)
 
