@@ -29,6 +29,8 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 
 NAME_PREFIX = "stl"
@@ -264,3 +266,42 @@ class Lab:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class TrafficLog:
+    """The bytes through some hosts' links (both ways), sampled in the background every `period`
+    seconds while the `with` block runs, to count what crossed them between two moments."""
+
+    def __init__(self, lab: Lab, hosts: list[Host], period: float = 0.2) -> None:
+        self.lab, self.hosts, self.period = lab, hosts, period
+        self.samples: list[tuple[float, list[int]]] = []  # (time.time(), bytes so far per host)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+
+    def _sample(self) -> None:
+        self.samples.append((time.time(), [sum(self.lab.bytes_through(host)) for host in self.hosts]))
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self) -> TrafficLog:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def between(self, start: float, end: float) -> list[int]:
+        """Bytes per host from the last sample at or before `start` to the first at or after `end`
+        (the whole log where it does not reach that far): at most a period more on each side."""
+        first = max((s for s in self.samples if s[0] <= start), key=lambda s: s[0], default=self.samples[0])
+        last = min((s for s in self.samples if s[0] >= end), key=lambda s: s[0], default=self.samples[-1])
+        return [after - before for before, after in zip(first[1], last[1])]
+
+    def total(self) -> list[int]:
+        """Bytes per host over the whole log."""
+        return self.between(self.samples[0][0], self.samples[-1][0])

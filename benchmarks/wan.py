@@ -15,10 +15,12 @@ Columns: `link Mbit/s` is one TCP stream between two of the lab's hosts through 
 the lab really lets through), `step s` the median time of the optimizer step that ends an epoch
 (gradient all-reduce, update and state averaging; epoch 1 left out, its round also opens the
 connections), `s per epoch` and `samples/s` the swarm's over the training time (start line to the
-last peer's end), and `MB/s per peer` the bytes each peer's link carried both ways during the
-run (libp2p framing, encryption and the DHT's traffic included) over the training time, the mean
-over peers. Latency and loss are not emulated: that needs netem. On one machine the peers share
-its cores: compute is slower than on separate machines, and only the links are separate.
+last peer's end), `MB/s per peer` the bytes each peer's link carried both ways over the training
+time (libp2p framing, encryption and the DHT's traffic included), the mean over peers, and `kB per
+sample` the swarm's bytes over the training time per sample trained (`with start-up`: from the
+peers' launch to their exit, joining the DHT and the swarm included). Latency and loss are not
+emulated: that needs netem. On one machine the peers share its cores: compute is slower than on
+separate machines, and only the links are separate.
 Prints a table and writes benchmarks/results/wan-<device>.json (wan-<device>-modes.json when
 --modes names more than batch mode, wan-<device>-modes-overlap.json with --overlap on).
 """
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 
 from benchmarks.link import stream_bytes_per_second  # noqa: E402
 from benchmarks.measure import write_json  # noqa: E402
-from benchmarks.netlab import Lab, why_no_lab  # noqa: E402
+from benchmarks.netlab import Lab, TrafficLog, why_no_lab  # noqa: E402
 from benchmarks.swarm import swarm_row  # noqa: E402
 from benchmarks.swarm_runs import (  # noqa: E402
     RunSettings,
@@ -64,10 +66,11 @@ def measure_cap(
     for host in hosts:
         lab.cap(host, mbit)
     link = stream_bytes_per_second(hosts[1].address, sender=hosts[0].command, receiver=hosts[1].command)
-    before = [lab.bytes_through(host) for host in hosts]
-    result = run_swarm(folder, run_toml, swarm_options(args), max_epochs=epochs, lab=lab)
-    moved = [sum(lab.bytes_through(host)) - sum(start) for host, start in zip(hosts, before)]
+    with TrafficLog(lab, hosts) as traffic:
+        result = run_swarm(folder, run_toml, swarm_options(args), max_epochs=epochs, lab=lab)
     row = swarm_row(settings.samples_per_epoch, result)
+    moved = traffic.between(min(peer["started"] for peer in row["peers"]), max(peer["ended"] for peer in row["peers"]))
+    everything = traffic.total()
     return dict(
         mode=settings.mode + (" overlap" if settings.mode == "diloco" and settings.overlap else ""),
         compression=settings.diloco_compression if settings.mode == "diloco" else settings.compression,
@@ -77,6 +80,8 @@ def measure_cap(
         bytes_per_s_per_peer=statistics.fmean(moved) / row["training_s"],
         bytes_per_peer=moved,
         bytes_per_sample=sum(moved) / row["samples"],
+        bytes_per_peer_with_startup=everything,
+        bytes_per_sample_with_startup=sum(everything) / row["samples"],
         **row,
     )
 
@@ -84,15 +89,16 @@ def measure_cap(
 def print_table(rows: list[dict]) -> None:
     print(
         "| mode | cap Mbit/s | link Mbit/s | epochs | step s | s per epoch | samples/s | MB/s per peer "
-        "| kB per sample | rounds ok/failed |"
+        "| kB per sample | with start-up | rounds ok/failed |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         rounds = " ".join(f"{peer['rounds_succeeded']}/{peer['rounds_failed']}" for peer in row["peers"])
         print(
             f"| {row['mode']} | {row['cap_mbit']:g} | {row['link_mbit']:.1f} | {row['epochs']} | {row['step_s']:.2f} | "
             f"{row['seconds_per_epoch']:.1f} | {row['samples_per_s']:.2f} | "
-            f"{row['bytes_per_s_per_peer'] / 1e6:.2f} | {row['bytes_per_sample'] / 1e3:.1f} | {rounds} |"
+            f"{row['bytes_per_s_per_peer'] / 1e6:.2f} | {row['bytes_per_sample'] / 1e3:.2f} | "
+            f"{row['bytes_per_sample_with_startup'] / 1e3:.2f} | {rounds} |"
         )
 
 

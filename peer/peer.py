@@ -44,7 +44,9 @@ from peer.version import VERSION
 
 logger = logging.getLogger("starling.peer")
 
-METRICS_PUBLISH_PERIOD = 2.0  # seconds between two signed metrics records
+# Seconds between two of a peer's signed metrics records, by training mode: in DiLoCo mode a peer's
+# epoch moves once a round (minutes) and nothing the dashboard shows needs to be fresher.
+METRICS_PUBLISH_PERIODS = {"batch": 2.0, "diloco": 10.0}
 AUXILIARY_POLL_PERIOD = 0.2  # seconds between two averaging checks of an auxiliary peer
 PROGRESS_FETCH_TIMEOUT = 10.0  # seconds to wait for the swarm's progress before training
 SHUTDOWN_GRACE = 2.0  # seconds a helper process gets to finish before it is terminated
@@ -528,7 +530,7 @@ class Peer:
     def _loop(self, started: float, duration: float | None, max_epochs: int | None) -> None:
         self._training_started = started
         opt = self.optimizer
-        last_publish = 0.0
+        last_publish, publish_period = 0.0, METRICS_PUBLISH_PERIODS[self.run_config.training.mode]
         window_started, window_samples = time.perf_counter(), 0
         with tqdm(desc="training", unit="sample", dynamic_ncols=True) as bar:
             while not self._stop.is_set():
@@ -551,10 +553,10 @@ class Peer:
                 if self.off_swarm and not self.options.auxiliary:
                     self._maybe_resynchronise()
                 now = time.perf_counter()
-                if now - window_started >= METRICS_PUBLISH_PERIOD:
+                if now - window_started >= publish_period:
                     self.samples_per_second = window_samples / (now - window_started)
                     window_started, window_samples = now, 0
-                if now - last_publish >= METRICS_PUBLISH_PERIOD:
+                if now - last_publish >= publish_period:
                     last_publish = now
                     self._report()
                     bar.set_postfix(epoch=opt.local_epoch, loss=self.last_loss, refresh=False)
