@@ -14,8 +14,9 @@ Bytes: hivemind's butterfly all-reduce sends 2 (n - 1) / n of the averaged tenso
 (reduce-scatter, then all-gather) at the codec's bits per value; batch mode also averages the
 parameters and AdamW's two moments in float32 every `average_state_every` epochs (shipped: 5).
 Measured on this machine and used as inputs:
-- upkeep: each peer's steady traffic (DHT records, libp2p), about 0.15 MB/s whatever the mode
-  (results/wan-cpu-modes-overlap.json, DiLoCo rows, whose rounds are rare);
+- upkeep: each peer's steady traffic (DHT records, libp2p), taken as the least a DiLoCo peer's
+  link carried per second of training (results/wan-cpu-modes-overlap.json; its rare rounds
+  included, so an upper bound);
 - round latency: the round-ending step at 1000 Mbit/s, per mode (same file): matchmaking already
   done, the group's handshakes, the optimizer or outer step;
 - overhead: what a DiLoCo peer spends outside forward and backward at 1000 Mbit/s with overlap,
