@@ -329,9 +329,6 @@ def make_collaborative_optimizer(
     )
 
 
-PROGRESS_PERIOD = 2.0  # seconds (see swarm_options)
-
-
 def swarm_options(
     dht: hivemind.DHT, run: RunConfig, batch_size_per_step: int | None, auxiliary: bool, verbose: bool
 ) -> dict:
@@ -351,13 +348,9 @@ def swarm_options(
         # hivemind.Optimizer replaces any non-None client_mode with the DHT's own.
         client_mode=dht.client_mode,
         auxiliary=auxiliary,
-        # The run's progress is read at least every PROGRESS_PERIOD (up to every 0.2 s near an epoch's
-        # end), and a peer's record stored at most that often: the readers extrapolate in between.
-        tracker_opts=dict(
-            min_refresh_period=0.2,
-            max_refresh_period=PROGRESS_PERIOD,
-            default_refresh_period=1.0,
-            report_period=PROGRESS_PERIOD,
-        ),
+        # The run's progress is read at least every record period (peer.progress.RecordPeriod; up to
+        # every 0.2 s near an epoch's end), and a peer's record stored at most that often: the
+        # readers extrapolate in between.
+        tracker_opts=dict(min_refresh_period=0.2, default_refresh_period=1.0),
         verbose=verbose,
     )

@@ -44,9 +44,6 @@ from peer.version import VERSION
 
 logger = logging.getLogger("starling.peer")
 
-# Seconds between two of a peer's signed metrics records, by training mode: in DiLoCo mode a peer's
-# epoch moves once a round (minutes) and nothing the dashboard shows needs to be fresher.
-METRICS_PUBLISH_PERIODS = {"batch": 2.0, "diloco": 10.0}
 AUXILIARY_POLL_PERIOD = 0.2  # seconds between two averaging checks of an auxiliary peer
 PROGRESS_FETCH_TIMEOUT = 10.0  # seconds to wait for the swarm's progress before training
 SHUTDOWN_GRACE = 2.0  # seconds a helper process gets to finish before it is terminated
@@ -530,7 +527,7 @@ class Peer:
     def _loop(self, started: float, duration: float | None, max_epochs: int | None) -> None:
         self._training_started = started
         opt = self.optimizer
-        last_publish, publish_period = 0.0, METRICS_PUBLISH_PERIODS[self.run_config.training.mode]
+        last_publish = 0.0
         window_started, window_samples = time.perf_counter(), 0
         with tqdm(desc="training", unit="sample", dynamic_ncols=True) as bar:
             while not self._stop.is_set():
@@ -552,7 +549,8 @@ class Peer:
                     self._after_epoch()
                 if self.off_swarm and not self.options.auxiliary:
                     self._maybe_resynchronise()
-                now = time.perf_counter()
+                # The metrics record goes out as often as the progress record (a share of an epoch).
+                now, publish_period = time.perf_counter(), opt.tracker.record_period
                 if now - window_started >= publish_period:
                     self.samples_per_second = window_samples / (now - window_started)
                     window_started, window_samples = now, 0

@@ -6,11 +6,33 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, ProgressTracker
 from hivemind.utils import ValueWithExpiration
 
 OWN_RECORD = b"own"  # the key of this peer's own record among those fetched (which are keyed by public key)
+
+
+@dataclass(frozen=True)
+class RecordPeriod:
+    """How often a peer stores its records (progress and metrics) and, at the least, reads the
+    run's progress: a share of its last epoch, within bounds. An epoch of batch mode takes seconds,
+    a DiLoCo round minutes; with a tenth of it the others still see each peer's count about ten
+    times a round (hivemind reads more often as an epoch's end nears, and extrapolates between)."""
+
+    shortest: float = 2.0  # seconds; also before this peer has timed an epoch
+    longest: float = 30.0  # half of how long a record stays in the DHT (METRICS_EXPIRATION, hivemind's 60 s)
+    share: float = 0.1  # of the last epoch
+
+    def after(self, epoch_seconds: float | None) -> float:
+        """The period after an epoch of `epoch_seconds` (None: none timed yet)."""
+        if epoch_seconds is None:
+            return self.shortest
+        return min(self.longest, max(self.shortest, self.share * epoch_seconds))
+
+
+RECORD_PERIOD = RecordPeriod()
 
 
 class HeldReports(threading.Event):
@@ -45,24 +67,38 @@ class RunProgressTracker(ProgressTracker):
     refused (a model of another shape running epochs ahead on its own) would keep everyone else
     "behind", loading state again on every step; once ignored, its progress counts for nothing.
 
-    hivemind stores a peer's record after every micro-batch; this tracker at most once per report
-    period (report_local_progress).
+    hivemind stores a peer's record after every micro-batch, and reads the run's progress at least
+    every max_refresh_period; this tracker does both at most once per record period
+    (report_local_progress), which follows the length of its last epoch (RecordPeriod).
     """
 
     def __init__(
-        self, *args, counts_itself: bool = True, report_period: float = 0.0, start: bool = False, **kwargs
+        self,
+        *args,
+        counts_itself: bool = True,
+        record_period: RecordPeriod = RECORD_PERIOD,
+        start: bool = False,
+        **kwargs,
     ) -> None:
         """`counts_itself`: False for an auxiliary peer, which reports no progress (it accumulates
-        no samples), so that the others never count it either. `report_period`: the least time
-        between two stores of this peer's record, except when an epoch starts or this peer's
-        first samples of one arrive (see report_local_progress)."""
+        no samples), so that the others never count it either. `record_period`: the least time
+        between two stores of this peer's record (except when an epoch starts or this peer's first
+        samples of one arrive: see report_local_progress) and the longest between two reads."""
         self.counts_itself = counts_itself
         self.ignored_peers: frozenset[bytes] = frozenset()
+        self.record_period_rule = record_period
+        self.last_epoch_seconds: float | None = None  # how long this peer's last full epoch took
+        self._epoch_began: float | None = None  # at its latest epoch change, or its first samples
         self._latest_records = None
-        super().__init__(*args, start=False, **kwargs)
-        self.should_report_progress = HeldReports(report_period)  # before the reporter waits on it
+        super().__init__(*args, start=False, max_refresh_period=record_period.after(None), **kwargs)
+        self.should_report_progress = HeldReports(record_period.after(None))  # before the reporter waits on it
         if start:
             self.start()
+
+    @property
+    def record_period(self) -> float:
+        """Seconds between two stores of this peer's records now."""
+        return self.should_report_progress.period
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
         """hivemind's report, whose record goes to the DHT at most once per report period. hivemind
@@ -71,8 +107,25 @@ class RunProgressTracker(ProgressTracker):
         stores the others extrapolate from the stored samples/s. A new epoch and the first samples
         of one go out at once: the others count this peer, and see it in the run's epoch, from these."""
         previous = self.local_progress
-        self.should_report_progress.urgent = local_epoch != previous.epoch or previous.samples_accumulated == 0
+        new_epoch = local_epoch != previous.epoch
+        self._time_epochs(new_epoch, samples_accumulated)
+        self.should_report_progress.urgent = new_epoch or previous.samples_accumulated == 0
         super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
+
+    def _time_epochs(self, new_epoch: bool, samples_accumulated: int) -> None:
+        """Time this peer's epochs (from its first samples, or the previous epoch change, to the next
+        change), and set the record period from the latest. A state load's jump counts as a short
+        epoch: the period only gets shorter for it."""
+        now = time.monotonic()
+        if new_epoch:
+            if self._epoch_began is not None:
+                self.last_epoch_seconds = now - self._epoch_began
+                period = self.record_period_rule.after(self.last_epoch_seconds)
+                self.should_report_progress.period = period
+                self.max_refresh_period = max(period, self.min_refresh_period)  # hivemind's next read
+            self._epoch_began = now
+        elif self._epoch_began is None and samples_accumulated > 0:
+            self._epoch_began = now
 
     def shutdown(self, timeout: float | None = None) -> None:
         self.should_report_progress.urgent = True  # the reporter's last wake-up is not held back

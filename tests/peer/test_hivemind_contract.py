@@ -424,13 +424,17 @@ CONTRACT = [
             "training_progress_key",
             "should_report_progress",
             "shutdown_complete",
+            "min_refresh_period",
+            "max_refresh_period",
         ),
     ),
+    # peer/progress.py sets max_refresh_period after each epoch: the longest wait before the next read.
     Reliance(
         f"{TRACKER}._parse_swarm_progress_data",
         "peer/progress.py",
         params=("metadata",),
         called_from=(f"{TRACKER}.__init__", f"{TRACKER}._progress_fetcher"),
+        source_has=("a_max=self.max_refresh_period",),
     ),
     Reliance(f"{TRACKER}.__init__", "coordinator/swarm.py", source_has=('f"{self.prefix}_progress"',)),
     # peer/progress.py holds back the reporter's wake-ups (HeldReports) to store fewer records.

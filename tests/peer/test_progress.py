@@ -1,10 +1,12 @@
 """How a peer counts the run's progress (peer.progress), on real DHT nodes."""
 
+import time
+
 import hivemind
 import pytest
 
 from coordinator.harness import LOOPBACK_MADDR, wait_until
-from peer.progress import RunProgressTracker
+from peer.progress import RECORD_PERIOD, RecordPeriod, RunProgressTracker
 
 LOOPBACK = [LOOPBACK_MADDR]
 TARGET = 32
@@ -46,12 +48,13 @@ def test_a_peer_without_a_record_of_its_own_counts_itself(two_nodes, counts_itse
         other.shutdown()
 
 
-def test_a_peer_stores_its_progress_at_most_once_per_report_period(two_nodes):
+def test_a_peer_stores_its_progress_at_most_once_per_record_period(two_nodes):
     """hivemind stores a peer's progress record at every micro-batch. Starling holds the stores back
-    to one per report period, except the first samples of an epoch and a new epoch, which the others
+    to one per record period, except the first samples of an epoch and a new epoch, which the others
     count peers and see the run's epoch by: those go out at once. (The period here is an hour, so
     nothing held back can go out during the test.)"""
-    other, own = tracker(two_nodes[0]), tracker(two_nodes[1], report_period=3600)
+    hour = RecordPeriod(shortest=3600, longest=3600)
+    other, own = tracker(two_nodes[0]), tracker(two_nodes[1], record_period=hour)
     try:
         own.report_local_progress(local_epoch=0, samples_accumulated=4)
         wait_until(lambda: other.global_progress.samples_accumulated == 4, 20, "the first samples' record")
@@ -72,3 +75,29 @@ def test_a_peer_stores_its_progress_at_most_once_per_report_period(two_nodes):
         own.shutdown(timeout=10)
         other.shutdown()
     assert own.shutdown_complete.is_set(), "the reporter's last wake-up was held back"
+
+
+def test_the_record_period_is_a_share_of_the_last_epoch(two_nodes):
+    """A peer stores its records, and reads the run's progress, at most every tenth of its last
+    epoch, within 2-30 s: as before until it has timed an epoch (from its first samples, not from
+    its start), less often in DiLoCo's long rounds, shorter again after a short epoch (a state
+    load's jump)."""
+    assert [RECORD_PERIOD.after(seconds) for seconds in (None, 5, 75, 1000)] == [2.0, 2.0, 7.5, 30.0]
+
+    whole = RecordPeriod(shortest=0.1, longest=100, share=1.0)  # the period is the last epoch
+    own = tracker(two_nodes[0], record_period=whole)
+    try:
+        assert own.record_period == own.max_refresh_period == 0.1
+        time.sleep(2.0)  # joined, no samples yet
+        own.report_local_progress(local_epoch=0, samples_accumulated=4)
+        time.sleep(0.5)
+        own.report_local_progress(local_epoch=0, samples_accumulated=8)
+        own.report_local_progress(local_epoch=1, samples_accumulated=0)
+        first = own.last_epoch_seconds
+        assert 0.5 <= first < 2.0  # from the first samples on
+        assert own.record_period == own.max_refresh_period == first
+
+        own.report_local_progress(local_epoch=5, samples_accumulated=0)  # a state load's jump
+        assert own.last_epoch_seconds < 0.1 and own.record_period == own.max_refresh_period == 0.1
+    finally:
+        own.shutdown()
