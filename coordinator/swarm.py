@@ -16,8 +16,11 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress
 
 from coordinator.history import Contributor
 from peer.metrics import PeerMetrics
+from peer.progress import RECORD_PERIOD
 
-ONLINE_WITHIN = 30.0  # seconds since a peer's last report for it to count as online (an averaging round can take 10+)
+# Seconds since a peer's last report for it to count as online: twice the longest a peer waits
+# between two reports (an averaging round, which holds its reports back, can take 10 s and more).
+ONLINE_WITHIN = 2 * RECORD_PERIOD.longest
 STALE_WITHIN = 60.0  # ... and as stale; after that it is gone
 LISTED_FOR = 3600.0  # gone peers stay in the peer table this long
 KINDS = ("gpu", "cpu", "client", "auxiliary")

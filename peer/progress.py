@@ -22,7 +22,9 @@ class RecordPeriod:
     times a round (hivemind reads more often as an epoch's end nears, and extrapolates between)."""
 
     shortest: float = 2.0  # seconds; also before this peer has timed an epoch
-    longest: float = 30.0  # half of how long a record stays in the DHT (METRICS_EXPIRATION, hivemind's 60 s)
+    # A quarter of how long a record stays in the DHT (60 s), half of how long the coordinator
+    # counts a peer online since its last metrics record (coordinator.swarm.ONLINE_WITHIN).
+    longest: float = 15.0
     share: float = 0.1  # of the last epoch
 
     def after(self, epoch_seconds: float | None) -> float:
@@ -101,7 +103,7 @@ class RunProgressTracker(ProgressTracker):
         return self.should_report_progress.period
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
-        """hivemind's report, whose record goes to the DHT at most once per report period. hivemind
+        """hivemind's report, whose record goes to the DHT at most once per record period. hivemind
         stores one per micro-batch (13 a second for a DiLoCo peer of the tiny model on 2 cores: most
         of its traffic), and N peers' stores load the record's replicas N times over. Between two
         stores the others extrapolate from the stored samples/s. A new epoch and the first samples

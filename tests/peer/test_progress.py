@@ -79,10 +79,10 @@ def test_a_peer_stores_its_progress_at_most_once_per_record_period(two_nodes):
 
 def test_the_record_period_is_a_share_of_the_last_epoch(two_nodes):
     """A peer stores its records, and reads the run's progress, at most every tenth of its last
-    epoch, within 2-30 s: as before until it has timed an epoch (from its first samples, not from
+    epoch, within 2-15 s: as before until it has timed an epoch (from its first samples, not from
     its start), less often in DiLoCo's long rounds, shorter again after a short epoch (a state
     load's jump)."""
-    assert [RECORD_PERIOD.after(seconds) for seconds in (None, 5, 75, 1000)] == [2.0, 2.0, 7.5, 30.0]
+    assert [RECORD_PERIOD.after(seconds) for seconds in (None, 5, 75, 1000)] == [2.0, 2.0, 7.5, 15.0]
 
     whole = RecordPeriod(shortest=0.1, longest=100, share=1.0)  # the period is the last epoch
     own = tracker(two_nodes[0], record_period=whole)
