@@ -94,7 +94,7 @@ def test_the_record_period_is_a_share_of_the_last_epoch(two_nodes):
         own.report_local_progress(local_epoch=0, samples_accumulated=8)
         own.report_local_progress(local_epoch=1, samples_accumulated=0)
         first = own.last_epoch_seconds
-        assert 0.5 <= first < 2.0  # from the first samples on
+        assert 0.5 <= first < 2.5  # from the first samples on: from its start it would be 2.5 or more
         assert own.record_period == own.max_refresh_period == first
 
         own.report_local_progress(local_epoch=5, samples_accumulated=0)  # a state load's jump
