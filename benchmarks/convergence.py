@@ -73,7 +73,12 @@ def split_corpus(folder: Path, held_out: int) -> tuple[Path, Path]:
 
 
 def diloco_settings(
-    settings: RunSettings, rounds: int, inner_batch: int, compression: str, outer_lr: float, overlap: bool
+    settings: RunSettings,
+    rounds: int,
+    inner_batch: int,
+    compression: str,
+    outer: tuple[float, float],
+    overlap: bool,
 ) -> RunSettings:
     """`settings` in DiLoCo mode: `rounds` outer rounds holding the samples of all its epochs, the
     warm-up in the same share of training (at least a round when there is one)."""
@@ -85,7 +90,8 @@ def diloco_settings(
         samples_per_round=samples // rounds,
         inner_batch_size=inner_batch,
         diloco_compression=compression,
-        outer_lr=outer_lr,
+        outer_lr=outer[0],
+        outer_momentum=outer[1],
         overlap=overlap,
         total_epochs=rounds,
         warmup_epochs=warmup,
@@ -171,6 +177,13 @@ def main() -> None:
         "--outer-lrs", type=float, nargs="+", default=[DilocoSection.outer_lr], help="DiLoCo swarms' outer lrs"
     )
     parser.add_argument(
+        "--outer-momentums",
+        type=float,
+        nargs="+",
+        default=[DilocoSection.outer_momentum],
+        help="DiLoCo swarms' outer Nesterov momentums",
+    )
+    parser.add_argument(
         "--overlap", nargs="+", choices=["off", "on"], default=["off"], help="DiLoCo swarms with and/or without overlap"
     )
     parser.add_argument(
@@ -207,11 +220,15 @@ def main() -> None:
     plans = [("one process", replace(settings, compression="none"), solo)] + [
         (f"{args.peers} peers, {codec}", replace(settings, compression=codec), swarm) for codec in args.compressions
     ]
-    for rounds, outer_lr, overlap in product(args.diloco_rounds, args.outer_lrs, args.overlap):
+    outers = product(args.outer_lrs, args.outer_momentums)
+    for rounds, outer, overlap in product(args.diloco_rounds, outers, args.overlap):
         diloco = diloco_settings(
-            settings, rounds, args.inner_batch, args.diloco_compression, outer_lr, overlap=overlap == "on"
+            settings, rounds, args.inner_batch, args.diloco_compression, outer, overlap=overlap == "on"
         )
-        name = f"{args.peers} peers, DiLoCo {args.diloco_compression}, {rounds} rounds, outer lr {outer_lr:g}"
+        name = (
+            f"{args.peers} peers, DiLoCo {args.diloco_compression}, {rounds} rounds,"
+            f" outer lr {outer[0]:g} momentum {outer[1]:g}"
+        )
         plans.append((name + (", overlap" if overlap == "on" else ""), diloco, swarm))
 
     run_tomls = [
@@ -232,6 +249,7 @@ def main() -> None:
                 mode=plan.mode,
                 compression=plan.diloco_compression if plan.mode == "diloco" else plan.compression,
                 outer_lr=plan.outer_lr if plan.mode == "diloco" else None,
+                outer_momentum=plan.outer_momentum if plan.mode == "diloco" else None,
                 overlap=plan.overlap if plan.mode == "diloco" else None,
                 peers=options.peers,
                 micro_batch=options.batch_size,

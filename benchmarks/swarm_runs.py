@@ -53,6 +53,7 @@ inner_batch_size = {inner_batch_size}
 compression = "{diloco_compression}"
 overlap = {overlap_toml}
 outer_lr = {outer_lr}
+outer_momentum = {outer_momentum}
 """
 
 
@@ -78,6 +79,7 @@ class RunSettings:
     diloco_compression: str = DilocoSection.compression
     overlap: bool = DilocoSection.overlap
     outer_lr: float = DilocoSection.outer_lr
+    outer_momentum: float = DilocoSection.outer_momentum
 
     @property
     def samples_per_epoch(self) -> int:

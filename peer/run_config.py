@@ -93,7 +93,10 @@ class DilocoSection:
 
     samples_per_round: int = 1024  # samples the whole swarm processes between two outer steps
     inner_batch_size: int = 16  # samples per inner step on each peer (micro-batches accumulate to it)
-    outer_lr: float = 0.7  # DiLoCo's (Douillard et al., 2023)
+    # DiLoCo's outer step (Douillard et al., 2023), made for runs of many rounds: its momentum
+    # builds up to 7 times a round's pseudo-gradient. A run of tens of rounds ends lower with
+    # outer_momentum = 0 (benchmarks/README.md, DiLoCo's convergence).
+    outer_lr: float = 0.7
     outer_momentum: float = 0.9  # Nesterov; 0 for plain SGD
     compression: PseudoGradientCompression = "adaptive-8bit"  # the pseudo-gradient's codec
     # What a lossy codec did not send is added to the next round's pseudo-gradient.
