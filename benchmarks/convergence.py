@@ -77,7 +77,8 @@ def diloco_settings(
     rounds: int,
     inner_batch: int,
     compression: str,
-    outer: tuple[float, float],
+    outer_lr: float,
+    outer_momentum: float,
     overlap: bool,
 ) -> RunSettings:
     """`settings` in DiLoCo mode: `rounds` outer rounds holding the samples of all its epochs, the
@@ -90,8 +91,8 @@ def diloco_settings(
         samples_per_round=samples // rounds,
         inner_batch_size=inner_batch,
         diloco_compression=compression,
-        outer_lr=outer[0],
-        outer_momentum=outer[1],
+        outer_lr=outer_lr,
+        outer_momentum=outer_momentum,
         overlap=overlap,
         total_epochs=rounds,
         warmup_epochs=warmup,
@@ -221,13 +222,19 @@ def main() -> None:
         (f"{args.peers} peers, {codec}", replace(settings, compression=codec), swarm) for codec in args.compressions
     ]
     outers = product(args.outer_lrs, args.outer_momentums)
-    for rounds, outer, overlap in product(args.diloco_rounds, outers, args.overlap):
+    for rounds, (outer_lr, outer_momentum), overlap in product(args.diloco_rounds, outers, args.overlap):
         diloco = diloco_settings(
-            settings, rounds, args.inner_batch, args.diloco_compression, outer, overlap=overlap == "on"
+            settings,
+            rounds,
+            args.inner_batch,
+            args.diloco_compression,
+            outer_lr,
+            outer_momentum,
+            overlap=overlap == "on",
         )
         name = (
             f"{args.peers} peers, DiLoCo {args.diloco_compression}, {rounds} rounds,"
-            f" outer lr {outer[0]:g} momentum {outer[1]:g}"
+            f" outer lr {outer_lr:g} momentum {outer_momentum:g}"
         )
         plans.append((name + (", overlap" if overlap == "on" else ""), diloco, swarm))
 
