@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 from hivemind.dht.protocol import DHTProtocol
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from coordinator.harness import PeerSpec, wait_at_start_line
 from model import CausalLM
+from model.prepared import write_atomic
 from peer import Peer, hivemind_fixes
 from peer.command_line import env_default, setup_logging
 from peer.events import read_events
@@ -41,7 +42,8 @@ from peer.peer import PeerCallbacks
 
 
 def save_params(model: CausalLM, path: Path) -> None:
-    save_file({name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}, path)
+    """The model's parameters, written whole or not at all: tests read a snapshot once it exists."""
+    write_atomic(path, save({name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}))
 
 
 def save_round(peer: Peer, out: Path) -> None:

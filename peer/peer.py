@@ -646,6 +646,7 @@ class Peer:
         """A collaborative step happened: reload state if our parameters went bad or off the swarm's."""
         averager = self._grad_averager
         outcomes = averager.settle_rounds() if isinstance(averager, CountingGradientAverager) else []
+        missed_step = False  # the group stepped without this peer, and no one sent the state it stepped to
         if outcomes and not self.options.auxiliary:
             epochs = averager.take_round_epochs()
             behind = 0 if epochs is None else epochs.behind
@@ -663,7 +664,7 @@ class Peer:
             missed_outer_step = behind > 0 and isinstance(self.optimizer, DilocoOptimizer)
             if behind > EPOCH_TOLERANCE or (behind > 0 and just_loaded) or missed_outer_step:
                 logger.info("the group of the last round was %d epoch(s) ahead: loading its state", behind)
-                self._load_group_state(epochs.group + 1)
+                missed_step = not self._load_group_state(epochs.group + 1)
                 self._state_loads_at_last_round = self.state_loads
             elif epochs is not None:
                 self.optimizer.catch_up_with_group(epochs.group + 1)
@@ -694,7 +695,7 @@ class Peer:
             logger.warning("parameters became non-finite: reloading state from peers")
             self.load_state_from_peers()
         elif not self.options.auxiliary:  # an auxiliary peer averages gradients only: no parameters to be off
-            self._resynchronise_after_bad_rounds(outcomes, [state.outcome for state in state_rounds])
+            self._resynchronise_after_bad_rounds(outcomes, [state.outcome for state in state_rounds], missed_step)
         self.prometheus.epoch.set(self.optimizer.local_epoch)
         if self.callbacks.on_epoch is not None:
             self.callbacks.on_epoch(self)
@@ -705,21 +706,21 @@ class Peer:
             self.samples_contributed,
         )
 
-    def _load_group_state(self, epoch: int) -> None:
-        """Load the state of `epoch`, the one the group of the last round stepped to. Its peers may
-        still be running that step: a load right away took the state of the epoch before, and left
-        this peer a step behind again; so did a load that first went through the group's next
-        round (as hivemind's load does), since the group stepped again. After GROUP_STATE_WAIT, any
-        newer state will do."""
+    def _load_group_state(self, epoch: int) -> bool:
+        """Load the state of `epoch`, the one the group of the last round stepped to; returns whether
+        a state was applied. Its peers may still be running that step: a load right away took the
+        state of the epoch before, and left this peer a step behind again; so did a load that first
+        went through the group's next round (as hivemind's load does), since the group stepped
+        again. After GROUP_STATE_WAIT, any newer state will do."""
         epoch = max(epoch, self.optimizer.tag_along_scheduled_round() or 0)
         deadline = time.monotonic() + GROUP_STATE_WAIT
         while not self._stop.is_set() and time.monotonic() < deadline:
             if self.optimizer.load_state_from_peers(min_donor_priority=epoch - 1, min_epoch=epoch):
                 logger.info("loaded the group's state: epoch %d", self.optimizer.local_epoch)
                 self._state_loaded(resync=False)
-                return
+                return True
             time.sleep(RESYNC_DELAY)
-        self.load_state_from_peers()
+        return self.load_state_from_peers()
 
     def _optimizer_steps(self) -> int | None:
         """The step count in the shared optimizer's state (Adam's bias correction uses it; state
@@ -732,25 +733,26 @@ class Peer:
                     return int(step)
         return None
 
-    def _resynchronise_after_bad_rounds(self, outcomes: list[RoundOutcome], state_outcomes: list[RoundOutcome]) -> None:
+    def _resynchronise_after_bad_rounds(
+        self, outcomes: list[RoundOutcome], state_outcomes: list[RoundOutcome], missed_step: bool
+    ) -> None:
         """After a partial or failed gradient round this peer stepped on values the others did not
-        average, and its parameters are off the swarm's. It then offers its state only after the
-        peers of its epoch that are not, and loads the state of one of them (_maybe_resynchronise).
-        When there is none (the whole group lost the same parts), a state averaging round that
-        averages every value with a group brings them back together; one that does not leaves this
-        peer off the swarm (`outcomes`: the gradient rounds, `state_outcomes`: the state averaging
-        rounds that ended since the last epoch)."""
+        average, and its parameters are off the swarm's; so are they when its group stepped without
+        it and no one sent the state they stepped to (`missed_step`; hivemind then takes the run's
+        epoch all the same). It then offers its state only after the peers of its epoch that are
+        not, and loads the state of one of them (_maybe_resynchronise). When there is none (the
+        whole group lost the same parts), a state averaging round that averages every value with a
+        group brings them back together; one that does not leaves this peer off the swarm
+        (`outcomes`: the gradient rounds, `state_outcomes`: the state averaging rounds that ended
+        since the last epoch, which for a missed step may have ended before it)."""
         epoch = self.optimizer.local_epoch
         if self._stop.is_set():
             return  # the round was cancelled because this peer is leaving
-        if RoundOutcome.PARTIAL in outcomes or RoundOutcome.FAILED in outcomes:
+        bad = [outcome.value for outcome in outcomes if outcome is not RoundOutcome.SUCCEEDED]
+        if missed_step or bad:
             if not self.off_swarm:
-                logger.warning(
-                    "the gradient round before epoch %d was %s: this peer's parameters are off the "
-                    "swarm's until it resynchronises",
-                    epoch,
-                    outcomes[-1].value,
-                )
+                why = "the group stepped to it without this peer" if missed_step else f"a round was {bad[-1]}"
+                logger.warning("epoch %d: %s; off the swarm's parameters until it resynchronises", epoch, why)
             self._set_off_swarm(True)
             self._resync_after = time.monotonic() + RESYNC_DELAY
         elif self.off_swarm and RoundOutcome.SUCCEEDED in state_outcomes:
