@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import hivemind
@@ -211,6 +212,30 @@ def test_the_dht_reads_on_after_a_request_from_a_process_that_has_exited():
         finally:
             os.kill(dht.pid, signal.SIGCONT)
         assert dht.get("left", return_future=True).result(timeout=30) is None  # answered; the lost store dropped
+    finally:
+        dht.shutdown()
+
+
+def test_the_dht_reads_requests_many_times_longer_than_its_pipe_buffer():
+    """A store of a 1 MB value is a request 16 times as long as the DHT process's pipe buffer.
+    Without the fix one such request was at times read in part, which ended the DHT process (and
+    left the next request waiting forever to be read): in each of 4 runs within its first 60
+    stores. With it, all 100 are stored, and the values read back are the ones stored."""
+    dht = hivemind.DHT(host_maddrs=[LOOPBACK_MADDR], start=True)
+    values = [os.urandom(1 << 20) for _ in range(3)]
+    stored = []
+
+    def store_all() -> None:
+        for i in range(100):
+            stored.append(dht.store(f"large-{i}", values[i % 3], get_dht_time() + 600))
+
+    try:
+        sender = threading.Thread(target=store_all, daemon=True)  # left blocked if the DHT process ended
+        sender.start()
+        sender.join(timeout=120)
+        assert dht.is_alive(), f"the DHT process ended after {len(stored)} stores"
+        assert not sender.is_alive() and all(stored) and len(stored) == 100
+        assert [dht.get(f"large-{i}").value for i in (0, 50, 99)] == [values[0], values[2], values[0]]
     finally:
         dht.shutdown()
 
