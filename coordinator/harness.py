@@ -7,7 +7,8 @@ the benchmarks all use it.
   (peer.faults.FaultPlan), a start line and snapshots of its parameters;
 - release(): wait until every held peer has joined, then let them all train at once (a held process
   waits with wait_at_start_line);
-- bootstrap_node(): a plain hivemind DHT node that peers join through.
+- bootstrap_node(): a plain hivemind DHT node that peers join through;
+- headless_chromium(): a browser for the dashboard.
 
 Every process runs in a session of its own (so that stopping it reaches hivemind's helper processes),
 with one compute thread unless told otherwise, its output in a log file; what it did is read from
@@ -34,6 +35,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from peer.events import read_events
 
 if TYPE_CHECKING:  # peer.faults imports torch and hivemind, which starting a process does not need
+    from playwright.sync_api import Browser
+
     from peer.faults import FaultPlan
 
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -462,3 +465,32 @@ def bootstrap_node(maddr: str = LOOPBACK_MADDR) -> Iterator[str]:
         yield str(dht.get_visible_maddrs()[0])
     finally:
         dht.shutdown()
+
+
+# As root, Chromium needs --no-sandbox; the other flags keep it from reaching out on its own.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+@contextlib.contextmanager
+def headless_chromium() -> Iterator[Browser]:
+    """Debian's Chromium driven by Playwright (Playwright's own browser downloads are not used)."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise HarnessError("chromium is not installed: run `make system-packages` (as root; Debian package chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

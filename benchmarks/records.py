@@ -1,0 +1,310 @@
+"""The DHT records of many peers: progress and metrics records of 64 to 1,000 peers, their sizes,
+a peer's read of the progress record, the coordinator's poll and the dashboard that lists them.
+
+    python benchmarks/records.py                        # 64, 256 and 1,000 peers
+    python benchmarks/records.py --peers-list 64        # a quick check
+
+This machine cannot run 1,000 peers (benchmarks/scale.py runs up to 32); what grows with the swarm
+in these costs is the records. So one writer process stores the records of N peers, each signed
+with that peer's own RSA key as its DHT node would sign it (hivemind's RSASignatureValidator, the
+run's schemas), and stores them again every RESTORE_PERIOD seconds with a new time, as peers do.
+A real coordinator (`starling-coordinator`) polls them, and a third DHT node reads them as a peer's
+progress tracker does. Measured for each N:
+
+- bytes of one signed entry and of the whole record (progress, metrics): what a replica sends for
+  each read;
+- a peer's read of the progress record (`dht.get(latest=True)` from another node, as hivemind's
+  tracker reads it every 0.2-2 s): median of READS;
+- the coordinator's poll (its API's poll_seconds: both reads and the summary), median and max over
+  WATCH seconds, and how many peers its API lists online;
+- the dashboard in headless Chromium: seconds from opening the page to N rows in its peers table
+  and N entries in the leaderboard, then the longest main-thread task and how many tasks took
+  over 50 ms (the browser's "long tasks", which users see as jank) over WATCH seconds of updates.
+
+Prints a table and writes benchmarks/results/records-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/
+
+import hivemind  # noqa: E402
+from hivemind.dht.crypto import RSASignatureValidator  # noqa: E402
+from hivemind.dht.schema import SchemaValidator  # noqa: E402
+from hivemind.dht.validation import DHTRecord  # noqa: E402
+from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgressSchema  # noqa: E402
+from hivemind.p2p import PeerID  # noqa: E402
+from hivemind.utils import MSGPackSerializer, get_dht_time  # noqa: E402
+from hivemind.utils.crypto import RSAPrivateKey  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks.measure import write_json  # noqa: E402
+from benchmarks.swarm_runs import RunSettings  # noqa: E402
+from coordinator.harness import LOOPBACK_MADDR, CoordinatorProcess, headless_chromium, stop_all, wait_until  # noqa: E402
+from peer import metrics  # noqa: E402
+from peer.run_config import RunConfig  # noqa: E402
+from peer.version import VERSION  # noqa: E402
+
+RESTORE_PERIOD = 15.0  # seconds between two stores of every record (peers store theirs every 2-15 s)
+RECORD_LIFETIME = 60.0  # seconds a stored record lasts (hivemind's progress records and ours: 60 s)
+READS = 10
+WATCH = 20.0  # seconds of coordinator polls and dashboard updates watched
+LONG_TASK_MS = 50.0  # the browser's threshold for a long task
+
+
+class ManyPeersSigner(RSASignatureValidator):
+    """hivemind's record signature, with many keys: a record whose subkey names one of their public
+    keys is signed with that key (as that peer's own DHT node would sign it)."""
+
+    def __init__(self, keys: list[RSAPrivateKey]) -> None:
+        super().__init__(keys[0])
+        self.signers = {signer.local_public_key: signer for signer in map(RSASignatureValidator, keys)}
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        owner = self._PUBLIC_KEY_RE.search(record.subkey)
+        signer = self.signers.get(owner.group(0)) if owner else None
+        return signer.sign_value(record) if signer is not None else record.value
+
+
+def peer_id_bytes(index: int) -> bytes:
+    """Peer `index`'s libp2p id, as volunteers' Ed25519 identities give them (38 bytes)."""
+    return bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20]) + hashlib.sha256(index.to_bytes(4, "big")).digest()
+
+
+def peer_records(index: int, epoch: int) -> tuple[dict, dict]:
+    """Peer `index`'s progress and metrics values, with figures and strings of a real peer's size."""
+    raw = peer_id_bytes(index)
+    peer_id = PeerID(raw).to_base58()
+    now = get_dht_time()
+    samples = 16 + index % 48
+    progress = LocalTrainingProgress(
+        peer_id=raw, epoch=epoch, samples_accumulated=samples, samples_per_second=12.5, time=now, client_mode=False
+    )
+    report = metrics.PeerMetrics(
+        peer_id=peer_id,
+        name=f"volunteer-{index:04d}",
+        epoch=epoch,
+        loss=3.2109,
+        samples_per_second=12.5,
+        tokens_per_second=3200.0,
+        samples_contributed=1000 + index,
+        device="cuda",
+        device_name="NVIDIA GeForce RTX 3060",
+        micro_batch=4,
+        bytes_sent=123456789,
+        compute_seconds=1234.5,
+        training_seconds=2345.6,
+        client_mode=False,
+        auxiliary=False,
+        version=VERSION,
+        rounds_succeeded=100,
+        addresses=[f"/ip4/198.51.100.{index % 250 + 1}/tcp/{30000 + index}/p2p/{peer_id}"],
+        time=time.time(),
+    )
+    return progress.dict(), report.dict()
+
+
+async def _store_records(_dht, node, keys: list, subkeys: list, values: list, expiration: float) -> int:
+    stored = await node.store_many(keys, values, expiration_time=expiration, subkeys=subkeys)
+    return sum(bool(ok) for ok in stored.values())
+
+
+class RecordWriter:
+    """One DHT node that stores the records of `peers` peers, each signed with its own key."""
+
+    def __init__(self, peers: int, run_id: str, training_key: str, initial_peers: list[str]) -> None:
+        keys = [RSAPrivateKey() for _ in tqdm(range(peers), desc="peers' keys", leave=False)]
+        signer = ManyPeersSigner(keys)
+        self.owners = list(signer.signers)
+        self.run_id, self.progress_key = run_id, f"{training_key}_progress"
+        validators = [
+            signer,
+            metrics.schema_validator(run_id),
+            SchemaValidator(TrainingProgressSchema, prefix=training_key),
+        ]
+        self.dht = hivemind.DHT(
+            initial_peers=initial_peers, host_maddrs=[LOOPBACK_MADDR], record_validators=validators, start=True
+        )
+        self.entry_bytes = self._entry_bytes(signer)
+        self._stop = threading.Event()
+        if (stored := self.store()) < 2 * peers:
+            raise RuntimeError(f"stored {stored} of the {2 * peers} records")
+        self._thread = threading.Thread(target=self._keep_storing, daemon=True)
+        self._thread.start()
+
+    def store(self) -> int:
+        """Store every peer's two records now; returns how many were stored."""
+        keys, subkeys, values = [], [], []
+        for index, owner in enumerate(self.owners):
+            progress, report = peer_records(index, epoch=7)
+            keys += [self.progress_key, f"{self.run_id}_metrics"]
+            subkeys += [owner, owner]
+            values += [progress, report]
+        store = partial(_store_records, keys=keys, subkeys=subkeys, values=values)
+        return self.dht.run_coroutine(partial(store, expiration=get_dht_time() + RECORD_LIFETIME))
+
+    def _keep_storing(self) -> None:
+        while not self._stop.wait(RESTORE_PERIOD):
+            self.store()
+
+    def _entry_bytes(self, signer: ManyPeersSigner) -> dict[str, int]:
+        """Bytes of one signed entry of each record, as stored and sent (subkey and signed value)."""
+        progress, report = peer_records(0, epoch=7)
+        sizes = {}
+        for name, key, value in (
+            ("progress", self.progress_key, progress),
+            ("metrics", f"{self.run_id}_metrics", report),
+        ):
+            subkey = MSGPackSerializer.dumps(self.owners[0])
+            record = DHTRecord(MSGPackSerializer.dumps(key), subkey, MSGPackSerializer.dumps(value), get_dht_time())
+            sizes[name] = len(subkey) + len(signer.sign_value(record))
+        return sizes
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.dht.shutdown()
+
+
+def read_seconds(dht: hivemind.DHT, key: str, peers: int) -> list[float]:
+    """Seconds of READS reads of `key` that each found every peer's entry."""
+    times = []
+    for _ in range(READS):
+        began = time.perf_counter()
+        found = dht.get(key, latest=True)
+        times.append(time.perf_counter() - began)
+        entries = len(found.value) if found is not None and isinstance(found.value, dict) else 0
+        if entries < peers:
+            raise RuntimeError(f"a read of {key} found {entries} of {peers} entries")
+    return times
+
+
+LONG_TASKS = """
+window.longTasks = [];
+new PerformanceObserver((list) => {
+  for (const entry of list.getEntries()) window.longTasks.push(entry.duration);
+}).observe({type: "longtask", buffered: true});
+"""
+
+
+def dashboard_figures(url: str, peers: int, watch: float = WATCH) -> dict:
+    """Open the dashboard: seconds to list every peer and contributor, then its long tasks over `watch` seconds."""
+    with headless_chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.add_init_script(LONG_TASKS)
+        began = time.perf_counter()
+        page.goto(url)
+        rows = "#peers-table tbody tr[data-peer-id]"
+        page.wait_for_function(f"document.querySelectorAll('{rows}').length >= {peers}", timeout=120_000)
+        listed_s = time.perf_counter() - began
+        page.wait_for_function(
+            f"document.querySelectorAll('#leaderboard-table tbody tr').length >= {peers}", timeout=120_000
+        )
+        page.evaluate("window.longTasks.length = 0")
+        time.sleep(watch)
+        long_tasks = page.evaluate("window.longTasks")
+        listed = page.locator(rows).count()
+    return dict(
+        page_listed_s=listed_s,
+        page_rows=listed,
+        longest_task_ms=max(long_tasks, default=0.0),
+        long_tasks=len(long_tasks),
+    )
+
+
+def measure(folder: Path, peers: int, watch: float = WATCH) -> dict:
+    """Every figure of the module's docstring for a swarm of `peers` peers' records, watching the
+    coordinator and the dashboard for `watch` seconds each."""
+    run_id = f"records-{peers}"
+    folder.mkdir(parents=True)
+    run_toml = RunSettings(preset="tiny", target_batch_size=64 * peers).write(folder / "run.toml", run_id=run_id)
+    training_key = RunConfig.load(run_toml).training_key()
+    coordinator = CoordinatorProcess(folder / "coordinator", run_toml).start()
+    processes: list = [coordinator]
+    writer = reader = None
+    try:
+        began = time.perf_counter()
+        writer = RecordWriter(peers, run_id, training_key, [coordinator.address])
+        stored_s = time.perf_counter() - began
+        reader = hivemind.DHT(
+            initial_peers=[coordinator.address],
+            host_maddrs=[LOOPBACK_MADDR],
+            record_validators=[RSASignatureValidator()],
+            start=True,
+        )
+        reads = read_seconds(reader, writer.progress_key, peers)
+        wait_until(
+            lambda: sum(row["status"] == "online" for row in coordinator.state()["peers"]) >= peers,
+            120,
+            f"the coordinator to list {peers} peers",
+            alive=[coordinator],
+        )
+        polls, watch_end = [], time.monotonic() + watch
+        while time.monotonic() < watch_end:
+            polls.append(coordinator.state()["poll_seconds"])
+            time.sleep(1.0)
+        listed = sum(row["status"] == "online" for row in coordinator.state()["peers"])
+        page = dashboard_figures(coordinator.url, peers, watch)
+    finally:
+        for dht in (reader, writer):
+            if dht is not None:
+                dht.shutdown()
+        stop_all(processes)
+    return dict(
+        peers=peers,
+        progress_entry_bytes=writer.entry_bytes["progress"],
+        metrics_entry_bytes=writer.entry_bytes["metrics"],
+        progress_record_bytes=peers * writer.entry_bytes["progress"],
+        metrics_record_bytes=peers * writer.entry_bytes["metrics"],
+        store_s=stored_s,
+        read_s=statistics.median(reads),
+        read_max_s=max(reads),
+        poll_s=statistics.median(polls),
+        poll_max_s=max(polls),
+        listed_online=listed,
+        **page,
+    )
+
+
+COLUMNS = {  # the table's columns: header, then the cell of a row
+    "peers": lambda row: str(row["peers"]),
+    "progress record KB": lambda row: f"{row['progress_record_bytes'] / 1000:.1f}",
+    "metrics record KB": lambda row: f"{row['metrics_record_bytes'] / 1000:.1f}",
+    "a peer's read s (max)": lambda row: f"{row['read_s']:.3f} ({row['read_max_s']:.3f})",
+    "coordinator poll s (max)": lambda row: f"{row['poll_s']:.3f} ({row['poll_max_s']:.3f})",
+    "listed online": lambda row: str(row["listed_online"]),
+    "page lists all s": lambda row: f"{row['page_listed_s']:.1f}",
+    "page rows": lambda row: str(row["page_rows"]),
+    "longest task ms": lambda row: f"{row['longest_task_ms']:.0f}",
+    "tasks > 50 ms": lambda row: str(row["long_tasks"]),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--peers-list", type=int, nargs="+", default=[64, 256, 1000])
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="starling-records-"))
+    print(f"logs in {folder}", flush=True)
+    rows = [measure(folder / f"{peers}-peers", peers) for peers in args.peers_list]
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(cell(row) for cell in COLUMNS.values()) + " |")
+    command = "python benchmarks/records.py --peers-list " + " ".join(map(str, args.peers_list))
+    path = write_json("records-cpu.json", dict(command=command, watch_s=WATCH, reads=READS, rows=rows))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
