@@ -44,8 +44,8 @@ stopping peer waited about 3 s per such request. Fixed by dropping a request who
 The DHT process's event loop watches that pipe, which leaves it non-blocking: a request longer than
 the pipe's buffer (64 KiB: a store of a large value, or of many records at once) arrives in several
 reads, and the first read that found the pipe empty meanwhile raised BlockingIOError and ended the
-DHT process (within the first 60 stores of 1 MB, in each of 4 runs). Fixed by reading each request whole, blocking until
-its sender has written it all (it writes it in one call).
+DHT process (within the first 60 stores of 1 MB, in each of 4 runs). Fixed by reading each request
+whole, blocking until its sender has written it all (it writes it in one call).
 
 An averager is a process forked from the peer; it serves from a background thread (hivemind's way
 around the OpenMP pool a fork may leave broken) and compresses the parts of its tensors in a pool
