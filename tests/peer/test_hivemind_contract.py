@@ -662,7 +662,19 @@ CONTRACT = [
     Reliance("hivemind.proto.crypto_pb2.KeyType.RSA", "peer/identity.py"),
     Reliance("hivemind.proto.crypto_pb2.RSA", "peer/identity.py"),
     Reliance("hivemind.utils.multiaddr.Multiaddr", "peer/identity.py"),
-    Reliance("hivemind.dht.crypto.RSASignatureValidator._PUBLIC_KEY_RE", "peer/run_record.py"),
+    Reliance("hivemind.dht.crypto.RSASignatureValidator._PUBLIC_KEY_RE", "peer/run_record.py, benchmarks/records.py"),
+    # benchmarks/records.py signs the records of many peers as each one's DHT node would
+    Reliance("hivemind.dht.crypto.RSASignatureValidator.sign_value", "benchmarks/records.py", params=("record",)),
+    Reliance(
+        "hivemind.dht.validation.DHTRecord",
+        "benchmarks/records.py",
+        params=("key", "subkey", "value", "expiration_time"),
+    ),
+    Reliance(
+        "hivemind.dht.node.DHTNode.store_many",
+        "benchmarks/records.py",
+        params=("keys", "values", "expiration_time", "subkeys"),
+    ),
     Reliance("hivemind.dht.crypto.RSASignatureValidator.local_public_key", "peer/metrics.py, peer/run_record.py"),
     Reliance(
         "hivemind.dht.schema.SchemaValidator",
