@@ -59,7 +59,6 @@ RESTORE_PERIOD = 15.0  # seconds between two stores of every record (peers store
 RECORD_LIFETIME = 60.0  # seconds a stored record lasts (hivemind's progress records and ours: 60 s)
 READS = 10
 WATCH = 20.0  # seconds of coordinator polls and dashboard updates watched
-LONG_TASK_MS = 50.0  # the browser's threshold for a long task
 
 
 class ManyPeersSigner(RSASignatureValidator):
@@ -147,11 +146,13 @@ class RecordWriter:
         keys, subkeys, values = [], [], []
         for index, owner in enumerate(self.owners):
             progress, report = peer_records(index, epoch=7)
-            keys += [self.progress_key, f"{self.run_id}_metrics"]
+            keys += [self.progress_key, metrics.record_key(self.run_id)]
             subkeys += [owner, owner]
             values += [progress, report]
-        store = partial(_store_records, keys=keys, subkeys=subkeys, values=values)
-        return self.dht.run_coroutine(partial(store, expiration=get_dht_time() + RECORD_LIFETIME))
+        expiration = get_dht_time() + RECORD_LIFETIME
+        return self.dht.run_coroutine(
+            partial(_store_records, keys=keys, subkeys=subkeys, values=values, expiration=expiration)
+        )
 
     def _keep_storing(self) -> None:
         while not self._stop.wait(RESTORE_PERIOD):
@@ -163,7 +164,7 @@ class RecordWriter:
         sizes = {}
         for name, key, value in (
             ("progress", self.progress_key, progress),
-            ("metrics", f"{self.run_id}_metrics", report),
+            ("metrics", metrics.record_key(self.run_id), report),
         ):
             subkey = MSGPackSerializer.dumps(self.owners[0])
             record = DHTRecord(MSGPackSerializer.dumps(key), subkey, MSGPackSerializer.dumps(value), get_dht_time())

@@ -59,6 +59,11 @@ class MetricsSchema(BaseModel):
     metrics: dict[BytesWithPublicKey, PeerMetrics]
 
 
+def record_key(run_id: str) -> str:
+    """The DHT key under which every peer of the run stores its metrics record."""
+    return f"{run_id}_metrics"
+
+
 def schema_validator(run_id: str) -> SchemaValidator:
     """The DHT validator that rejects metrics records not of this schema (add it beside the
     RSASignatureValidator that checks their signatures)."""
@@ -68,7 +73,7 @@ def schema_validator(run_id: str) -> SchemaValidator:
 def publish(dht: hivemind.DHT, run_id: str, signer: RSASignatureValidator, metrics: PeerMetrics):
     """Store this peer's record, signed with its key, in the background; returns the pending future."""
     return dht.store(
-        key=f"{run_id}_metrics",
+        key=record_key(run_id),
         subkey=signer.local_public_key,
         value=metrics.dict(),
         expiration_time=get_dht_time() + METRICS_EXPIRATION,
@@ -78,7 +83,7 @@ def publish(dht: hivemind.DHT, run_id: str, signer: RSASignatureValidator, metri
 
 def read_all(dht: hivemind.DHT, run_id: str) -> list[PeerMetrics]:
     """Every valid peer record currently in the DHT (the validators drop forged ones)."""
-    found = dht.get(f"{run_id}_metrics", latest=True)
+    found = dht.get(record_key(run_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
     return [PeerMetrics.parse_obj(entry.value) for entry in found.value.values()]

@@ -52,14 +52,14 @@ def test_honest_records_are_read_and_forged_or_malformed_ones_are_refused():
         assert metrics.publish(alice, RUN_ID, alice_signer, record("alice")).result()
         # Mallory writes under Alice's key: she cannot sign it, so no node accepts it.
         forged = mallory.store(
-            f"{RUN_ID}_metrics",
+            metrics.record_key(RUN_ID),
             subkey=alice_signer.local_public_key,
             value=record("alice-forged").dict(),
             expiration_time=get_dht_time() + 60,
         )
         # Under her own key, but not in the schema (a string where a number belongs).
         malformed = mallory.store(
-            f"{RUN_ID}_metrics",
+            metrics.record_key(RUN_ID),
             subkey=mallory_signer.local_public_key,
             value={**record("mallory").dict(), "samples_contributed": "a lot"},
             expiration_time=get_dht_time() + 60,
