@@ -74,6 +74,17 @@ peers of the tiny model in a swarm sent 170 a second each, nearly all of them th
 read reaches more nodes as the swarm grows). 0.5 s between reads brought those to 31.
 Fixed by reading the queue at most once every LEADER_QUEUE_PERIOD seconds (a tenth of the
 matchmaking time at most): a leader stays declared for the matchmaking time, so it is still found.
+
+A member that receives a part of a group it does not know yet waits for its matchmaking to register
+one (the leader may begin the all-reduce before its BEGIN_ALLREDUCE message has arrived). hivemind
+wakes that wait when a group is registered, but not when the search ends without a group: a
+would-be member that gave up on its leader (or whose step was cancelled) as the leader went on with
+it kept the leader's request waiting until that member's next group, and the leader waited for
+its parts until the all-reduce timeout (15 s of a 2-peer DiLoCo round, both peers' round failed).
+The same wait outlived a step cancelled, or out of time, after its search found a group but before
+it registered it (a pre-scheduled round waits for its trigger in between). Fixed by waking those
+waits when a search ends without a group and when a step ends: the leader is told at once that
+the member is not in its group (BAD_GROUP_ID).
 """
 
 from __future__ import annotations
@@ -91,12 +102,14 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.control import StepControl
+from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.averaging.matchmaking import Matchmaking, PotentialLeaders
 from hivemind.dht import DHT
 from hivemind.optim import state_averager
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import achain, as_aiter
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import MAX_DHT_TIME_DISCREPANCY_SECONDS, get_dht_time
 
@@ -200,14 +213,68 @@ def _parts_stub(self: AllReduceRunner, peer: PeerID) -> _PartsStub:
     return _PartsStub(_HIVEMIND_PEER_STUB(self, peer), expected)
 
 
-async def _aggregate_part_then_linger(
+async def _aggregate_part(
     self: DecentralizedAverager, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
 ) -> AsyncIterator[averaging_pb2.AveragingData]:
-    """DecentralizedAverager.rpc_aggregate_part, waiting after its last message until the member
-    closes its end (the stream is then cancelled) or the part timeout passes."""
-    async for message in _HIVEMIND_AGGREGATE_PART(self, stream, context):
+    """DecentralizedAverager.rpc_aggregate_part: a part of an unknown group waits for this
+    averager's search to register a group or to end without one (see above), and the stream, once
+    its last message is sent, waits until the member closes its end (the stream is then cancelled)
+    or the part timeout passes."""
+    request = await anext(stream)
+    if request.group_id not in self._running_groups:
+        await _group_registered_or_none_found(self)
+    group = self._running_groups.get(request.group_id)
+    if group is None:
+        yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+        return
+    runner = await group
+    async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
         yield message
     await asyncio.sleep(self.next_chunk_timeout or STREAM_LINGER)
+
+
+async def _group_registered_or_none_found(self: DecentralizedAverager) -> None:
+    waits = {
+        asyncio.create_task(self._pending_groups_registered.wait()),
+        asyncio.create_task(_no_group_pending(self._matchmaking).wait()),
+    }
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+def _no_group_pending(matchmaking: Matchmaking) -> asyncio.Event:
+    """Set while no search of the averager may still register a group: before its first search,
+    after a search that found none, after a step that ended (a group it found is not registered
+    once its step is cancelled or out of time), until the next search begins."""
+    if not hasattr(matchmaking, "_starling_no_group_pending"):
+        matchmaking._starling_no_group_pending = asyncio.Event()
+        matchmaking._starling_no_group_pending.set()
+    return matchmaking._starling_no_group_pending
+
+
+async def _look_for_group(self: Matchmaking, step: StepControl) -> GroupInfo | None:
+    """Matchmaking.look_for_group, setting _no_group_pending when it ends without a group."""
+    no_group_pending = _no_group_pending(self)
+    no_group_pending.clear()
+    group = None
+    try:
+        group = await _HIVEMIND_LOOK_FOR_GROUP(self, step)
+        return group
+    finally:
+        if group is None:
+            no_group_pending.set()
+
+
+async def _step(self: DecentralizedAverager, **kwargs) -> None:
+    """DecentralizedAverager._step, setting _no_group_pending when it ends, unless another step searches."""
+    try:
+        await _HIVEMIND_STEP(self, **kwargs)
+    finally:
+        if not self._matchmaking.is_looking_for_group:
+            _no_group_pending(self._matchmaking).set()
 
 
 async def _update_leader_queue_periodically(self: PotentialLeaders, key_manager: GroupKeyManager) -> None:
@@ -256,6 +323,8 @@ _HIVEMIND_DHT_RUN = DHT.run
 _HIVEMIND_AVERAGER_SERVE = DecentralizedAverager._run_internal
 _HIVEMIND_PEER_STUB = AllReduceRunner._get_peer_stub
 _HIVEMIND_AGGREGATE_PART = DecentralizedAverager.rpc_aggregate_part
+_HIVEMIND_LOOK_FOR_GROUP = Matchmaking.look_for_group
+_HIVEMIND_STEP = DecentralizedAverager._step
 _HIVEMIND_UPDATE_LEADERS = PotentialLeaders._update_queue_periodically
 LEADER_QUEUE_PERIOD = 0.5  # seconds between two reads of the would-be leaders, at most
 STREAM_LINGER = 10.0  # seconds a reducer waits for the member to close, when no part timeout is set
@@ -270,7 +339,9 @@ def apply() -> None:
     DHT._drop_request = _drop_request
     DecentralizedAverager._run_internal = _serve_averager
     AllReduceRunner._get_peer_stub = _parts_stub
-    DecentralizedAverager.rpc_aggregate_part = _aggregate_part_then_linger
+    DecentralizedAverager.rpc_aggregate_part = _aggregate_part
+    Matchmaking.look_for_group = _look_for_group
+    DecentralizedAverager._step = _step
     PotentialLeaders._update_queue_periodically = _update_leader_queue_periodically
 
 
@@ -283,4 +354,6 @@ def revert() -> None:
     DecentralizedAverager._run_internal = _HIVEMIND_AVERAGER_SERVE
     AllReduceRunner._get_peer_stub = _HIVEMIND_PEER_STUB
     DecentralizedAverager.rpc_aggregate_part = _HIVEMIND_AGGREGATE_PART
+    Matchmaking.look_for_group = _HIVEMIND_LOOK_FOR_GROUP
+    DecentralizedAverager._step = _HIVEMIND_STEP
     PotentialLeaders._update_queue_periodically = _HIVEMIND_UPDATE_LEADERS

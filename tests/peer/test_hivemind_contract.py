@@ -236,7 +236,28 @@ CONTRACT = [
         params=("wait", "timeout"),
         called_from=("hivemind.Optimizer.load_state_from_peers",),
     ),
-    Reliance("hivemind.utils.asyncio.as_aiter", "peer/averager.py"),
+    Reliance("hivemind.utils.asyncio.as_aiter", "peer/averager.py, peer/hivemind_fixes.py"),
+    Reliance("hivemind.utils.asyncio.achain", "peer/hivemind_fixes.py"),
+    # peer/hivemind_fixes.py: a part of an unknown group waits for the member's search to register a
+    # group or to end without one (its search's end and its step's end wake the wait).
+    Reliance(
+        AVERAGER,
+        "peer/hivemind_fixes.py",
+        attrs=("_running_groups", "_pending_groups_registered", "_matchmaking"),
+    ),
+    Reliance(
+        "hivemind.averaging.matchmaking.Matchmaking.look_for_group",
+        "peer/hivemind_fixes.py",
+        params=("step",),
+        called_from=(f"{AVERAGER}._step",),
+    ),
+    Reliance("hivemind.averaging.matchmaking.Matchmaking.is_looking_for_group", "peer/hivemind_fixes.py"),
+    Reliance(
+        f"{AVERAGER}._step",
+        "peer/hivemind_fixes.py",
+        params=("step", "future_for_init"),
+        called_from=(f"{AVERAGER}.step",),
+    ),
     Reliance("hivemind.utils.asyncio.azip", "peer/averager.py"),
     Reliance("hivemind.utils.timed_storage.get_dht_time", "peer/averager.py, peer/auth.py, peer/hivemind_fixes.py"),
     # peer/faults.py breaks rounds on purpose (for the tests) through AllReduceRunner subclasses.

@@ -1,6 +1,7 @@
 """The corrections Starling makes to hivemind (peer.hivemind_fixes, and the all-reduce runners of
 peer.averager), each checked against the behaviour it fixes."""
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -10,12 +11,16 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.control import StepControl
+from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.averaging.partition import AllreduceException
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import as_aiter
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -188,6 +193,74 @@ def test_an_averager_looking_for_a_group_reads_the_dht_at_most_once_a_period(tmp
     reads = search / period + 1
     for result in results:
         assert result["dht_requests"]["call_find"] <= 2 * reads + 30, result["dht_requests"]
+
+
+async def _ask_for_parts_of_an_unknown_group(leader: hivemind.DHT, averager: DecentralizedAverager):
+    """From the node `leader`, send `averager` a part of a group it never joined, as a leader that
+    counted it in does; returns its answer."""
+    p2p = await leader.replicate_p2p()
+    try:
+        stub = DecentralizedAverager.get_stub(p2p, averager.peer_id, namespace=averager.prefix)
+        part = averaging_pb2.AveragingData(group_id=b"a group it never joined", weight=1.0)
+        return await asyncio.wait_for(anext(await stub.rpc_aggregate_part(as_aiter(part))), timeout=60)
+    finally:
+        await p2p.shutdown()
+
+
+def test_a_member_that_found_no_group_answers_a_leader_that_counted_it_at_once():
+    """A leader that counted a would-be member in its group (the member gave up on it as the leader
+    assembled it) sends it parts of that group. The member waits for a group that its search may
+    still register; hivemind woke that wait only when a group was registered, so after a search
+    that found none the leader's request waited for the member's next group, and the leader for its
+    parts until the all-reduce timeout (15 s of a DiLoCo round). Here the member's search runs out
+    of time alone; it answers BAD_GROUP_ID."""
+    dht = hivemind.DHT(host_maddrs=[LOOPBACK_MADDR], start=True)
+    member = DecentralizedAverager([torch.zeros(4)], dht, prefix="no-group", **UNKNOWN_GROUP_MATCHMAKING)
+    leader = hivemind.DHT(initial_peers=dht.get_visible_maddrs(), host_maddrs=[LOOPBACK_MADDR], start=True)
+    try:
+        step = member.step(timeout=3.0, allow_retries=False, wait=False)
+        wait_for_stage(step, AveragingStage.LOOKING_FOR_GROUP)
+        answer = asyncio.run(_ask_for_parts_of_an_unknown_group(leader, member))
+        assert answer.code == averaging_pb2.BAD_GROUP_ID
+        assert isinstance(step.exception(), AllreduceException)  # its search found no group
+    finally:
+        for process in (member, leader, dht):
+            process.shutdown()
+
+
+def test_a_member_whose_step_ended_before_its_group_began_answers_a_leader_at_once():
+    """The same wait outlived a step cancelled after its search found a group and before the group
+    was registered (a pre-scheduled round waits for its trigger in between; hivemind.Optimizer
+    cancels such a round when it believes it is alone). Two averagers form a group, one cancels
+    its step while it waits for its trigger, and then answers a leader's parts with BAD_GROUP_ID."""
+    dht = hivemind.DHT(host_maddrs=[LOOPBACK_MADDR], start=True)
+    nodes = [
+        hivemind.DHT(initial_peers=dht.get_visible_maddrs(), host_maddrs=[LOOPBACK_MADDR], start=True) for _ in range(3)
+    ]
+    averagers = [
+        DecentralizedAverager([torch.zeros(4)], node, prefix="cancelled", **UNKNOWN_GROUP_MATCHMAKING)
+        for node in nodes[:2]
+    ]
+    leader = nodes[2]
+    try:
+        steps = [averager.step(timeout=30.0, require_trigger=True, wait=False) for averager in averagers]
+        for step in steps:
+            wait_for_stage(step, AveragingStage.AWAITING_TRIGGER)  # their group is found
+        assert steps[0].cancel()
+        answer = asyncio.run(_ask_for_parts_of_an_unknown_group(leader, averagers[0]))
+        assert answer.code == averaging_pb2.BAD_GROUP_ID
+    finally:
+        steps[1].cancel()
+        for process in (*averagers, *nodes, dht):
+            process.shutdown()
+
+
+UNKNOWN_GROUP_MATCHMAKING = dict(min_matchmaking_time=1.0, request_timeout=0.5, start=True)
+
+
+def wait_for_stage(step: StepControl, stage: AveragingStage) -> None:
+    while step.stage != stage:
+        time.sleep(0.01)
 
 
 def _store_and_exit(dht: hivemind.DHT) -> None:
