@@ -205,7 +205,7 @@ def dashboard_figures(url: str, peers: int, watch: float = WATCH) -> dict:
         page.add_init_script(LONG_TASKS)
         began = time.perf_counter()
         page.goto(url)
-        rows = "#peers-table tbody tr[data-peer-id]"
+        rows = "#peers-table tbody tr[data-key]"
         page.wait_for_function(f"document.querySelectorAll('{rows}').length >= {peers}", timeout=120_000)
         listed_s = time.perf_counter() - began
         page.wait_for_function(

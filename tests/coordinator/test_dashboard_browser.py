@@ -49,7 +49,7 @@ def test_dashboard_follows_a_live_run(
     page.goto(coord.url)
     expect(page.locator("#run-id")).to_have_text(coord.state()["run_id"])
     expect(page.locator("#join-command")).to_contain_text(coord.address)
-    rows = page.locator("#peers-table tbody tr[data-peer-id]")
+    rows = page.locator("#peers-table tbody tr[data-key]")
     expect(rows).to_have_count(len(PEERS), timeout=120_000)
     expect(page.locator("#active-peers")).to_have_text(str(len(PEERS)), timeout=30_000)
     expect(page.locator("#status")).to_have_text("training")
