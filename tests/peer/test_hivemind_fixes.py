@@ -195,9 +195,28 @@ def test_an_averager_looking_for_a_group_reads_the_dht_at_most_once_a_period(tmp
         assert result["dht_requests"]["call_find"] <= 2 * reads + 30, result["dht_requests"]
 
 
-async def _ask_for_parts_of_an_unknown_group(leader: hivemind.DHT, averager: DecentralizedAverager):
+def ask_for_parts_of_an_unknown_group(leader: hivemind.DHT, averager: DecentralizedAverager) -> int:
     """From the node `leader`, send `averager` a part of a group it never joined, as a leader that
-    counted it in does; returns its answer."""
+    counted it in does; returns the code of its answer. In a process of its own: hivemind caches a
+    servicer's RPC handlers on its class, and a stub of DecentralizedAverager made in the test's
+    process left the averagers of its subclasses forked from it later calling handlers by the
+    wrong name (they found no group)."""
+    context = multiprocessing.get_context("fork")
+    answers, sender = context.Pipe(duplex=False)
+    asker = context.Process(target=_send_answer_code, args=(leader, averager, sender))
+    asker.start()
+    try:
+        assert answers.poll(90), "no answer"
+        return answers.recv()
+    finally:
+        asker.join(timeout=30)
+
+
+def _send_answer_code(leader: hivemind.DHT, averager: DecentralizedAverager, sender) -> None:
+    sender.send(asyncio.run(_ask_for_parts_of_an_unknown_group(leader, averager)).code)
+
+
+async def _ask_for_parts_of_an_unknown_group(leader: hivemind.DHT, averager: DecentralizedAverager):
     p2p = await leader.replicate_p2p()
     try:
         stub = DecentralizedAverager.get_stub(p2p, averager.peer_id, namespace=averager.prefix)
@@ -220,8 +239,8 @@ def test_a_member_that_found_no_group_answers_a_leader_that_counted_it_at_once()
     try:
         step = member.step(timeout=3.0, allow_retries=False, wait=False)
         wait_for_stage(step, AveragingStage.LOOKING_FOR_GROUP)
-        answer = asyncio.run(_ask_for_parts_of_an_unknown_group(leader, member))
-        assert answer.code == averaging_pb2.BAD_GROUP_ID
+        answer = ask_for_parts_of_an_unknown_group(leader, member)
+        assert answer == averaging_pb2.BAD_GROUP_ID
         assert isinstance(step.exception(), AllreduceException)  # its search found no group
     finally:
         for process in (member, leader, dht):
@@ -247,8 +266,8 @@ def test_a_member_whose_step_ended_before_its_group_began_answers_a_leader_at_on
         for step in steps:
             wait_for_stage(step, AveragingStage.AWAITING_TRIGGER)  # their group is found
         assert steps[0].cancel()
-        answer = asyncio.run(_ask_for_parts_of_an_unknown_group(leader, averagers[0]))
-        assert answer.code == averaging_pb2.BAD_GROUP_ID
+        answer = ask_for_parts_of_an_unknown_group(leader, averagers[0])
+        assert answer == averaging_pb2.BAD_GROUP_ID
     finally:
         steps[1].cancel()
         for process in (*averagers, *nodes, dht):
