@@ -261,8 +261,8 @@ def test_a_member_whose_step_ended_before_its_group_began_answers_a_leader_at_on
         for node in nodes[:2]
     ]
     leader = nodes[2]
+    steps = [averager.step(timeout=30.0, require_trigger=True, wait=False) for averager in averagers]
     try:
-        steps = [averager.step(timeout=30.0, require_trigger=True, wait=False) for averager in averagers]
         for step in steps:
             wait_for_stage(step, AveragingStage.AWAITING_TRIGGER)  # their group is found
         assert steps[0].cancel()
@@ -278,8 +278,9 @@ UNKNOWN_GROUP_MATCHMAKING = dict(min_matchmaking_time=1.0, request_timeout=0.5, 
 
 
 def wait_for_stage(step: StepControl, stage: AveragingStage) -> None:
-    while step.stage != stage:
+    while step.stage != stage and not step.done():
         time.sleep(0.01)
+    assert step.stage == stage, step
 
 
 def _store_and_exit(dht: hivemind.DHT) -> None:
