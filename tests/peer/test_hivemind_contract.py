@@ -252,6 +252,13 @@ CONTRACT = [
         called_from=(f"{AVERAGER}._step",),
     ),
     Reliance("hivemind.averaging.matchmaking.Matchmaking.is_looking_for_group", "peer/hivemind_fixes.py"),
+    # peer/hivemind_fixes.py: a leader's join stream waits for the follower to close it after the last message.
+    Reliance(
+        "hivemind.averaging.matchmaking.Matchmaking.rpc_join_group",
+        "peer/hivemind_fixes.py",
+        params=("request", "context"),
+        called_from=(f"{AVERAGER}.rpc_join_group",),
+    ),
     Reliance(
         f"{AVERAGER}._step",
         "peer/hivemind_fixes.py",
