@@ -19,7 +19,9 @@ progress tracker does. Measured for each N:
   WATCH seconds, and how many peers its API lists online;
 - the dashboard in headless Chromium: seconds from opening the page to N rows in its peers table
   and N entries in the leaderboard, then the longest main-thread task and how many tasks took
-  over 50 ms (the browser's "long tasks", which users see as jank) over WATCH seconds of updates.
+  over 50 ms (the browser's "long tasks", which users see as jank) over WATCH seconds of updates,
+  and the main thread's busy milliseconds per second over those seconds: in all, and in script,
+  style recalculation and layout (Chromium's own counts, DevTools' Performance metrics).
 
 Prints a table and writes benchmarks/results/records-cpu.json.
 """
@@ -211,8 +213,12 @@ def dashboard_figures(url: str, peers: int, watch: float = WATCH) -> dict:
         page.wait_for_function(
             f"document.querySelectorAll('#leaderboard-table tbody tr').length >= {peers}", timeout=120_000
         )
+        devtools = page.context.new_cdp_session(page)
+        devtools.send("Performance.enable")
         page.evaluate("window.longTasks.length = 0")
+        before = main_thread_seconds(devtools)
         time.sleep(watch)
+        after = main_thread_seconds(devtools)
         long_tasks = page.evaluate("window.longTasks")
         listed = page.locator(rows).count()
     return dict(
@@ -220,7 +226,23 @@ def dashboard_figures(url: str, peers: int, watch: float = WATCH) -> dict:
         page_rows=listed,
         longest_task_ms=max(long_tasks, default=0.0),
         long_tasks=len(long_tasks),
+        # Milliseconds of the page's main thread per second of watching, by what it did.
+        main_thread_ms_per_s={work: 1000 * (after[work] - before[work]) / watch for work in MAIN_THREAD_WORK},
     )
+
+
+# Chromium's cumulative main-thread seconds (DevTools' Performance.getMetrics), by what they went to.
+MAIN_THREAD_WORK = {
+    "all": "TaskDuration",
+    "script": "ScriptDuration",
+    "style": "RecalcStyleDuration",
+    "layout": "LayoutDuration",
+}
+
+
+def main_thread_seconds(devtools) -> dict[str, float]:
+    metrics = {metric["name"]: metric["value"] for metric in devtools.send("Performance.getMetrics")["metrics"]}
+    return {work: metrics[name] for work, name in MAIN_THREAD_WORK.items()}
 
 
 def measure(folder: Path, peers: int, watch: float = WATCH) -> dict:
@@ -288,6 +310,9 @@ COLUMNS = {  # the table's columns: header, then the cell of a row
     "page rows": lambda row: str(row["page_rows"]),
     "longest task ms": lambda row: f"{row['longest_task_ms']:.0f}",
     "tasks > 50 ms": lambda row: str(row["long_tasks"]),
+    "main thread ms/s: all, script, style, layout": lambda row: ", ".join(
+        f"{row['main_thread_ms_per_s'][work]:.0f}" for work in MAIN_THREAD_WORK
+    ),
 }
 
 
