@@ -300,8 +300,8 @@ def test_a_leaders_last_answer_to_a_follower_stays_open_until_the_follower_close
     """A leader's last message to a follower (the group, its disbanding or a refusal) ended its join
     stream at once, and the libp2p daemons' reset of a stream closed while its other direction
     still reads sometimes dropped that message: a follower that lost BEGIN_ALLREDUCE searched on
-    alone while its leader ran the round counting it in (two averagers averaging back to back beside
-    three busy processes: 1 such split in 2,579 rounds without the fix, none in 2,636 with it; too
+    alone while its leader ran the round counting it in (pairs of averagers averaging back to back
+    on a loaded machine: 2 such splits in 9,149 rounds without the fix, none in 8,801 with it; too
     rare to provoke here). Here an averager that is not looking for a group refuses a join request:
     its stream stays open after the refusal, until the follower closes it (or request_timeout)."""
     dht = hivemind.DHT(host_maddrs=[LOOPBACK_MADDR], start=True)
