@@ -342,12 +342,18 @@ class PeerFolder:
     def snapshot_path(self, epoch: int, loaded: bool = False) -> Path:
         """Where the parameters it had on reaching `epoch` are (harness peers with snapshots): by
         training, or with `loaded` by taking another peer's state of that epoch (the latest such)."""
-        return self.folder / f"{'state' if loaded else 'epoch'}-{epoch}.safetensors"
+        return self.folder / snapshot_name(epoch, loaded)
 
     def snapshot(self, epoch: int, loaded: bool = False) -> dict:
         from safetensors.torch import load_file
 
         return load_file(self.snapshot_path(epoch, loaded))
+
+
+def snapshot_name(epoch: int, loaded: bool = False) -> str:
+    """The file of a harness peer's parameters on reaching `epoch`: by training, or with `loaded`
+    by taking another peer's state of that epoch."""
+    return f"{'state' if loaded else 'epoch'}-{epoch}.safetensors"
 
 
 def write_spec(folder: Path, spec: PeerSpec) -> Path:

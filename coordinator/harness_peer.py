@@ -31,7 +31,7 @@ import torch
 from hivemind.dht.protocol import DHTProtocol
 from safetensors.torch import save
 
-from coordinator.harness import PeerSpec, wait_at_start_line
+from coordinator.harness import PeerSpec, snapshot_name, wait_at_start_line
 from model import CausalLM
 from model.prepared import write_atomic
 from peer import Peer, hivemind_fixes
@@ -113,12 +113,10 @@ def run(spec_path: Path) -> None:
         time.sleep(0.1)
     callbacks = PeerCallbacks()
     if spec.snapshots:
-        callbacks.on_epoch = lambda peer: save_params(
-            peer.model, out / f"epoch-{peer.optimizer.local_epoch}.safetensors"
-        )
+        callbacks.on_epoch = lambda peer: save_params(peer.model, out / snapshot_name(peer.optimizer.local_epoch))
         callbacks.on_round_end = partial(save_round, out=out)
         callbacks.on_state_loaded = lambda peer: save_params(
-            peer.model, out / f"state-{peer.optimizer.local_epoch}.safetensors"
+            peer.model, out / snapshot_name(peer.optimizer.local_epoch, loaded=True)
         )
     events = out / "events.jsonl"
     dht_requests = count_dht_requests()
