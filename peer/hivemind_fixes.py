@@ -230,32 +230,46 @@ async def _aggregate_part(
     self: DecentralizedAverager, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
 ) -> AsyncIterator[averaging_pb2.AveragingData]:
     """DecentralizedAverager.rpc_aggregate_part: a part of an unknown group waits for this
-    averager's search to register a group or to end without one (see above), and the stream, once
-    its last message is sent (BAD_GROUP_ID too: closing at once lost it to the daemons' reset in
-    about 1 run of 6 of its test), waits until the member closes its end (the stream is then
-    cancelled) or the part timeout passes."""
+    averager's search to register a group or to end without one (see above), and the stream stays
+    open after its last message (BAD_GROUP_ID too: closing at once lost it to the daemons' reset in
+    about 1 run of 6 of its test) for the part timeout at most."""
+    linger = self.next_chunk_timeout or STREAM_LINGER
+    async for message in _open_until_read(_aggregated_part(self, stream, context), linger):
+        yield message
+
+
+async def _aggregated_part(
+    self: DecentralizedAverager, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+) -> AsyncIterator[averaging_pb2.AveragingData]:
     request = await anext(stream)
     if request.group_id not in self._running_groups:
         await _group_registered_or_none_found(self)
     group = self._running_groups.get(request.group_id)
     if group is None:
         yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
-    else:
-        runner = await group
-        async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
-            yield message
-    await asyncio.sleep(self.next_chunk_timeout or STREAM_LINGER)
+        return
+    runner = await group
+    async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
+        yield message
 
 
 async def _join_group(
     self: Matchmaking, request: averaging_pb2.JoinRequest, context: P2PContext
 ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-    """Matchmaking.rpc_join_group, whose stream, once its last message is sent (and the request's
-    matchmaking state released), waits until the follower closes its end (the stream is then
-    cancelled) or request_timeout passes (see above)."""
-    async for message in _HIVEMIND_JOIN_GROUP(self, request, context):
+    """Matchmaking.rpc_join_group, whose stream stays open after its last message (once the
+    request's matchmaking state is released) for request_timeout at most (see above)."""
+    async for message in _open_until_read(_HIVEMIND_JOIN_GROUP(self, request, context), self.request_timeout):
         yield message
-    await asyncio.sleep(self.request_timeout)
+
+
+async def _open_until_read(messages: AsyncIterator, linger: float) -> AsyncIterator:
+    """A stream handler's messages, then a wait of `linger` seconds before the handler ends, so that
+    its receiver, not the sender, closes the stream: it does as soon as it has read the last message
+    (which cancels the wait), and a handler that ended at once left its last messages to the
+    daemons' reset (see above)."""
+    async for message in messages:
+        yield message
+    await asyncio.sleep(linger)
 
 
 async def _group_registered_or_none_found(self: DecentralizedAverager) -> None:
