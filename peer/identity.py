@@ -16,6 +16,7 @@ from pathlib import Path
 import base58
 import multihash
 from cryptography.hazmat.primitives import serialization
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
@@ -57,6 +58,18 @@ def peer_id_of(public_key: RSAPublicKey) -> str:
     protobuf = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
     digest = multihash.encode(hashlib.sha256(protobuf).digest(), multihash.coerce_code("sha2-256"))
     return base58.b58encode(digest).decode()
+
+
+def subkey_signer(subkey: object) -> str | None:
+    """The peer id of the key that signs a DHT subkey (hivemind's `[owner:<public key>]` mark, which
+    RSASignatureValidator checks every signature against); None for an unsigned subkey."""
+    keys = RSASignatureValidator._PUBLIC_KEY_RE.findall(subkey) if isinstance(subkey, bytes) else []
+    if len(keys) != 1:
+        return None
+    try:
+        return peer_id_of(RSAPublicKey.from_bytes(keys[0]))
+    except ValueError:
+        return None
 
 
 def peer_id_in_multiaddr(address: str) -> str:

@@ -13,9 +13,8 @@ import time
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPublicKey
 
-from peer.identity import peer_id_in_multiaddr, peer_id_of
+from peer.identity import peer_id_in_multiaddr, subkey_signer
 from peer.run_config import RunConfig, RunConfigError
 
 RUN_KEY = "starling_run"
@@ -38,16 +37,6 @@ def publish(dht: hivemind.DHT, signer: RSASignatureValidator, run: RunConfig, co
     )
 
 
-def _publisher_peer_id(subkey: bytes) -> str | None:
-    keys = RSASignatureValidator._PUBLIC_KEY_RE.findall(subkey) if isinstance(subkey, bytes) else []
-    if len(keys) != 1:
-        return None
-    try:
-        return peer_id_of(RSAPublicKey.from_bytes(keys[0]))
-    except ValueError:
-        return None
-
-
 def fetch(dht: hivemind.DHT, initial_peers: list[str], timeout: float = 15.0) -> tuple[RunConfig, dict]:
     """The run configuration published by one of the initial peers, and its coordinator info.
 
@@ -60,7 +49,7 @@ def fetch(dht: hivemind.DHT, initial_peers: list[str], timeout: float = 15.0) ->
         found = dht.get(RUN_KEY, latest=True)
         records = found.value if found is not None and isinstance(found.value, dict) else {}
         for subkey, entry in records.items():
-            if _publisher_peer_id(subkey) not in trusted or not isinstance(entry.value, dict):
+            if subkey_signer(subkey) not in trusted or not isinstance(entry.value, dict):
                 continue
             record = entry.value
             if record.get("format") != RECORD_FORMAT:
