@@ -20,8 +20,9 @@ import hivemind
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
-from hivemind.optim.progress_tracker import TrainingProgressSchema
+from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgressSchema
 from hivemind.p2p import P2PDaemonError
+from hivemind.utils import get_dht_time
 from tqdm.auto import tqdm
 
 from coordinator.checkpoints import Checkpoint, CheckpointStore
@@ -48,6 +49,7 @@ from peer import metrics, run_record
 from peer.dataset import DatasetError, fetch_manifest
 from peer.events import EventLog
 from peer.identity import check_multiaddrs, load_or_create_identity
+from peer.progress import SUMMARY_LIFETIME, ProgressSummary, ProgressSummarySchema, summary_key
 from peer.run_config import RunConfig
 from peer.version import VERSION
 
@@ -208,6 +210,7 @@ class Coordinator:
             self.signer,
             SchemaValidator(metrics.MetricsSchema, prefix=run_id),
             SchemaValidator(TrainingProgressSchema, prefix=self.run_config.training_key()),
+            SchemaValidator(ProgressSummarySchema, prefix=self.run_config.training_key()),
         ]
         known = self._known_peers()  # peers seen before a restart are its way back into the swarm
         try:
@@ -319,6 +322,7 @@ class Coordinator:
         """Read the swarm's records and update the history and the current view."""
         run, now, began = self.run_config, time.time(), time.monotonic()
         progress = read_progress(self.dht, run.training_key())
+        self._store_summary(progress)
         reports = metrics.read_all(self.dht, run.run_id)
         for report in reports:
             if report.time > self._last_report_time.get(report.peer_id, 0.0):
@@ -346,6 +350,18 @@ class Coordinator:
                 self.swarm.samples_per_second,
                 self.swarm.active_peers["total"],
             )
+
+    def _store_summary(self, progress: list[LocalTrainingProgress]) -> None:
+        """Store the summary of the progress records just read, which peers of a large swarm read
+        instead of the records (peer.progress.RunProgressTracker); not waited for."""
+        now = get_dht_time()
+        self.dht.store(
+            summary_key(self.run_config.training_key()),
+            subkey=self.signer.local_public_key,
+            value=ProgressSummary.of(progress, now).dict(),
+            expiration_time=now + SUMMARY_LIFETIME,
+            return_future=True,
+        )
 
     def _add_point(self) -> None:
         s = self.swarm

@@ -370,6 +370,7 @@ class Peer:
         if isinstance(self.optimizer, DilocoOptimizer) and self.callbacks.on_round_end is not None:
             self.optimizer.before_outer_step = lambda: self.callbacks.on_round_end(self)
         tracker = self.optimizer.tracker
+        tracker.read_summaries_from(self.coordinator_info.get("peer_id"))
         tracker.fetched_global_progress_this_epoch.wait(timeout=PROGRESS_FETCH_TIMEOUT)
         if tracker.global_epoch > self.optimizer.local_epoch or self._newer_state_offered():
             self.load_state_from_peers()

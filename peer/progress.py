@@ -1,17 +1,30 @@
 """The run's progress as a peer counts it: hivemind's ProgressTracker, counting this peer itself,
-leaving out the peers it refuses, and storing its own record less often."""
+leaving out the peers it refuses, storing its own record less often, and reading the coordinator's
+summary of every record instead of the records themselves in a large swarm."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from hivemind.optim.progress_tracker import GlobalTrainingProgress, ProgressTracker
-from hivemind.utils import ValueWithExpiration
+import numpy as np
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainingProgress, ProgressTracker
+from hivemind.utils import ValueWithExpiration, enter_asynchronously, get_dht_time
+from pydantic.v1 import BaseModel, StrictFloat, ValidationError, confloat, conint
+
+from peer.identity import subkey_signer
 
 OWN_RECORD = b"own"  # the key of this peer's own record among those fetched (which are keyed by public key)
+# From this many peers on, a peer reads the coordinator's summary rather than every peer's record:
+# each of the record's replicas answers every peer's reads in full, N^2 x 880 bytes a second at one
+# read a second, which at 32 peers is already a third of a 20 Mbit/s upload (benchmarks/README.md).
+SUMMARY_FROM_PEERS = 32
+SUMMARY_LIFETIME = 5.0  # seconds a summary stays in the DHT: about three polls of the coordinator
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,51 @@ class RecordPeriod:
 
 
 RECORD_PERIOD = RecordPeriod()
+
+
+class ProgressSummary(BaseModel):
+    """Every peer's progress record summed into one record of a fixed size (about 300 bytes signed),
+    which the coordinator stores once per poll: the sums from which hivemind's tracker computes the
+    run's progress, so that N peers read one small record each instead of N entries each."""
+
+    time: StrictFloat  # DHT time of the read of the records summed
+    epoch: conint(ge=0, strict=True)  # the latest of the peers not in client mode (of all, if all are)
+    peers: conint(ge=0, strict=True)
+    clients: conint(ge=0, strict=True)
+    samples_per_second: confloat(ge=0.0, strict=True)  # of every peer
+    samples: conint(ge=0, strict=True)  # accumulated toward `epoch`, as the peers at it reported
+    estimated_samples: confloat(ge=0.0, strict=True)  # accumulated toward `epoch` by `time`, extrapolated
+    epoch_samples_per_second: confloat(ge=0.0, strict=True)  # of the peers at `epoch`
+
+    @classmethod
+    def of(cls, records: Sequence[LocalTrainingProgress], now: float) -> ProgressSummary:
+        """The summary of these records at DHT time `now`, as hivemind's tracker would sum them."""
+        servers = [record.epoch for record in records if not record.client_mode]
+        epoch = max(servers or [record.epoch for record in records] or [0])
+        at_epoch = [record for record in records if record.epoch == epoch]
+        return cls(
+            time=float(now),
+            epoch=epoch,
+            peers=len(records),
+            clients=sum(record.client_mode for record in records),
+            samples_per_second=float(sum(record.samples_per_second for record in records)),
+            samples=sum(record.samples_accumulated for record in at_epoch),
+            estimated_samples=float(
+                sum(r.samples_accumulated + max(0.0, now - r.time) * r.samples_per_second for r in at_epoch)
+            ),
+            epoch_samples_per_second=float(sum(record.samples_per_second for record in at_epoch)),
+        )
+
+
+class ProgressSummarySchema(BaseModel):
+    """The summary's DHT record: one entry, signed by the coordinator."""
+
+    progress_summary: dict[BytesWithPublicKey, ProgressSummary | None]
+
+
+def summary_key(prefix: str) -> str:
+    """The DHT key of the summary of the progress records under `{prefix}_progress`."""
+    return f"{prefix}_progress_summary"
 
 
 class HeldReports(threading.Event):
@@ -72,6 +130,14 @@ class RunProgressTracker(ProgressTracker):
     hivemind stores a peer's record after every micro-batch, and reads the run's progress at least
     every max_refresh_period; this tracker does both at most once per record period
     (report_local_progress), which follows the length of its last epoch (RecordPeriod).
+
+    hivemind has every peer read every peer's record, N^2 entries a read across the swarm. Once told
+    who the coordinator is (read_summaries_from) and once it has read SUMMARY_FROM_PEERS records or
+    more, this tracker reads the coordinator's ProgressSummary instead, and every record again when
+    the summary is missing (the coordinator away or slow), was signed by anyone else, or this peer
+    leaves some peers out (the sums cannot). The summary counts this peer as of its last stored
+    record, and is up to a poll of the coordinator older than the records: both are extrapolated
+    from samples per second, as hivemind extrapolates every record.
     """
 
     def __init__(
@@ -92,7 +158,12 @@ class RunProgressTracker(ProgressTracker):
         self.last_epoch_seconds: float | None = None  # how long this peer's last full epoch took
         self._epoch_began: float | None = None  # at its latest epoch change, or its first samples
         self._latest_records = None
+        self.summary_from: str | None = None
+        self.reads: Counter[str] = Counter()  # reads of the run's progress so far: "summary", "records"
+        self._reads_summary = False
         super().__init__(*args, start=False, max_refresh_period=record_period.after(None), **kwargs)
+        self.summary_key = summary_key(self.prefix)
+        self.dht.add_validators([SchemaValidator(ProgressSummarySchema, prefix=self.prefix)])
         self.should_report_progress = HeldReports(record_period.after(None))  # before the reporter waits on it
         if start:
             self.start()
@@ -139,15 +210,104 @@ class RunProgressTracker(ProgressTracker):
         if frozenset(peer_ids) <= self.ignored_peers:
             return
         self.ignored_peers = self.ignored_peers | frozenset(peer_ids)
+        if self._reads_summary:  # the records fetched last may be long past: read them again
+            self._reads_summary = False
+            self.fetch_now()
+            return
         with self.lock_global_progress:
             self.global_progress = self._parse_swarm_progress_data(self._latest_records)
 
+    def read_summaries_from(self, peer_id: str | None) -> None:
+        """Read the progress summaries signed by this peer (the run's coordinator) from now on, in a
+        swarm of SUMMARY_FROM_PEERS peers or more; None: only ever every record."""
+        self.summary_from = peer_id
+
     def fetch_now(self) -> None:
         """Read the run's progress from the DHT now rather than at the next refresh."""
-        found = self.dht.get(self.training_progress_key, latest=True)
-        metadata = found.value if isinstance(found, ValueWithExpiration) else None
+        progress = None
+        if self._reads_summary:
+            progress = self._progress_from_summary(self.dht.get(self.summary_key, latest=True))
+        if progress is None:
+            progress = self._progress_from_records(self.dht.get(self.training_progress_key, latest=True))
         with self.lock_global_progress:
-            self.global_progress = self._parse_swarm_progress_data(metadata)
+            self.global_progress = progress
+
+    async def _progress_fetcher(self) -> None:
+        """hivemind's fetcher: reads the run's progress when the last read said to (next_fetch_time),
+        from the summary or every record (as fetch_now), until the tracker shuts down."""
+        loop = asyncio.get_event_loop()
+        shutdown = asyncio.ensure_future(loop.run_in_executor(None, self.shutdown_triggered.wait))
+
+        async def get(key: str) -> ValueWithExpiration | None:
+            # a DHT shut down during the read would never answer it
+            read = asyncio.ensure_future(self.dht.get(key, latest=True, return_future=True))
+            await asyncio.wait({read, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+            return None if shutdown.done() else read.result()
+
+        while not self.shutdown_triggered.is_set():
+            wait = max(0.0, self.global_progress.next_fetch_time - get_dht_time())
+            if await loop.run_in_executor(None, self.global_state_updated.wait, wait):
+                self.global_state_updated.clear()
+                continue
+            async with enter_asynchronously(self.lock_global_progress):
+                progress = None
+                if self._reads_summary:
+                    progress = self._progress_from_summary(await get(self.summary_key))
+                if progress is None:
+                    progress = self._progress_from_records(await get(self.training_progress_key))
+                if self.shutdown_triggered.is_set():
+                    break
+                self.global_progress = progress
+                self.fetched_global_progress_this_epoch.set()
+
+    def _progress_from_records(self, found: ValueWithExpiration | None) -> GlobalTrainingProgress:
+        self.reads["records"] += 1
+        metadata = found.value if isinstance(found, ValueWithExpiration) else None
+        progress = self._parse_swarm_progress_data(metadata)
+        self._reads_summary = (
+            self.summary_from is not None and progress.num_peers >= SUMMARY_FROM_PEERS and not self.ignored_peers
+        )
+        return progress
+
+    def _progress_from_summary(self, found: ValueWithExpiration | None) -> GlobalTrainingProgress | None:
+        """The run's progress from the coordinator's summary, as hivemind's _parse_swarm_progress_data
+        computes it from the records; None (and every record from now on) without a summary fit to
+        use (see the class docstring)."""
+        summary = self._trusted_summary(found)
+        self._reads_summary = summary is not None and summary.peers >= SUMMARY_FROM_PEERS and not self.ignored_peers
+        if not self._reads_summary:
+            return None
+        self.reads["summary"] += 1
+        now, own = get_dht_time(), self.local_progress
+        if own.epoch > summary.epoch:  # nobody else has reached this peer's epoch yet, as far as it knows
+            epoch, samples, estimated = own.epoch, own.samples_accumulated, float(own.samples_accumulated)
+        else:
+            epoch, samples = summary.epoch, summary.samples
+            estimated = summary.estimated_samples + max(0.0, now - summary.time) * summary.epoch_samples_per_second
+        seconds_left = max(0.0, self.target_batch_size - estimated) / (
+            summary.samples_per_second + self.performance_ema.eps
+        )
+        most_peers = max(summary.peers + self.expected_drift_peers, summary.peers * (1 + self.expected_drift_rate))
+        next_read = np.clip(seconds_left * summary.peers / most_peers, self.min_refresh_period, self.max_refresh_period)
+        return GlobalTrainingProgress(
+            epoch,
+            samples,
+            target_batch_size=self.target_batch_size,
+            num_peers=summary.peers,
+            num_clients=summary.clients,
+            eta_next_epoch=now + seconds_left,
+            next_fetch_time=now + float(next_read),
+        )
+
+    def _trusted_summary(self, found: ValueWithExpiration | None) -> ProgressSummary | None:
+        entries = found.value if isinstance(found, ValueWithExpiration) and isinstance(found.value, dict) else {}
+        for subkey, entry in entries.items():
+            if subkey_signer(subkey) == self.summary_from and isinstance(entry.value, dict):
+                try:
+                    return ProgressSummary.parse_obj(entry.value)
+                except ValidationError:
+                    return None
+        return None
 
     def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
         self._latest_records = metadata

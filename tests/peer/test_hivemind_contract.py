@@ -454,15 +454,36 @@ CONTRACT = [
             "shutdown_complete",
             "min_refresh_period",
             "max_refresh_period",
+            "prefix",
+            "target_batch_size",
+            "expected_drift_peers",
+            "expected_drift_rate",
+            "performance_ema",
+            "global_state_updated",
+            "shutdown_triggered",
         ),
     ),
-    # peer/progress.py sets max_refresh_period after each epoch: the longest wait before the next read.
+    # peer/progress.py sets max_refresh_period after each epoch: the longest wait before the next read;
+    # its summary of the records reproduces this method's sums, clipping and drift allowance.
     Reliance(
         f"{TRACKER}._parse_swarm_progress_data",
         "peer/progress.py",
         params=("metadata",),
-        called_from=(f"{TRACKER}.__init__", f"{TRACKER}._progress_fetcher"),
-        source_has=("a_max=self.max_refresh_period",),
+        called_from=(f"{TRACKER}.__init__",),
+        source_has=(
+            "a_max=self.max_refresh_period",
+            "total_samples_per_second = self.performance_ema.eps",
+            "max(0.0, current_time - peer.time) * peer.samples_per_second",
+            "max(num_peers + self.expected_drift_peers, num_peers * (1 + self.expected_drift_rate))",
+            "if not peer.client_mode:",
+        ),
+    ),
+    # peer/progress.py reads the run's progress from the coordinator's summary or every record.
+    Reliance(
+        f"{TRACKER}._progress_fetcher",
+        "peer/progress.py",
+        called_from=(f"{TRACKER}.run",),
+        source_has=("self.global_state_updated.wait", "self.fetched_global_progress_this_epoch.set()"),
     ),
     Reliance(f"{TRACKER}.__init__", "coordinator/swarm.py", source_has=('f"{self.prefix}_progress"',)),
     # peer/progress.py holds back the reporter's wake-ups (HeldReports) to store fewer records.

@@ -1,12 +1,26 @@
 """How a peer counts the run's progress (peer.progress), on real DHT nodes."""
 
+import random
+import sys
 import time
+from pathlib import Path
 
 import hivemind
 import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
-from coordinator.harness import LOOPBACK_MADDR, wait_until
-from peer.progress import RECORD_PERIOD, RecordPeriod, RunProgressTracker
+from coordinator.harness import LOOPBACK_MADDR, CoordinatorProcess, stop_all, wait_until
+from peer.identity import peer_id_in_multiaddr, peer_id_of
+from peer.progress import RECORD_PERIOD, SUMMARY_FROM_PEERS, ProgressSummary, RecordPeriod, RunProgressTracker
+from peer.run_config import RunConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for benchmarks/
+
+from benchmarks.records import RecordWriter  # noqa: E402
+from benchmarks.swarm_runs import RunSettings  # noqa: E402
 
 LOOPBACK = [LOOPBACK_MADDR]
 TARGET = 32
@@ -21,9 +35,9 @@ def two_nodes():
     first.shutdown()
 
 
-def tracker(dht: hivemind.DHT, **options) -> RunProgressTracker:
+def tracker(dht: hivemind.DHT, prefix: str = "progress-test", **options) -> RunProgressTracker:
     return RunProgressTracker(
-        dht=dht, prefix="progress-test", target_batch_size=TARGET, min_refresh_period=0.1, start=True, **options
+        dht=dht, prefix=prefix, target_batch_size=TARGET, min_refresh_period=0.1, start=True, **options
     )
 
 
@@ -101,3 +115,92 @@ def test_the_record_period_is_a_share_of_the_last_epoch(two_nodes):
         assert own.last_epoch_seconds < 0.1 and own.record_period == own.max_refresh_period == 0.1
     finally:
         own.shutdown()
+
+
+def test_the_summary_gives_the_progress_that_every_record_gives(two_nodes):
+    """The coordinator's summary of a large swarm's records (peers a few epochs apart, some in
+    client mode, stored at different times) gives a reader the run's epoch, samples, peers, clients
+    and time to the next epoch that hivemind computes from the records themselves; a summary signed
+    by anyone but the coordinator is not read."""
+    rng = random.Random(0)
+    now = get_dht_time()
+    records = [
+        LocalTrainingProgress(
+            peer_id=index.to_bytes(4, "big"),
+            epoch=9 if index == 0 else rng.choice([6, 7, 7, 7]),  # peer 0 is a client ahead of the others
+            samples_accumulated=rng.randrange(0, 64),
+            samples_per_second=rng.uniform(1.0, 20.0),
+            time=now - rng.uniform(0.0, 3.0),
+            client_mode=index % 10 == 0,
+        )
+        for index in range(SUMMARY_FROM_PEERS + 8)
+    ]
+    coordinator_key = RSAPrivateKey()
+    coordinator, impostor = RSASignatureValidator(coordinator_key), RSASignatureValidator(RSAPrivateKey())
+    reader = tracker(two_nodes[0], counts_itself=False)  # its own record is the one thing the sums leave out
+    reader.target_batch_size = 16384
+    reader.read_summaries_from(peer_id_of(coordinator_key.get_public_key()))
+    try:
+        expires = now + 60
+        from_records = reader._parse_swarm_progress_data(
+            {record.peer_id: ValueWithExpiration(record.dict(), expires) for record in records}
+        )
+        summary = ProgressSummary.of(records, get_dht_time()).dict()
+        from_summary = reader._progress_from_summary(
+            ValueWithExpiration({coordinator.local_public_key: ValueWithExpiration(summary, expires)}, expires)
+        )
+
+        assert (from_summary.epoch, from_summary.samples_accumulated) == (
+            from_records.epoch,
+            from_records.samples_accumulated,
+        )
+        assert (from_summary.num_peers, from_summary.num_clients) == (len(records), 4)
+        assert from_summary.eta_next_epoch == pytest.approx(from_records.eta_next_epoch, abs=0.05)
+        assert from_summary.eta_next_epoch - get_dht_time() > 10  # not yet reached, which any two would agree on
+        forged = ValueWithExpiration({impostor.local_public_key: ValueWithExpiration(summary, expires)}, expires)
+        assert reader._progress_from_summary(forged) is None
+    finally:
+        reader.shutdown()
+
+
+def test_a_peer_of_a_large_swarm_reads_the_coordinators_summary_and_the_records_once_it_stops(tmp_path):
+    """With more peers than SUMMARY_FROM_PEERS, a peer told who the coordinator is reads the
+    coordinator's summary (one record) instead of every peer's record, and counts every peer at
+    their epoch by it; a peer told another signer never reads a summary. Once the coordinator has
+    stopped, its summary expires and the peer reads the records again, still counting every peer."""
+    peers = SUMMARY_FROM_PEERS + 8
+    run_toml = RunSettings(preset="tiny", target_batch_size=64 * peers).write(tmp_path / "run.toml", run_id="summary")
+    training_key = RunConfig.load(run_toml).training_key()
+    coordinator = CoordinatorProcess(tmp_path / "coordinator", run_toml).start()
+    writer = node = None
+    trackers = []
+    try:
+        writer = RecordWriter(peers, "summary", training_key, [coordinator.address])
+        node = hivemind.DHT(
+            initial_peers=[coordinator.address, *map(str, writer.dht.get_visible_maddrs())],
+            host_maddrs=LOOPBACK,
+            start=True,
+        )
+        for signer in (coordinator.address, *map(str, writer.dht.get_visible_maddrs())):
+            reader = tracker(node, counts_itself=False, prefix=training_key)
+            reader.read_summaries_from(peer_id_in_multiaddr(signer))
+            trackers.append(reader)
+        told, misled = trackers
+
+        wait_until(lambda: told.reads["summary"] >= 3, 60, "three reads of the summary")
+        assert told.reads["records"] == 1  # the first read, which counted the peers
+        assert (told.global_progress.num_peers, told.global_progress.epoch) == (peers, 7)
+        wait_until(lambda: misled.reads["records"] >= 3, 60, "three reads of the records")
+        assert misled.reads["summary"] == 0
+
+        coordinator.stop()
+        read_before = told.reads["records"]
+        wait_until(lambda: told.reads["records"] >= read_before + 2, 60, "reads of the records again")
+        assert (told.global_progress.num_peers, told.global_progress.epoch) == (peers, 7)
+    finally:
+        for reader in trackers:
+            reader.shutdown()
+        for dht in (node, writer):
+            if dht is not None:
+                dht.shutdown()
+        stop_all([coordinator])
