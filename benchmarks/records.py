@@ -14,9 +14,11 @@ progress tracker does. Measured for each N:
 - bytes of one signed entry and of the whole record (progress, metrics): what a replica sends for
   each read;
 - a peer's read of the progress record (`dht.get(latest=True)` from another node, as hivemind's
-  tracker reads it every 0.2-2 s): median of READS;
-- the coordinator's poll (its API's poll_seconds: both reads and the summary), median and max over
-  WATCH seconds, and how many peers its API lists online;
+  tracker reads it every 0.2-2 s): median of READS; and of the coordinator's summary of it, which
+  peers of a swarm of 32 or more read instead (peer.progress.ProgressSummary), with its entry's bytes;
+- the coordinator's poll (its API's poll_seconds: both reads, its view of the swarm and the
+  progress summary's store), median and max over WATCH seconds, and how many peers its API lists
+  online;
 - the dashboard in headless Chromium: seconds from opening the page to N rows in its peers table
   and N entries in the leaderboard, then the longest main-thread task and how many tasks took
   over 50 ms (the browser's "long tasks", which users see as jank) over WATCH seconds of updates,
@@ -54,6 +56,7 @@ from benchmarks.measure import write_json  # noqa: E402
 from benchmarks.swarm_runs import RunSettings  # noqa: E402
 from coordinator.harness import LOOPBACK_MADDR, CoordinatorProcess, headless_chromium, stop_all, wait_until  # noqa: E402
 from peer import metrics  # noqa: E402
+from peer.progress import ProgressSummary, summary_key  # noqa: E402
 from peer.run_config import RunConfig  # noqa: E402
 from peer.version import VERSION  # noqa: E402
 
@@ -136,7 +139,7 @@ class RecordWriter:
         self.dht = hivemind.DHT(
             initial_peers=initial_peers, host_maddrs=[LOOPBACK_MADDR], record_validators=validators, start=True
         )
-        self.entry_bytes = self._entry_bytes(signer)
+        self.entry_bytes = self._entry_bytes(signer, training_key)
         self._stop = threading.Event()
         if (stored := self.store()) < 2 * peers:
             raise RuntimeError(f"stored {stored} of the {2 * peers} records")
@@ -160,13 +163,16 @@ class RecordWriter:
         while not self._stop.wait(RESTORE_PERIOD):
             self.store()
 
-    def _entry_bytes(self, signer: ManyPeersSigner) -> dict[str, int]:
-        """Bytes of one signed entry of each record, as stored and sent (subkey and signed value)."""
+    def _entry_bytes(self, signer: ManyPeersSigner, training_key: str) -> dict[str, int]:
+        """Bytes of one signed entry of each record, as stored and sent (subkey and signed value);
+        the summary's is signed by the coordinator's key, here one of the same size."""
         progress, report = peer_records(0, epoch=7)
+        summary = ProgressSummary.of([LocalTrainingProgress.parse_obj(progress)], get_dht_time()).dict()
         sizes = {}
         for name, key, value in (
             ("progress", self.progress_key, progress),
             ("metrics", metrics.record_key(self.run_id), report),
+            ("summary", summary_key(training_key), summary),
         ):
             subkey = MSGPackSerializer.dumps(self.owners[0])
             record = DHTRecord(MSGPackSerializer.dumps(key), subkey, MSGPackSerializer.dumps(value), get_dht_time())
@@ -180,7 +186,7 @@ class RecordWriter:
 
 
 def read_seconds(dht: hivemind.DHT, key: str, peers: int) -> list[float]:
-    """Seconds of READS reads of `key` that each found every peer's entry."""
+    """Seconds of READS reads of `key` that each found `peers` entries or more."""
     times = []
     for _ in range(READS):
         began = time.perf_counter()
@@ -272,6 +278,7 @@ def measure(folder: Path, peers: int, watch: float = WATCH) -> dict:
             f"the coordinator to list {peers} peers",
             alive=[coordinator],
         )
+        summary_reads = read_seconds(reader, summary_key(training_key), 1)
         polls, watch_end = [], time.monotonic() + watch
         while time.monotonic() < watch_end:
             polls.append(coordinator.state()["poll_seconds"])
@@ -292,6 +299,9 @@ def measure(folder: Path, peers: int, watch: float = WATCH) -> dict:
         store_s=stored_s,
         read_s=statistics.median(reads),
         read_max_s=max(reads),
+        summary_entry_bytes=writer.entry_bytes["summary"],
+        summary_read_s=statistics.median(summary_reads),
+        summary_read_max_s=max(summary_reads),
         poll_s=statistics.median(polls),
         poll_max_s=max(polls),
         listed_online=listed,
@@ -299,12 +309,19 @@ def measure(folder: Path, peers: int, watch: float = WATCH) -> dict:
     )
 
 
+def seconds(row: dict, figure: str) -> str:
+    """A row's median and max of `figure` in seconds, as a table cell."""
+    return f"{row[figure + '_s']:.3f} ({row[figure + '_max_s']:.3f})"
+
+
 COLUMNS = {  # the table's columns: header, then the cell of a row
     "peers": lambda row: str(row["peers"]),
     "progress record KB": lambda row: f"{row['progress_record_bytes'] / 1000:.1f}",
     "metrics record KB": lambda row: f"{row['metrics_record_bytes'] / 1000:.1f}",
-    "a peer's read s (max)": lambda row: f"{row['read_s']:.3f} ({row['read_max_s']:.3f})",
-    "coordinator poll s (max)": lambda row: f"{row['poll_s']:.3f} ({row['poll_max_s']:.3f})",
+    "a peer's read of the record s (max)": lambda row: seconds(row, "read"),
+    "summary B": lambda row: str(row["summary_entry_bytes"]),
+    "a peer's read of the summary s (max)": lambda row: seconds(row, "summary_read"),
+    "coordinator poll s (max)": lambda row: seconds(row, "poll"),
     "listed online": lambda row: str(row["listed_online"]),
     "page lists all s": lambda row: f"{row['page_listed_s']:.1f}",
     "page rows": lambda row: str(row["page_rows"]),
