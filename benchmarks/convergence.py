@@ -48,6 +48,7 @@ from benchmarks.measure import RESULTS, write_json  # noqa: E402
 from benchmarks.swarm_runs import (  # noqa: E402
     RunSettings,
     SwarmOptions,
+    add_overlap_argument,
     add_swarm_arguments,
     run_settings,
     run_swarm,
@@ -184,9 +185,7 @@ def main() -> None:
         default=[DilocoSection.outer_momentum],
         help="DiLoCo swarms' outer Nesterov momentums",
     )
-    parser.add_argument(
-        "--overlap", nargs="+", choices=["off", "on"], default=["off"], help="DiLoCo swarms with and/or without overlap"
-    )
+    add_overlap_argument(parser)
     parser.add_argument(
         "--inner-batch", type=int, default=DilocoSection.inner_batch_size, help="samples per inner step in DiLoCo mode"
     )

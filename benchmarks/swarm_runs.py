@@ -139,6 +139,13 @@ def add_swarm_arguments(parser: argparse.ArgumentParser, peers: int) -> None:
     add("--timeout", type=float, default=3600.0, help="seconds one swarm may take before the benchmark gives up")
 
 
+def add_overlap_argument(parser: argparse.ArgumentParser) -> None:
+    """--overlap: the DiLoCo swarms to measure, without ("off") and/or with ("on") overlap."""
+    parser.add_argument(
+        "--overlap", nargs="+", choices=["off", "on"], default=["off"], help="DiLoCo swarms without and/or with overlap"
+    )
+
+
 def swarm_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The values of the shared options (add_swarm_arguments), as each benchmark's results record them."""
     shared = argparse.ArgumentParser(add_help=False)

@@ -43,6 +43,7 @@ from benchmarks.netlab import Lab, TrafficLog, why_no_lab  # noqa: E402
 from benchmarks.swarm import swarm_row  # noqa: E402
 from benchmarks.swarm_runs import (  # noqa: E402
     RunSettings,
+    add_overlap_argument,
     add_swarm_arguments,
     run_settings,
     run_swarm,
@@ -119,9 +120,7 @@ def main() -> None:
         help="DiLoCo: the pseudo-gradients' codec",
     )
     parser.add_argument("--rounds", type=int, default=3, help="outer rounds each DiLoCo swarm trains")
-    parser.add_argument(
-        "--overlap", nargs="+", choices=["off", "on"], default=["off"], help="DiLoCo: with and/or without overlap"
-    )
+    add_overlap_argument(parser)
     args = parser.parse_args()
     if args.peers < 2:
         parser.error("--peers must be at least 2")
