@@ -237,8 +237,7 @@ def dashboard_figures(url: str, peers: int, watch: float = WATCH) -> dict:
     )
 
 
-# Chromium's cumulative main-thread seconds (DevTools' Performance.getMetrics), by what they went to.
-MAIN_THREAD_WORK = {
+MAIN_THREAD_WORK = {  # what the page's main thread did: Chromium's name of its metric
     "all": "TaskDuration",
     "script": "ScriptDuration",
     "style": "RecalcStyleDuration",
@@ -247,6 +246,8 @@ MAIN_THREAD_WORK = {
 
 
 def main_thread_seconds(devtools) -> dict[str, float]:
+    """The page's main-thread seconds so far, by what they went to (MAIN_THREAD_WORK): Chromium's
+    own cumulative counts, from DevTools' Performance.getMetrics."""
     metrics = {metric["name"]: metric["value"] for metric in devtools.send("Performance.getMetrics")["metrics"]}
     return {work: metrics[name] for work, name in MAIN_THREAD_WORK.items()}
 
