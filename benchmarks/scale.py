@@ -251,6 +251,9 @@ def scale_row(result: dict) -> dict:
             kind: median([peer["dht_requests"][kind] / life for peer, life in zip(summaries, lifetimes)])
             for kind in summaries[0]["dht_requests"]
         },
+        # of the peers' reads of the run's progress, those of the coordinator's summary (peer.progress)
+        summary_reads=sum(peer.get("progress_reads", {}).get("summary", 0) for peer in summaries)
+        / max(1, sum(sum(peer.get("progress_reads", {}).values()) for peer in summaries)),
         memory_per_peer_mib=result["memory_bytes"] / result["peers"] / 2**20 if result["memory_bytes"] else None,
         cores_per_peer=result["cores"] / result["peers"] if result["cores"] else None,
         poll_s=median(result["polls"]),
@@ -277,6 +280,7 @@ COLUMNS = {  # the table's columns: header, then the cell of a row
     "all-reduce s (max)": lambda row: f"{show(row['allreduce_s'])} ({show(row['allreduce_max_s'])})",
     "epoch s": lambda row: show(row["epoch_s"]),
     "DHT req/s/peer": lambda row: show(row["dht_requests_per_s"], 1),
+    "progress reads from the summary": lambda row: show(row.get("summary_reads")),
     "PSS/peer MiB": lambda row: show(row["memory_per_peer_mib"], 0),
     "cores/peer": lambda row: show(row["cores_per_peer"], 3),
     "coordinator poll s (max)": lambda row: f"{show(row['poll_s'], 3)} ({show(row['poll_max_s'], 3)})",

@@ -49,7 +49,7 @@ from peer import metrics, run_record
 from peer.dataset import DatasetError, fetch_manifest
 from peer.events import EventLog
 from peer.identity import check_multiaddrs, load_or_create_identity
-from peer.progress import SUMMARY_LIFETIME, ProgressSummary, ProgressSummarySchema, summary_key
+from peer.progress import SUMMARY_FROM_PEERS, SUMMARY_LIFETIME, ProgressSummary, ProgressSummarySchema, summary_key
 from peer.run_config import RunConfig
 from peer.version import VERSION
 
@@ -352,8 +352,11 @@ class Coordinator:
             )
 
     def _store_summary(self, progress: list[LocalTrainingProgress]) -> None:
-        """Store the summary of the progress records just read, which peers of a large swarm read
-        instead of the records (peer.progress.RunProgressTracker); not waited for."""
+        """Store the summary of the progress records just read, which peers of a swarm of
+        SUMMARY_FROM_PEERS or more read instead of the records (peer.progress.RunProgressTracker);
+        not waited for. A smaller swarm's peers read the records: it gets none."""
+        if len(progress) < SUMMARY_FROM_PEERS:
+            return
         now = get_dht_time()
         self.dht.store(
             summary_key(self.run_config.training_key()),

@@ -37,7 +37,7 @@ from peer.memory_plan import MemoryPlan
 from peer.optimizer import make_collaborative_optimizer
 from peer.options import PeerOptions
 from peer.precision import AUTOCAST_DTYPES, MixedPrecision, choose_precision
-from peer.run_config import RunConfig
+from peer.run_config import RunConfig, RunConfigError
 from peer.shards import CorpusShards, ShardReader, ShardSource
 from peer.state_loading import state_offers
 from peer.version import VERSION
@@ -92,6 +92,8 @@ class PeerSummary:
     partial_round_fractions: list[float]  # the fraction averaged in each partial round
     state_loads: int  # states loaded from other peers and applied
     resyncs: int  # of those, loads that brought this peer back after a partial or failed round
+    # reads of the run's progress: "summary" (the coordinator's, in a swarm of 32 peers or more), "records"
+    progress_reads: dict[str, int]
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -340,15 +342,20 @@ class Peer:
         )
         return CorpusShards(corpus, run.data.num_shards)
 
-    def _coordinator_data_url(self) -> str:
-        """Where the coordinator serves the run's dataset, from its run record (also read for a peer
-        given --config)."""
-        if "data_url" not in self.coordinator_info and self.options.initial_peers:
+    def _coordinator_services(self, timeout: float) -> dict:
+        """Where the coordinator's services are (its peer id, its data URL), from its run record:
+        read at the join, or now, within `timeout` seconds, for a peer given --config; {} when no
+        initial peer publishes a record this peer can read."""
+        if not self.coordinator_info and self.options.initial_peers:
             try:
-                _, self.coordinator_info = run_record.fetch(self.dht, self.options.initial_peers)
-            except run_record.RunRecordMissing:
+                _, self.coordinator_info = run_record.fetch(self.dht, self.options.initial_peers, timeout)
+            except (run_record.RunRecordMissing, RunConfigError):
                 pass
-        if "data_url" not in self.coordinator_info:
+        return self.coordinator_info
+
+    def _coordinator_data_url(self) -> str:
+        """Where the coordinator serves the run's dataset (also looked up for a peer given --config)."""
+        if "data_url" not in self._coordinator_services(timeout=run_record.FETCH_TIMEOUT):
             raise PeerError(
                 "the run's dataset has no [data] url and no coordinator serves it: "
                 "pass --data with a copy of it, or join through the coordinator"
@@ -370,7 +377,7 @@ class Peer:
         if isinstance(self.optimizer, DilocoOptimizer) and self.callbacks.on_round_end is not None:
             self.optimizer.before_outer_step = lambda: self.callbacks.on_round_end(self)
         tracker = self.optimizer.tracker
-        tracker.read_summaries_from(self.coordinator_info.get("peer_id"))
+        tracker.read_summaries_from(self._coordinator_services(timeout=0).get("peer_id"))
         tracker.fetched_global_progress_this_epoch.wait(timeout=PROGRESS_FETCH_TIMEOUT)
         if tracker.global_epoch > self.optimizer.local_epoch or self._newer_state_offered():
             self.load_state_from_peers()
@@ -896,4 +903,5 @@ class Peer:
             partial_round_fractions=list(getattr(self._grad_averager, "partial_fractions", [])),
             state_loads=self.state_loads,
             resyncs=self.resyncs,
+            progress_reads=dict(self.optimizer.tracker.reads) if self.optimizer is not None else {},
         )

@@ -51,9 +51,10 @@ RECORD_PERIOD = RecordPeriod()
 
 
 class ProgressSummary(BaseModel):
-    """Every peer's progress record summed into one record of a fixed size (about 300 bytes signed),
-    which the coordinator stores once per poll: the sums from which hivemind's tracker computes the
-    run's progress, so that N peers read one small record each instead of N entries each."""
+    """Every peer's progress record summed into one entry of a fixed size (883 bytes signed, the
+    size of one peer's entry), which the coordinator stores once per poll: the sums from which
+    hivemind's tracker computes the run's progress, so that N peers read one entry each instead of
+    N entries each."""
 
     time: StrictFloat  # DHT time of the read of the records summed
     epoch: conint(ge=0, strict=True)  # the latest of the peers not in client mode (of all, if all are)

@@ -23,6 +23,7 @@ RECORD_FORMAT = 3  # bumped when peers of an older version could not follow the 
 # 3: averaging and progress records live under RunConfig.training_key(), not the bare run id
 RECORD_EXPIRATION = 3600.0  # seconds; peers keep serving the record while the coordinator is away
 REPUBLISH_PERIOD = 300.0
+FETCH_TIMEOUT = 15.0  # seconds a joining peer looks for the run record
 
 
 class RunRecordMissing(LookupError):
@@ -37,11 +38,12 @@ def publish(dht: hivemind.DHT, signer: RSASignatureValidator, run: RunConfig, co
     )
 
 
-def fetch(dht: hivemind.DHT, initial_peers: list[str], timeout: float = 15.0) -> tuple[RunConfig, dict]:
+def fetch(dht: hivemind.DHT, initial_peers: list[str], timeout: float = FETCH_TIMEOUT) -> tuple[RunConfig, dict]:
     """The run configuration published by one of the initial peers, and its coordinator info.
 
-    Raises RunRecordMissing when none is found within `timeout` seconds, and RunConfigError when the
-    record is one this peer cannot train (a newer format, or a configuration that does not validate).
+    Raises RunRecordMissing when none is found within `timeout` seconds (after one look, with 0),
+    and RunConfigError when the record is one this peer cannot train (a newer format, or a
+    configuration that does not validate).
     """
     trusted = {peer_id_in_multiaddr(address) for address in initial_peers}
     deadline = time.monotonic() + timeout
