@@ -24,7 +24,6 @@ OWN_RECORD = b"own"  # the key of this peer's own record among those fetched (wh
 # each of the record's replicas answers every peer's reads in full, N^2 x 880 bytes a second at one
 # read a second, which at 32 peers is already a third of a 20 Mbit/s upload (benchmarks/README.md).
 SUMMARY_FROM_PEERS = 32
-SUMMARY_LIFETIME = 5.0  # seconds a summary stays in the DHT: about three polls of the coordinator
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,9 @@ class RecordPeriod:
 
 
 RECORD_PERIOD = RecordPeriod()
+# Seconds a progress summary stays in the DHT: no older, when read, than a peer's own record may be
+# (stored every 2-15 s), however long the coordinator's poll takes (10 s at 32 peers on 2 cores).
+SUMMARY_LIFETIME = RECORD_PERIOD.longest
 
 
 class ProgressSummary(BaseModel):
