@@ -1,18 +1,24 @@
 """The checks on a donor's state: what fits this peer's model and optimizer is taken, anything else is
 refused with the reason; and the state a donor shares is labelled with the epoch of its parameters."""
 
+import asyncio
+import concurrent.futures
+import gc
 import math
 import threading
 import time
+import weakref
 from functools import partial
 
 import hivemind
 import pytest
 import torch
+from hivemind.p2p import PeerID
 
 from coordinator.harness import LOOPBACK_MADDR
 from peer.state_loading import (
     CheckedStateAverager,
+    DonorCheckingAverager,
     check_metadata_epoch,
     check_optimizer_metadata,
     check_tensors,
@@ -135,3 +141,75 @@ def test_the_state_shared_around_an_optimizer_step_is_labelled_with_its_paramete
         trigger.set()  # a step left waiting would keep the process alive
         averager.shutdown()
         dht.shutdown()
+
+
+class UnansweredOpen:
+    """A donor's stub whose stream the libp2p daemon has not opened yet: what the load waits on is
+    held by the waiting frame alone, as asyncio's reader of the daemon's connection is."""
+
+    def __init__(self) -> None:
+        self.waiting: weakref.ref | None = None
+
+    async def rpc_download_state(self, request):
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting = weakref.ref(waiter)
+        return await waiter
+
+
+def load_waiting_for_an_open(timeout: float | None, donors: int = 1):
+    """An averager (its process's side) that loads state from `donors` donors whose streams do not
+    open, and the stub they share."""
+    averager = object.__new__(DonorCheckingAverager)  # the attributes a load reads, none of its process
+    stub = UnansweredOpen()
+    averager.__dict__.update(
+        next_chunk_timeout=timeout,
+        request_timeout=timeout,
+        prefix="test",
+        _parent_pid=None,  # no averager process to stop when it is collected
+        _p2p=None,
+        _refused_donors={},
+        _loads_running=set(),
+        _min_state_epoch=type("Value", (), {"value": 0})(),
+        _donors_by_priority=lambda: [PeerID(bytes([0, 4, 1, 2, 3, index])) for index in range(donors)],
+        get_stub=lambda p2p, peer, namespace: stub,
+    )
+    return averager, stub
+
+
+def test_a_load_waiting_for_a_donors_stream_to_open_is_not_collected():
+    """hivemind's averager keeps no reference to a load's task, and asyncio holds tasks weakly: a
+    garbage collection while the daemon had not yet opened a donor's stream destroyed the load,
+    and the peer waited 600 s for it (hivemind's load_state_timeout). The load holds its own task."""
+
+    async def load_then_collect() -> tuple[list[str], bool]:
+        problems = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: problems.append(context["message"]))
+        averager, stub = load_waiting_for_an_open(timeout=None)
+        result = concurrent.futures.Future()
+        asyncio.create_task(averager._load_state_from_peers(result, timeout=None))  # no reference, as hivemind's
+        await asyncio.sleep(0.1)
+        gc.collect()
+        waiting = stub.waiting() is not None
+        if waiting:
+            stub.waiting().set_exception(ConnectionError("the donor left"))
+        await asyncio.sleep(0.1)
+        return problems, waiting, result.result(timeout=1)
+
+    problems, waiting, state = asyncio.run(load_then_collect())
+    assert problems == [] and waiting
+    assert state is None  # the only donor failed: no state, at once
+
+
+def test_a_donors_stream_that_does_not_open_is_given_up_after_the_part_timeout():
+    """Opening a donor's stream is a wait for that donor like each of its messages: a donor whose
+    stream does not open within the part timeout is given up, and the next one asked."""
+
+    async def load() -> tuple[object, float]:
+        averager, _ = load_waiting_for_an_open(timeout=0.2, donors=2)
+        result = concurrent.futures.Future()
+        began = time.monotonic()
+        await averager._load_state_from_peers(result, timeout=600.0)  # hivemind's load_state_timeout
+        return result.result(timeout=0), time.monotonic() - began
+
+    state, seconds = asyncio.run(load())
+    assert state is None and 0.4 <= seconds < 2.0  # two donors, 0.2 s each
