@@ -14,7 +14,14 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from coordinator.harness import LOOPBACK_MADDR, CoordinatorProcess, stop_all, wait_until
 from peer.identity import peer_id_in_multiaddr, peer_id_of
-from peer.progress import RECORD_PERIOD, SUMMARY_FROM_PEERS, ProgressSummary, RecordPeriod, RunProgressTracker
+from peer.progress import (
+    RECORD_PERIOD,
+    SUMMARY_FROM_PEERS,
+    ProgressSummary,
+    RecordPeriod,
+    RunProgressTracker,
+    summary_key,
+)
 from peer.run_config import RunConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for benchmarks/
@@ -179,8 +186,10 @@ def test_a_peer_of_a_large_swarm_reads_the_coordinators_summary_and_the_records_
         node = hivemind.DHT(
             initial_peers=[coordinator.address, *map(str, writer.dht.get_visible_maddrs())],
             host_maddrs=LOOPBACK,
+            record_validators=[RSASignatureValidator()],  # the signed summary's, as a peer's node has
             start=True,
         )
+        wait_until(lambda: node.get(summary_key(training_key)) is not None, 60, "the coordinator's first summary")
         for signer in (coordinator.address, *map(str, writer.dht.get_visible_maddrs())):
             reader = tracker(node, counts_itself=False, prefix=training_key)
             reader.read_summaries_from(peer_id_in_multiaddr(signer))

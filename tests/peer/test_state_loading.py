@@ -9,6 +9,7 @@ import threading
 import time
 import weakref
 from functools import partial
+from types import SimpleNamespace
 
 import hivemind
 import pytest
@@ -169,7 +170,7 @@ def load_waiting_for_an_open(timeout: float | None, donors: int = 1):
         _p2p=None,
         _refused_donors={},
         _loads_running=set(),
-        _min_state_epoch=type("Value", (), {"value": 0})(),
+        _min_state_epoch=SimpleNamespace(value=0),  # shared with the peer's process in a real averager
         _donors_by_priority=lambda: [PeerID(bytes([0, 4, 1, 2, 3, index])) for index in range(donors)],
         get_stub=lambda p2p, peer, namespace: stub,
     )
@@ -181,7 +182,7 @@ def test_a_load_waiting_for_a_donors_stream_to_open_is_not_collected():
     garbage collection while the daemon had not yet opened a donor's stream destroyed the load,
     and the peer waited 600 s for it (hivemind's load_state_timeout). The load holds its own task."""
 
-    async def load_then_collect() -> tuple[list[str], bool]:
+    async def load_then_collect() -> tuple[list[str], bool, object]:
         problems = []
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: problems.append(context["message"]))
         averager, stub = load_waiting_for_an_open(timeout=None)
