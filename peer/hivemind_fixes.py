@@ -98,6 +98,15 @@ follower (about 1 round in 300 of two DiLoCo peers in the tests; 2 in 9,149 roun
 averagers averaging back to back on a loaded machine, none in 8,801 with the fix). Fixed as for
 the parts: once the leader's last message is sent, its stream waits until the follower closes its
 end (it does as soon as it has read it) or request_timeout passes.
+
+An averager's process serves each request of its peer (a round, a state load) as a task of its
+event loop, and hivemind keeps no reference to those tasks; asyncio holds tasks weakly, so a task
+lives only while something the loop holds leads to it. While the libp2p daemon has not yet opened a
+stream the task asked for, nothing does: asyncio holds its reader of the daemon's connection weakly,
+and the task and what it waits on are garbage. A collection then destroyed the task ("Task was
+destroyed but it is pending"), and its caller waited out its own timeout: a peer loading state from
+a donor that was leaving waited 600 s (hivemind's load_state_timeout) in a 32-peer run. Fixed by
+giving the averager's loop a task factory that holds each task until it is done.
 """
 
 from __future__ import annotations
@@ -113,6 +122,7 @@ from typing import AsyncIterator  # noqa: UP035  (hivemind's servicer reads typi
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging import averager as averager_module
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
@@ -348,6 +358,22 @@ def replace_torch_thread_pool() -> None:
     torch.set_num_threads(torch.get_num_threads())
 
 
+def _averager_loop() -> asyncio.AbstractEventLoop:
+    """hivemind's switch_to_uvloop, as the averager's process calls it for the loop it serves on,
+    with a task factory that holds each task of that loop until it is done (see above)."""
+    loop = _HIVEMIND_SWITCH_TO_UVLOOP()
+    running: set[asyncio.Task] = set()
+
+    def held_task(loop: asyncio.AbstractEventLoop, coro, context=None) -> asyncio.Task:
+        task = asyncio.Task(coro, loop=loop, context=context)
+        running.add(task)
+        task.add_done_callback(running.discard)
+        return task
+
+    loop.set_task_factory(held_task)
+    return loop
+
+
 def _serve_averager(self: DecentralizedAverager) -> None:
     """DecentralizedAverager._run_internal (the averager's background thread), once torch's thread pool is replaced."""
     replace_torch_thread_pool()
@@ -360,6 +386,7 @@ _HIVEMIND_REQUEST_EXPIRATION = Matchmaking.get_request_expiration_time
 _HIVEMIND_INITIALIZE = state_averager.initialize_optimizer_state_
 _HIVEMIND_DHT_RUN = DHT.run
 _HIVEMIND_AVERAGER_SERVE = DecentralizedAverager._run_internal
+_HIVEMIND_SWITCH_TO_UVLOOP = averager_module.switch_to_uvloop
 _HIVEMIND_PEER_STUB = AllReduceRunner._get_peer_stub
 _HIVEMIND_AGGREGATE_PART = DecentralizedAverager.rpc_aggregate_part
 _HIVEMIND_LOOK_FOR_GROUP = Matchmaking.look_for_group
@@ -378,6 +405,7 @@ def apply() -> None:
     DHT.run = _run_dht
     DHT._drop_request = _drop_request
     DecentralizedAverager._run_internal = _serve_averager
+    averager_module.switch_to_uvloop = _averager_loop
     AllReduceRunner._get_peer_stub = _parts_stub
     DecentralizedAverager.rpc_aggregate_part = _aggregate_part
     Matchmaking.look_for_group = _look_for_group
@@ -393,6 +421,7 @@ def revert() -> None:
     Matchmaking.get_request_expiration_time = _HIVEMIND_REQUEST_EXPIRATION
     DHT.run = _HIVEMIND_DHT_RUN
     DecentralizedAverager._run_internal = _HIVEMIND_AVERAGER_SERVE
+    averager_module.switch_to_uvloop = _HIVEMIND_SWITCH_TO_UVLOOP
     AllReduceRunner._get_peer_stub = _HIVEMIND_PEER_STUB
     DecentralizedAverager.rpc_aggregate_part = _HIVEMIND_AGGREGATE_PART
     Matchmaking.look_for_group = _HIVEMIND_LOOK_FOR_GROUP

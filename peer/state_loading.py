@@ -67,7 +67,6 @@ class DonorCheckingAverager(DecentralizedAverager):
         self._min_donor_priority = multiprocessing.Value(ctypes.c_double, -math.inf)
         self._min_state_epoch = multiprocessing.Value(ctypes.c_int64, 0)
         self._states_received = multiprocessing.Value(ctypes.c_int64, 0)
-        self._loads_running: set[asyncio.Task] = set()  # in the averager's process (see _load_state_from_peers)
         super().__init__(*args, **kwargs)
 
     @property
@@ -98,15 +97,7 @@ class DonorCheckingAverager(DecentralizedAverager):
         future.set_result(dict(self._refused_donors))
 
     async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None) -> None:
-        """Hand `future` the state of the first donor by priority whose state fits, or None.
-
-        hivemind's averager keeps no reference to the task of a request like this one, and asyncio
-        holds tasks weakly: while the task waits for the libp2p daemon to open a donor's stream,
-        what it waits on is reachable from the task alone (asyncio's reader of a client connection
-        is held weakly), so a garbage collection destroyed the load mid-download and its caller
-        waited out hivemind's load_state_timeout (600 s). The task is held here until it ends."""
-        loading = asyncio.current_task()
-        self._loads_running.add(loading)
+        """Hand `future` the state of the first donor by priority whose state fits, or None."""
         # hivemind's meaning of timeout: the longest wait for each part of the stream
         if timeout is not None:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
@@ -126,7 +117,6 @@ class DonorCheckingAverager(DecentralizedAverager):
                 return
             logger.info("no donor sent a state that fits this one")
         finally:
-            self._loads_running.discard(loading)
             if not future.done():
                 future.set_result(None)
 

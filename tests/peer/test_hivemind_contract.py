@@ -318,8 +318,19 @@ CONTRACT = [
         ),
     ),
     Reliance("hivemind.dht.DHT.run", "peer/hivemind_fixes.py"),
-    # peer/hivemind_fixes.py replaces torch's thread pool first thing in every averager's background thread.
-    Reliance(f"{AVERAGER}._run_internal", "peer/hivemind_fixes.py"),
+    # peer/hivemind_fixes.py replaces torch's thread pool first thing in every averager's background thread,
+    # and gives the loop it serves on (from switch_to_uvloop, as the averager module names it) a task
+    # factory that holds the requests' tasks.
+    Reliance(
+        f"{AVERAGER}._run_internal",
+        "peer/hivemind_fixes.py",
+        source_has=("loop = switch_to_uvloop()", "asyncio.create_task(getattr(self, method)(*args, **kwargs))"),
+    ),
+    Reliance(
+        "hivemind.averaging.averager.switch_to_uvloop",
+        "peer/hivemind_fixes.py",
+        called_from=(f"{AVERAGER}._run_internal",),
+    ),
     # peer/hivemind_fixes.py: members close their part streams once every part is in; reducers wait for that.
     Reliance(
         "hivemind.averaging.allreduce.AllReduceRunner._get_peer_stub",

@@ -3,6 +3,7 @@ peer.averager), each checked against the behaviour it fixes."""
 
 import asyncio
 import dataclasses
+import gc
 import json
 import math
 import multiprocessing
@@ -12,11 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging import averager as averager_module
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.partition import AllreduceException
 from hivemind.proto import averaging_pb2
@@ -390,3 +393,35 @@ def test_an_averager_process_runs_torch_in_many_new_threads_at_once():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == {"forks": 100, "failed": 0}
+
+
+def test_a_task_of_the_averagers_loop_waiting_on_what_only_it_holds_is_not_collected():
+    """An averager's process serves each request as a task hivemind keeps no reference to, and while
+    the libp2p daemon has not yet opened a stream the task asked for, only the task holds what it
+    waits on (asyncio holds its reader of the connection weakly): a garbage collection destroyed
+    such a task, and its caller waited out its timeout (600 s for a state load, in a 32-peer run).
+    The averager's loop holds its tasks until they are done."""
+    loop = averager_module.switch_to_uvloop()  # as the averager's process makes the loop it serves on
+    problems, waiting = [], []
+    loop.set_exception_handler(lambda _, context: problems.append(context["message"]))
+
+    async def request() -> str:  # a request waiting for a stream to open
+        opened = asyncio.get_running_loop().create_future()
+        waiting.append(weakref.ref(opened))
+        return await opened
+
+    async def serve() -> str | None:
+        asyncio.create_task(request())  # no reference kept, as hivemind's averager keeps none
+        await asyncio.sleep(0.05)
+        gc.collect()
+        opened = waiting[0]()
+        if opened is not None:
+            opened.set_result("opened")
+        await asyncio.sleep(0.05)
+        return None if opened is None else opened.result()
+
+    try:
+        assert loop.run_until_complete(serve()) == "opened"
+        assert problems == []
+    finally:
+        loop.close()
