@@ -279,6 +279,13 @@ def measure(folder: Path, peers: int, watch: float = WATCH) -> dict:
             f"the coordinator to list {peers} peers",
             alive=[coordinator],
         )
+        # The coordinator stores its summary after the poll that lists the peers, without waiting.
+        wait_until(
+            lambda: reader.get(summary_key(training_key)) is not None,
+            60,
+            "the coordinator's first summary",
+            alive=[coordinator],
+        )
         summary_reads = read_seconds(reader, summary_key(training_key), 1)
         polls, watch_end = [], time.monotonic() + watch
         while time.monotonic() < watch_end:
