@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 
@@ -227,6 +228,7 @@ def scale_row(result: dict) -> dict:
     outcomes = [outcome for epoch in epochs for outcome in epoch["rounds"]]
     timings = [timing for epoch in epochs for timing in epoch["round_timings"]]
     lifetimes = [peer["training_ended"] - result["launched"] for peer in summaries]
+    progress_reads = sum((Counter(peer["progress_reads"]) for peer in summaries), Counter())  # by source
     return dict(
         peers=result["peers"],
         target_group_size=result["target_group_size"],
@@ -251,9 +253,7 @@ def scale_row(result: dict) -> dict:
             kind: median([peer["dht_requests"][kind] / life for peer, life in zip(summaries, lifetimes)])
             for kind in summaries[0]["dht_requests"]
         },
-        # of the peers' reads of the run's progress, those of the coordinator's summary (peer.progress)
-        summary_reads=sum(peer.get("progress_reads", {}).get("summary", 0) for peer in summaries)
-        / max(1, sum(sum(peer.get("progress_reads", {}).values()) for peer in summaries)),
+        summary_reads=progress_reads["summary"] / max(1, progress_reads.total()),
         memory_per_peer_mib=result["memory_bytes"] / result["peers"] / 2**20 if result["memory_bytes"] else None,
         cores_per_peer=result["cores"] / result["peers"] if result["cores"] else None,
         poll_s=median(result["polls"]),

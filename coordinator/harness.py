@@ -340,8 +340,8 @@ class PeerFolder:
         return load_file(self.folder / "params.safetensors")
 
     def snapshot_path(self, epoch: int, loaded: bool = False) -> Path:
-        """Where the parameters it had on reaching `epoch` are (harness peers with snapshots): by
-        training, or with `loaded` by taking another peer's state of that epoch (the latest such)."""
+        """The path of snapshot_name(epoch, loaded) in its folder (harness peers with snapshots); of a
+        state taken more than once, the latest."""
         return self.folder / snapshot_name(epoch, loaded)
 
     def snapshot(self, epoch: int, loaded: bool = False) -> dict:

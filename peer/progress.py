@@ -5,6 +5,7 @@ summary of every record instead of the records themselves in a large swarm."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import Counter
@@ -18,6 +19,8 @@ from hivemind.utils import ValueWithExpiration, enter_asynchronously, get_dht_ti
 from pydantic.v1 import BaseModel, StrictFloat, ValidationError, confloat, conint
 
 from peer.identity import subkey_signer
+
+logger = logging.getLogger("starling.peer")
 
 OWN_RECORD = b"own"  # the key of this peer's own record among those fetched (which are keyed by public key)
 # From this many peers on, a peer reads the coordinator's summary rather than every peer's record:
@@ -267,9 +270,7 @@ class RunProgressTracker(ProgressTracker):
         self.reads["records"] += 1
         metadata = found.value if isinstance(found, ValueWithExpiration) else None
         progress = self._parse_swarm_progress_data(metadata)
-        self._reads_summary = (
-            self.summary_from is not None and progress.num_peers >= SUMMARY_FROM_PEERS and not self.ignored_peers
-        )
+        self._choose_source(self.summary_from is not None, progress.num_peers)
         return progress
 
     def _progress_from_summary(self, found: ValueWithExpiration | None) -> GlobalTrainingProgress | None:
@@ -277,7 +278,7 @@ class RunProgressTracker(ProgressTracker):
         computes it from the records; None (and every record from now on) without a summary fit to
         use (see the class docstring)."""
         summary = self._trusted_summary(found)
-        self._reads_summary = summary is not None and summary.peers >= SUMMARY_FROM_PEERS and not self.ignored_peers
+        self._choose_source(summary is not None, summary.peers if summary is not None else 0)
         if not self._reads_summary:
             return None
         self.reads["summary"] += 1
@@ -301,6 +302,15 @@ class RunProgressTracker(ProgressTracker):
             eta_next_epoch=now + seconds_left,
             next_fetch_time=now + float(next_read),
         )
+
+    def _choose_source(self, summary_fit: bool, peers: int) -> None:
+        """Read the summary next if `summary_fit` (a signer to trust, or a summary of it read) and the
+        last read counted SUMMARY_FROM_PEERS `peers` or more (see the class docstring), else every record."""
+        reads_summary = summary_fit and peers >= SUMMARY_FROM_PEERS and not self.ignored_peers
+        if reads_summary != self._reads_summary:
+            source = "the coordinator's summary" if reads_summary else "every peer's record"
+            logger.debug("reading the run's progress from %s (%d peers counted)", source, peers)
+        self._reads_summary = reads_summary
 
     def _trusted_summary(self, found: ValueWithExpiration | None) -> ProgressSummary | None:
         entries = found.value if isinstance(found, ValueWithExpiration) and isinstance(found.value, dict) else {}
