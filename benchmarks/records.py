@@ -17,8 +17,11 @@ progress tracker does. Measured for each N:
   tracker reads it every 0.2-2 s): median of READS; and of the coordinator's summary of it, which
   peers of a swarm of 32 or more read instead (peer.progress.ProgressSummary), with its entry's bytes;
 - the coordinator's poll (its API's poll_seconds: both reads, its view of the swarm and the
-  progress summary's store), median and max over WATCH seconds, and how many peers its API lists
-  online;
+  progress summary's store), median and max over WATCH seconds, how many peers its API lists
+  online, and how often it polled (coordinator.poll_mbit paces its polls);
+- the bytes a poll downloads (its API's poll_download_bytes, what its DHT node received during
+  the poll), with REPLICA_NODES more nodes in the swarm so that each record has its 5 replicas:
+  median over WATCH seconds, in KB and in copies of the two records;
 - the dashboard in headless Chromium: seconds from opening the page to N rows in its peers table
   and N entries in the leaderboard, then the longest main-thread task and how many tasks took
   over 50 ms (the browser's "long tasks", which users see as jank) over WATCH seconds of updates,
@@ -57,12 +60,15 @@ from benchmarks.swarm_runs import RunSettings  # noqa: E402
 from coordinator.harness import LOOPBACK_MADDR, CoordinatorProcess, headless_chromium, stop_all, wait_until  # noqa: E402
 from peer import metrics  # noqa: E402
 from peer.progress import ProgressSummary, summary_key  # noqa: E402
-from peer.run_config import RunConfig  # noqa: E402
+from peer.run_config import CoordinatorSection, RunConfig  # noqa: E402
 from peer.version import VERSION  # noqa: E402
 
 RESTORE_PERIOD = 15.0  # seconds between two stores of every record (peers store theirs every 2-15 s)
 RECORD_LIFETIME = 60.0  # seconds a stored record lasts (hivemind's progress records and ours: 60 s)
 READS = 10
+# Plain DHT nodes besides the writer, the coordinator and the reader: each record then has its 5
+# replicas on 5 nodes, as in a swarm of peers, and a read with latest=True downloads each of them.
+REPLICA_NODES = 8
 WATCH = 20.0  # seconds of coordinator polls and dashboard updates watched
 
 
@@ -252,17 +258,21 @@ def main_thread_seconds(devtools) -> dict[str, float]:
     return {work: metrics[name] for work, name in MAIN_THREAD_WORK.items()}
 
 
-def measure(folder: Path, peers: int, watch: float = WATCH) -> dict:
+def measure(folder: Path, peers: int, watch: float = WATCH, poll_mbit: float = CoordinatorSection.poll_mbit) -> dict:
     """Every figure of the module's docstring for a swarm of `peers` peers' records, watching the
-    coordinator and the dashboard for `watch` seconds each."""
+    coordinator (its coordinator.poll_mbit as given) and the dashboard for `watch` seconds each."""
     run_id = f"records-{peers}"
     folder.mkdir(parents=True)
-    run_toml = RunSettings(preset="tiny", target_batch_size=64 * peers).write(folder / "run.toml", run_id=run_id)
+    settings = RunSettings(preset="tiny", target_batch_size=64 * peers, poll_mbit=poll_mbit)
+    run_toml = settings.write(folder / "run.toml", run_id=run_id)
     training_key = RunConfig.load(run_toml).training_key()
     coordinator = CoordinatorProcess(folder / "coordinator", run_toml).start()
     processes: list = [coordinator]
     writer = reader = None
+    replicas: list[hivemind.DHT] = []
     try:
+        for _ in tqdm(range(REPLICA_NODES), desc="replica nodes", leave=False):
+            replicas.append(hivemind.DHT(initial_peers=[coordinator.address], host_maddrs=[LOOPBACK_MADDR], start=True))
         began = time.perf_counter()
         writer = RecordWriter(peers, run_id, training_key, [coordinator.address])
         stored_s = time.perf_counter() - began
@@ -287,14 +297,18 @@ def measure(folder: Path, peers: int, watch: float = WATCH) -> dict:
             alive=[coordinator],
         )
         summary_reads = read_seconds(reader, summary_key(training_key), 1)
-        polls, watch_end = [], time.monotonic() + watch
-        while time.monotonic() < watch_end:
-            polls.append(coordinator.state()["poll_seconds"])
+        summary = next(iter(reader.get(summary_key(training_key), latest=True).value.values()))
+        polls, downloads, watch_began, first = [], [], time.monotonic(), coordinator.state()
+        while time.monotonic() < watch_began + watch:
+            state = coordinator.state()
+            polls.append(state["poll_seconds"])
+            downloads.append(state["poll_download_bytes"])
             time.sleep(1.0)
-        listed = sum(row["status"] == "online" for row in coordinator.state()["peers"])
+        last, watched = coordinator.state(), time.monotonic() - watch_began
+        listed = sum(row["status"] == "online" for row in last["peers"])
         page = dashboard_figures(coordinator.url, peers, watch)
     finally:
-        for dht in (reader, writer):
+        for dht in (reader, writer, *replicas):
             if dht is not None:
                 dht.shutdown()
         stop_all(processes)
@@ -310,8 +324,14 @@ def measure(folder: Path, peers: int, watch: float = WATCH) -> dict:
         summary_entry_bytes=writer.entry_bytes["summary"],
         summary_read_s=statistics.median(summary_reads),
         summary_read_max_s=max(summary_reads),
+        summary_lifetime_s=summary.expiration_time - summary.value["time"],
         poll_s=statistics.median(polls),
         poll_max_s=max(polls),
+        poll_download_bytes=statistics.median(downloads),
+        poll_download_min_bytes=min(downloads),
+        polls_watched=last["polls"] - first["polls"],
+        watched_s=watched,
+        poll_wait_s=last["poll_wait_seconds"],
         listed_online=listed,
         **page,
     )
@@ -330,6 +350,11 @@ COLUMNS = {  # the table's columns: header, then the cell of a row
     "summary B": lambda row: str(row["summary_entry_bytes"]),
     "a peer's read of the summary s (max)": lambda row: seconds(row, "summary_read"),
     "coordinator poll s (max)": lambda row: seconds(row, "poll"),
+    "a poll's download KB (copies)": lambda row: (
+        f"{row['poll_download_bytes'] / 1000:.0f}"
+        f" ({row['poll_download_bytes'] / (row['progress_record_bytes'] + row['metrics_record_bytes']):.2f})"
+    ),
+    "polls/s": lambda row: f"{row['polls_watched'] / row['watched_s']:.2f}",
     "listed online": lambda row: str(row["listed_online"]),
     "page lists all s": lambda row: f"{row['page_listed_s']:.1f}",
     "page rows": lambda row: str(row["page_rows"]),

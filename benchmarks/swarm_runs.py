@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks.netlab import Lab
 from coordinator.harness import LOOPBACK_MADDR, HarnessError, PeerProcess, PeerSpec, bootstrap_node, release, stop_all
-from peer.run_config import AveragingSection, DilocoSection, RunConfig
+from peer.run_config import AveragingSection, CoordinatorSection, DilocoSection, RunConfig
 
 START_LINE_TIMEOUT = 900.0  # seconds for the peers to get ready
 
@@ -45,7 +45,9 @@ matchmaking_time = {matchmaking_time}
 compression = "{compression}"
 average_state_every = {average_state_every}
 {group_line}
-{diloco_section}"""
+{diloco_section}[coordinator]
+poll_mbit = {poll_mbit}
+"""
 DILOCO_SECTION = """\
 [diloco]
 samples_per_round = {samples_per_round}
@@ -80,6 +82,7 @@ class RunSettings:
     overlap: bool = DilocoSection.overlap
     outer_lr: float = DilocoSection.outer_lr
     outer_momentum: float = DilocoSection.outer_momentum
+    poll_mbit: float = CoordinatorSection.poll_mbit
 
     @property
     def samples_per_epoch(self) -> int:

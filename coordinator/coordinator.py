@@ -31,7 +31,7 @@ from coordinator.initial_state import adopt_architecture, initial_state, load_pr
 from coordinator.prometheus import registry_for
 from coordinator.server import DashboardServer
 from coordinator.state_sharing import CheckpointAverager
-from coordinator.swarm import ONLINE_WITHIN, SwarmState, peer_kind, read_progress, summarize
+from coordinator.swarm import ONLINE_WITHIN, SwarmState, peer_kind, read_progress, received_bytes, summarize
 from model import CausalLM, ModelConfig
 from model.adapters import load_checkpoint
 from model.evaluate import check_vocabulary, evaluate
@@ -55,10 +55,19 @@ from peer.version import VERSION
 
 logger = logging.getLogger("starling.coordinator")
 
-POLL_PERIOD = 1.0  # seconds between two reads of the swarm's records
+POLL_PERIOD = 1.0  # seconds between two reads of the swarm's records, at least
 HISTORY_PERIOD = 5.0  # seconds between two points of the time series
 STATE_DOWNLOAD_TIMEOUT = 60.0
 KNOWN_PEERS = "known_peers.json"  # addresses of peers last seen online, to rejoin the swarm after a restart
+
+
+def poll_wait(download_bytes: int, poll_seconds: float, poll_mbit: float) -> float:
+    """Seconds from the end of a poll that took `poll_seconds` and downloaded `download_bytes` to the
+    next: POLL_PERIOD, or longer where polling that often would download more than `poll_mbit` on
+    average (coordinator.poll_mbit). A poll reads both records in full from every node that holds
+    them (hivemind's reads with latest=True ask up to 20 nodes: 5 replicas, then copies cached
+    by readers), so its download grows with the swarm."""
+    return max(POLL_PERIOD, download_bytes * 8 / (poll_mbit * 1e6) - poll_seconds)
 
 
 class CoordinatorError(RuntimeError):
@@ -115,6 +124,9 @@ class Coordinator:
         self._checkpointing = threading.Lock()
         self._last_report_time: dict[str, float] = {}
         self.poll_seconds: float | None = None  # how long the latest look at the swarm's records took
+        self.poll_download: int | None = None  # bytes its DHT node received meanwhile (None: not counted here)
+        self.poll_wait = POLL_PERIOD  # seconds from the end of that look to the next (see poll_wait)
+        self.polls = 0
         self.dht: hivemind.DHT | None = None
         self.averager: CheckpointAverager | None = None
         self.server: DashboardServer | None = None
@@ -300,7 +312,7 @@ class Coordinator:
         try:
             self.start()
             last_point = 0.0
-            while not self._stop.wait(POLL_PERIOD):
+            while not self._stop.wait(self.poll_wait):
                 if duration is not None and time.monotonic() - started >= duration:
                     break
                 self.poll()
@@ -320,10 +332,11 @@ class Coordinator:
 
     def poll(self) -> None:
         """Read the swarm's records and update the history and the current view."""
-        run, now, began = self.run_config, time.time(), time.monotonic()
+        run, now, began, received = self.run_config, time.time(), time.monotonic(), received_bytes(self.dht)
         progress = read_progress(self.dht, run.training_key())
-        self._store_summary(progress)
         reports = metrics.read_all(self.dht, run.run_id)
+        if received is not None and (now_received := received_bytes(self.dht)) is not None:
+            self.poll_download = now_received - received
         for report in reports:
             if report.time > self._last_report_time.get(report.peer_id, 0.0):
                 self._last_report_time[report.peer_id] = report.time
@@ -342,6 +355,9 @@ class Coordinator:
             now,
         )
         self.poll_seconds = time.monotonic() - began
+        self.polls += 1
+        self._pace_polls(len(reports))
+        self._store_summary(progress)
         if self.swarm.epoch != previous_epoch:
             logger.info(
                 "epoch %d: loss %s, %.1f samples/s, %d active peers",
@@ -351,10 +367,26 @@ class Coordinator:
                 self.swarm.active_peers["total"],
             )
 
+    def _pace_polls(self, peers: int) -> None:
+        if self.poll_download is None:
+            return
+        wait = poll_wait(self.poll_download, self.poll_seconds, self.run_config.coordinator.poll_mbit)
+        if (wait > POLL_PERIOD) != (self.poll_wait > POLL_PERIOD):
+            logger.info(
+                "%d peers' records, %.0f KB a poll: polling every %.1f s, within coordinator.poll_mbit = %g",
+                peers,
+                self.poll_download / 1000,
+                wait + self.poll_seconds,
+                self.run_config.coordinator.poll_mbit,
+            )
+        self.poll_wait = wait
+
     def _store_summary(self, progress: list[LocalTrainingProgress]) -> None:
         """Store the summary of the progress records just read, which peers of a swarm of
         SUMMARY_FROM_PEERS or more read instead of the records (peer.progress.RunProgressTracker);
-        not waited for. A smaller swarm's peers read the records: it gets none."""
+        not waited for. A smaller swarm's peers read the records: it gets none. It lasts
+        SUMMARY_LIFETIME and the time by which the polls are paced further apart than POLL_PERIOD:
+        until the next poll's, at any pace."""
         if len(progress) < SUMMARY_FROM_PEERS:
             return
         now = get_dht_time()
@@ -362,7 +394,7 @@ class Coordinator:
             summary_key(self.run_config.training_key()),
             subkey=self.signer.local_public_key,
             value=ProgressSummary.of(progress, now).dict(),
-            expiration_time=now + SUMMARY_LIFETIME,
+            expiration_time=now + SUMMARY_LIFETIME + self.poll_wait - POLL_PERIOD,
             return_future=True,
         )
 
@@ -471,6 +503,9 @@ class Coordinator:
             "active_peers": s.active_peers,
             "rounds": s.rounds,
             "poll_seconds": self.poll_seconds,
+            "poll_download_bytes": self.poll_download,
+            "poll_wait_seconds": self.poll_wait,
+            "polls": self.polls,
             "peers": s.peers,
             "leaderboard": board,
             "checkpoint": checkpoint.as_dict() if checkpoint else None,

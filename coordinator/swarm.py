@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import hivemind
 from hivemind.optim.progress_tracker import LocalTrainingProgress
@@ -47,6 +48,28 @@ def read_progress(dht: hivemind.DHT, training_key: str) -> list[LocalTrainingPro
     if found is None or not isinstance(found.value, dict):
         return []
     return [LocalTrainingProgress.parse_obj(entry.value) for entry in found.value.values() if entry.value is not None]
+
+
+def received_bytes(dht: hivemind.DHT) -> int | None:
+    """Bytes the DHT node has received so far: the reads of its libp2p daemon, the one child of the
+    DHT's process (they include the DHT process's own small requests to it). None where the
+    system does not count them (Linux's /proc does)."""
+    try:
+        daemons = [
+            int(child)
+            for task in Path(f"/proc/{dht.pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+        ]
+        return sum(_read_chars(daemon) for daemon in daemons)
+    except (OSError, ValueError):
+        return None
+
+
+def _read_chars(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise ValueError(f"no rchar in /proc/{pid}/io")
 
 
 @dataclass

@@ -52,6 +52,7 @@ class RecordPeriod:
 RECORD_PERIOD = RecordPeriod()
 # Seconds a progress summary stays in the DHT: no older, when read, than a peer's own record may be
 # (stored every 2-15 s), however long the coordinator's poll takes (10 s at 32 peers on 2 cores).
+# A coordinator that paces its polls further apart adds the difference (coordinator.poll_mbit).
 SUMMARY_LIFETIME = RECORD_PERIOD.longest
 
 

@@ -148,6 +148,10 @@ class CoordinatorSection:
     checkpoint_every: int = 10  # epochs between two checkpoints
     keep_checkpoints: int = 3
     auth: AuthMode = "open"  # "token": peers need an access token issued by the coordinator
+    # The most its polls of the swarm's records may download on average, Mbit/s. A poll downloads
+    # both records from each of their 5 replicas, 12 KB a peer: at 10 Mbit/s, the polls of more than
+    # about 100 peers come further apart than a second (coordinator.coordinator.poll_wait).
+    poll_mbit: float = 10.0
 
 
 @dataclass
@@ -321,6 +325,7 @@ class RunConfig:
             ),
             ("coordinator.checkpoint_every", self.coordinator.checkpoint_every >= 1, "at least 1"),
             ("coordinator.keep_checkpoints", self.coordinator.keep_checkpoints >= 1, "at least 1"),
+            ("coordinator.poll_mbit", self.coordinator.poll_mbit > 0, "positive"),
         ]
         for key, ok, expected in checks:
             if not ok:
