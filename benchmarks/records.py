@@ -355,6 +355,7 @@ COLUMNS = {  # the table's columns: header, then the cell of a row
         f" ({row['poll_download_bytes'] / (row['progress_record_bytes'] + row['metrics_record_bytes']):.2f})"
     ),
     "polls/s": lambda row: f"{row['polls_watched'] / row['watched_s']:.2f}",
+    "summary lasts s": lambda row: f"{row['summary_lifetime_s']:.0f}",
     "listed online": lambda row: str(row["listed_online"]),
     "page lists all s": lambda row: f"{row['page_listed_s']:.1f}",
     "page rows": lambda row: str(row["page_rows"]),

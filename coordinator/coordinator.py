@@ -368,6 +368,8 @@ class Coordinator:
             )
 
     def _pace_polls(self, peers: int) -> None:
+        """Set the wait before the next poll from this one's download (poll_wait); none is counted
+        where the system does not count what the DHT node receives, and the polls go unpaced."""
         if self.poll_download is None:
             return
         wait = poll_wait(self.poll_download, self.poll_seconds, self.run_config.coordinator.poll_mbit)

@@ -149,8 +149,8 @@ class CoordinatorSection:
     keep_checkpoints: int = 3
     auth: AuthMode = "open"  # "token": peers need an access token issued by the coordinator
     # The most its polls of the swarm's records may download on average, Mbit/s. A poll downloads
-    # both records from each of their 5 replicas, 12 KB a peer: at 10 Mbit/s, the polls of more than
-    # about 100 peers come further apart than a second (coordinator.coordinator.poll_wait).
+    # both records from every node that holds them, 5-6 copies, 13 KB a peer: at 10 Mbit/s, the
+    # polls of more than about 95 peers come further apart than a second (coordinator.poll_wait).
     poll_mbit: float = 10.0
 
 
