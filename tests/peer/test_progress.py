@@ -69,6 +69,35 @@ def test_a_peer_without_a_record_of_its_own_counts_itself(two_nodes, counts_itse
         other.shutdown()
 
 
+def test_a_peer_alone_takes_the_epoch_once_its_own_samples_reach_the_target(two_nodes):
+    """A peer that counts no other takes the epoch when its samples reach the target. hivemind
+    takes it once the time it estimated from the peer's speed has passed, which a slow micro-batch
+    makes come first: the epoch then held part of the batch. Beside another peer the estimate
+    stands, since the other's samples may complete the batch."""
+    alone = tracker(two_nodes[0], prefix="alone")
+    other, own = tracker(two_nodes[0]), tracker(two_nodes[1])
+    try:
+        alone.report_local_progress(local_epoch=0, samples_accumulated=TARGET // 2)
+        alone.fetch_now()
+        with alone.lock_global_progress:  # no read replaces the progress meanwhile
+            assert alone.global_progress.num_peers == 1
+            alone.global_progress.eta_next_epoch = get_dht_time() - 1.0  # the estimate has passed
+            assert not alone.ready_to_update_epoch
+            alone.report_local_progress(local_epoch=0, samples_accumulated=TARGET)
+            assert alone.ready_to_update_epoch
+
+        # (Trackers of one process sign with one key, so only one of a run's trackers here reports:
+        # the records of two would have the same subkey.)
+        other.report_local_progress(local_epoch=0, samples_accumulated=TARGET // 4)
+        wait_until(lambda: own.global_progress.num_peers == 2, 20, "the other peer's record")
+        with own.lock_global_progress:
+            own.global_progress.eta_next_epoch = get_dht_time() - 1.0
+            assert own.global_progress.samples_accumulated < TARGET and own.ready_to_update_epoch
+    finally:
+        for peer in (alone, other, own):
+            peer.shutdown()
+
+
 def test_a_peer_stores_its_progress_at_most_once_per_record_period(two_nodes):
     """hivemind stores a peer's progress record at every micro-batch. Starling holds the stores back
     to one per record period, except the first samples of an epoch and a new epoch, which the others
