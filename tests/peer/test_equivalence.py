@@ -1,6 +1,8 @@
 """Two peers reach the loss that one process reaches on the same samples: in batch mode on the same
 global batch, in DiLoCo mode with several inner steps a round."""
 
+from pathlib import Path
+
 import torch
 
 from model import CausalLM
@@ -18,11 +20,15 @@ INNER_BATCH = 8
 SOLO_BATCH = 2 * INNER_BATCH  # the two peers' inner batches together
 TRAIN_SEQUENCES = 2048  # the corpus's first plays
 HELD_OUT = 64  # sequences of its last play
-# Held-out loss of DiLoCo above one process's, relative. Measured in 3 runs: -0.1%, -2.0% and -0.2%
-# (one process varies by 0.6%, DiLoCo by 0.4%: their difference by about 0.75%), so 3% lies 4
-# deviations above the worst run. With the default momentum (Nesterov 0.9) DiLoCo ended 5.0-9.1%
-# above in 5 runs: the bound tells the two apart.
+# Held-out loss of DiLoCo above one process's, relative. With the peers' fixed identities below,
+# one process ended at the same loss in 3 runs, DiLoCo 0.4-0.8% above it; 3% lies far above that.
+# With each run's own identities (other shards each run), the difference spread over -2.0% to
+# +3.3% in 12 runs: the bound would not hold. With the default momentum (Nesterov 0.9) DiLoCo ended
+# 5.0-9.1% above in 5 runs of those: the bound tells the two apart.
 DILOCO_TOLERANCE = 0.03
+# The peers' key files: a peer's id picks the shard it reads each epoch (peer.shards), so with
+# these the DiLoCo test trains on the same samples in every run.
+IDENTITIES = Path(__file__).parent / "identities"
 
 
 def held_out_loss(run: RunConfig, params: dict, batch: torch.Tensor | None = None) -> float:
@@ -81,13 +87,28 @@ def test_two_diloco_peers_reach_the_held_out_loss_of_one_process_on_the_same_sam
     solo_toml = write_run_config(tmp_path / "solo", run_id="diloco-solo", target_batch_size=SOLO_BATCH, **settings)
     diloco = dict(samples_per_round=DILOCO_SAMPLES // DILOCO_ROUNDS, inner_batch_size=INNER_BATCH, outer_momentum=0.0)
     diloco_toml = write_run_config(tmp_path / "diloco", run_id="diloco-swarm", diloco=diloco, **settings)
-    solo = start_peer("solo-peer", solo_toml, max_epochs=DILOCO_SAMPLES // SOLO_BATCH, batch_size=8, data=str(train))
+    solo = start_peer(
+        "solo-peer",
+        solo_toml,
+        max_epochs=DILOCO_SAMPLES // SOLO_BATCH,
+        batch_size=8,
+        data=str(train),
+        identity=str(IDENTITIES / "solo.key"),
+    )
     swarm = [
-        start_peer(f"diloco-peer{i}", diloco_toml, max_epochs=DILOCO_ROUNDS, hold=True, data=str(train))
+        start_peer(
+            f"diloco-peer{i}",
+            diloco_toml,
+            max_epochs=DILOCO_ROUNDS,
+            hold=True,
+            data=str(train),
+            identity=str(IDENTITIES / f"diloco{i}.key"),
+        )
         for i in range(2)
     ]
     release_peers(swarm)
-    solo.wait(timeout=400)
+    # one process, alone, takes each epoch on its whole batch (peer.progress.RunProgressTracker)
+    assert solo.wait(timeout=400)["samples_contributed"] == DILOCO_SAMPLES
     summaries = [peer.wait(timeout=400) for peer in swarm]
     assert all(s["rounds_succeeded"] == DILOCO_ROUNDS and s["inner_steps"] >= 2 * DILOCO_ROUNDS for s in summaries)
 
