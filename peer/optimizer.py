@@ -169,9 +169,20 @@ class CollaborativeOptimizer(hivemind.Optimizer):
         """hivemind's epoch step, after a fresh look at the run's progress when it counts no other
         peer: it then steps alone on its own gradients, and the progress it holds may be a refresh
         period old (peers started together each take their first epoch alone by it, and in DiLoCo
-        mode keep different outer parameters from then on)."""
+        mode keep different outer parameters from then on). When that look finds the run more than
+        an epoch ahead (a peer whose link came back), the peer loads the run's state instead, as
+        hivemind's step does at its start: hivemind's epoch step would take the run's epoch number
+        with this peer's own parameters."""
         if self.tracker.global_progress.num_peers <= 1 and not self.auxiliary:
             self.tracker.fetch_now()
+            if not self.is_synchronized_with_peers():
+                logger.info(
+                    "the run is at epoch %d, this peer at %d: loading its state",
+                    self.tracker.global_epoch,
+                    self.local_epoch,
+                )
+                self.load_state_from_peers()
+                return
         super()._update_global_epoch(grad_scaler)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control: StepControl | None) -> None:

@@ -285,3 +285,43 @@ def test_peers_an_epoch_apart_take_the_state_round_of_the_same_epochs():
         for opt in optimizers:
             assert settled(opt.state_averager, timeout) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
         assert [opt.local_epoch for opt in optimizers] == [4, 4]
+
+
+def test_a_lone_peer_whose_epoch_step_finds_the_run_far_ahead_loads_its_state():
+    """A peer cut off from the others takes its epochs alone, and its epoch step reads the run's
+    progress afresh (it counts no other peer). When that read is the first to see the others again,
+    epochs ahead, the peer loads their state. hivemind's epoch step took their epoch number with the
+    peer's own parameters instead: a cut-off peer came back 8 epochs on, its parameters its own."""
+    run = RunConfig.from_dict({"run_id": "far-ahead", "model": {"preset": "tiny"}})
+    with two_peers(run) as (models, optimizers):
+        lone, ahead = optimizers
+        # The lone peer's view of the run, a refresh period old: itself alone, at its epoch 2.
+        lone.tracker.shutdown()  # no background read replaces that view (nor its record the other's)
+        lone.state_averager.local_epoch = 2
+        with lone.tracker.pause_updates():
+            lone.tracker.update_epoch(new_epoch=2)
+        stale = dataclasses.replace(lone.tracker.global_progress, epoch=2, num_peers=1)
+
+        ahead.state_averager.local_epoch = ahead.state_averager.state_sharing_priority = 10
+        with torch.no_grad():
+            for group in ahead.state_averager.optimizer.param_groups:
+                for param in group["params"]:
+                    param.add_(0.01)
+        theirs = [param.detach().clone() for group in ahead.opt.param_groups for param in group["params"]]
+        ahead.tracker.report_local_progress(local_epoch=10, samples_accumulated=4)
+        prefix = ahead.state_averager.prefix
+        wait_until(lambda: ahead.state_averager.peer_id in state_offers(lone.dht, prefix), 30, "the state offer")
+
+        def the_run_seen_at_epoch_10() -> bool:
+            lone.tracker.fetch_now()
+            return lone.tracker.global_epoch == 10
+
+        wait_until(the_run_seen_at_epoch_10, 30, "the other peer's progress record")
+        lone.tracker.global_progress = stale
+
+        lone._update_global_epoch(None)  # as hivemind's step takes it once the lone peer has its batch
+
+        assert lone.state_averager.states_received == 1
+        assert lone.local_epoch == 10
+        for param, their in zip(models[0].parameters(), theirs):
+            torch.testing.assert_close(param.detach(), their, atol=0, rtol=0)
