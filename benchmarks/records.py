@@ -16,6 +16,9 @@ progress tracker does. Measured for each N:
 - a peer's read of the progress record (`dht.get(latest=True)` from another node, as hivemind's
   tracker reads it every 0.2-2 s): median of READS; and of the coordinator's summary of it, which
   peers of a swarm of 32 or more read instead (peer.progress.ProgressSummary), with its entry's bytes;
+- what a peer's node (one that others cannot reach, so that it receives only its reads) downloads
+  a read of the summary, reading every SUMMARY_READ_PERIOD s for SUMMARY_WATCH s: hivemind's read
+  of the latest, then a peer's tracker's (the first fresh copy);
 - the coordinator's poll (its API's poll_seconds: both reads, its view of the swarm and the
   progress summary's store), median and max over WATCH seconds, how many peers its API lists
   online, and how often it polled (coordinator.poll_mbit paces its polls);
@@ -40,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -58,8 +62,10 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks.measure import write_json  # noqa: E402
 from benchmarks.swarm_runs import RunSettings  # noqa: E402
 from coordinator.harness import LOOPBACK_MADDR, CoordinatorProcess, headless_chromium, stop_all, wait_until  # noqa: E402
+from coordinator.swarm import received_bytes  # noqa: E402
 from peer import metrics  # noqa: E402
-from peer.progress import ProgressSummary, summary_key  # noqa: E402
+from peer.identity import peer_id_in_multiaddr  # noqa: E402
+from peer.progress import ProgressSummary, RunProgressTracker, summary_key  # noqa: E402
 from peer.run_config import CoordinatorSection, RunConfig  # noqa: E402
 from peer.version import VERSION  # noqa: E402
 
@@ -70,6 +76,9 @@ READS = 10
 # replicas on 5 nodes, as in a swarm of peers, and a read with latest=True downloads each of them.
 REPLICA_NODES = 8
 WATCH = 20.0  # seconds of coordinator polls and dashboard updates watched
+# A peer's tracker reads the run's progress every 0.2 s near an epoch's end (its least refresh
+# period), for this many seconds of each way of reading the summary.
+SUMMARY_READ_PERIOD, SUMMARY_WATCH = 0.2, 10.0
 
 
 class ManyPeersSigner(RSASignatureValidator):
@@ -191,6 +200,39 @@ class RecordWriter:
         self.dht.shutdown()
 
 
+def summary_downloads(dht: hivemind.DHT, coordinator_id: str, training_key: str) -> dict[str, dict[str, float]]:
+    """What a peer's node downloads to read the summary, reading every SUMMARY_READ_PERIOD seconds
+    for SUMMARY_WATCH seconds: the latest (hivemind's latest=True: every holder's copy and the
+    neighbours each node it asks names), then as a peer's tracker reads it (RunProgressTracker: the
+    first fresh copy, often its own). For each: reads, and bytes received a read."""
+
+    def watch(read: Callable[[], None], reads: Callable[[], int]) -> dict[str, float]:
+        began, done, ends = received_bytes(dht), reads(), time.monotonic() + SUMMARY_WATCH
+        while time.monotonic() < ends:
+            read()
+            time.sleep(SUMMARY_READ_PERIOD)
+        count = reads() - done
+        return dict(reads=count, bytes_a_read=(received_bytes(dht) - began) / count)
+
+    key, latest_reads = summary_key(training_key), 0
+
+    def read_latest() -> None:
+        nonlocal latest_reads
+        dht.get(key, latest=True)
+        latest_reads += 1
+
+    downloads = dict(latest=watch(read_latest, lambda: latest_reads))
+    tracker = RunProgressTracker(dht=dht, prefix=training_key, target_batch_size=1, counts_itself=False, start=True)
+    try:
+        tracker.read_summaries_from(coordinator_id)
+        tracker.fetch_now()  # counts the peers, and reads the summary from then on
+        # Its own reads in the background count too: bytes and reads alike.
+        downloads["tracker"] = watch(tracker.fetch_now, lambda: tracker.reads["summary"])
+    finally:
+        tracker.shutdown()
+    return downloads
+
+
 def read_seconds(dht: hivemind.DHT, key: str, peers: int) -> list[float]:
     """Seconds of READS reads of `key` that each found `peers` entries or more."""
     times = []
@@ -268,7 +310,7 @@ def measure(folder: Path, peers: int, watch: float = WATCH, poll_mbit: float = C
     training_key = RunConfig.load(run_toml).training_key()
     coordinator = CoordinatorProcess(folder / "coordinator", run_toml).start()
     processes: list = [coordinator]
-    writer = reader = None
+    writer = reader = summary_reader = None
     replicas: list[hivemind.DHT] = []
     try:
         for _ in tqdm(range(REPLICA_NODES), desc="replica nodes", leave=False):
@@ -298,6 +340,15 @@ def measure(folder: Path, peers: int, watch: float = WATCH, poll_mbit: float = C
         )
         summary_reads = read_seconds(reader, summary_key(training_key), 1)
         summary = next(iter(reader.get(summary_key(training_key), latest=True).value.values()))
+        # A node of a peer that others cannot reach (client mode) holds no record: it receives only
+        # what it reads.
+        summary_reader = hivemind.DHT(
+            initial_peers=[coordinator.address],
+            client_mode=True,
+            record_validators=[RSASignatureValidator()],
+            start=True,
+        )
+        summary_read = summary_downloads(summary_reader, peer_id_in_multiaddr(coordinator.address), training_key)
         polls, downloads, watch_began, first = [], [], time.monotonic(), coordinator.state()
         while time.monotonic() < watch_began + watch:
             state = coordinator.state()
@@ -308,7 +359,7 @@ def measure(folder: Path, peers: int, watch: float = WATCH, poll_mbit: float = C
         listed = sum(row["status"] == "online" for row in last["peers"])
         page = dashboard_figures(coordinator.url, peers, watch)
     finally:
-        for dht in (reader, writer, *replicas):
+        for dht in (summary_reader, reader, writer, *replicas):
             if dht is not None:
                 dht.shutdown()
         stop_all(processes)
@@ -325,6 +376,7 @@ def measure(folder: Path, peers: int, watch: float = WATCH, poll_mbit: float = C
         summary_read_s=statistics.median(summary_reads),
         summary_read_max_s=max(summary_reads),
         summary_lifetime_s=summary.expiration_time - summary.value["time"],
+        summary_downloads=summary_read,
         poll_s=statistics.median(polls),
         poll_max_s=max(polls),
         poll_download_bytes=statistics.median(downloads),
@@ -349,6 +401,9 @@ COLUMNS = {  # the table's columns: header, then the cell of a row
     "a peer's read of the record s (max)": lambda row: seconds(row, "read"),
     "summary B": lambda row: str(row["summary_entry_bytes"]),
     "a peer's read of the summary s (max)": lambda row: seconds(row, "summary_read"),
+    "a summary read's download B: latest, tracker's": lambda row: ", ".join(
+        f"{row['summary_downloads'][way]['bytes_a_read']:,.0f}" for way in ("latest", "tracker")
+    ),
     "coordinator poll s (max)": lambda row: seconds(row, "poll"),
     "a poll's download KB (copies)": lambda row: (
         f"{row['poll_download_bytes'] / 1000:.0f}"

@@ -49,7 +49,7 @@ from peer import metrics, run_record
 from peer.dataset import DatasetError, fetch_manifest
 from peer.events import EventLog
 from peer.identity import check_multiaddrs, load_or_create_identity
-from peer.progress import SUMMARY_FROM_PEERS, SUMMARY_LIFETIME, ProgressSummary, ProgressSummarySchema, summary_key
+from peer.progress import SUMMARY_FROM_PEERS, ProgressSummary, ProgressSummarySchema, summary_expiration, summary_key
 from peer.run_config import RunConfig
 from peer.version import VERSION
 
@@ -386,9 +386,9 @@ class Coordinator:
     def _store_summary(self, progress: list[LocalTrainingProgress]) -> None:
         """Store the summary of the progress records just read, which peers of a swarm of
         SUMMARY_FROM_PEERS or more read instead of the records (peer.progress.RunProgressTracker);
-        not waited for. A smaller swarm's peers read the records: it gets none. It lasts
-        SUMMARY_LIFETIME and the time by which the polls are paced further apart than POLL_PERIOD:
-        until the next poll's, at any pace."""
+        not waited for. A smaller swarm's peers read the records: it gets none. It lasts until
+        SUMMARY_LIFETIME after the next is due: after the wait before the next poll and a poll as
+        long as this one (peer.progress.summary_expiration)."""
         if len(progress) < SUMMARY_FROM_PEERS:
             return
         now = get_dht_time()
@@ -396,7 +396,7 @@ class Coordinator:
             summary_key(self.run_config.training_key()),
             subkey=self.signer.local_public_key,
             value=ProgressSummary.of(progress, now).dict(),
-            expiration_time=now + SUMMARY_LIFETIME + self.poll_wait - POLL_PERIOD,
+            expiration_time=summary_expiration(next_due=now + self.poll_wait + self.poll_seconds),
             return_future=True,
         )
 

@@ -5,6 +5,7 @@ summary of every record instead of the records themselves in a large swarm."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -50,10 +51,29 @@ class RecordPeriod:
 
 
 RECORD_PERIOD = RecordPeriod()
-# Seconds a progress summary stays in the DHT: no older, when read, than a peer's own record may be
-# (stored every 2-15 s), however long the coordinator's poll takes (10 s at 32 peers on 2 cores).
-# A coordinator that paces its polls further apart adds the difference (coordinator.poll_mbit).
+# Seconds a progress summary stays in the DHT after the next one is due: no older, when read, than
+# a peer's own record may be (stored every 2-15 s), however long the coordinator's poll takes (10 s
+# at 32 peers on 2 cores) and its pacing (coordinator.poll_mbit) make the next one wait.
 SUMMARY_LIFETIME = RECORD_PERIOD.longest
+# A read of the summary ends at the first copy whose successor was due no more than this many
+# seconds before (often the copy its node cached at its last read), rather than take every holder's
+# copy as a read of the latest does (hivemind's latest=True: 5-6 copies, and every node near the
+# summary's key answering with its neighbours: 16 KB a read at 64 peers, benchmarks/README.md).
+# The coordinator's next poll may take a little longer than the last.
+SUMMARY_STALENESS = 2.0
+
+
+def summary_expiration(next_due: float) -> float:
+    """When a summary expires, given the DHT time by which the coordinator expects to store the
+    next (its pacing wait and a poll as long as its last): SUMMARY_LIFETIME later. It lasts past the
+    next at any pace, and its expiration tells a reader when it was superseded."""
+    return next_due + SUMMARY_LIFETIME
+
+
+def fresh_summary_expiration(now: float) -> float:
+    """The expiration from which on a copy of the summary read at DHT time `now` is fresh enough:
+    one whose successor was due SUMMARY_STALENESS seconds before `now` or later."""
+    return summary_expiration(next_due=now - SUMMARY_STALENESS)
 
 
 class ProgressSummary(BaseModel):
@@ -144,7 +164,8 @@ class RunProgressTracker(ProgressTracker):
     the summary is missing (the coordinator away or slow), was signed by anyone else, or this peer
     leaves some peers out (the sums cannot). The summary counts this peer as of its last stored
     record, and is up to a poll of the coordinator older than the records: both are extrapolated
-    from samples per second, as hivemind extrapolates every record.
+    from samples per second, as hivemind extrapolates every record. A read of the summary ends at
+    the first copy fresh enough (SUMMARY_STALENESS), often the one its node cached at its last read.
     """
 
     def __init__(
@@ -168,6 +189,7 @@ class RunProgressTracker(ProgressTracker):
         self.summary_from: str | None = None
         self.reads: Counter[str] = Counter()  # reads of the run's progress so far: "summary", "records"
         self._reads_summary = False
+        self._shut_down: concurrent.futures.Future[None] = concurrent.futures.Future()  # ends reads under way
         super().__init__(*args, start=False, max_refresh_period=record_period.after(None), **kwargs)
         self.summary_key = summary_key(self.prefix)
         self.dht.add_validators([SchemaValidator(ProgressSummarySchema, prefix=self.prefix)])
@@ -220,6 +242,8 @@ class RunProgressTracker(ProgressTracker):
 
     def shutdown(self, timeout: float | None = None) -> None:
         self.should_report_progress.urgent = True  # the reporter's last wake-up is not held back
+        if not self._shut_down.done():
+            self._shut_down.set_result(None)
         super().shutdown(timeout)
 
     def ignore_peers(self, peer_ids: Iterable[bytes]) -> None:
@@ -242,41 +266,54 @@ class RunProgressTracker(ProgressTracker):
 
     def fetch_now(self) -> None:
         """Read the run's progress from the DHT now rather than at the next refresh."""
-        progress = None
-        if self._reads_summary:
-            progress = self._progress_from_summary(self.dht.get(self.summary_key, latest=True))
-        if progress is None:
-            progress = self._progress_from_records(self.dht.get(self.training_progress_key, latest=True))
+        progress = self._read_progress()
         with self.lock_global_progress:
             self.global_progress = progress
 
     async def _progress_fetcher(self) -> None:
-        """hivemind's fetcher: reads the run's progress when the last read said to (next_fetch_time),
-        from the summary or every record (as fetch_now), until the tracker shuts down."""
+        """hivemind's fetcher: reads the run's progress (as fetch_now) when the last read said to
+        (next_fetch_time), until the tracker shuts down."""
         loop = asyncio.get_event_loop()
-        shutdown = asyncio.ensure_future(loop.run_in_executor(None, self.shutdown_triggered.wait))
-
-        async def get(key: str) -> ValueWithExpiration | None:
-            # a DHT shut down during the read would never answer it
-            read = asyncio.ensure_future(self.dht.get(key, latest=True, return_future=True))
-            await asyncio.wait({read, shutdown}, return_when=asyncio.FIRST_COMPLETED)
-            return None if shutdown.done() else read.result()
-
         while not self.shutdown_triggered.is_set():
             wait = max(0.0, self.global_progress.next_fetch_time - get_dht_time())
             if await loop.run_in_executor(None, self.global_state_updated.wait, wait):
                 self.global_state_updated.clear()
                 continue
             async with enter_asynchronously(self.lock_global_progress):
-                progress = None
-                if self._reads_summary:
-                    progress = self._progress_from_summary(await get(self.summary_key))
-                if progress is None:
-                    progress = self._progress_from_records(await get(self.training_progress_key))
+                progress = await loop.run_in_executor(None, self._read_progress)
                 if self.shutdown_triggered.is_set():
                     break
                 self.global_progress = progress
                 self.fetched_global_progress_this_epoch.set()
+
+    def _read_progress(self) -> GlobalTrainingProgress:
+        """The run's progress from the DHT: the coordinator's summary, or every record (see the
+        class docstring)."""
+        progress = None
+        if self._reads_summary:
+            progress = self._progress_from_summary(self._read_summary())
+        if progress is None:
+            progress = self._progress_from_records(self._get(self.training_progress_key, latest=True))
+        return progress
+
+    def _read_summary(self) -> ValueWithExpiration | None:
+        """The summary's record as of SUMMARY_STALENESS seconds ago or later: the first copy found
+        that fresh, or the latest of all where none is. A read stopped by a fresh entry that is not
+        the coordinator's (anyone may sign one) reads them all again."""
+        fresh = fresh_summary_expiration(get_dht_time())
+        found = self._get(self.summary_key, sufficient_expiration_time=fresh)
+        if found is not None and found.expiration_time >= fresh:
+            entry = self._coordinator_entry(found)
+            if entry is None or entry.expiration_time < fresh:
+                found = self._get(self.summary_key, latest=True)
+        return found
+
+    def _get(self, key: str, **options) -> ValueWithExpiration | None:
+        """The DHT's read of `key` (options: hivemind's DHTNode.get_many_by_id's); None once the
+        tracker shuts down, since a DHT shut down during a read never answers it."""
+        read = self.dht.get(key, return_future=True, **options)
+        concurrent.futures.wait([read, self._shut_down], return_when=concurrent.futures.FIRST_COMPLETED)
+        return read.result() if read.done() else None
 
     def _progress_from_records(self, found: ValueWithExpiration | None) -> GlobalTrainingProgress:
         self.reads["records"] += 1
@@ -324,15 +361,22 @@ class RunProgressTracker(ProgressTracker):
             logger.debug("reading the run's progress from %s (%d peers counted)", source, peers)
         self._reads_summary = reads_summary
 
-    def _trusted_summary(self, found: ValueWithExpiration | None) -> ProgressSummary | None:
+    def _coordinator_entry(self, found: ValueWithExpiration | None) -> ValueWithExpiration | None:
+        """The entry of the summary's record signed by the coordinator (summary_from), if any."""
         entries = found.value if isinstance(found, ValueWithExpiration) and isinstance(found.value, dict) else {}
         for subkey, entry in entries.items():
-            if subkey_signer(subkey) == self.summary_from and isinstance(entry.value, dict):
-                try:
-                    return ProgressSummary.parse_obj(entry.value)
-                except ValidationError:
-                    return None
+            if subkey_signer(subkey) == self.summary_from:
+                return entry
         return None
+
+    def _trusted_summary(self, found: ValueWithExpiration | None) -> ProgressSummary | None:
+        entry = self._coordinator_entry(found)
+        if entry is None or not isinstance(entry.value, dict):
+            return None
+        try:
+            return ProgressSummary.parse_obj(entry.value)
+        except ValidationError:
+            return None
 
     def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
         self._latest_records = metadata

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for benchmarks/
 
-from benchmarks.records import measure  # noqa: E402
+from benchmarks.records import SUMMARY_WATCH, measure  # noqa: E402
 from coordinator.coordinator import POLL_PERIOD  # noqa: E402
 
 PEERS = 64
@@ -30,3 +30,9 @@ def test_the_coordinator_and_its_dashboard_list_sixty_four_peers_and_pace_its_po
     assert period > 1.5 * POLL_PERIOD  # the pace is the download's, not the unpaced period's
     assert figures["polls_watched"] <= figures["watched_s"] / period + 1
     assert figures["summary_lifetime_s"] > figures["poll_wait_s"] + figures["poll_max_s"]
+    # A tracker reads the summary from the DHT only when its own copy is no longer fresh: at most
+    # once per summary stored in the watch, and once more for the first. Each such read costs no
+    # more than a read of the latest, which asks every node near the key.
+    latest, tracker = (figures["summary_downloads"][way] for way in ("latest", "tracker"))
+    from_the_dht = SUMMARY_WATCH / period + 2
+    assert tracker["bytes_a_read"] <= latest["bytes_a_read"] * from_the_dht / tracker["reads"]

@@ -17,6 +17,8 @@ from peer.identity import peer_id_in_multiaddr, peer_id_of
 from peer.progress import (
     RECORD_PERIOD,
     SUMMARY_FROM_PEERS,
+    SUMMARY_LIFETIME,
+    SUMMARY_STALENESS,
     ProgressSummary,
     RecordPeriod,
     RunProgressTracker,
@@ -197,6 +199,62 @@ def test_the_summary_gives_the_progress_that_every_record_gives(two_nodes):
         assert reader._progress_from_summary(forged) is None
     finally:
         reader.shutdown()
+
+
+def test_a_read_of_the_summary_stops_at_a_fresh_copy_unless_only_another_signers_entry_is_fresh():
+    """A peer's read of the summary takes the first copy fresh enough (SUMMARY_STALENESS), here the
+    copy its node cached at its last read, instead of every holder's copy. Anyone may sign an entry
+    of the summary's record: where the copy that stopped the read holds a fresh entry of someone
+    else's and a stale one of the coordinator's, the peer reads every copy again and gets the
+    coordinator's latest."""
+    coordinator_key, impostor_key = RSAPrivateKey(), RSAPrivateKey()
+    signing = RSASignatureValidator(coordinator_key)
+    coordinator = hivemind.DHT(host_maddrs=LOOPBACK, record_validators=[signing], start=True)
+    peers = coordinator.get_visible_maddrs()
+    impostor = hivemind.DHT(
+        initial_peers=peers, host_maddrs=LOOPBACK, record_validators=[RSASignatureValidator(impostor_key)], start=True
+    )
+    # A node that others cannot reach (client mode) stores no record: it holds what it cached of its reads.
+    reading = hivemind.DHT(
+        initial_peers=peers, client_mode=True, record_validators=[RSASignatureValidator()], start=True
+    )
+    reader = tracker(reading, counts_itself=False)
+    reader.read_summaries_from(peer_id_of(coordinator_key.get_public_key()))
+    key = reader.summary_key
+
+    def store(dht: hivemind.DHT, signer: RSAPrivateKey, epoch: int, lasts: float) -> None:
+        record = LocalTrainingProgress(
+            peer_id=b"peer",
+            epoch=epoch,
+            samples_accumulated=0,
+            samples_per_second=1.0,
+            time=get_dht_time(),
+            client_mode=False,
+        )
+        summary = ProgressSummary.of([record], get_dht_time()).dict()
+        subkey = RSASignatureValidator(signer).local_public_key
+        assert dht.store(key, summary, get_dht_time() + lasts, subkey=subkey)
+
+    def coordinators_epoch(found: ValueWithExpiration) -> int:
+        return reader._trusted_summary(found).epoch
+
+    try:
+        # The copy cached holds a stale entry of the coordinator's and a fresh one of someone else's.
+        store(coordinator, coordinator_key, epoch=1, lasts=SUMMARY_LIFETIME - 2 * SUMMARY_STALENESS)
+        store(impostor, impostor_key, epoch=9, lasts=60.0)
+        assert coordinators_epoch(reading.get(key, latest=True)) == 1  # now in the reading node's cache
+        store(coordinator, coordinator_key, epoch=2, lasts=60.0)
+        assert coordinators_epoch(reader._read_summary()) == 2
+
+        # The copy cached holds a fresh entry of the coordinator's.
+        store(coordinator, coordinator_key, epoch=3, lasts=120.0)
+        assert coordinators_epoch(reading.get(key, latest=True)) == 3
+        store(coordinator, coordinator_key, epoch=4, lasts=180.0)
+        assert coordinators_epoch(reader._read_summary()) == 3
+    finally:
+        reader.shutdown()
+        for dht in (reading, impostor, coordinator):
+            dht.shutdown()
 
 
 def test_a_peer_of_a_large_swarm_reads_the_coordinators_summary_and_the_records_once_it_stops(tmp_path):
