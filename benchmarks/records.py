@@ -356,6 +356,7 @@ def measure(folder: Path, peers: int, watch: float = WATCH, poll_mbit: float = C
             downloads.append(state["poll_download_bytes"])
             time.sleep(1.0)
         last, watched = coordinator.state(), time.monotonic() - watch_began
+        exported = coordinator.metrics()  # what Prometheus scrapes
         listed = sum(row["status"] == "online" for row in last["peers"])
         page = dashboard_figures(coordinator.url, peers, watch)
     finally:
@@ -384,6 +385,7 @@ def measure(folder: Path, peers: int, watch: float = WATCH, poll_mbit: float = C
         polls_watched=last["polls"] - first["polls"],
         watched_s=watched,
         poll_wait_s=last["poll_wait_seconds"],
+        poll_wait_exported_s=exported["starling_coordinator_poll_wait_seconds"][0].value,
         listed_online=listed,
         **page,
     )

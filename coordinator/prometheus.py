@@ -60,6 +60,21 @@ class SwarmCollector:
                 "Seconds the coordinator's latest read of the swarm's records took",
                 value=state["poll_seconds"],
             )
+            yield GaugeMetricFamily(
+                "starling_coordinator_poll_wait_seconds",
+                "Seconds the coordinator waits after its latest read before the next: 1, or more to keep "
+                "its reads within coordinator.poll_mbit",
+                value=state["poll_wait_seconds"],
+            )
+        if state["poll_download_bytes"] is not None:
+            yield GaugeMetricFamily(
+                "starling_coordinator_poll_download_bytes",
+                "Bytes the coordinator's DHT node received during its latest read of the swarm's records",
+                value=state["poll_download_bytes"],
+            )
+        yield CounterMetricFamily(
+            "starling_coordinator_polls", "Reads of the swarm's records so far", value=state["polls"]
+        )
         if state["loss"] is not None:
             yield GaugeMetricFamily("starling_loss", "Training loss, weighted by the peers' speed", value=state["loss"])
         if state["checkpoint"] is not None:

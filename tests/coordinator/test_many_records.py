@@ -30,6 +30,7 @@ def test_the_coordinator_and_its_dashboard_list_sixty_four_peers_and_pace_its_po
     assert period > 1.5 * POLL_PERIOD  # the pace is the download's, not the unpaced period's
     assert figures["polls_watched"] <= figures["watched_s"] / period + 1
     assert figures["summary_lifetime_s"] > figures["poll_wait_s"] + figures["poll_max_s"]
+    assert figures["poll_wait_exported_s"] > 1.5 * POLL_PERIOD  # Prometheus shows the pace too
     # A tracker reads the summary from the DHT only when its own copy is no longer fresh: at most
     # once per summary stored in the watch, and once more for the first. Each such read costs no
     # more than a read of the latest, which asks every node near the key.
