@@ -295,12 +295,14 @@ def test_a_lone_peer_whose_epoch_step_finds_the_run_far_ahead_loads_its_state():
     run = RunConfig.from_dict({"run_id": "far-ahead", "model": {"preset": "tiny"}})
     with two_peers(run) as (models, optimizers):
         lone, ahead = optimizers
-        # The lone peer's view of the run, a refresh period old: itself alone, at its epoch 2.
-        lone.tracker.shutdown()  # no background read replaces that view (nor its record the other's)
+        # The lone peer's view of the run, from a read before the other's record: itself alone, at
+        # its epoch 2. Its tracker's next background read is then an hour away.
+        lone.tracker.min_refresh_period = lone.tracker.max_refresh_period = 3600.0
         lone.state_averager.local_epoch = 2
         with lone.tracker.pause_updates():
             lone.tracker.update_epoch(new_epoch=2)
-        stale = dataclasses.replace(lone.tracker.global_progress, epoch=2, num_peers=1)
+        wait_until(lone.tracker.fetched_global_progress_this_epoch.is_set, 30, "the lone peer's read")
+        assert (lone.tracker.global_progress.num_peers, lone.tracker.global_epoch) == (1, 2)
 
         ahead.state_averager.local_epoch = ahead.state_averager.state_sharing_priority = 10
         with torch.no_grad():
@@ -312,12 +314,13 @@ def test_a_lone_peer_whose_epoch_step_finds_the_run_far_ahead_loads_its_state():
         prefix = ahead.state_averager.prefix
         wait_until(lambda: ahead.state_averager.peer_id in state_offers(lone.dht, prefix), 30, "the state offer")
 
-        def the_run_seen_at_epoch_10() -> bool:
-            lone.tracker.fetch_now()
-            return lone.tracker.global_epoch == 10
+        def the_record_of_epoch_10() -> bool:
+            found = lone.dht.get(lone.tracker.training_progress_key, latest=True)
+            entries = found.value.values() if found is not None and isinstance(found.value, dict) else ()
+            return any(isinstance(entry.value, dict) and entry.value.get("epoch") == 10 for entry in entries)
 
-        wait_until(the_run_seen_at_epoch_10, 30, "the other peer's progress record")
-        lone.tracker.global_progress = stale
+        wait_until(the_record_of_epoch_10, 30, "the other peer's progress record")
+        assert lone.tracker.global_progress.num_peers == 1  # its view is still that of its last read
 
         lone._update_global_epoch(None)  # as hivemind's step takes it once the lone peer has its batch
 
