@@ -10,6 +10,25 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from coordinator.swarm import KINDS, ROUND_OUTCOMES
 
 TOP_CONTRIBUTORS = 10  # per-contributor series beyond these are summed into name="other"
+OPTIONAL_GAUGES = (  # (name, help, key of the state): exported once the state has a value
+    ("starling_loss", "Training loss, weighted by the peers' speed", "loss"),
+    (
+        "starling_coordinator_poll_seconds",
+        "Seconds the coordinator's latest read of the swarm's records took",
+        "poll_seconds",
+    ),
+    (
+        "starling_coordinator_poll_wait_seconds",
+        "Seconds the coordinator waits after its latest read before the next: 1, or more to keep its reads "
+        "within coordinator.poll_mbit",
+        "poll_wait_seconds",
+    ),
+    (
+        "starling_coordinator_poll_download_bytes",
+        "Bytes the coordinator's DHT node received during its latest read of the swarm's records",
+        "poll_download_bytes",
+    ),
+)
 
 
 class SwarmCollector:
@@ -54,29 +73,12 @@ class SwarmCollector:
             value=state["samples_this_epoch"],
         )
         yield GaugeMetricFamily("starling_target_batch_size", "Samples per epoch", value=state["target_batch_size"])
-        if state["poll_seconds"] is not None:
-            yield GaugeMetricFamily(
-                "starling_coordinator_poll_seconds",
-                "Seconds the coordinator's latest read of the swarm's records took",
-                value=state["poll_seconds"],
-            )
-            yield GaugeMetricFamily(
-                "starling_coordinator_poll_wait_seconds",
-                "Seconds the coordinator waits after its latest read before the next: 1, or more to keep "
-                "its reads within coordinator.poll_mbit",
-                value=state["poll_wait_seconds"],
-            )
-        if state["poll_download_bytes"] is not None:
-            yield GaugeMetricFamily(
-                "starling_coordinator_poll_download_bytes",
-                "Bytes the coordinator's DHT node received during its latest read of the swarm's records",
-                value=state["poll_download_bytes"],
-            )
+        for name, documentation, key in OPTIONAL_GAUGES:
+            if state[key] is not None:
+                yield GaugeMetricFamily(name, documentation, value=state[key])
         yield CounterMetricFamily(
             "starling_coordinator_polls", "Reads of the swarm's records so far", value=state["polls"]
         )
-        if state["loss"] is not None:
-            yield GaugeMetricFamily("starling_loss", "Training loss, weighted by the peers' speed", value=state["loss"])
         if state["checkpoint"] is not None:
             yield GaugeMetricFamily(
                 "starling_checkpoint_epoch", "Epoch of the latest checkpoint", value=state["checkpoint"]["epoch"]
