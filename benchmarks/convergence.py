@@ -5,12 +5,15 @@
     python benchmarks/convergence.py --preset tiny --target-batch 16 --epochs 3 --matchmaking-time 2   # a quick check
     python benchmarks/convergence.py --compressions adaptive-8bit --diloco-rounds 6   # DiLoCo beside batch mode
     python benchmarks/convergence.py --compressions adaptive-8bit --diloco-rounds 6 12 --overlap off on
+    python benchmarks/convergence.py --peers 4 --compressions adaptive-8bit --group-key-bits 0 1   # Moshpit
 
 Configurations, each a fresh run with the same run settings for --epochs epochs, so the same
 number of optimizer steps on the same global batch (--target-batch samples per step):
 (a) one process: a single peer with micro-batch N x --batch-size and N x --threads threads,
     alone in its swarm (no averaging);
-(b) N Starling peers, one run per gradient codec (run config [averaging] compression);
+(b) N Starling peers, one run per gradient codec (run config [averaging] compression) and number
+    of matchmaking key bits (--group-key-bits, [averaging] group_key_bits: Moshpit averaging in
+    groups under 2^bits keys, peers changing key after each round);
 (c) with --diloco-rounds R: N peers in DiLoCo mode, R outer rounds of the same samples in all
     (--epochs x --target-batch / R per round), inner steps of --inner-batch samples on each peer
     at the same lr, with the warm-up scaled to rounds; one swarm per number of rounds, outer lr
@@ -19,14 +22,16 @@ A swarm's epoch can hold more samples than the target: peers go on computing unt
 that the swarm reached it. So the table and the curves count the samples actually contributed.
 
 Data: the bundled plays but the last --held-out ones train; the held-out loss is the mean token
-loss of peer 0's final parameters on the first --eval-sequences sequences of the held-out plays
+loss of peer 0's final parameters (the spread is how far the other peers' final parameters are
+from peer 0's, the largest relative L2 distance) on the first --eval-sequences sequences of the held-out plays
 (every peer steps on the same averaged gradient, up to the codec's error on the parts others
 reduced, and state is averaged every --average-state-every epochs, so peers agree closely). The
 curves are the training loss of each epoch (mean over that epoch's micro-batches of all peers)
 against the samples contributed before it, with the held-out loss as a star at the end.
 Prints a table and writes benchmarks/results/convergence-<device>.json and
 benchmarks/results/convergence.png (convergence-<device>-diloco.json and convergence-diloco.png
-with --diloco-rounds; needs matplotlib: pip install -e '.[bench]').
+with --diloco-rounds, convergence-<device>-group-keys.json and convergence-group-keys.png with
+--group-key-bits other than 0; needs matplotlib: pip install -e '.[bench]').
 """
 
 from __future__ import annotations
@@ -57,7 +62,13 @@ from benchmarks.swarm_runs import (  # noqa: E402
 )
 from model import CausalLM  # noqa: E402
 from model.data import bundled_corpus_files, load_corpus  # noqa: E402
-from peer.run_config import COMPRESSIONS, PSEUDO_GRADIENT_COMPRESSIONS, DilocoSection, RunConfig  # noqa: E402
+from peer.run_config import (  # noqa: E402
+    COMPRESSIONS,
+    PSEUDO_GRADIENT_COMPRESSIONS,
+    AveragingSection,
+    DilocoSection,
+    RunConfig,
+)
 
 EVAL_BATCH = 16  # sequences per forward pass of the held-out evaluation
 
@@ -110,6 +121,12 @@ def held_out_loss(run: RunConfig, sequences: torch.Tensor, params: dict[str, tor
     with torch.no_grad():
         total = sum(model(chunk, labels=chunk).loss.item() * len(chunk) for chunk in sequences.split(EVAL_BATCH))
     return total / len(sequences)
+
+
+def distance(params: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> float:
+    """Relative L2 distance of `other` from `params`, over all parameters."""
+    difference = sum(float((other[name] - value).square().sum()) for name, value in params.items())
+    return (difference / sum(float(value.square().sum()) for value in params.values())) ** 0.5
 
 
 def loss_curve(peers: list[dict]) -> list[dict]:
@@ -195,6 +212,13 @@ def main() -> None:
         choices=PSEUDO_GRADIENT_COMPRESSIONS,
         help="the pseudo-gradients' codec in DiLoCo mode",
     )
+    parser.add_argument(
+        "--group-key-bits",
+        type=int,
+        nargs="+",
+        default=[AveragingSection.group_key_bits],
+        help="batch-mode swarms of each codec under 2^bits matchmaking keys (Moshpit averaging)",
+    )
     parser.add_argument("--held-out", type=int, default=2, help="bundled plays kept out of training")
     parser.add_argument("--eval-sequences", type=int, default=128, help="held-out sequences the loss is measured on")
     args = parser.parse_args()
@@ -218,7 +242,12 @@ def main() -> None:
         timeout=args.timeout,
     )
     plans = [("one process", replace(settings, compression="none"), solo)] + [
-        (f"{args.peers} peers, {codec}", replace(settings, compression=codec), swarm) for codec in args.compressions
+        (
+            f"{args.peers} peers, {codec}" + (f", {2**bits} matchmaking keys" if bits else ""),
+            replace(settings, compression=codec, group_key_bits=bits),
+            swarm,
+        )
+        for codec, bits in product(args.compressions, args.group_key_bits)
     ]
     outers = product(args.outer_lrs, args.outer_momentums)
     for rounds, (outer_lr, outer_momentum), overlap in product(args.diloco_rounds, outers, args.overlap):
@@ -248,7 +277,9 @@ def main() -> None:
     for index, ((name, plan, options), run_toml) in enumerate(zip(plans, run_tomls)):
         result = run_swarm(folder / f"run-{index}", run_toml, options, max_epochs=plan.total_epochs)
         peers = result["peers"]
-        params = load_file(folder / f"run-{index}" / "peer-0" / "params.safetensors")
+        params, *others = (
+            load_file(folder / f"run-{index}" / f"peer-{peer}" / "params.safetensors") for peer in range(options.peers)
+        )
         configs.append(
             dict(
                 name=name,
@@ -261,7 +292,9 @@ def main() -> None:
                 micro_batch=options.batch_size,
                 samples=sum(peer["samples_contributed"] for peer in peers),
                 epochs=min(peer["epoch"] for peer in peers),
+                group_key_bits=plan.group_key_bits,
                 held_out_loss=held_out_loss(run, sequences, params),
+                spread=max((distance(params, other) for other in others), default=0.0),
                 training_s=max(peer["training_ended"] for peer in peers)
                 - min(peer["training_started"] for peer in peers),
                 rounds_succeeded=sum(peer["rounds_succeeded"] for peer in peers),
@@ -272,7 +305,7 @@ def main() -> None:
         print(f"{name}: held-out loss {configs[-1]['held_out_loss']:.4f}", flush=True)
 
     device = torch.device(args.device).type
-    suffix = "-diloco" if args.diloco_rounds else ""
+    suffix = "-diloco" if args.diloco_rounds else "-group-keys" if any(args.group_key_bits) else ""
     path = write_json(
         f"convergence-{device}{suffix}.json",
         dict(
@@ -281,6 +314,7 @@ def main() -> None:
             epochs=args.epochs,
             warmup_epochs=args.warmup_epochs,
             diloco_rounds=args.diloco_rounds,
+            group_key_bits=args.group_key_bits,
             inner_batch=args.inner_batch,
             held_out_plays=[p.name for p in sorted(test.iterdir())],
             eval_sequences=len(sequences),
@@ -298,14 +332,15 @@ def main() -> None:
     print(f"initial held-out loss {initial:.4f} on {len(sequences)} sequences")
     print(
         "| configuration | samples | epochs | held-out loss | vs one process | last epoch's training loss | "
-        "training s | rounds ok/failed |"
+        "spread | training s | rounds ok/failed |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for config in configs:
         last = config["curve"][-1]["train_loss"] if config["curve"] else float("nan")
         print(
             f"| {config['name']} | {config['samples']} | {config['epochs']} | {config['held_out_loss']:.4f} | "
-            f"{config['held_out_loss'] - baseline:+.4f} | {last:.4f} | {config['training_s']:.1f} | "
+            f"{config['held_out_loss'] - baseline:+.4f} | {last:.4f} | {config['spread']:.2e} | "
+            f"{config['training_s']:.1f} | "
             f"{config['rounds_succeeded']}/{config['rounds_failed']} |"
         )
     print(f"written to {path} and {RESULTS / f'convergence{suffix}.png'}")

@@ -19,6 +19,11 @@ progress tracker does. Measured for each N:
 - what a peer's node (one that others cannot reach, so that it receives only its reads) downloads
   a read of the summary, reading every SUMMARY_READ_PERIOD s for SUMMARY_WATCH s: hivemind's read
   of the latest, then a peer's tracker's (the first fresh copy);
+- what a peer's node downloads a read of the gradient averagers' matchmaking key while every peer
+  looks for a group (each declared, as hivemind's matchmaking declares it): hivemind reads it every
+  LEADER_QUEUE_PERIOD s (peer.hivemind_fixes) for the matchmaking time, and each holder of the key
+  sends its whole copy for each read: the median past the first read (which also connects to the
+  key's holders);
 - the coordinator's poll (its API's poll_seconds: both reads, its view of the swarm and the
   progress summary's store), median and max over WATCH seconds, how many peers its API lists
   online, and how often it polled (coordinator.poll_mbit paces its polls);
@@ -64,9 +69,10 @@ from benchmarks.swarm_runs import RunSettings  # noqa: E402
 from coordinator.harness import LOOPBACK_MADDR, CoordinatorProcess, headless_chromium, stop_all, wait_until  # noqa: E402
 from coordinator.swarm import received_bytes  # noqa: E402
 from peer import metrics  # noqa: E402
+from peer.hivemind_fixes import LEADER_QUEUE_PERIOD  # noqa: E402
 from peer.identity import peer_id_in_multiaddr  # noqa: E402
 from peer.progress import ProgressSummary, RunProgressTracker, summary_key  # noqa: E402
-from peer.run_config import CoordinatorSection, RunConfig  # noqa: E402
+from peer.run_config import AveragingSection, CoordinatorSection, RunConfig  # noqa: E402
 from peer.version import VERSION  # noqa: E402
 
 RESTORE_PERIOD = 15.0  # seconds between two stores of every record (peers store theirs every 2-15 s)
@@ -174,6 +180,21 @@ class RecordWriter:
             partial(_store_records, keys=keys, subkeys=subkeys, values=values, expiration=expiration)
         )
 
+    def declare_looking(self, group_key: str) -> int:
+        """Declare every peer as looking for a group under `group_key` until the matchmaking time
+        from now, as hivemind's matchmaking declares a peer (its id, True); returns how many were stored."""
+        peer_ids = [peer_id_bytes(index) for index in range(len(self.owners))]
+        expiration = get_dht_time() + AveragingSection.matchmaking_time
+        return self.dht.run_coroutine(
+            partial(
+                _store_records,
+                keys=[group_key] * len(peer_ids),
+                subkeys=peer_ids,
+                values=[True] * len(peer_ids),
+                expiration=expiration,
+            )
+        )
+
     def _keep_storing(self) -> None:
         while not self._stop.wait(RESTORE_PERIOD):
             self.store()
@@ -231,6 +252,29 @@ def summary_downloads(dht: hivemind.DHT, coordinator_id: str, training_key: str)
     finally:
         tracker.shutdown()
     return downloads
+
+
+def matchmaking_downloads(writer: RecordWriter, dht: hivemind.DHT, group_key: str) -> dict[str, float]:
+    """What a peer's node downloads a read of the matchmaking key while every peer of the writer is
+    declared under it, reading it as hivemind's matchmaking does (latest=True, every
+    LEADER_QUEUE_PERIOD s for the matchmaking time): reads, entries found (the fewest), and bytes
+    received by the first read (it also connects to the key's holders) and by the others (median)."""
+    if (declared := writer.declare_looking(group_key)) < len(writer.owners):
+        raise RuntimeError(f"declared {declared} of the {len(writer.owners)} peers looking for a group")
+    entries, downloads = [], []
+    ends = time.monotonic() + AveragingSection.matchmaking_time - 1.0  # the declarations last its matchmaking time
+    while time.monotonic() < ends:
+        began = received_bytes(dht)
+        found = dht.get(group_key, latest=True)
+        downloads.append(received_bytes(dht) - began)
+        entries.append(len(found.value) if found is not None and isinstance(found.value, dict) else 0)
+        time.sleep(LEADER_QUEUE_PERIOD)
+    return dict(
+        reads=len(downloads),
+        entries=min(entries),
+        first_read_bytes=downloads[0],
+        bytes_a_read=statistics.median(downloads[1:]),
+    )
 
 
 def read_seconds(dht: hivemind.DHT, key: str, peers: int) -> list[float]:
@@ -349,6 +393,7 @@ def measure(folder: Path, peers: int, watch: float = WATCH, poll_mbit: float = C
             start=True,
         )
         summary_read = summary_downloads(summary_reader, peer_id_in_multiaddr(coordinator.address), training_key)
+        matchmaking_read = matchmaking_downloads(writer, summary_reader, f"{training_key}_grad_averager.0b")
         polls, downloads, watch_began, first = [], [], time.monotonic(), coordinator.state()
         while time.monotonic() < watch_began + watch:
             state = coordinator.state()
@@ -378,6 +423,7 @@ def measure(folder: Path, peers: int, watch: float = WATCH, poll_mbit: float = C
         summary_read_max_s=max(summary_reads),
         summary_lifetime_s=summary.expiration_time - summary.value["time"],
         summary_downloads=summary_read,
+        matchmaking_download=matchmaking_read,
         poll_s=statistics.median(polls),
         poll_max_s=max(polls),
         poll_download_bytes=statistics.median(downloads),
@@ -405,6 +451,9 @@ COLUMNS = {  # the table's columns: header, then the cell of a row
     "a peer's read of the summary s (max)": lambda row: seconds(row, "summary_read"),
     "a summary read's download B: latest, tracker's": lambda row: ", ".join(
         f"{row['summary_downloads'][way]['bytes_a_read']:,.0f}" for way in ("latest", "tracker")
+    ),
+    "a matchmaking read's download KB (entries)": lambda row: (  # the median, past the first
+        f"{row['matchmaking_download']['bytes_a_read'] / 1000:.1f} ({row['matchmaking_download']['entries']})"
     ),
     "coordinator poll s (max)": lambda row: seconds(row, "poll"),
     "a poll's download KB (copies)": lambda row: (

@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py                                # 2, 4, 8, 16, 32 and 64 peers
     python benchmarks/scale.py --peers-list 4 --epochs 4      # a quick check
+    python benchmarks/scale.py --peers-list 16 --group-key-bits 0 1   # one matchmaking key, then two
     python benchmarks/scale.py --plot                         # redraw the plot from the saved runs
 
 For each swarm size, a coordinator (`starling-coordinator`) and a fleet of tiny-model harness peers
@@ -28,8 +29,9 @@ event streams and summaries and the coordinator's API:
   round), and to its first state load.
 
 Prints a table and writes benchmarks/results/scale-cpu-<sizes>.json (scale-cpu-2-4-8-16.json for
---peers-list 2 4 8 16), then plots every saved run's figures against the swarm size into
-benchmarks/results/scale.png (needs matplotlib: pip install -e '.[bench]').
+--peers-list 2 4 8 16; scale-cpu-<sizes>-keys.json with --group-key-bits other than 0), then plots
+every saved run's figures against the swarm size into benchmarks/results/scale.png (needs
+matplotlib: pip install -e '.[bench]').
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from itertools import pairwise
+from itertools import pairwise, product
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/
@@ -134,6 +136,7 @@ def run_scale(
     peers: int,
     epochs: int,
     target_group_size: int | None = None,
+    group_key_bits: int = 0,
     newcomer: bool = True,
     timeout: float = 3600.0,
 ) -> dict:
@@ -145,6 +148,7 @@ def run_scale(
         model_overrides=MODEL,
         target_batch_size=2 * peers * BATCH_SIZE,
         target_group_size=target_group_size,
+        group_key_bits=group_key_bits,
     )
     run_toml = settings.write(folder / "run.toml", run_id=f"scale-{peers}")
     coordinator = CoordinatorProcess(folder / "coordinator", run_toml).start()
@@ -197,6 +201,7 @@ def run_scale(
     return dict(
         peers=peers,
         target_group_size=target_group_size,
+        group_key_bits=group_key_bits,
         launched=launched,
         released=released,
         summaries=summaries,
@@ -232,6 +237,7 @@ def scale_row(result: dict) -> dict:
     return dict(
         peers=result["peers"],
         target_group_size=result["target_group_size"],
+        group_key_bits=result["group_key_bits"],
         rounds=len(outcomes),
         succeeded=outcomes.count("succeeded") / len(outcomes) if outcomes else None,
         partial=outcomes.count("partial") / len(outcomes) if outcomes else None,
@@ -272,6 +278,7 @@ def show(value: float | None, digits: int = 2) -> str:
 COLUMNS = {  # the table's columns: header, then the cell of a row
     "peers": lambda row: str(row["peers"]),
     "target group": lambda row: str(row["target_group_size"] or "all"),
+    "matchmaking keys": lambda row: str(2 ** row.get("group_key_bits", 0)),
     "rounds": lambda row: str(row["rounds"]),
     "averaged every part": lambda row: show(row["succeeded"], 3),
     "in one group of all": lambda row: show(row["whole_swarm"]),
@@ -304,8 +311,13 @@ PLOTTED = {  # the plot's panels: title, then the figure of a row
 }
 
 
+def grouping(row: dict) -> tuple[int | None, int]:
+    """A row's group settings: its target group size and matchmaking key bits (0 in runs before them)."""
+    return row["target_group_size"], row.get("group_key_bits", 0)
+
+
 def plot(path: Path) -> None:
-    """Every saved run's figures against the swarm size, one line per run and target group size."""
+    """Every saved run's figures against the swarm size, one line per run and group settings."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -314,9 +326,10 @@ def plot(path: Path) -> None:
     figure, panels = pyplot.subplots(2, 2, figsize=(10, 7))
     for saved in sorted(RESULTS.glob("scale-cpu-*.json")):
         rows = json.loads(saved.read_text(encoding="utf-8"))["rows"]
-        for target in dict.fromkeys(row["target_group_size"] for row in rows):
-            chosen = sorted((row for row in rows if row["target_group_size"] == target), key=lambda row: row["peers"])
+        for target, bits in dict.fromkeys(grouping(row) for row in rows):
+            chosen = sorted((row for row in rows if grouping(row) == (target, bits)), key=lambda row: row["peers"])
             label = f"{saved.stem.removeprefix('scale-cpu-')} peers, groups of {target or 'all'}"
+            label += f", {2**bits} keys" if bits else ""
             for axes, key in zip(panels.flat, PLOTTED.values()):
                 axes.plot([row["peers"] for row in chosen], [row[key] for row in chosen], marker="o", label=label)
     for axes, title in zip(panels.flat, PLOTTED):
@@ -343,6 +356,13 @@ def main() -> None:
         default=[0],
         help="averaging.target_group_size values to measure each swarm size with (0: unset, one group of all)",
     )
+    parser.add_argument(
+        "--group-key-bits",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="averaging.group_key_bits values to measure each swarm size with (2^bits matchmaking keys)",
+    )
     parser.add_argument("--plot", action="store_true", help="only redraw results/scale.png from the saved runs")
     args = parser.parse_args()
     if args.plot:
@@ -357,16 +377,16 @@ def main() -> None:
         need = (peers + 1) * PEER_MEMORY
         if need > available_memory():
             sys.exit(f"{peers} peers need about {need / 2**30:.1f} GiB; {available_memory() / 2**30:.1f} GiB available")
-        for target in [size or None for size in args.target_group_sizes]:
-            name = f"{peers}-peers" + (f"-groups-of-{target}" if target else "")
+        for target, bits in product([size or None for size in args.target_group_sizes], args.group_key_bits):
+            name = f"{peers}-peers" + (f"-groups-of-{target}" if target else "") + (f"-keys-{2**bits}" if bits else "")
             try:
-                result = run_scale(folder / name, peers, args.epochs, target, timeout=args.timeout)
+                result = run_scale(folder / name, peers, args.epochs, target, bits, timeout=args.timeout)
             except HarnessError as error:
                 sys.exit(f"the swarm of {name} failed: {error}")
             rows.append(scale_row(result))
             print(rows[-1], flush=True)
     path = write_json(
-        f"scale-cpu-{'-'.join(map(str, args.peers_list))}.json",
+        f"scale-cpu-{'-'.join(map(str, args.peers_list))}{'-keys' if any(args.group_key_bits) else ''}.json",
         dict(preset="tiny", epochs=args.epochs, batch_size=BATCH_SIZE, command=" ".join(sys.argv[1:]), rows=rows),
     )
     print_table(rows)

@@ -44,6 +44,7 @@ total_epochs = {total_epochs}
 matchmaking_time = {matchmaking_time}
 compression = "{compression}"
 average_state_every = {average_state_every}
+group_key_bits = {group_key_bits}
 {group_line}
 {diloco_section}[coordinator]
 poll_mbit = {poll_mbit}
@@ -74,6 +75,7 @@ class RunSettings:
     compression: str = "adaptive-8bit"
     average_state_every: int = AveragingSection.average_state_every
     target_group_size: int | None = AveragingSection.target_group_size
+    group_key_bits: int = AveragingSection.group_key_bits
     data: str | None = None  # a text file or folder; None: the bundled corpus
     mode: str = "batch"  # or "diloco", with the [diloco] settings below
     samples_per_round: int = DilocoSection.samples_per_round

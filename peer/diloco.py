@@ -323,7 +323,7 @@ def make_diloco_optimizer(
         grad_averager_factory=partial(
             PseudoGradientAverager,
             aggregation=averaging.aggregation,
-            **averaging.matchmaking_options(),
+            **averaging.matchmaking_options(dht.peer_id.to_bytes()),
             error_feedback=error_feedback,
             keep_round_end=overlap,
             faults=faults,

@@ -333,7 +333,7 @@ def make_collaborative_optimizer(
         grad_averager_factory=partial(
             CountingGradientAverager,
             aggregation=averaging.aggregation,
-            **averaging.matchmaking_options(),
+            **averaging.matchmaking_options(dht.peer_id.to_bytes()),
             faults=faults,
         ),
         **swarm_options(dht, run, batch_size_per_step, auxiliary, verbose),
@@ -353,7 +353,7 @@ def swarm_options(
         averaging_timeout=averaging.averaging_timeout,
         next_chunk_timeout=averaging.part_timeout,
         average_state_every=averaging.average_state_every,
-        averager_opts=averaging.matchmaking_options(),  # the state averager's
+        averager_opts=averaging.matchmaking_options(dht.peer_id.to_bytes()),  # the state averager's
         state_averaging_compression=state_compression(),
         load_state_compression=state_compression(),
         # hivemind.Optimizer replaces any non-None client_mode with the DHT's own.

@@ -129,6 +129,13 @@ class AveragingSection:
     # Peers a group holds at most: a leader starts the round once it has this many. None: one group
     # of every peer whose matchmaking overlaps (hivemind's default). See benchmarks/README.md (Scale).
     target_group_size: int | None = None
+    # Moshpit averaging: peers look for groups under 2^group_key_bits matchmaking keys, and each
+    # member of a group moves to another key after its round, so that rounds still mix every
+    # peer's values. Each peer looking for a group reads its key's list of peers twice a second:
+    # each node holding a key of N peers uploads 2 N (53 N + 1,400) bytes a second, a 20 Mbit/s
+    # link at 141 peers a key. 0: one key, every round an exact average of the peers that met.
+    # See benchmarks/README.md (Scale).
+    group_key_bits: int = 0
 
     @property
     def request_timeout(self) -> float:
@@ -137,10 +144,22 @@ class AveragingSection:
         half the matchmaking time when that is shorter."""
         return min(3.0, self.matchmaking_time / 2)
 
-    def matchmaking_options(self) -> dict[str, Any]:
-        """hivemind's matchmaking settings, the same for every averager of the peer (gradients or
-        pseudo-gradients, and state)."""
-        return dict(request_timeout=self.request_timeout, target_group_size=self.target_group_size)
+    def initial_group_bits(self, peer_id: bytes) -> str:
+        """The bits of the first matchmaking key of the peer with this id: from the id's hash, so
+        that peers spread evenly over the keys."""
+        if self.group_key_bits == 0:
+            return ""
+        index = int.from_bytes(hashlib.sha256(peer_id).digest()[:4], "big") % 2**self.group_key_bits
+        return format(index, f"0{self.group_key_bits}b")
+
+    def matchmaking_options(self, peer_id: bytes) -> dict[str, Any]:
+        """hivemind's matchmaking settings of the peer with this id (its DHT's `peer_id.to_bytes()`),
+        the same for every averager of the peer (gradients or pseudo-gradients, and state)."""
+        return dict(
+            request_timeout=self.request_timeout,
+            target_group_size=self.target_group_size,
+            initial_group_bits=self.initial_group_bits(peer_id),
+        )
 
 
 @dataclass
@@ -323,6 +342,7 @@ class RunConfig:
                 self.averaging.target_group_size is None or self.averaging.target_group_size >= 2,
                 "at least 2",
             ),
+            ("averaging.group_key_bits", 0 <= self.averaging.group_key_bits <= 16, "in [0, 16]"),
             ("coordinator.checkpoint_every", self.coordinator.checkpoint_every >= 1, "at least 1"),
             ("coordinator.keep_checkpoints", self.coordinator.keep_checkpoints >= 1, "at least 1"),
             ("coordinator.poll_mbit", self.coordinator.poll_mbit > 0, "positive"),

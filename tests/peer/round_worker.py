@@ -1,18 +1,21 @@
 """One averager of the round tests in test_hivemind_fixes.py: averages tensors filled with its index
-once with the other averagers, and writes how the round went.
+with the other averagers (once, or a given number of rounds), and writes how the rounds went.
 
 Run as a process: round_worker.py INITIAL_PEER INDEX PEERS OUT_FILE SPEC_JSON GO, where the spec may give
 client_mode (this averager takes no part as a reducer, as a volunteer behind a NAT),
 scheduled_in (seconds from its start at which its round is scheduled, as hivemind.Optimizer
 schedules a round for the epoch's expected end; by default the matchmaking time),
 trigger_delay (seconds it waits, once its group is found, before it lets the all-reduce begin: a
-peer still finishing its micro-batch), faults (the fields of a peer.faults.FaultPlan: its averager's
+peer still finishing its micro-batch), rounds (how many it averages, each ROUND_INTERVAL after the
+one before; 1 by default), identity (a hivemind identity file for its DHT node), group_key_bits
+(the run config's), faults (the fields of a peer.faults.FaultPlan: its averager's
 slow_group_assembly and slow_reading are the ones that act here), codec (a run config's
 averaging.compression; "none" by default), target_group_size (the run config's) and random
 (tensors of normal values seeded by the index in place of the index). Once up it waits at its start line
 (coordinator.harness.wait_at_start_line, in the folder of OUT_FILE) until the test releases all PEERS
-averagers by creating GO, then looks for a group, and leaves right after its round.
-OUT_FILE gets a JSON object: outcome, fraction, group (size), means (of each tensor afterwards),
+averagers by creating GO, then looks for a group, and leaves right after its last round.
+OUT_FILE gets a JSON object: outcome, fraction, group (size) of its last round, rounds (of each: outcome,
+key (its matchmaking key's bits) and group (the members' peer ids)), peer_id, means (of each tensor afterwards),
 digest (SHA-256 of the values afterwards), error (their relative L2 distance from the exact mean of
 all PEERS averagers' tensors), problems (the failed reducers), dht_requests (those its DHT node
 sent, by kind, as harness peers count them).
@@ -37,6 +40,7 @@ from peer.run_config import AveragingSection
 
 MATCHMAKING_TIME = 2.0  # the tests' (tests/conftest.py)
 STEP_TIMEOUT = 15.0  # the tests' averaging timeout
+ROUND_INTERVAL = 3 * MATCHMAKING_TIME  # seconds between the scheduled times of two rounds
 SIZES = (2_048_000, 64, 8192)  # the tiny model's embedding (several parts) and two small tensors
 
 
@@ -51,10 +55,20 @@ def main() -> None:
     initial_peer, index, peers, out_file, spec_json, go = sys.argv[1:]
     index, peers, spec = int(index), int(peers), json.loads(spec_json)
     # every other setting as shipped
-    averaging = AveragingSection(matchmaking_time=MATCHMAKING_TIME, target_group_size=spec.get("target_group_size"))
+    averaging = AveragingSection(
+        matchmaking_time=MATCHMAKING_TIME,
+        target_group_size=spec.get("target_group_size"),
+        group_key_bits=spec.get("group_key_bits", 0),
+    )
     client_mode = spec.get("client_mode", False)
     dht_requests = count_dht_requests()
-    dht = hivemind.DHT(initial_peers=[initial_peer], host_maddrs=[LOOPBACK_MADDR], client_mode=client_mode, start=True)
+    dht = hivemind.DHT(
+        initial_peers=[initial_peer],
+        host_maddrs=[LOOPBACK_MADDR],
+        client_mode=client_mode,
+        identity_path=spec.get("identity"),
+        start=True,
+    )
     random = spec.get("random", False)
     averager = AggregatingAverager(
         local_tensors(index, random),
@@ -62,7 +76,7 @@ def main() -> None:
         compression=codec_named(spec.get("codec", "none"), averaging.compression_threshold),
         prefix="round",
         min_matchmaking_time=averaging.matchmaking_time,
-        **averaging.matchmaking_options(),
+        **averaging.matchmaking_options(dht.peer_id.to_bytes()),
         next_chunk_timeout=averaging.part_timeout,
         allreduce_timeout=STEP_TIMEOUT,
         client_mode=client_mode,
@@ -70,18 +84,26 @@ def main() -> None:
         start=True,
     )
     wait_at_start_line(Path(out_file).parent, Path(go))
-    scheduled_time = get_dht_time() + spec.get("scheduled_in", MATCHMAKING_TIME)
-    control = averager.step(wait=False, scheduled_time=scheduled_time, timeout=STEP_TIMEOUT, require_trigger=True)
-    while control.stage.name in ("IDLE", "LOOKING_FOR_GROUP") and not control.done():
-        time.sleep(0.01)
-    time.sleep(spec.get("trigger_delay", 0.0))
-    control.allow_allreduce()
-    try:
-        control.result()
-    except Exception:  # round_outcome says how the round ended
-        pass
-    outcome, fraction = round_outcome(control)
-    succeeded_at_all = outcome is not RoundOutcome.FAILED
+    released = get_dht_time()
+    rounds = []
+    for number in range(spec.get("rounds", 1)):
+        key = averager.get_group_bits()
+        # The first round at its scheduled time, each later one ROUND_INTERVAL after the one before,
+        # counted from the release: every averager looks for its next group at the same time.
+        scheduled_time = released + spec.get("scheduled_in", MATCHMAKING_TIME) + number * ROUND_INTERVAL
+        control = averager.step(wait=False, scheduled_time=scheduled_time, timeout=STEP_TIMEOUT, require_trigger=True)
+        while control.stage.name in ("IDLE", "LOOKING_FOR_GROUP") and not control.done():
+            time.sleep(0.01)
+        time.sleep(spec.get("trigger_delay", 0.0))
+        control.allow_allreduce()
+        try:
+            control.result()
+        except Exception:  # round_outcome says how the round ended
+            pass
+        outcome, fraction = round_outcome(control)
+        succeeded_at_all = outcome is not RoundOutcome.FAILED
+        members = sorted(map(str, control.result())) if succeeded_at_all else []
+        rounds.append(dict(outcome=outcome.value, key=key, group=members))
     with averager.get_tensors() as tensors:
         values = torch.cat([tensor.flatten() for tensor in tensors])
         means = [float(tensor.mean()) for tensor in tensors]
@@ -90,6 +112,8 @@ def main() -> None:
         outcome=outcome.value,
         fraction=fraction,
         group=len(control.result()) if succeeded_at_all else 0,
+        rounds=rounds,
+        peer_id=str(dht.peer_id),
         means=means,
         digest=hashlib.sha256(values.numpy().tobytes()).hexdigest(),
         error=float((values - exact).norm() / exact.norm()),

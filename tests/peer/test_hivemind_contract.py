@@ -191,6 +191,18 @@ CONTRACT = [
     ),
     Reliance("hivemind.averaging.key_manager.GroupKeyManager", "peer/hivemind_fixes.py", attrs=("current_key",)),
     Reliance("hivemind.utils.timed_storage.MAX_DHT_TIME_DISCREPANCY_SECONDS", "peer/hivemind_fixes.py"),
+    # Moshpit averaging (averaging.group_key_bits): the run config gives each averager its first
+    # key's bits, and hivemind moves each member of an assembled group to the key of its index.
+    Reliance(AVERAGER, "peer/run_config.py", params=("initial_group_bits", "target_group_size")),
+    Reliance(
+        "hivemind.averaging.key_manager.GroupKeyManager.update_key_on_group_assembled",
+        "peer/run_config.py",
+        called_from=(
+            "hivemind.averaging.matchmaking.Matchmaking.leader_assemble_group",
+            "hivemind.averaging.matchmaking.Matchmaking.follower_assemble_group",
+        ),
+        source_has=("self.group_bits = (self.group_bits + new_bits)",),
+    ),
     # The harness peer counts the requests its DHT node sends (coordinator/harness_peer.py).
     *(
         Reliance(f"hivemind.dht.protocol.DHTProtocol.{name}", "coordinator/harness_peer.py")

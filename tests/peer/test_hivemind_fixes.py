@@ -22,6 +22,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging import averager as averager_module
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.partition import AllreduceException
+from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter
 from hivemind.utils.mpfuture import MPFuture
@@ -31,6 +32,7 @@ import peer.averager  # noqa: F401  (applies peer.hivemind_fixes, as every avera
 from coordinator.harness import LOOPBACK_MADDR, PeerProcess, bootstrap_node, exit_statuses, release
 from peer import hivemind_fixes
 from peer.faults import FaultPlan
+from peer.identity import load_or_create_identity, peer_id_of
 from peer.run_config import AveragingSection
 
 ROUND_WORKER = Path(__file__).with_name("round_worker.py")
@@ -128,6 +130,41 @@ def test_averaging_groups_hold_at_most_the_target_group_size(tmp_path):
     assert all(result["outcome"] == "succeeded" and result["group"] == 2 for result in results), results
     low, low_too, high, high_too = sorted(result["means"][0] for result in results)
     assert max(abs(low - low_too), abs(high - high_too), abs(low + high - 3.0)) < 1e-3, results
+
+
+def identities_split_over_keys(folder: Path, averaging: AveragingSection, per_key: int) -> list[Path]:
+    """Identity files of `per_key` peers for each of the run's matchmaking keys (new keys until each
+    key has its share: a peer's id picks its first key)."""
+    folder.mkdir()
+    by_key: dict[str, list[Path]] = {
+        format(key, f"0{averaging.group_key_bits}b"): [] for key in range(2**averaging.group_key_bits)
+    }
+    while any(len(paths) < per_key for paths in by_key.values()):
+        path = folder / f"{len(list(folder.iterdir()))}.key"
+        peer_id = PeerID.from_base58(peer_id_of(load_or_create_identity(path).get_public_key()))
+        by_key[averaging.initial_group_bits(peer_id.to_bytes())].append(path)
+    return [path for paths in by_key.values() for path in paths[:per_key]]
+
+
+def test_averagers_under_two_matchmaking_keys_mix_every_value_in_two_rounds(tmp_path):
+    """Moshpit averaging (averaging.group_key_bits = 1): four averagers, two under each matchmaking
+    key (their ids pick it), average in pairs within their key; after the round the two members of
+    a pair move to different keys, so the second round pairs averagers of different first pairs, and
+    every averager ends with the mean of all four. With one key, the first round is a group of all."""
+    averaging = AveragingSection(group_key_bits=1)
+    identities = identities_split_over_keys(tmp_path / "identities", averaging, per_key=2)
+    spec = dict(group_key_bits=averaging.group_key_bits, rounds=2)
+    results = average_once(tmp_path, [dict(spec, identity=str(path)) for path in identities])
+    key_of = {result["peer_id"]: [one["key"] for one in result["rounds"]] for result in results}
+    for result in results:
+        first, second = result["rounds"]
+        assert first["outcome"] == second["outcome"] == "succeeded", results
+        assert len(first["group"]) == len(second["group"]) == 2, results
+        initial = averaging.initial_group_bits(PeerID.from_base58(result["peer_id"]).to_bytes())
+        assert {key_of[member][0] for member in first["group"]} == {initial}, results
+        assert {key_of[member][1] for member in first["group"]} == {"0", "1"}, results
+        assert set(first["group"]) & set(second["group"]) == {result["peer_id"]}, results
+        assert all(abs(value - 1.5) < 1e-3 for value in result["means"]), results
 
 
 def test_a_follower_waits_for_a_leader_slow_to_assemble_the_group(tmp_path):

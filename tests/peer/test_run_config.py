@@ -52,6 +52,7 @@ lr = 1
         ("[training]\ntarget_batch_size = true\n", "training.target_batch_size must be int"),
         ("[training]\noptimizer = 'sgdm'\n", "training.optimizer must be one of"),
         ("[averaging]\ncompression = 'zip'\n", "averaging.compression must be one of"),
+        ("[averaging]\ngroup_key_bits = 20\n", "averaging.group_key_bits must be in [0, 16]"),
         (
             "[averaging]\naveraging_timeout = 20\npart_timeout = 30\n",
             "averaging.part_timeout must be positive and at most",

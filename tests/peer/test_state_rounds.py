@@ -157,6 +157,21 @@ def test_a_state_round_brings_the_peers_optimizer_statistics_together(mode):
                     torch.testing.assert_close(state[key], torch.full_like(state[key], mean))
 
 
+@pytest.mark.parametrize("mode", ["batch", "diloco"])
+def test_every_averager_of_a_peer_starts_under_the_matchmaking_key_its_id_picks(mode):
+    """A run of Moshpit averaging (averaging.group_key_bits = 3): the gradient (or pseudo-gradient)
+    averager and the state averager of each peer look for groups under the key its id picks, one of
+    eight, as the round test of test_hivemind_fixes.py expects of every peer."""
+    run = RunConfig.from_dict(
+        {"run_id": "keys", "model": {"preset": "tiny"}, "training": {"mode": mode}, "averaging": {"group_key_bits": 3}}
+    )
+    with two_peers(run) as (_, optimizers):
+        for opt in optimizers:
+            expected = run.averaging.initial_group_bits(opt.dht.peer_id.to_bytes())
+            assert len(expected) == 3
+            assert opt.grad_averager.get_group_bits() == opt.state_averager.get_group_bits() == expected
+
+
 @pytest.fixture
 def diloco_pair():
     """Two peers of a DiLoCo-mode run (tiny model, shipped settings) as (run, models, optimizers),
