@@ -328,7 +328,7 @@ def plot(path: Path) -> None:
         rows = json.loads(saved.read_text(encoding="utf-8"))["rows"]
         for target, bits in dict.fromkeys(grouping(row) for row in rows):
             chosen = sorted((row for row in rows if grouping(row) == (target, bits)), key=lambda row: row["peers"])
-            label = f"{saved.stem.removeprefix('scale-cpu-')} peers, groups of {target or 'all'}"
+            label = f"{saved.stem.removeprefix('scale-cpu-').removesuffix('-keys')} peers, groups of {target or 'all'}"
             label += f", {2**bits} keys" if bits else ""
             for axes, key in zip(panels.flat, PLOTTED.values()):
                 axes.plot([row["peers"] for row in chosen], [row[key] for row in chosen], marker="o", label=label)
