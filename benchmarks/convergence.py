@@ -53,6 +53,7 @@ from benchmarks.measure import RESULTS, write_json  # noqa: E402
 from benchmarks.swarm_runs import (  # noqa: E402
     RunSettings,
     SwarmOptions,
+    add_group_key_bits_argument,
     add_overlap_argument,
     add_swarm_arguments,
     run_settings,
@@ -65,7 +66,6 @@ from model.data import bundled_corpus_files, load_corpus  # noqa: E402
 from peer.run_config import (  # noqa: E402
     COMPRESSIONS,
     PSEUDO_GRADIENT_COMPRESSIONS,
-    AveragingSection,
     DilocoSection,
     RunConfig,
 )
@@ -212,13 +212,7 @@ def main() -> None:
         choices=PSEUDO_GRADIENT_COMPRESSIONS,
         help="the pseudo-gradients' codec in DiLoCo mode",
     )
-    parser.add_argument(
-        "--group-key-bits",
-        type=int,
-        nargs="+",
-        default=[AveragingSection.group_key_bits],
-        help="batch-mode swarms of each codec under 2^bits matchmaking keys (Moshpit averaging)",
-    )
+    add_group_key_bits_argument(parser, "batch-mode swarms of each codec")
     parser.add_argument("--held-out", type=int, default=2, help="bundled plays kept out of training")
     parser.add_argument("--eval-sequences", type=int, default=128, help="held-out sequences the loss is measured on")
     args = parser.parse_args()

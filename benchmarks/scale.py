@@ -50,7 +50,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not benchmarks/
 
 from benchmarks.measure import RESULTS, write_json  # noqa: E402
-from benchmarks.swarm_runs import RunSettings  # noqa: E402
+from benchmarks.swarm_runs import RunSettings, add_group_key_bits_argument  # noqa: E402
 from coordinator.harness import (  # noqa: E402
     LOOPBACK_MADDR,
     CoordinatorProcess,
@@ -356,13 +356,7 @@ def main() -> None:
         default=[0],
         help="averaging.target_group_size values to measure each swarm size with (0: unset, one group of all)",
     )
-    parser.add_argument(
-        "--group-key-bits",
-        type=int,
-        nargs="+",
-        default=[0],
-        help="averaging.group_key_bits values to measure each swarm size with (2^bits matchmaking keys)",
-    )
+    add_group_key_bits_argument(parser, "each swarm size")
     parser.add_argument("--plot", action="store_true", help="only redraw results/scale.png from the saved runs")
     args = parser.parse_args()
     if args.plot:

@@ -151,6 +151,18 @@ def add_overlap_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_group_key_bits_argument(parser: argparse.ArgumentParser, swarms: str) -> None:
+    """--group-key-bits: the averaging.group_key_bits values (2^bits matchmaking keys, Moshpit
+    averaging) that `swarms` (what the benchmark runs once per value) are measured with."""
+    parser.add_argument(
+        "--group-key-bits",
+        type=int,
+        nargs="+",
+        default=[AveragingSection.group_key_bits],
+        help=f"{swarms} under 2^bits matchmaking keys (averaging.group_key_bits, Moshpit averaging)",
+    )
+
+
 def swarm_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The values of the shared options (add_swarm_arguments), as each benchmark's results record them."""
     shared = argparse.ArgumentParser(add_help=False)
