@@ -194,6 +194,17 @@ CONTRACT = [
     # Moshpit averaging (averaging.group_key_bits): the run config gives each averager its first
     # key's bits, and hivemind moves each member of an assembled group to the key of its index.
     Reliance(AVERAGER, "peer/run_config.py", params=("initial_group_bits", "target_group_size")),
+    # benchmarks/records.py declares peers under the gradient averagers' first key as it is named.
+    Reliance(
+        "hivemind.optim.optimizer.Optimizer._make_gradient_averager",
+        "benchmarks/records.py",
+        source_has=('prefix=f"{self.run_id}_grad_averager"',),
+    ),
+    Reliance(
+        "hivemind.averaging.key_manager.GroupKeyManager.current_key",
+        "benchmarks/records.py",
+        source_has=('f"{self.prefix}.0b{self.group_bits}"',),
+    ),
     Reliance(
         "hivemind.averaging.key_manager.GroupKeyManager.update_key_on_group_assembled",
         "peer/run_config.py",
