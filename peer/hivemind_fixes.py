@@ -39,7 +39,9 @@ state) carries the pipe end that its reply goes back through, passed as a file d
 sender's process hands over when the request is read. An averager that stops right after sending
 one (every peer's averagers do, as the peer stops) is gone by then: reading the request fails,
 and the DHT process logs a traceback and sleeps three seconds before it reads the next one, so a
-stopping peer waited about 3 s per such request. Fixed by dropping a request whose sender is gone
+stopping peer waited about 3 s per such request. When the sender was still exiting as the DHT
+process reached it, the handover broke off in its handshake (EOFError) and ended the DHT process,
+whose libp2p daemon then outlived its peer. Fixed by dropping a request whose sender is gone
 (nobody is left to answer) and reading on; a broken request pipe is still hivemind's to handle.
 The DHT process's event loop watches that pipe, which leaves it non-blocking: a request longer than
 the pipe's buffer (64 KiB: a store of a large value, or of many records at once) arrives in several
@@ -190,8 +192,10 @@ class _RequestPipe:
             os.set_blocking(descriptor, was_blocking)
         try:
             return ForkingPickler.loads(message)
-        except OSError as error:  # the sender's process, which hands over the reply pipe, has exited
-            _logger.debug("dropped a DHT request from a process that has exited (%s)", error)
+        # The sender's process, which hands over the reply pipe, has exited (OSError), or was
+        # exiting as the handover began (EOFError, in the handshake with its resource sharer).
+        except (OSError, EOFError) as error:
+            _logger.debug("dropped a DHT request from a process that has exited (%r)", error)
             return "_drop_request", [], {}
 
 

@@ -2,6 +2,7 @@
 peer.averager), each checked against the behaviour it fixes."""
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -9,11 +10,14 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import weakref
+from multiprocessing import connection, resource_sharer
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import hivemind
@@ -388,6 +392,52 @@ def test_the_dht_reads_on_after_a_request_from_a_process_that_has_exited():
         assert dht.get("left", return_future=True).result(timeout=30) is None  # answered; the lost store dropped
     finally:
         dht.shutdown()
+
+
+class _ReplyPipeOfAnExitingSender:
+    """Pickles as the reply pipe of a request, handed over by a process whose resource sharer (the
+    listener at `address`) hangs up during the handshake, as an exiting process's does."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def __reduce__(self):
+        handover = resource_sharer.DupFd.__new__(resource_sharer.DupFd)
+        handover._id = (self.address, 0)
+        return connection.rebuild_connection, (handover, True, True)
+
+
+def test_the_dht_reads_on_after_a_request_whose_sender_exits_while_handing_over_its_reply_pipe(tmp_path):
+    """A request whose sender was still exiting when the DHT process asked it for the reply pipe:
+    the handover ends in its handshake (EOFError). That ended the DHT process at a peer's stop, and
+    its libp2p daemon outlived the peer (the churn test's "left processes behind"); the request is
+    dropped and the next one answered."""
+    address = str(tmp_path / "resource-sharer")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(address)
+    listener.listen(1)
+
+    def hang_up() -> None:
+        peer, _ = listener.accept()
+        with peer:
+            peer.settimeout(5)
+            with contextlib.suppress(TimeoutError):
+                peer.recv(4096)  # the handshake's first message, if the DHT process sends first
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    dht = hivemind.DHT(host_maddrs=[LOOPBACK_MADDR], start=True)
+    try:
+        dht._outer_pipe.send_bytes(
+            ForkingPickler.dumps(("store", [], dict(reply=_ReplyPipeOfAnExitingSender(address))))
+        )
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert dht.get("anything", return_future=True).result(timeout=30) is None
+        assert dht.is_alive()
+    finally:
+        dht.shutdown()
+        listener.close()
 
 
 def test_the_dht_reads_requests_many_times_longer_than_its_pipe_buffer():
