@@ -439,6 +439,12 @@ class StateRoundsAverager(AggregatingAverager):
     with a group. It sits below TrainingStateAverager, whose rounds start through
     DecentralizedAverager.step (pre-scheduled or not): that is the step wrapped here."""
 
+    off_swarm = False  # set by the peer while its parameters are off the swarm's (after a partial round)
+    # Epochs this peer counts without their state: it took its group's epoch number from a gradient
+    # round while its parameters stayed of an older epoch, until it takes a state (a load, or a state
+    # round that gives it the group's). Set and cleared by the peer's own process.
+    epochs_without_state = 0
+
     def __init__(self, *args, **kwargs) -> None:
         self._state_rounds: list = []  # StepControls, oldest first; appended from hivemind's background thread
         # The latest group epoch whose state this peer took in a round (it was behind), not yet
@@ -446,26 +452,42 @@ class StateRoundsAverager(AggregatingAverager):
         self._group_epoch_taken = multiprocessing.get_context("fork").Value(ctypes.c_int64, -1)
         super().__init__(*args, aggregation="mean", **kwargs)
 
-    def step(self, *args, wait: bool = True, **kwargs):
-        control = super().step(*args, wait=False, **kwargs)
+    def step(self, *args, wait: bool = True, gather: object = None, **kwargs):
+        """DecentralizedAverager's step. Where hivemind's state averager gathers its epoch, this
+        gathers the rank of the state it brings (StateRank): the epoch its parameters are of, which
+        is older than its count after it took a group's epoch number without their state, and
+        whether they are the swarm's. A member that claimed the epoch it counts had its older or
+        off-swarm parameters averaged in with full weight: the group's peers then ended apart from
+        the swarm's others (in DiLoCo mode by half an outer step)."""
+        if isinstance(gather, int):
+            gather = list(StateRank(gather - self.epochs_without_state, not self.off_swarm))
+        control = super().step(*args, wait=False, gather=gather, **kwargs)
         self._state_rounds.append(control)
         return control.result() if wait else control
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs) -> GatheredRound:
-        """A member whose epoch is behind the latest of the group's members that hold state takes
-        part with weight 0: it receives their state instead of pulling theirs back toward its older
-        one. hivemind's state rounds match peers of any epoch, and in DiLoCo mode an epoch is a
-        whole outer step (a slow peer's round once left the others 0.018 apart)."""
-        epochs = state_epochs(group_info, self.serializer)
-        own, group_epoch = epochs.get(self.peer_id), max(epochs.values(), default=None)
-        behind = own is not None and own < group_epoch
+        """A member whose state ranks below the best of its group's members that hold state (of an
+        older epoch, or off the swarm's parameters) takes part with weight 0: it receives their state
+        instead of pulling theirs toward its own. hivemind's state rounds match peers of any epoch,
+        and in DiLoCo mode an epoch is a whole outer step (a slow peer's round once left the others
+        0.018 apart). Members of equal rank average, so that a group all off the swarm's parameters
+        comes back together."""
+        ranks = state_ranks(group_info, self.serializer)
+        own, best = ranks.get(self.peer_id), max(ranks.values(), default=None)
+        behind = own is not None and own < best
         if behind:
-            logger.info("state round: this peer's epoch %d is behind its group's %d: taking theirs", own, group_epoch)
+            logger.info(
+                "state round: this peer's state (epoch %d, %s the swarm's) ranks below its group's (epoch %d): "
+                "taking theirs",
+                own.epoch,
+                "on" if own.on_swarm else "off",
+                best.epoch,
+            )
             kwargs["weight"] = 0.0
         gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
         if behind and gathered.averaged_fraction >= 1.0:  # a partial round left it neither epoch's state
             with self._group_epoch_taken.get_lock():
-                self._group_epoch_taken.value = max(self._group_epoch_taken.value, group_epoch)
+                self._group_epoch_taken.value = max(self._group_epoch_taken.value, best.epoch)
         return gathered
 
     def take_group_epoch(self) -> int | None:
@@ -487,16 +509,32 @@ class StateRoundsAverager(AggregatingAverager):
         return settled
 
 
-def state_epochs(group_info: GroupInfo, serializer) -> dict[PeerID, int]:
-    """The epoch each member of a state round that holds state (not an auxiliary peer) gathered:
-    TrainingStateAverager gathers the epoch its parameters will have when the round averages."""
-    epochs = {}
+class StateRank(NamedTuple):
+    """What a member of a state round gathers about the state it brings: the epoch its parameters
+    are of, and whether they are the swarm's. Compared as a tuple: a later epoch ranks higher, and
+    within an epoch the swarm's parameters rank above those of a peer off them."""
+
+    epoch: int
+    on_swarm: bool
+
+
+def state_ranks(group_info: GroupInfo, serializer) -> dict[PeerID, StateRank]:
+    """The rank each member of a state round that holds state (not an auxiliary peer) gathered
+    (StateRoundsAverager.step): for the epoch, TrainingStateAverager's, that of its parameters when
+    the round averages."""
+    ranks = {}
     for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered):
         _, mode, user_data = serializer.loads(gathered)  # as DecentralizedAverager packs it in matchmaking
-        epoch = serializer.loads(user_data)
-        if AveragingMode(mode) != AveragingMode.AUX and isinstance(epoch, int):
-            epochs[peer_id] = epoch
-    return epochs
+        rank = serializer.loads(user_data)
+        if (
+            AveragingMode(mode) != AveragingMode.AUX
+            and isinstance(rank, list)
+            and len(rank) == 2
+            and isinstance(rank[0], int)
+            and isinstance(rank[1], bool)
+        ):
+            ranks[peer_id] = StateRank(*rank)
+    return ranks
 
 
 def round_outcome(control) -> tuple[RoundOutcome, float]:

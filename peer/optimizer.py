@@ -216,7 +216,7 @@ class CollaborativeOptimizer(hivemind.Optimizer):
 
     def _take_epoch(self, epoch: int) -> None:
         logger.info("the group of the last round was at epoch %d: taking it", epoch)
-        self.state_averager.local_epoch = epoch
+        self.state_averager.take_epoch_without_state(epoch)
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> RunProgressTracker:
         return RunProgressTracker(

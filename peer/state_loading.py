@@ -173,8 +173,6 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
     """hivemind's TrainingStateAverager taking only state that fits its own: as many tensors, of the
     same shapes, finite, and optimizer metadata of the same layout."""
 
-    off_swarm = False  # set by the peer while its parameters are off the swarm's (after a partial round)
-
     def __init__(self, *args, **kwargs) -> None:
         # hivemind counts an epoch before its background thread runs that epoch's optimizer step: a
         # state read in between would pair the new epoch with the old parameters (a checkpoint one
@@ -203,6 +201,20 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
                 self._epochs_unstepped += 1
             increment_epoch = False
         return super().step(*args, increment_epoch=increment_epoch, optimizer_step=optimizer_step, **kwargs)
+
+    def schedule_step(self, *args, gather: object = None, **kwargs):
+        """The state round of this peer's next epoch step, gathering the epoch its parameters will be
+        of then. hivemind's optimizer passes the later of that and the run's epoch: a peer behind the
+        run claimed an epoch it did not hold, and its group averaged its older parameters in."""
+        return super().schedule_step(*args, gather=self.local_epoch + 1, **kwargs)
+
+    def take_epoch_without_state(self, epoch: int) -> None:
+        """Count `epoch`, later than this peer's, as its own while its parameters stay of the older
+        epoch (its group's gradient round was ahead): its state rounds still gather the older one,
+        so that a group takes its state with weight 0 and gives it theirs."""
+        with self._epoch_count:
+            self.epochs_without_state += epoch - self.local_epoch
+            self.local_epoch = epoch
 
     def _settle_state_rounds(self, step_kwargs: dict) -> bool:
         """Apply the state rounds that the coming step would apply before its optimizer step (waiting
@@ -248,6 +260,8 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
         parameters: that epoch is now its own. Keeping the older one left the parameters a step
         ahead of their epoch (a peer stopping then saved epoch N + 1's parameters as epoch N's)."""
         epoch = self.take_group_epoch()
+        if epoch is not None:
+            self.epochs_without_state = 0  # its parameters are the group's now
         if epoch is None or epoch <= self.local_epoch:
             return
         logger.info("took epoch %d's state from a state averaging round (was at epoch %d)", epoch, self.local_epoch)
@@ -258,11 +272,14 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
 
     def get_current_state(self):
         """The state hivemind shares with loading peers and the coordinator, labelled with the epoch
-        its parameters are of; read while no optimizer step runs."""
+        its parameters are of; copied while no optimizer step runs. hivemind hands the averager's
+        process the live tensors, which it streams for as long as the download takes: a step of
+        this peer meanwhile sent a loader some tensors of one epoch and some of the next."""
         with self.lock_optimizer:
             with self._epoch_count:
                 epoch = self.local_epoch - self._epochs_unstepped
             metadata, tensors, infos = super().get_current_state()
+            tensors = [tensor.detach().clone() for tensor in tensors]
         return {**metadata, "epoch": epoch}, tensors, infos
 
     @property
@@ -289,7 +306,10 @@ class CheckedStateAverager(DonorCheckingAverager, TrainingStateAverager, StateRo
         older than min_epoch or this peer's epoch (hivemind would discard it after downloading it)."""
         self.limit_next_load(min_donor_priority, min_epoch=max(min_epoch, self.local_epoch))
         averaged = self._averaged_statistics()
+        received = self.states_received
         loaded = super().load_state_from_peers(wait=wait, timeout=timeout)
+        if self.states_received > received:
+            self.epochs_without_state = 0
         with torch.no_grad(), self.lock_averaged_tensors:
             for (param, key), tensor in averaged.items():
                 state = self.optimizer.state[param]

@@ -13,6 +13,7 @@ difference over lr, and the largest of these.
 
 import torch
 
+from peer.averager import RoundOutcome
 from peer.run_config import RunConfig
 
 
@@ -25,6 +26,20 @@ def assert_parameters_agree(params: list[dict[str, torch.Tensor]], run: RunConfi
     """Every peer's parameters equal to the first's (`context`: for the failure message)."""
     gaps = [parameter_gap(params[0], other, run.training.lr) for other in params[1:]]
     assert max(gaps) == 0.0, f"parameter gaps {gaps} (in steps of lr); {context}"
+
+
+def epochs_on_swarm(peer) -> set[int]:
+    """The epochs a harness peer entered on the swarm's parameters, from its epoch events: every
+    round of its step into the epoch averaged every value with its group, and none before had left
+    it off the swarm's. Its snapshot of any other epoch may hold parameters of its own."""
+    return {
+        event["epoch"]
+        for event in peer.events()
+        if event["event"] == "epoch"
+        and event["rounds"]
+        and all(outcome == RoundOutcome.SUCCEEDED.value for outcome in event["rounds"])
+        and not event["off_swarm"]
+    }
 
 
 def mode_settings(mode: str, samples_per_epoch: int) -> dict:

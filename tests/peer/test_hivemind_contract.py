@@ -240,13 +240,20 @@ CONTRACT = [
     Reliance(
         "hivemind.averaging.group_info.GroupInfo", "peer/averager.py", params=("group_id", "peer_ids", "gathered")
     ),
-    # peer.averager.state_epochs reads each member's gathered data as DecentralizedAverager.step packs it.
+    # peer.averager.state_ranks reads each member's gathered data as DecentralizedAverager.step packs it.
     Reliance(
         f"{AVERAGER}.step",
         "peer/averager.py",
         source_has=("self.serializer.dumps([self.bandwidth, self.mode.value, user_data_for_gather])",),
     ),
     Reliance(STATE_AVERAGER + "._do", "peer/averager.py", source_has=("gather=self.local_epoch",)),
+    # CheckedStateAverager.schedule_step replaces the epoch hivemind's optimizer pre-schedules a state round with.
+    Reliance(
+        STATE_AVERAGER + ".schedule_step",
+        "peer/state_loading.py",
+        params=("scheduled_time",),
+        called_from=("hivemind.Optimizer._maybe_schedule_state_averaging",),
+    ),
     Reliance(
         f"{GRAD_AVERAGER}.step",
         "peer/averager.py, peer/diloco.py",

@@ -92,6 +92,71 @@ def test_a_peer_behind_its_groups_epoch_takes_their_state_without_pulling_it_bac
     assert (ahead.group_states_taken, behind.group_states_taken) == (0, 1)
 
 
+def test_a_peer_that_took_its_groups_epoch_without_their_state_takes_theirs_and_gives_none(two_averagers):
+    """A peer whose gradient round found its group an epoch ahead counts their epoch from then on,
+    while its parameters stay of the older one. Its next state round gives it the group's state
+    and takes none of its own: both end with the state of the one ahead, not with the mean of two
+    epochs' parameters (in DiLoCo mode an outer step apart)."""
+    ahead, behind = two_averagers
+    ahead.local_epoch, behind.local_epoch = 5, 4
+    behind.take_epoch_without_state(5)
+    average_state_together(two_averagers)
+    for averager in two_averagers:
+        assert averager.main_parameters[0].tolist() == [1.0] * 1000  # ahead's, exactly
+        assert settled(averager, timeout=ROUND_TIMEOUT) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
+        assert averager.local_epoch == 5
+    assert behind.epochs_without_state == 0  # its parameters are the group's now
+
+
+@pytest.mark.parametrize("off_swarm", [(True, False), (True, True)], ids=["one-off", "both-off"])
+def test_a_peer_off_the_swarms_parameters_takes_its_groups_state_and_gives_none(two_averagers, off_swarm):
+    """A peer whose last round was partial or failed is off the swarm's parameters: in a state round
+    with a peer of its epoch that is not, it takes theirs and gives none of its own. Two peers both
+    off it average, and so come back together."""
+    for averager, off in zip(two_averagers, off_swarm):
+        averager.local_epoch, averager.off_swarm = 5, off
+    average_state_together(two_averagers)
+    expected = 2.0 if all(off_swarm) else 3.0  # the mean, or the on-swarm peer's (the second's), exactly
+    for averager in two_averagers:
+        assert averager.main_parameters[0].tolist() == [expected] * 1000
+        assert settled(averager, timeout=ROUND_TIMEOUT) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
+        assert averager.local_epoch == 5
+
+
+def test_a_pre_scheduled_state_round_gathers_the_epoch_the_peer_will_hold_not_the_runs(two_averagers):
+    """hivemind's optimizer pre-schedules the state round of a peer's next epoch step with the later
+    of that epoch and the run's. A peer two epochs behind the run (3 against 5, the run at 6 once the
+    one ahead steps) must not claim 6: it takes the state of the one ahead and gives none of its own."""
+    ahead, behind = two_averagers
+    ahead.local_epoch, behind.local_epoch = 5, 3
+    controls = [averager.schedule_step(gather=6, timeout=ROUND_TIMEOUT) for averager in two_averagers]
+    rounds = [
+        threading.Thread(target=averager.step, kwargs=dict(averaging_round=True, averaging_control=control))
+        for averager, control in zip(two_averagers, controls)
+    ]
+    for thread in rounds:
+        thread.start()
+    for thread in rounds:
+        thread.join()
+    for averager in two_averagers:
+        assert settled(averager, timeout=ROUND_TIMEOUT) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
+        assert averager.main_parameters[0].tolist() == [1.0] * 1000  # ahead's, exactly
+    assert (ahead.group_states_taken, behind.group_states_taken) == (0, 1)
+
+
+def test_the_state_a_donor_hands_over_does_not_change_with_its_next_step(two_averagers):
+    """The averager's process streams a donor's state to a loading peer for as long as the download
+    takes, while the donor trains on: what it hands over is a copy, not the live parameters and
+    statistics (a joiner whose download overlapped the donor's step got some tensors of each epoch)."""
+    donor = two_averagers[0]
+    _, tensors, _ = donor.get_current_state()
+    with torch.no_grad():  # the donor's next optimizer step, in place
+        for group in donor.optimizer.param_groups:
+            for param in group["params"]:
+                param.add_(1.0)
+    assert tensors[0].tolist() == [1.0] * 1000
+
+
 @contextlib.contextmanager
 def two_peers(run: RunConfig) -> Iterator[tuple[list[CausalLM], list]]:
     """The collaborative optimizers of two peers of `run` (on two DHTs of one swarm) over copies of

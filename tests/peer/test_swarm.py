@@ -4,7 +4,7 @@ import signal
 
 import pytest
 import torch
-from swarm_checks import mode_settings
+from swarm_checks import epochs_on_swarm, mode_settings
 
 from coordinator.harness import wait_until
 from peer.faults import FaultPlan
@@ -16,9 +16,10 @@ def test_heterogeneous_client_and_auxiliary_peers_all_take_part(
 ):
     run_toml = write_run_config(tmp_path, **mode_settings(mode, 48))
     epochs = 4
-    # The trainers train on until all three have reached one same epoch from `epochs` on: a peer
-    # that missed a round (the slow one, when the others fill a round before it reads their
-    # progress) catches up by loading the state of those that did not, who must still be there.
+    # The trainers train on until all three have entered one same epoch from `epochs` on, each on the
+    # swarm's parameters (swarm_checks.epochs_on_swarm): a peer that missed a round (the slow one,
+    # when the others fill a round before it reads their progress) catches up by loading the state
+    # of those that did not, who must still be there.
     trainer_options = dict(duration=600, snapshots=True, hold=True)
     peers = {
         "fast": start_peer("fast", run_toml, batch_size=8, **trainer_options),
@@ -31,10 +32,10 @@ def test_heterogeneous_client_and_auxiliary_peers_all_take_part(
         lambda: sorted(
             epoch
             for epoch in range(epochs, min(p.logged_epoch() for p in peers.values()) + 1)
-            if all(p.snapshot_path(epoch).exists() for p in peers.values())
+            if all(epoch in epochs_on_swarm(p) and p.snapshot_path(epoch).exists() for p in peers.values())
         ),
         300,
-        f"the trainers to reach one epoch from {epochs} on",
+        f"the trainers to enter one epoch from {epochs} on on the swarm's parameters",
         alive=list(peers.values()),
     )[0]
     everyone = {**peers, "helper": helper}
@@ -71,9 +72,10 @@ def test_late_joiner_loads_state_and_trains_to_the_same_epoch(
 ):
     """A peer that joins two others at their epoch 2 loads their state (in DiLoCo mode: the outer
     parameters and momentum), trains with them to its last epoch and ends with the parameters they
-    had in that epoch. The state it loads on joining is exactly the parameters one of them had in
-    that state's epoch. (A joiner still catching up when the others leave has no one to catch up
-    with: they train on until it is done.)"""
+    had in that epoch (or, where its round into that epoch fell short, agrees with them at the latest
+    epoch it entered on the swarm's parameters). The state it loads on joining is exactly the
+    parameters one of them had in that state's epoch. (A joiner still catching up when the others
+    leave has no one to catch up with: they train on until it is done.)"""
     run_toml = write_run_config(tmp_path, **mode_settings(mode, 64))
     epochs = 8
     early = [start_peer(f"early{i}", run_toml, duration=600, snapshots=True, hold=True) for i in range(2)]
@@ -100,12 +102,14 @@ def test_late_joiner_loads_state_and_trains_to_the_same_epoch(
     donors = [peer.snapshot(joined) for peer in early if peer.snapshot_path(joined).exists()]
     assert any(all(torch.equal(loaded[key], value) for key, value in donor.items()) for donor in donors)
     assert late_summary["samples_contributed"] > 0 and late_summary["rounds_succeeded"] >= 1
-    # State is averaged every epoch: the peers are within about one Adam step (lr 1e-3) of each other,
-    # from the codec's error on each one's share of the averaged gradient (or pseudo-gradient).
-    late_params = late.params()
-    # (A peer that entered that epoch by loading state has no snapshot of it.)
-    snapshots = [peer.snapshot(last) for peer in early if peer.snapshot_path(last).exists()]
-    assert snapshots
+    # Peers that entered an epoch on the swarm's parameters are within about one Adam step (lr 1e-3)
+    # of each other there, from the codec's error on each one's share of the averaged gradient (or
+    # pseudo-gradient): the joiner and each of the others, at the latest such epoch of the joiner's
+    # (its last, unless the round into it fell short).
+    on_swarm = [epochs_on_swarm(peer) for peer in early]
+    epoch = max(epoch for epoch in epochs_on_swarm(late) if epoch > joined and any(epoch in e for e in on_swarm))
+    late_params = late.params() if epoch == last else late.snapshot(epoch)
+    snapshots = [peer.snapshot(epoch) for peer, epochs in zip(early, on_swarm) if epoch in epochs]
     for snapshot in snapshots:
         for key, value in snapshot.items():
             torch.testing.assert_close(late_params[key], value, atol=5e-3, rtol=0)
