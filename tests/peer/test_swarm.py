@@ -107,7 +107,9 @@ def test_late_joiner_loads_state_and_trains_to_the_same_epoch(
     # pseudo-gradient): the joiner and each of the others, at the latest such epoch of the joiner's
     # (its last, unless the round into it fell short).
     on_swarm = [epochs_on_swarm(peer) for peer in early]
-    epoch = max(epoch for epoch in epochs_on_swarm(late) if epoch > joined and any(epoch in e for e in on_swarm))
+    shared = [epoch for epoch in epochs_on_swarm(late) if epoch > joined and any(epoch in e for e in on_swarm)]
+    assert shared, "the joiner entered no epoch on the swarm's parameters after joining"
+    epoch = max(shared)
     late_params = late.params() if epoch == last else late.snapshot(epoch)
     snapshots = [peer.snapshot(epoch) for peer, epochs in zip(early, on_swarm) if epoch in epochs]
     for snapshot in snapshots:
