@@ -444,18 +444,19 @@ def wait_at_start_line(folder: Path, go: Path, timeout: float = HOLD_TIMEOUT) ->
     wait_until(go.exists, timeout, "the release from the start line", period=0.05)
 
 
-def release(peers: Sequence[PeerProcess], go: Path, timeout: float = 120) -> float:
+def release(peers: Sequence[PeerFolder], go: Path, timeout: float = 120) -> float:
     """Wait until every peer (harness peers held until `go` exists) has joined and waits at its
     start line, then let them all start training at once; returns when (time.time()).
 
     Peers that start training one by one race: the first alone in the swarm takes its epochs without
     averaging (hivemind averages only with more than one peer in the progress records), and with a
     tiny model it can reach a test's last epoch before a slower-starting peer has joined. When one
-    does not join, every peer is stopped: none would ever leave its start line."""
+    does not join, every peer is stopped: none would ever leave its start line (a PeerFleet's peers
+    stop with their fleet, which its owner stops)."""
     try:
         wait_until(lambda: all(peer.ready() for peer in peers), timeout, "the peers to join", alive=peers)
     except HarnessError:
-        stop_all(peers)
+        stop_all([peer for peer in peers if isinstance(peer, ManagedProcess)])
         raise
     go.touch()
     return time.time()

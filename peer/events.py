@@ -1,6 +1,7 @@
 """A peer's machine-readable account of what it did: one JSON object a line, appended as it happens.
 
-Events: "joined" (peer_id, run_id, epoch, addresses), "state_loaded" (epoch, resync),
+Events: "join_retry" (attempt, wait: seconds before the next; no initial peer answered the DHT
+node's ping), "joined" (peer_id, run_id, epoch, addresses), "state_loaded" (epoch, resync),
 "state_refused" (donor: its peer id, problem: what did not fit; once per donor), "epoch" (epoch,
 rounds: the outcomes of the gradient rounds that ended with it, round_problems: one line for each
 of them that did not succeed (the averaged fraction and each failed reducer's error), round_timings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import random
 import signal
 import statistics
 import threading
@@ -49,11 +50,21 @@ PROGRESS_FETCH_TIMEOUT = 10.0  # seconds to wait for the swarm's progress before
 SHUTDOWN_GRACE = 2.0  # seconds a helper process gets to finish before it is terminated
 GROUP_STATE_WAIT = 10.0  # seconds to wait for the state a group stepped to (it steps right after its round)
 RESYNC_DELAY = 1.0  # seconds between two looks for a donor, the first after the epoch change that left the swarm
+# A DHT start whose pings to the initial peers all went unanswered is tried this many times in all,
+# waiting JOIN_RETRY_WAIT seconds before the second, twice that before the third, each wait drawn up to
+# half longer: an initial peer busy with a burst of joiners (64 starting at once on one machine: 2 of
+# them had no answer within hivemind's 3 s) answers the next ping, and the joiners no longer retry in step.
+JOIN_ATTEMPTS = 3
+JOIN_RETRY_WAIT = 2.0
 EPOCH_TOLERANCE = 1  # epochs a peer that averaged since its last state load may lag its group and take their epoch
 
 
 class PeerError(RuntimeError):
     """A peer cannot start: the message says what to check."""
+
+
+class _Unanswered(Exception):
+    """No initial peer answered the DHT node's ping (busy, or refusing this peer)."""
 
 
 @dataclass
@@ -169,8 +180,28 @@ class Peer:
 
     def _start_dht(self) -> None:
         self.signer = RSASignatureValidator()
+        for attempt in range(1, JOIN_ATTEMPTS + 1):
+            try:
+                self.dht = self._try_dht(last=attempt == JOIN_ATTEMPTS)
+                break
+            except _Unanswered:
+                wait = JOIN_RETRY_WAIT * 2 ** (attempt - 1) * (1 + random.random() / 2)
+                logger.info("the initial peers did not answer; trying again in %.1f s", wait)
+                self._emit("join_retry", attempt=attempt, wait=wait)
+                self._stop.wait(wait)  # a stop cuts it short; the peer then stops before it trains
+        self.peer_id = str(self.dht.peer_id)
+        self._addresses = [str(a) for a in self.dht.get_visible_maddrs()]
+        logger.info(
+            "joined the DHT as %s; others can join with --initial-peers %s",
+            self.peer_id,
+            " ".join(str(a) for a in self.dht.get_visible_maddrs()),
+        )
+
+    def _try_dht(self, last: bool) -> hivemind.DHT:
+        """This peer's DHT node, started; _Unanswered when no initial peer answered its ping, unless
+        this is the `last` try (then a PeerError saying what to check)."""
         try:
-            self.dht = hivemind.DHT(
+            return hivemind.DHT(
                 initial_peers=self.options.initial_peers,
                 host_maddrs=self.options.host_maddrs,
                 announce_maddrs=self.options.announce_maddrs or None,
@@ -191,17 +222,14 @@ class Peer:
         except RuntimeError as error:
             if "bootstrap failed" not in str(error):
                 raise
+            if not last:
+                raise _Unanswered from None
+            # A refusal (the run's authorizer) and a ping unanswered in time look the same from here.
             hint = "check that your --token is current" if self.grant else "if the run is moderated, pass --token"
             raise PeerError(
-                f"the initial peers ({', '.join(self.options.initial_peers)}) did not accept this peer: {hint}"
+                f"the initial peers ({', '.join(self.options.initial_peers)}) did not accept this peer in "
+                f"{JOIN_ATTEMPTS} tries (busy, or refusing it): {hint}"
             ) from None
-        self.peer_id = str(self.dht.peer_id)
-        self._addresses = [str(a) for a in self.dht.get_visible_maddrs()]
-        logger.info(
-            "joined the DHT as %s; others can join with --initial-peers %s",
-            self.peer_id,
-            " ".join(str(a) for a in self.dht.get_visible_maddrs()),
-        )
 
     def _join_run(self) -> None:
         """Read the run's configuration from the coordinator's signed record, unless given a file."""

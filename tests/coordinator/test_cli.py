@@ -11,6 +11,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from coordinator import cli as coordinator_cli
 from coordinator.harness import LOOPBACK_MADDR, LOOPBACK_VOLUNTEER, STARLING_PEER
 from peer.auth import issue_token
+from peer.peer import JOIN_ATTEMPTS
 from tests.commands import run_at_once
 
 
@@ -116,10 +117,11 @@ def test_moderated_run_refuses_peers_without_a_valid_or_with_a_revoked_token(
 
     member = launch_peer("alice", initial_peers=[coord.address], max_epochs=2, token=token)
     # Refused volunteers see one line naming what to check, and exit with status 2.
+    unanswered = f"did not accept this peer in {JOIN_ATTEMPTS} tries (busy, or refusing it)"
     refusals = (
-        ([], "did not accept this peer: if the run is moderated, pass --token"),
+        ([], f"{unanswered}: if the run is moderated, pass --token"),
         (["--token", forged], "token was not issued by the coordinator"),
-        (["--token", eve], "did not accept this peer: check that your --token is current"),
+        (["--token", eve], f"{unanswered}: check that your --token is current"),
     )
     commands = [peer_command("--initial-peers", coord.address, "--max-epochs", "1", *extra) for extra, _ in refusals]
     for (_, culprit), refused in zip(refusals, run_at_once(commands)):
