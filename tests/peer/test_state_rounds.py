@@ -47,8 +47,12 @@ def two_averagers():
     second.shutdown()
 
 
-def average_state(averager, timeout: float = ROUND_TIMEOUT) -> None:
-    averager.step(averaging_round=True, averaging_opts=dict(timeout=timeout))
+def average_state(averager, timeout: float = ROUND_TIMEOUT, control=None) -> None:
+    """One state round of `averager`: the one pre-scheduled as `control`, or a new one."""
+    if control is None:
+        averager.step(averaging_round=True, averaging_opts=dict(timeout=timeout))
+    else:
+        averager.step(averaging_round=True, averaging_control=control)
 
 
 def settled(averager, timeout: float) -> list[StateRound]:
@@ -56,8 +60,13 @@ def settled(averager, timeout: float) -> list[StateRound]:
     return wait_until(averager.settle_state_rounds, timeout, "a state averaging round to end")
 
 
-def average_state_together(averagers) -> None:
-    threads = [threading.Thread(target=average_state, args=(averager,)) for averager in averagers]
+def average_state_together(averagers, controls=None) -> None:
+    """A state round of each averager at once (each the one pre-scheduled in `controls`, if given)."""
+    controls = controls or [None] * len(averagers)
+    threads = [
+        threading.Thread(target=average_state, args=(averager,), kwargs=dict(control=control))
+        for averager, control in zip(averagers, controls)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -130,14 +139,7 @@ def test_a_pre_scheduled_state_round_gathers_the_epoch_the_peer_will_hold_not_th
     ahead, behind = two_averagers
     ahead.local_epoch, behind.local_epoch = 5, 3
     controls = [averager.schedule_step(gather=6, timeout=ROUND_TIMEOUT) for averager in two_averagers]
-    rounds = [
-        threading.Thread(target=averager.step, kwargs=dict(averaging_round=True, averaging_control=control))
-        for averager, control in zip(two_averagers, controls)
-    ]
-    for thread in rounds:
-        thread.start()
-    for thread in rounds:
-        thread.join()
+    average_state_together(two_averagers, controls)
     for averager in two_averagers:
         assert settled(averager, timeout=ROUND_TIMEOUT) == [StateRound(RoundOutcome.SUCCEEDED, group_size=2)]
         assert averager.main_parameters[0].tolist() == [1.0] * 1000  # ahead's, exactly

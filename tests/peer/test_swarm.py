@@ -28,12 +28,13 @@ def test_heterogeneous_client_and_auxiliary_peers_all_take_part(
     }
     helper = start_peer("helper", run_toml, auxiliary=True, hold=True)  # runs until stopped, as helpers do
     release_peers([*peers.values(), helper])
+
+    def shared_epochs_on_swarm() -> list[int]:
+        shared = set.intersection(*(epochs_on_swarm(p) for p in peers.values()))
+        return sorted(e for e in shared if e >= epochs and all(p.snapshot_path(e).exists() for p in peers.values()))
+
     common = wait_until(
-        lambda: sorted(
-            epoch
-            for epoch in range(epochs, min(p.logged_epoch() for p in peers.values()) + 1)
-            if all(epoch in epochs_on_swarm(p) and p.snapshot_path(epoch).exists() for p in peers.values())
-        ),
+        shared_epochs_on_swarm,
         300,
         f"the trainers to enter one epoch from {epochs} on on the swarm's parameters",
         alive=list(peers.values()),
