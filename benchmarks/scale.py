@@ -3,14 +3,19 @@
     python benchmarks/scale.py                                # 2, 4, 8, 16, 32 and 64 peers
     python benchmarks/scale.py --peers-list 4 --epochs 4      # a quick check
     python benchmarks/scale.py --peers-list 16 --group-key-bits 0 1   # one matchmaking key, then two
+    python benchmarks/scale.py --peers-list 32 64 --device-seconds 1  # peers that compute on a device
     python benchmarks/scale.py --plot                         # redraw the plot from the saved runs
 
 For each swarm size, a coordinator (`starling-coordinator`) and a fleet of tiny-model harness peers
 forked from one warmed-up process (coordinator.harness.PeerFleet: they share torch, hivemind and
 Starling copy-on-write), joined through the coordinator, released together, trained with the shipped
 run configuration (target batch: two micro-batches per peer, so that every peer contributes to every
-epoch). Once the swarm is half-way, one more peer (the newcomer) starts. Measured, from the peers'
-event streams and summaries and the coordinator's API:
+epoch). Once the swarm is half-way, one more peer (the newcomer) starts. With --device-seconds S,
+every micro-batch's forward pass first waits S seconds (peer.faults.FaultPlan.slow_forward) and its
+sequences are 16 tokens rather than 128: a peer whose device does the math while its CPU stays free
+for hivemind, as a volunteer's GPU does, so that the machine's cores go to what happens between the
+peers rather than to their training. Measured,
+from the peers' event streams and summaries and the coordinator's API:
 
 - time to form a group: from a round's start of matchmaking to its all-reduce (peer.averager.RoundTiming;
   hivemind pre-schedules a round before the epoch ends, so this includes the wait for the trigger),
@@ -60,13 +65,20 @@ from coordinator.harness import (  # noqa: E402
     release,
     stop_all,
 )
+from peer.faults import FaultPlan  # noqa: E402
 
 BATCH_SIZE = 4  # each peer's micro-batch
 # The tiny preset, narrower: 0.5 M parameters, 2 MB of gradient. Every process of a peer holds a few
 # copies of its parameters or gradient (averagers' buffers, codec scratch), so this is what makes 64
 # peers fit on one machine; matchmaking, the DHT and the coordinator do not depend on it.
 MODEL = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
-PEER_MEMORY = 400 * 2**20  # bytes a fleet peer takes, about (the table's PSS per peer, 16 peers and fewer)
+# With --device-seconds, sequences this long: the forward and backward passes the CPU still does are
+# an eighth of the shipped 128-token ones, and the wait stands for the device's time.
+DEVICE_SEQ_LEN = 16
+# Bytes a fleet peer takes at most, about: the tables' PSS per peer (measured after 3 epochs) is 426 MiB at
+# 2 peers and 264-311 at 16 to 64, as more peers share the parent's pages, but 64 peers and the newcomer
+# took 20.5 GiB with the coordinator near their end (323 MiB each); the larger swarms need the check.
+PEER_MEMORY = 340 * 2**20
 MEMORY_AT_EPOCH = 3  # the epoch after which the fleet's memory is measured
 START_TIMEOUT = 900.0  # seconds for the swarm to join
 
@@ -139,14 +151,17 @@ def run_scale(
     group_key_bits: int = 0,
     newcomer: bool = True,
     timeout: float = 3600.0,
+    device_seconds: float = 0.0,
 ) -> dict:
     """Train a swarm of `peers` fleet peers with a coordinator for `epochs` epochs (and a newcomer
-    half-way); what it measured (see the module's docstring), with each peer's summary."""
+    half-way), each micro-batch waiting `device_seconds` first; what it measured (see the module's
+    docstring), with each peer's summary."""
     folder.mkdir(parents=True, exist_ok=True)
     settings = RunSettings(
         preset="tiny",
         model_overrides=MODEL,
         target_batch_size=2 * peers * BATCH_SIZE,
+        seq_len=DEVICE_SEQ_LEN if device_seconds else RunSettings.seq_len,
         target_group_size=target_group_size,
         group_key_bits=group_key_bits,
     )
@@ -157,14 +172,15 @@ def run_scale(
     try:
         base = dict(initial_peers=[coordinator.address], config=str(run_toml), batch_size=BATCH_SIZE)
         base.update(host_maddrs=[LOOPBACK_MADDR])
-        hold = str(folder / "go")
+        hold, device = str(folder / "go"), FaultPlan(slow_forward=device_seconds) if device_seconds else None
         specs = [
-            (f"peer-{i}", PeerSpec(options=dict(base, name=f"peer-{i}"), max_epochs=epochs, hold_until=hold))
+            (f"peer-{i}", PeerSpec(dict(base, name=f"peer-{i}"), max_epochs=epochs, faults=device, hold_until=hold))
             for i in range(peers)
         ]
         if newcomer:
             go = str(folder / "newcomer-go")
-            specs.append(("newcomer", PeerSpec(dict(base, name="newcomer"), max_epochs=epochs, start_after=go)))
+            newcomer_spec = PeerSpec(dict(base, name="newcomer"), max_epochs=epochs, faults=device, start_after=go)
+            specs.append(("newcomer", newcomer_spec))
         launched = time.time()
         fleet = PeerFleet(folder, specs)
         processes.insert(0, fleet)
@@ -202,6 +218,7 @@ def run_scale(
         peers=peers,
         target_group_size=target_group_size,
         group_key_bits=group_key_bits,
+        device_seconds=device_seconds,
         launched=launched,
         released=released,
         summaries=summaries,
@@ -238,6 +255,7 @@ def scale_row(result: dict) -> dict:
         peers=result["peers"],
         target_group_size=result["target_group_size"],
         group_key_bits=result["group_key_bits"],
+        device_seconds=result["device_seconds"],
         rounds=len(outcomes),
         succeeded=outcomes.count("succeeded") / len(outcomes) if outcomes else None,
         partial=outcomes.count("partial") / len(outcomes) if outcomes else None,
@@ -279,6 +297,7 @@ COLUMNS = {  # the table's columns: header, then the cell of a row
     "peers": lambda row: str(row["peers"]),
     "target group": lambda row: str(row["target_group_size"] or "all"),
     "matchmaking keys": lambda row: str(2 ** row.get("group_key_bits", 0)),
+    "device s": lambda row: show(row.get("device_seconds", 0.0), 1),
     "rounds": lambda row: str(row["rounds"]),
     "averaged every part": lambda row: show(row["succeeded"], 3),
     "in one group of all": lambda row: show(row["whole_swarm"]),
@@ -328,8 +347,10 @@ def plot(path: Path) -> None:
         rows = json.loads(saved.read_text(encoding="utf-8"))["rows"]
         for target, bits in dict.fromkeys(grouping(row) for row in rows):
             chosen = sorted((row for row in rows if grouping(row) == (target, bits)), key=lambda row: row["peers"])
-            label = f"{saved.stem.removeprefix('scale-cpu-').removesuffix('-keys')} peers, groups of {target or 'all'}"
+            sizes = saved.stem.removeprefix("scale-cpu-").removesuffix("-device").removesuffix("-keys")
+            label = f"{sizes} peers, groups of {target or 'all'}"
             label += f", {2**bits} keys" if bits else ""
+            label += f", device {chosen[0]['device_seconds']:g} s" if chosen[0].get("device_seconds") else ""
             for axes, key in zip(panels.flat, PLOTTED.values()):
                 axes.plot([row["peers"] for row in chosen], [row[key] for row in chosen], marker="o", label=label)
     for axes, title in zip(panels.flat, PLOTTED):
@@ -357,6 +378,13 @@ def main() -> None:
         help="averaging.target_group_size values to measure each swarm size with (0: unset, one group of all)",
     )
     add_group_key_bits_argument(parser, "each swarm size")
+    parser.add_argument(
+        "--device-seconds",
+        type=float,
+        default=0.0,
+        help="seconds each micro-batch's forward pass waits first, as on a device that leaves the CPU free "
+        "(0: the peers compute on this machine's cores)",
+    )
     parser.add_argument("--plot", action="store_true", help="only redraw results/scale.png from the saved runs")
     args = parser.parse_args()
     if args.plot:
@@ -374,13 +402,22 @@ def main() -> None:
         for target, bits in product([size or None for size in args.target_group_sizes], args.group_key_bits):
             name = f"{peers}-peers" + (f"-groups-of-{target}" if target else "") + (f"-keys-{2**bits}" if bits else "")
             try:
-                result = run_scale(folder / name, peers, args.epochs, target, bits, timeout=args.timeout)
+                result = run_scale(
+                    folder / name,
+                    peers,
+                    args.epochs,
+                    target,
+                    bits,
+                    timeout=args.timeout,
+                    device_seconds=args.device_seconds,
+                )
             except HarnessError as error:
                 sys.exit(f"the swarm of {name} failed: {error}")
             rows.append(scale_row(result))
             print(rows[-1], flush=True)
+    suffix = ("-keys" if any(args.group_key_bits) else "") + ("-device" if args.device_seconds else "")
     path = write_json(
-        f"scale-cpu-{'-'.join(map(str, args.peers_list))}{'-keys' if any(args.group_key_bits) else ''}.json",
+        f"scale-cpu-{'-'.join(map(str, args.peers_list))}{suffix}.json",
         dict(preset="tiny", epochs=args.epochs, batch_size=BATCH_SIZE, command=" ".join(sys.argv[1:]), rows=rows),
     )
     print_table(rows)

@@ -5,18 +5,21 @@
 This process imports torch, hivemind and Starling once, moves every object it holds out of the
 garbage collector's reach (a collection in a child would otherwise write to each object's header and
 copy its page), then forks one harness peer (coordinator.harness_peer) per SPEC_JSON. The peers share
-those pages copy-on-write. Each writes what a harness peer writes into its spec's folder, and its
-output into log.txt there; this process writes each peer's process id into `pid` and, once it has
-ended, its exit status into `exit_status`. SIGTERM or SIGINT here is passed on to every peer, which
-stops as a harness peer does; the exit status is 0 when every peer's was.
+those pages copy-on-write. A peer held at its start line (its spec's hold_until) is forked once fewer
+than JOINING_AT_ONCE such peers are still joining. Each writes what a harness peer writes into its
+spec's folder, and its output into log.txt there; this process writes each peer's process id into
+`pid` and, once it has ended, its exit status into `exit_status`. SIGTERM or SIGINT here is passed
+on to every peer, which stops as a harness peer does; the exit status is 0 when every peer's was.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -24,6 +27,12 @@ import numpy as np
 
 from coordinator import harness_peer
 from model.prepared import write_atomic
+
+# Held peers joining at once, at most: peers that all start their DHT node and libp2p daemon together
+# outrun hivemind's start-up timeouts on a small machine (of 64 at once on 2 cores, one daemon was not
+# up within 15 s); joined peers wait at their start line, so the swarm still starts training together.
+JOINING_AT_ONCE = 8
+JOIN_WAIT = 300.0  # seconds to wait for one of them to join before the next is forked anyway
 
 
 def run_child(spec_path: Path) -> int:
@@ -48,12 +57,33 @@ def run_child(spec_path: Path) -> int:
     return 0
 
 
+def wait_for_a_free_place(joining: dict[int, Path], exit_codes: dict[int, int]) -> None:
+    """Wait until fewer than JOINING_AT_ONCE of the `joining` children (process id: folder) have
+    neither joined (`ready` in their folder) nor exited (their codes go into `exit_codes`), or JOIN_WAIT passed."""
+    deadline = time.monotonic() + JOIN_WAIT
+    while time.monotonic() < deadline:
+        for pid, folder in list(joining.items()):
+            ended, status = os.waitpid(pid, os.WNOHANG)
+            if ended:
+                exit_codes[pid] = os.waitstatus_to_exitcode(status)
+            if ended or (folder / "ready").exists():
+                del joining[pid]
+        if len(joining) < JOINING_AT_ONCE:
+            return
+        time.sleep(0.1)
+
+
 def main() -> None:
     specs = [Path(argument) for argument in sys.argv[1:]]
     children: dict[int, Path] = {}
+    joining: dict[int, Path] = {}  # held children that have not yet joined
+    exit_codes: dict[int, int] = {}  # of children reaped while others were forked
     gc.collect()
     gc.freeze()
     for spec_path in specs:
+        held = json.loads(spec_path.read_text())["hold_until"] is not None
+        if held:
+            wait_for_a_free_place(joining, exit_codes)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -66,6 +96,8 @@ def main() -> None:
                 sys.stderr.flush()
                 os._exit(code)
         children[pid] = spec_path.parent
+        if held:
+            joining[pid] = spec_path.parent
         write_atomic(spec_path.parent / "pid", str(pid).encode())
 
     def pass_on(signum: int, frame) -> None:
@@ -79,10 +111,13 @@ def main() -> None:
     signal.signal(signal.SIGINT, pass_on)
     failed = 0
     while children:
-        pid, status = os.wait()
+        if exit_codes:
+            pid, code = exit_codes.popitem()
+        else:
+            pid, status = os.wait()
+            code = os.waitstatus_to_exitcode(status)
         folder = children.pop(pid, None)
         if folder is not None:
-            code = os.waitstatus_to_exitcode(status)
             failed += code != 0
             write_atomic(folder / "exit_status", str(code).encode())
     sys.exit(1 if failed else 0)
