@@ -11,10 +11,18 @@ parameter_gap measures a difference in steps of lr: for each tensor, the root me
 difference over lr, and the largest of these.
 """
 
+from pathlib import Path
+
 import torch
 
 from peer.averager import RoundOutcome
+from peer.identity import load_or_create_identity, peer_id_of
 from peer.run_config import RunConfig
+from peer.shards import shard_for
+
+# Key files of fixed peer identities (diloco0, diloco1 and solo .key): a peer's id picks the shard
+# it reads each epoch (peer.shards), so peers given these read the same shards in every run.
+IDENTITIES = Path(__file__).parent / "identities"
 
 
 def parameter_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], lr: float) -> float:
@@ -48,3 +56,8 @@ def mode_settings(mode: str, samples_per_epoch: int) -> dict:
     if mode == "diloco":
         return dict(diloco=dict(samples_per_round=samples_per_epoch, inner_batch_size=8))
     return dict(target_batch_size=samples_per_epoch)
+
+
+def shard_of(identity: Path, epoch: int, run: RunConfig) -> int:
+    """The shard that a peer with this key file reads at `epoch` of `run` (its bundled corpus)."""
+    return shard_for(peer_id_of(load_or_create_identity(identity).get_public_key()), epoch, run.data.num_shards)

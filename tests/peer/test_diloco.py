@@ -7,6 +7,7 @@ import pytest
 import torch
 from hivemind.compression import NoCompression
 from safetensors.torch import load_file
+from swarm_checks import IDENTITIES, shard_of
 
 from model import CausalLM, parameter_groups
 from model.data import load_corpus
@@ -46,9 +47,24 @@ def test_an_outer_round_steps_every_peer_on_the_weighted_average_pseudo_gradient
     within the codec's error; no part of the round is missing."""
     run_toml = write_run_config(tmp_path, average_state_every=5, diloco=dict(samples_per_round=360, inner_batch_size=8))
     run = RunConfig.load(run_toml)
+    # Fixed identities, so that the three read three different shards: two peers on one shard (by a
+    # collision of their ids' hashes, 1 run in about 21) send almost the same pseudo-gradient, and
+    # CenteredClip, the shipped aggregation, then clips the third as an outlier (a run here: the
+    # fast pair 1.4 apart, the slow peer 37 from them, 6.5% off the weighted mean).
+    slow_down = {"fast-a": 0.0, "fast-b": 0.0, "slow": 0.3}
+    identities = dict(zip(slow_down, (IDENTITIES / f"{key}.key" for key in ("diloco0", "diloco1", "solo"))))
+    assert len({shard_of(identity, 0, run) for identity in identities.values()}) == 3
     peers = [
-        start_peer(name, run_toml, max_epochs=1, hold=True, snapshots=True, faults=FaultPlan(slow_forward=slow))
-        for name, slow in (("fast-a", 0.0), ("fast-b", 0.0), ("slow", 0.3))
+        start_peer(
+            name,
+            run_toml,
+            max_epochs=1,
+            hold=True,
+            snapshots=True,
+            faults=FaultPlan(slow_forward=slow),
+            identity=str(identities[name]),
+        )
+        for name, slow in slow_down.items()
     ]
     release_peers(peers)
     summaries = [peer.wait(timeout=240) for peer in peers]

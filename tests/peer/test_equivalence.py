@@ -1,9 +1,8 @@
 """Two peers reach the loss that one process reaches on the same samples: in batch mode on the same
 global batch, in DiLoCo mode with several inner steps a round."""
 
-from pathlib import Path
-
 import torch
+from swarm_checks import IDENTITIES
 
 from model import CausalLM
 from model.data import load_corpus
@@ -26,9 +25,6 @@ HELD_OUT = 64  # sequences of its last play
 # +3.3% in 12 runs: the bound would not hold. With the default momentum (Nesterov 0.9) DiLoCo ended
 # 5.0-9.1% above in 5 runs of those: the bound tells the two apart.
 DILOCO_TOLERANCE = 0.03
-# The peers' key files: a peer's id picks the shard it reads each epoch (peer.shards), so with
-# these the DiLoCo test trains on the same samples in every run.
-IDENTITIES = Path(__file__).parent / "identities"
 
 
 def held_out_loss(run: RunConfig, params: dict, batch: torch.Tensor | None = None) -> float:
