@@ -320,14 +320,15 @@ class PeerFolder:
         """Whether a harness peer held at its start line has joined the run and waits to be released."""
         return (self.folder / "ready").exists()
 
-    def events(self) -> list[dict]:
-        """What the peer has done so far, from its event stream (peer.events)."""
+    def events(self, kind: str | None = None) -> list[dict]:
+        """What the peer has done so far, from its event stream (peer.events): every event, or those of `kind`."""
         path = self.folder / "events.jsonl"
-        return read_events(path) if path.exists() else []
+        events = read_events(path) if path.exists() else []
+        return events if kind is None else [event for event in events if event["event"] == kind]
 
     def wait_for_event(self, event: str, timeout: float = 120) -> dict:
         """The first event of this kind, once the peer has written it."""
-        found = lambda: next((e for e in self.events() if e["event"] == event), None)  # noqa: E731
+        found = lambda: next(iter(self.events(event)), None)  # noqa: E731
         return wait_until(found, timeout, f"{self.name}'s {event!r} event", alive=[self] if timeout else [])
 
     def logged_epoch(self) -> int:

@@ -52,7 +52,7 @@ GROUP_STATE_WAIT = 10.0  # seconds to wait for the state a group stepped to (it 
 RESYNC_DELAY = 1.0  # seconds between two looks for a donor, the first after the epoch change that left the swarm
 # A DHT start whose pings to the initial peers all went unanswered is tried this many times in all,
 # waiting JOIN_RETRY_WAIT seconds before the second, twice that before the third, each wait drawn up to
-# half longer: an initial peer busy with a burst of joiners (64 starting at once on one machine: 2 of
+# half longer: an initial peer busy with a burst of joiners (64 starting at once on one machine: one of
 # them had no answer within hivemind's 3 s) answers the next ping, and the joiners no longer retry in step.
 JOIN_ATTEMPTS = 3
 JOIN_RETRY_WAIT = 2.0
@@ -194,7 +194,7 @@ class Peer:
         logger.info(
             "joined the DHT as %s; others can join with --initial-peers %s",
             self.peer_id,
-            " ".join(str(a) for a in self.dht.get_visible_maddrs()),
+            " ".join(self._addresses),
         )
 
     def _try_dht(self, last: bool) -> hivemind.DHT:

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from model.data import load_corpus
 from peer.averager import RoundOutcome
 from peer.identity import load_or_create_identity, peer_id_of
 from peer.run_config import RunConfig
-from peer.shards import shard_for
+from peer.shards import CorpusShards, shard_for
 
 # Key files of fixed peer identities (diloco0, diloco1 and solo .key): a peer's id picks the shard
 # it reads each epoch (peer.shards), so peers given these read the same shards in every run.
@@ -59,5 +60,8 @@ def mode_settings(mode: str, samples_per_epoch: int) -> dict:
 
 
 def shard_of(identity: Path, epoch: int, run: RunConfig) -> int:
-    """The shard that a peer with this key file reads at `epoch` of `run` (its bundled corpus)."""
-    return shard_for(peer_id_of(load_or_create_identity(identity).get_public_key()), epoch, run.data.num_shards)
+    """The shard that a peer with this key file reads at `epoch` of `run` (its bundled corpus, split
+    as a peer splits it: into at most one shard per sequence)."""
+    corpus = load_corpus(run.data.path, seq_len=run.data.seq_len, seed=run.training.seed)
+    num_shards = CorpusShards(corpus, run.data.num_shards).num_shards
+    return shard_for(peer_id_of(load_or_create_identity(identity).get_public_key()), epoch, num_shards)

@@ -37,12 +37,11 @@ def test_three_peers_average_every_round_and_agree_after_every_epoch(tmp_path, s
     run = RunConfig.load(run_toml)
     epochs = 10
     first = start_peer("first", run_toml, duration=900, snapshots=True)
-    wait_until(lambda: any(e["event"] == "epoch" for e in first.events()), 120, "the first peer's first epoch")
+    wait_until(lambda: first.events("epoch"), 120, "the first peer's first epoch")
     joiners = [start_peer(f"joiner{i}", run_toml, duration=900, snapshots=True) for i in range(2)]
     peers = [first, *joiners]
     joined = max(
-        wait_until(lambda peer=peer: [e["epoch"] for e in peer.events() if e["event"] == "joined"], 120, "joining")[0]
-        for peer in joiners
+        wait_until(lambda peer=peer: [e["epoch"] for e in peer.events("joined")], 120, "joining")[0] for peer in joiners
     )
     averaged = (joined // every + 1) * every  # the first state averaging with all three
     last = averaged + epochs
@@ -63,7 +62,7 @@ def test_three_peers_average_every_round_and_agree_after_every_epoch(tmp_path, s
     # averaged every value.
     for peer in joiners:
         assert not epochs_missed(peer.events(), averaged, last), (peer.folder.name, timeline(peers))
-    reached = [{e["epoch"]: e["rounds"] for e in peer.events() if e["event"] == "epoch"} for peer in peers]
+    reached = [{e["epoch"]: e["rounds"] for e in peer.events("epoch")} for peer in peers]
     compared = [
         epoch
         for epoch in range(averaged + 1, last + 1)

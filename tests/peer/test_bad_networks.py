@@ -74,7 +74,7 @@ def join_after_first_epoch(
 
 def assert_joiner_averaged_every_round(joiner) -> dict:
     summary = joiner.wait(timeout=300)
-    joined = next(e["epoch"] for e in joiner.events() if e["event"] == "joined")
+    joined = next(e["epoch"] for e in joiner.events("joined"))
     assert summary["epoch"] >= joined + 3
     assert summary["samples_contributed"] > 0
     # No round averaged only part of its values, and at most one found nobody to average with: a
@@ -148,7 +148,7 @@ def test_peer_cut_off_longer_than_the_averaging_timeout_catches_up(tmp_path, wri
     if summaries["cut"]["state_loads"] == 0:
         # Then every round took the group's epoch: at most EPOCH_TOLERANCE ahead of the peer's own,
         # and the round's step on top.
-        epochs = [e["epoch"] for e in cut.events() if e["event"] == "epoch"]
+        epochs = [e["epoch"] for e in cut.events("epoch")]
         jump = max(later - earlier for earlier, later in zip(epochs, epochs[1:]))
         assert jump <= EPOCH_TOLERANCE + 1, f"came back {jump - 1} epochs behind without loading state"
     assert summaries["cut"]["epoch"] >= others_at_stop - 1

@@ -35,7 +35,7 @@ def test_peers_of_another_configuration_or_shape_average_with_nobody_of_the_run(
     tampered_id = intruders["tampered"].wait_for_event("joined", timeout=0)["peer_id"]
     for member, summary in zip(members, summaries):
         assert summary["epoch"] >= epochs and summary["rounds_succeeded"] >= 1
-        refused = {e["donor"] for e in member.events() if e["event"] == "state_refused"}
+        refused = {e["donor"] for e in member.events("state_refused")}
         assert tampered_id in refused, member.events()
     for name, summary in intruder_summaries.items():
         assert summary["rounds_succeeded"] == 0, f"{name} averaged with someone"

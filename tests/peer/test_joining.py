@@ -9,10 +9,6 @@ import hivemind
 from coordinator.harness import LOOPBACK_MADDR, wait_until
 
 
-def events_of(peer, kind: str) -> list[dict]:
-    return [event for event in peer.events() if event["event"] == kind]
-
-
 def test_a_peer_whose_initial_peer_does_not_answer_in_time_tries_again_and_joins(
     tmp_path, write_run_config, launch_peer
 ):
@@ -26,13 +22,13 @@ def test_a_peer_whose_initial_peer_does_not_answer_in_time_tries_again_and_joins
         os.kill(initial.pid, signal.SIGSTOP)
         try:
             joiner = launch_peer("joiner", initial_peers=[address], config=str(run_toml), max_epochs=1)
-            retried = lambda: events_of(joiner, "join_retry")  # noqa: E731
+            retried = lambda: joiner.events("join_retry")  # noqa: E731
             retries = wait_until(retried, 120, "the joiner to try again", alive=[joiner])
         finally:
             os.kill(initial.pid, signal.SIGCONT)
         assert retries[0]["attempt"] == 1
         summary = joiner.wait(timeout=120)
-        joined = events_of(joiner, "joined")
+        joined = joiner.events("joined")
         assert len(joined) == 1 and joined[0]["time"] > retries[0]["time"] + retries[0]["wait"]
         assert summary["samples_contributed"] > 0
     finally:

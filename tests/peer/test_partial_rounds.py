@@ -34,7 +34,7 @@ def test_a_partial_round_is_counted_with_its_fraction_and_the_peer_resynchronise
     run = RunConfig.load(run_toml)
     # The others join the first peer as volunteers do, loading its state: all start on the same parameters.
     first = start_peer("first", run_toml, duration=600, snapshots=True)
-    wait_until(lambda: any(e["event"] == "epoch" for e in first.events()), 120, "the first peer's first epoch")
+    wait_until(lambda: first.events("epoch"), 120, "the first peer's first epoch")
     dropper = start_peer(
         "dropper",
         run_toml,
@@ -56,7 +56,7 @@ def test_a_partial_round_is_counted_with_its_fraction_and_the_peer_resynchronise
         "starling_peer_averaging_rounds_partial_total to reach 1",
     )
     resync = wait_until(
-        lambda: next((e for e in dropper.events() if e["event"] == "state_loaded" and e["resync"]), None),
+        lambda: next((e for e in dropper.events("state_loaded") if e["resync"]), None),
         60,
         "the dropper to resynchronise",
     )

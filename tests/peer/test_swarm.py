@@ -91,14 +91,14 @@ def test_late_joiner_loads_state_and_trains_to_the_same_epoch(
     # Their snapshot of its last epoch is written before their next epoch's event; they need not
     # stop for it (the fixture kills them).
     wait_until(
-        lambda: all(any(e["event"] == "epoch" and e["epoch"] > last for e in p.events()) for p in early),
+        lambda: all(any(e["epoch"] > last for e in p.events("epoch")) for p in early),
         60,
         "the first peers to pass its last epoch",
     )
 
     assert late_summary["state_loads"] >= 1 and last >= epochs
     # State travels uncompressed: what it loaded is a donor's parameters, bit for bit.
-    joined = next(e["epoch"] for e in late.events() if e["event"] == "state_loaded")
+    joined = next(e["epoch"] for e in late.events("state_loaded"))
     loaded = late.snapshot(joined, loaded=True)
     donors = [peer.snapshot(joined) for peer in early if peer.snapshot_path(joined).exists()]
     assert any(all(torch.equal(loaded[key], value) for key, value in donor.items()) for donor in donors)
