@@ -109,6 +109,14 @@ and the task and what it waits on are garbage. A collection then destroyed the t
 destroyed but it is pending"), and its caller waited out its own timeout: a peer loading state from
 a donor that was leaving waited 600 s (hivemind's load_state_timeout) in a 32-peer run. Fixed by
 giving the averager's loop a task factory that holds each task until it is done.
+
+An averager that shuts down while one of its groups is registered (found, and not yet done with its
+all-reduce: a peer stopping as it finishes the micro-batch its round waits for) calls finalize() on
+each of its groups' entries, which are futures of the all-reduce runner, not runners, and its serving
+thread died with an AttributeError traceback before the partners were told anything. Fixed by
+ending each registered group as hivemind meant to: a runner already made is finalized as cancelled,
+and a group whose runner is not yet made is cancelled, which ends the partners' requests for its
+parts at once.
 """
 
 from __future__ import annotations
@@ -378,6 +386,17 @@ def _averager_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+async def _shutdown_averager(self: DecentralizedAverager, timeout: float | None) -> None:
+    """DecentralizedAverager._shutdown, ending the groups still registered (see above)."""
+    if not self.client_mode:
+        await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+    for group in self._running_groups.values():
+        if not group.done():
+            group.cancel()
+        elif not group.cancelled() and group.exception() is None:
+            group.result().finalize(cancel=True)
+
+
 def _serve_averager(self: DecentralizedAverager) -> None:
     """DecentralizedAverager._run_internal (the averager's background thread), once torch's thread pool is replaced."""
     replace_torch_thread_pool()
@@ -390,6 +409,7 @@ _HIVEMIND_REQUEST_EXPIRATION = Matchmaking.get_request_expiration_time
 _HIVEMIND_INITIALIZE = state_averager.initialize_optimizer_state_
 _HIVEMIND_DHT_RUN = DHT.run
 _HIVEMIND_AVERAGER_SERVE = DecentralizedAverager._run_internal
+_HIVEMIND_AVERAGER_SHUTDOWN = DecentralizedAverager._shutdown
 _HIVEMIND_SWITCH_TO_UVLOOP = averager_module.switch_to_uvloop
 _HIVEMIND_PEER_STUB = AllReduceRunner._get_peer_stub
 _HIVEMIND_AGGREGATE_PART = DecentralizedAverager.rpc_aggregate_part
@@ -409,6 +429,7 @@ def apply() -> None:
     DHT.run = _run_dht
     DHT._drop_request = _drop_request
     DecentralizedAverager._run_internal = _serve_averager
+    DecentralizedAverager._shutdown = _shutdown_averager
     averager_module.switch_to_uvloop = _averager_loop
     AllReduceRunner._get_peer_stub = _parts_stub
     DecentralizedAverager.rpc_aggregate_part = _aggregate_part
@@ -425,6 +446,7 @@ def revert() -> None:
     Matchmaking.get_request_expiration_time = _HIVEMIND_REQUEST_EXPIRATION
     DHT.run = _HIVEMIND_DHT_RUN
     DecentralizedAverager._run_internal = _HIVEMIND_AVERAGER_SERVE
+    DecentralizedAverager._shutdown = _HIVEMIND_AVERAGER_SHUTDOWN
     averager_module.switch_to_uvloop = _HIVEMIND_SWITCH_TO_UVLOOP
     AllReduceRunner._get_peer_stub = _HIVEMIND_PEER_STUB
     DecentralizedAverager.rpc_aggregate_part = _HIVEMIND_AGGREGATE_PART

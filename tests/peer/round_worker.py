@@ -10,8 +10,12 @@ peer still finishing its micro-batch), rounds (how many it averages, each ROUND_
 one before; 1 by default), identity (a hivemind identity file for its DHT node), group_key_bits
 (the run config's), faults (the fields of a peer.faults.FaultPlan: its averager's
 slow_group_assembly and slow_reading are the ones that act here), codec (a run config's
-averaging.compression; "none" by default), target_group_size (the run config's) and random
-(tensors of normal values seeded by the index in place of the index). Once up it waits at its start line
+averaging.compression; "none" by default), target_group_size (the run config's), random
+(tensors of normal values seeded by the index in place of the index) and leave_in_round (it shuts
+its averager down once its all-reduce has begun: a peer stopping in a round; OUT_FILE then gets only
+outcome "left", all_reducing (whether the all-reduce still ran as it left) and the averager
+process's exitcode). Every uncaught exception of a thread, in its process and in the averager's (a
+fork of it), is written to thread_errors.jsonl beside OUT_FILE. Once up it waits at its start line
 (coordinator.harness.wait_at_start_line, in the folder of OUT_FILE) until the test releases all PEERS
 averagers by creating GO, then looks for a group, and leaves right after its last round.
 OUT_FILE gets a JSON object: outcome, fraction, group (size) of its last round, rounds (of each: outcome,
@@ -24,6 +28,7 @@ sent, by kind, as harness peers count them).
 import hashlib
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,9 +56,21 @@ def local_tensors(index: int, random: bool) -> list[torch.Tensor]:
     return [torch.randn(size, generator=generator) for size in SIZES]
 
 
+def record_thread_errors(path: Path) -> None:
+    """Write each uncaught exception of a thread of this process, or of a process it forks later, to `path`."""
+
+    def record(args: threading.ExceptHookArgs) -> None:
+        with path.open("a") as file:
+            thread = args.thread.name if args.thread else None
+            file.write(json.dumps(dict(thread=thread, error=repr(args.exc_value))) + "\n")
+
+    threading.excepthook = record
+
+
 def main() -> None:
     initial_peer, index, peers, out_file, spec_json, go = sys.argv[1:]
     index, peers, spec = int(index), int(peers), json.loads(spec_json)
+    record_thread_errors(Path(out_file).with_name("thread_errors.jsonl"))
     # every other setting as shipped
     averaging = AveragingSection(
         matchmaking_time=MATCHMAKING_TIME,
@@ -96,6 +113,15 @@ def main() -> None:
             time.sleep(0.01)
         time.sleep(spec.get("trigger_delay", 0.0))
         control.allow_allreduce()
+        if spec.get("leave_in_round"):
+            while control.stage.name == "AWAITING_TRIGGER":
+                time.sleep(0.01)
+            all_reducing = control.stage.name == "RUNNING_ALLREDUCE"
+            averager.shutdown()
+            left = dict(outcome="left", all_reducing=all_reducing, exitcode=averager.exitcode)
+            Path(out_file).write_text(json.dumps(left))
+            dht.shutdown()
+            return
         try:
             control.result()
         except Exception:  # round_outcome says how the round ended

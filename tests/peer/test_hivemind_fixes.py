@@ -198,6 +198,18 @@ def test_a_reducer_leaving_right_after_its_round_delivers_the_others_averages(tm
     assert_averaged_together(results)
 
 
+def test_an_averager_shut_down_in_its_all_reduce_ends_the_round_cleanly(tmp_path):
+    """One of two averagers shuts down while its all-reduce runs: its partner lets the all-reduce
+    begin only 3 s after the group formed (a micro-batch to finish), so the leaver is waiting for its
+    parts. The leaver's averager process ends the round and exits by itself, with no thread dying of
+    an exception (hivemind called finalize() on the group's future: AttributeError); its partner's
+    round does not succeed."""
+    leaver, partner = average_once(tmp_path, [dict(leave_in_round=True), dict(trigger_delay=3.0)])
+    assert leaver["outcome"] == "left" and leaver["all_reducing"] and leaver["exitcode"] == 0, leaver
+    assert not (tmp_path / "averager0" / "thread_errors.jsonl").exists(), leaver["log"]
+    assert partner["outcome"] != "succeeded", partner
+
+
 def test_a_member_reading_slower_than_its_reducer_sends_receives_every_averaged_part(tmp_path):
     """One averager reads each averaged part a quarter of a second late (a busy machine): its
     partner, as reducer, has sent them all long before. Closing the reducer's stream right after
