@@ -17,6 +17,7 @@ import multiprocessing
 import random
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,16 @@ from tqdm.auto import tqdm
 from peer.averager import StateRoundsAverager
 
 logger = logging.getLogger("starling.peer")
+
+# A state of a later epoch moves the learning-rate schedule on by stepping the scheduler without an
+# optimizer step (hivemind's _update_scheduler): nothing is out of order, and torch's warning that
+# it is would print at a peer's first state load.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`",
+    category=UserWarning,
+    module="hivemind.optim.state_averager",
+)
 
 State = tuple[dict, list[torch.Tensor]]
 # Taken off the state-sharing priority (the epoch) of a peer whose parameters are off the swarm's:
