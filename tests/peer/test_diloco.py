@@ -153,13 +153,13 @@ def test_the_schedule_between_epochs_rises_to_the_base_rate_and_never_above_it()
     assert multiplier(20) == pytest.approx(0.1)
 
 
-def sgd_reference(run: RunConfig, rounds: list[dict], micro_batch: int) -> dict[str, torch.Tensor]:
-    """Plain SGD over the batches a lone DiLoCo peer trained on: in each round, one step per
-    inner_batch_size samples (micro-batch gradients averaged) and one on the round's remainder."""
+def sgd_reference(run: RunConfig, rounds: list[dict], micro_batch: int, peer_id: str) -> dict[str, torch.Tensor]:
+    """Plain SGD over the batches the lone DiLoCo peer `peer_id` trained on: in each round, one step
+    per inner_batch_size samples (micro-batch gradients averaged) and one on the round's remainder."""
     torch.manual_seed(run.training.seed)
     model = CausalLM(run.model_config())
     corpus = load_corpus(run.data.path, seq_len=run.data.seq_len, seed=run.training.seed)
-    reader = ShardReader(CorpusShards(corpus, run.data.num_shards), "reference")  # one shard: what every peer reads
+    reader = ShardReader(CorpusShards(corpus, run.data.num_shards), peer_id)  # one shard, in the peer's order
     optimizer = torch.optim.SGD(parameter_groups(model.parameters(), run.training.weight_decay), lr=run.training.lr)
     multiplier = lr_multiplier(run.training)
     for epoch, round_ in enumerate(rounds):
@@ -201,7 +201,7 @@ def test_with_plain_sgd_inside_and_an_outer_lr_of_1_a_round_is_batch_sgd(tmp_pat
     rounds = [json.loads((peer.folder / f"round-{epoch}.json").read_text()) for epoch in range(4)]
     assert summary["inner_steps"] == rounds[-1]["inner_steps"] >= 4
     start = flat(initial_parameters(run))
-    reference = flat(sgd_reference(run, rounds, micro_batch=4))
+    reference = flat(sgd_reference(run, rounds, micro_batch=4, peer_id=peer.events("joined")[0]["peer_id"]))
     assert relative(flat(peer.params()) - start, reference - start) < 1e-4
 
 
