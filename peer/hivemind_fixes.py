@@ -110,13 +110,11 @@ destroyed but it is pending"), and its caller waited out its own timeout: a peer
 a donor that was leaving waited 600 s (hivemind's load_state_timeout) in a 32-peer run. Fixed by
 giving the averager's loop a task factory that holds each task until it is done.
 
-An averager that shuts down while one of its groups is registered (found, and not yet done with its
-all-reduce: a peer stopping as it finishes the micro-batch its round waits for) calls finalize() on
-each of its groups' entries, which are futures of the all-reduce runner, not runners, and its serving
-thread died with an AttributeError traceback before the partners were told anything. Fixed by
-ending each registered group as hivemind meant to: a runner already made is finalized as cancelled,
-and a group whose runner is not yet made is cancelled, which ends the partners' requests for its
-parts at once.
+An averager that shuts down while one of its groups is registered (its all-reduce begun and not yet
+done: a peer stopping in a round) calls finalize() on each of its groups' entries, which are futures
+of the all-reduce runner, not runners, and its serving thread died with an AttributeError traceback
+before its runners were ended. Fixed by ending each registered group as hivemind meant to: a runner
+already made is finalized as cancelled, and a group whose runner is not yet made is cancelled.
 """
 
 from __future__ import annotations
